@@ -1,0 +1,80 @@
+"""One family of user-facing errors. Each says what was wrong, where, and what to do.
+
+Lower-level exceptions (OSError, httpx, NVML, pydantic) are caught at the adapter that calls them
+and re-raised as one of these; cli.py maps them to exit codes in one place.
+"""
+
+from __future__ import annotations
+
+
+class LlamactlError(Exception):
+    """Base class. `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  hint: {self.hint}"
+        return self.message
+
+
+class ConfigError(LlamactlError):
+    """A settings file or environment variable is invalid."""
+
+    exit_code = 2
+
+
+class ProfileError(LlamactlError):
+    """A profile file is invalid: names the file, the key path and the fix."""
+
+    exit_code = 2
+
+
+class ProfileNotFound(ProfileError):
+    pass
+
+
+class EngineNotFound(LlamactlError):
+    """No llama-server binary for the engine a profile asks for."""
+
+    exit_code = 3
+
+
+class UnsupportedFlag(LlamactlError):
+    """The profile needs a flag the engine binary does not accept."""
+
+    exit_code = 3
+
+
+class EngineBuildError(LlamactlError):
+    exit_code = 3
+
+
+class StartError(LlamactlError):
+    """The engine exited or never became ready while starting. `cause` is a short classification."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, cause: str, log_tail: list[str], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.cause = cause
+        self.log_tail = log_tail
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.log_tail:
+            text += "\n  last log lines:\n" + "\n".join(f"    {line}" for line in self.log_tail)
+        return text
+
+
+class NotRunning(LlamactlError):
+    exit_code = 5
+
+
+class AlreadyRunning(LlamactlError):
+    exit_code = 6

@@ -1,0 +1,317 @@
+"""Profiles: TOML files describing one llama-server each, with `extends` and friendly errors.
+
+A profile is found by name in the search path (settings.profile_search_path()); the first file
+named NAME.toml wins. `extends = "other"` deep-merges the other profile under this one.
+Relative paths (model, binary, speculation.draft_model) are relative to the file that set them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llamactl.errors import ProfileError, ProfileNotFound
+from llamactl.settings import Settings
+
+MAX_CTX = 524288
+BUILTIN_PREFIX = "builtin:"
+
+EngineName = Literal["llama.cpp", "ik_llama.cpp"]
+KVType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q6_0", "q8_KV"]
+SpecType = Literal[
+    "none", "draft", "mtp", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache"
+]
+QUANTISED_KV = {"q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q6_0", "q8_KV"}
+LayerCount = int | Literal["auto", "all"]
+
+# Flags llamactl owns: a profile may not set them through extra_args.
+MANAGED_FLAGS = {"--port", "--host", "-m", "--model", "--api-key", "--api-key-file", "--log-file"}
+# Keys whose values are paths, relative to the profile file that sets them.
+PATH_KEYS = (("model",), ("binary",), ("speculation", "draft_model"))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Rope(_Strict):
+    """Rope / YaRN settings for contexts beyond the model's training context."""
+
+    scaling: Literal["none", "linear", "yarn"] | None = None
+    scale: float | None = Field(default=None, gt=0)
+    freq_base: float | None = Field(default=None, gt=0)
+    freq_scale: float | None = Field(default=None, gt=0)
+    yarn_orig_ctx: int | None = Field(default=None, ge=0)
+    yarn_ext_factor: float | None = None
+    yarn_attn_factor: float | None = None
+    yarn_beta_slow: float | None = None
+    yarn_beta_fast: float | None = None
+
+    @property
+    def extends_context(self) -> bool:
+        return self.scaling in ("linear", "yarn") or (self.scale or 1) > 1 or (self.freq_scale or 1) < 1
+
+
+class Speculation(_Strict):
+    type: SpecType = "none"
+    draft_model: str | None = None
+    draft_gpus: list[int] | None = None
+    draft_n_gpu_layers: LayerCount | None = None
+    draft_cache_type_k: KVType | None = None
+    draft_cache_type_v: KVType | None = None
+    n_max: int | None = Field(default=None, ge=1, le=256)
+    n_min: int | None = Field(default=None, ge=0, le=256)
+    p_min: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Speculation":
+        if self.type == "draft" and not self.draft_model:
+            raise ValueError("type = 'draft' needs draft_model = '/path/to/draft.gguf' (or use an ngram type)")
+        if self.n_min is not None and self.n_max is not None and self.n_min > self.n_max:
+            raise ValueError(f"n_min ({self.n_min}) is larger than n_max ({self.n_max})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "none"
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.type == "draft"
+
+
+class Profile(_Strict):
+    name: str
+    source: Path | None = None
+    extends: str | None = None
+    description: str = ""
+    engine: EngineName = "llama.cpp"
+    binary: str | None = None
+    model: str
+    alias: str | None = None
+    ctx_size: int = Field(default=0, ge=0, le=MAX_CTX, description="0 = the model's training context")
+    rope: Rope = Rope()
+    cache_type_k: KVType = "f16"
+    cache_type_v: KVType = "f16"
+    flash_attn: Literal["on", "off", "auto"] = "auto"
+    parallel: int | None = Field(default=None, ge=1, le=256)
+    threads: int | None = Field(default=None, ge=1)
+    threads_batch: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    ubatch_size: int | None = Field(default=None, ge=1)
+    gpus: list[int] | None = Field(default=None, description="GPU indices (PCI bus order); [] = CPU only")
+    n_gpu_layers: LayerCount | None = None
+    split_mode: Literal["none", "layer", "row", "graph", "attn", "tensor"] | None = None
+    tensor_split: list[float] | Literal["auto"] | None = None
+    main_gpu: int | None = Field(default=None, ge=0)
+    speculation: Speculation = Speculation()
+    env: dict[str, str] = {}
+    extra_args: list[str] = []
+    load_timeout_s: float = Field(default=900, gt=0)
+    stop_timeout_s: float = Field(default=15, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Profile":
+        if self.cache_type_v in QUANTISED_KV and self.flash_attn == "off":
+            raise ValueError(
+                f"cache_type_v = '{self.cache_type_v}' needs flash attention; set flash_attn = 'on' "
+                "or use cache_type_v = 'f16'"
+            )
+        for arg in self.extra_args:
+            flag = arg.split("=", 1)[0]
+            if flag in MANAGED_FLAGS:
+                raise ValueError(f"extra_args sets {flag}, which llamactl manages; remove it")
+        for key in self.env:
+            if key.startswith("LLAMA_ARG_") or key == "LLAMA_API_KEY":
+                raise ValueError(
+                    f"env sets {key}, which overrides llamactl's own flags; use the profile key or extra_args"
+                )
+        if isinstance(self.tensor_split, list) and self.gpus and len(self.tensor_split) != len(self.gpus):
+            raise ValueError(
+                f"tensor_split has {len(self.tensor_split)} entries but gpus lists {len(self.gpus)} GPUs; "
+                "give one share per GPU or tensor_split = 'auto'"
+            )
+        if self.gpus is not None and len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"gpus lists a GPU twice: {self.gpus}")
+        return self
+
+    @property
+    def served_alias(self) -> str:
+        return self.alias or self.name
+
+    @property
+    def is_builtin_model(self) -> bool:
+        return self.model.startswith(BUILTIN_PREFIX)
+
+    def without_speculation(self) -> "Profile":
+        return self.model_copy(update={"speculation": Speculation()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and loading
+
+
+def profile_files(settings: Settings) -> dict[str, Path]:
+    """Every profile name in the search path and the file that wins for it."""
+    found: dict[str, Path] = {}
+    for directory in settings.profile_search_path():
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.glob("*.toml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def find_profile_file(name: str, settings: Settings) -> Path:
+    files = profile_files(settings)
+    if name in files:
+        return files[name]
+    searched = ", ".join(str(d) for d in settings.profile_search_path())
+    close = difflib.get_close_matches(name, list(files), n=3)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else (
+        f"create {settings.config_dir / 'profiles' / (name + '.toml')} or set LLAMACTL_PROFILES_DIRS"
+    )
+    raise ProfileNotFound(f"no profile named '{name}' (searched: {searched})", hint=hint)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}", hint="fix the syntax at the line shown") from e
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read: {e.strerror}") from e
+    for reserved in ("name", "source"):
+        if reserved in data:
+            raise ProfileError(
+                f"{path}: key '{reserved}' is not allowed",
+                hint="a profile's name is its file name; remove the key",
+            )
+    return data
+
+
+def _expand_path(value: Any, base: Path) -> Any:
+    if not isinstance(value, str) or value.startswith(BUILTIN_PREFIX):
+        return value
+    expanded = Path(os.path.expandvars(value)).expanduser()
+    if not expanded.is_absolute():
+        expanded = base / expanded
+    return str(expanded)
+
+
+def _absolutise_paths(data: dict[str, Any], base: Path) -> None:
+    for keys in PATH_KEYS:
+        holder: Any = data
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and keys[-1] in holder:
+            holder[keys[-1]] = _expand_path(holder[keys[-1]], base)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _raw_with_parents(name: str, settings: Settings, chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
+    if name in chain:
+        cycle = " -> ".join(chain + (name,))
+        raise ProfileError(f"profile '{chain[0]}': extends forms a cycle: {cycle}", hint="remove one extends")
+    path = find_profile_file(name, settings)
+    data = _read_toml(path)
+    _absolutise_paths(data, path.parent)
+    parent_name = data.get("extends")
+    if parent_name is None:
+        return data, path
+    if not isinstance(parent_name, str):
+        raise ProfileError(f"{path}: extends: must be a profile name (a string)")
+    try:
+        parent, _ = _raw_with_parents(parent_name, settings, chain + (name,))
+    except ProfileNotFound as e:
+        raise ProfileError(f"{path}: extends: {e.message}", hint=e.hint) from e
+    parent.pop("description", None)
+    return deep_merge(parent, data), path
+
+
+def load_profile(name: str, settings: Settings) -> Profile:
+    """Load, merge `extends`, and validate a profile. Raises ProfileError naming file and key."""
+    data, path = _raw_with_parents(name, settings)
+    return parse_profile(name, data, path)
+
+
+def parse_profile(name: str, data: dict[str, Any], path: Path | None) -> Profile:
+    try:
+        return Profile.model_validate({**data, "name": name, "source": path})
+    except ValidationError as e:
+        where = str(path) if path else f"<profile {name}>"
+        if data.get("extends"):
+            where += f" (merged with the profile it extends, '{data['extends']}')"
+        raise ProfileError(format_validation_error(e, where), hint="see profiles/README.md for every key") from e
+
+
+def load_all(settings: Settings) -> tuple[dict[str, Profile], dict[str, ProfileError]]:
+    """Every profile in the search path; errors are collected, not raised."""
+    profiles: dict[str, Profile] = {}
+    errors: dict[str, ProfileError] = {}
+    for name in profile_files(settings):
+        try:
+            profiles[name] = load_profile(name, settings)
+        except ProfileError as e:
+            errors[name] = e
+    return profiles, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Error messages
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Profile
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def format_validation_error(error: ValidationError, where: str) -> str:
+    problems: dict[str, list[str]] = {}
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        # Drop pydantic's union-branch markers such as 'literal[...]' or 'int'.
+        key_parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in {"int", "float", "str"}))]
+        key = ".".join(key_parts) or "(profile)"
+        if item["type"] == "extra_forbidden":
+            owner = _model_at(loc[:-1])
+            valid = [v for v in (owner.model_fields if owner else []) if v not in ("name", "source")]
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            fix = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+            problems.setdefault(key, []).append(f"unknown key; {fix}")
+        elif item["type"] == "missing":
+            problems.setdefault(key, []).append("required key is missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.setdefault(key, []).append(message)
+            shown = item.get("input")
+            if loc and not isinstance(shown, dict):
+                problems.setdefault(f"{key}\0got", []).append(repr(shown))
+    lines = []
+    for key, messages in problems.items():
+        if key.endswith("\0got"):
+            continue
+        got = problems.get(f"{key}\0got")
+        detail = f" (got {got[0]})" if got else ""
+        lines.append(f"{where}: {key}: {' -- or: '.join(dict.fromkeys(messages))}{detail}")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""Settings: LLAMACTL_* environment variables and the paths derived from them.
+
+Built once by the CLI (or a test) and passed down. Nothing here reads the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_PROFILES_DIR = PACKAGE_DIR.parent / "profiles"
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value else Path.home() / fallback
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLAMACTL_", extra="ignore")
+
+    home: Path | None = Field(
+        default=None,
+        description="One directory for state, logs, cache and config (default: the XDG directories).",
+    )
+    profiles_dirs: str = Field(default="", description="Colon-separated profile directories searched first.")
+    etc_profiles_dir: Path = Path("/etc/llamactl/profiles")
+    llama_server: Path | None = Field(default=None, description="llama-server binary for engine llama.cpp.")
+    ik_llama_server: Path | None = Field(default=None, description="llama-server binary for engine ik_llama.cpp.")
+    engines_dir: Path | None = Field(default=None, description="Where scripts/install-engines puts builds.")
+    log_max_bytes: int = 20 * 1024 * 1024
+    log_backups: int = 5
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state" if self.home else _xdg("XDG_STATE_HOME", ".local/state") / "llamactl"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache" if self.home else _xdg("XDG_CACHE_HOME", ".cache") / "llamactl"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.home / "config" if self.home else _xdg("XDG_CONFIG_HOME", ".config") / "llamactl"
+
+    @property
+    def engine_cache_dir(self) -> Path:
+        return self.engines_dir or self.cache_dir / "engines"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.cache_dir / "models"
+
+    def profile_search_path(self) -> list[Path]:
+        """Directories searched for profiles, first match wins."""
+        dirs = [Path(p).expanduser() for p in self.profiles_dirs.split(":") if p]
+        dirs += [self.config_dir / "profiles", self.etc_profiles_dir, BUNDLED_PROFILES_DIR]
+        return dirs
