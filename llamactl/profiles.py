@@ -94,6 +94,11 @@ class Profile(_Strict):
     binary: str | None = None
     model: str
     alias: str | None = None
+    group: str | None = Field(
+        default=None,
+        description="Switch group: profiles sharing a group are one routable name; the router picks the "
+        "speculative or the plain member by workload",
+    )
     ctx_size: int = Field(default=0, ge=0, le=MAX_CTX, description="0 = the model's training context")
     rope: Rope = Rope()
     cache_type_k: KVType = "f16"
