@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     llama_server: Path | None = Field(default=None, description="llama-server binary for engine llama.cpp.")
     ik_llama_server: Path | None = Field(default=None, description="llama-server binary for engine ik_llama.cpp.")
     engines_dir: Path | None = Field(default=None, description="Where scripts/install-engines puts builds.")
+    gpus_file: Path | None = Field(
+        default=None, description="JSON file describing the GPUs (`llamactl gpus --json`); replaces the NVML probe."
+    )
     log_max_bytes: int = 20 * 1024 * 1024
     log_backups: int = 5
 

@@ -1,0 +1,235 @@
+"""GPU probe: NVML through pynvml behind a small Protocol, or a JSON file describing a box.
+
+Indices are NVML indices, which equal CUDA indices when the child runs with
+CUDA_DEVICE_ORDER=PCI_BUS_ID (llamactl sets it for every child). "No NVIDIA driver" is a value
+(an empty inventory with a note), not a crash; any other NVML failure is a GpuProbeError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from llamactl.errors import LlamactlError
+
+MIB = 1024 * 1024
+
+
+class GpuProbeError(LlamactlError):
+    """NVML is present but failed, or a --gpus file is invalid."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used_mib: int | None
+    ours: bool = False
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    total_mib: int
+    free_mib: int
+    used_mib: int | None = None
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+    processes: tuple[GpuProcess, ...] = ()
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["processes"] = [asdict(p) for p in self.processes]
+        if data["used_mib"] is None:
+            data["used_mib"] = self.total_mib - self.free_mib
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "Gpu":
+        if not isinstance(data, dict):
+            raise GpuProbeError(f"{where}: each GPU must be an object with index, name, total_mib, free_mib")
+        missing = [k for k in ("index", "name", "total_mib", "free_mib") if k not in data]
+        if missing:
+            raise GpuProbeError(f"{where}: missing {', '.join(missing)}",
+                                hint="write the file with `llamactl gpus --json > FILE` and edit it")
+        try:
+            procs = tuple(
+                GpuProcess(pid=int(p["pid"]), used_mib=p.get("used_mib"), ours=bool(p.get("ours", False)))
+                for p in data.get("processes") or ()
+            )
+            gpu = cls(
+                index=int(data["index"]), name=str(data["name"]), total_mib=int(data["total_mib"]),
+                free_mib=int(data["free_mib"]),
+                used_mib=None if data.get("used_mib") is None else int(data["used_mib"]),
+                uuid=data.get("uuid"), pci_bus_id=data.get("pci_bus_id"), processes=procs,
+                utilization_pct=data.get("utilization_pct"), temperature_c=data.get("temperature_c"),
+            )
+        except (TypeError, ValueError, KeyError) as e:
+            raise GpuProbeError(f"{where}: bad value: {e}") from e
+        if gpu.free_mib > gpu.total_mib or gpu.free_mib < 0:
+            raise GpuProbeError(f"{where}: free_mib {gpu.free_mib} is outside 0..total_mib {gpu.total_mib}")
+        return gpu
+
+
+@dataclass(frozen=True)
+class GpuInventory:
+    """The GPUs of one box. `gpus == ()` means no NVIDIA GPU: plan for the CPU."""
+
+    gpus: tuple[Gpu, ...]
+    source: str  # "nvml" or the file path
+    note: str | None = None  # why there are no GPUs, when there are none
+    driver_version: str | None = None
+
+    def by_index(self, index: int) -> Gpu | None:
+        for g in self.gpus:
+            if g.index == index:
+                return g
+        return None
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [g.to_json() for g in self.gpus]
+
+
+class GpuProbe(Protocol):
+    def probe(self) -> GpuInventory: ...
+
+
+@dataclass
+class FileProbe:
+    """A box described by a JSON file: a list of GPUs (what `llamactl gpus --json` prints), or
+    an object {"gpus": [...]}. An empty list describes a CPU-only box."""
+
+    path: Path
+
+    def probe(self) -> GpuInventory:
+        try:
+            data = json.loads(Path(self.path).read_text())
+        except OSError as e:
+            raise GpuProbeError(f"{self.path}: cannot read GPU file: {e.strerror}",
+                                hint="check --gpus / LLAMACTL_GPUS_FILE") from e
+        except json.JSONDecodeError as e:
+            raise GpuProbeError(f"{self.path}: not valid JSON: {e}") from e
+        if isinstance(data, dict):
+            data = data.get("gpus")
+        if not isinstance(data, list):
+            raise GpuProbeError(f"{self.path}: expected a list of GPUs (or {{\"gpus\": [...]}})")
+        gpus = tuple(Gpu.from_json(item, f"{self.path}: GPU #{i}") for i, item in enumerate(data))
+        if len({g.index for g in gpus}) != len(gpus):
+            raise GpuProbeError(f"{self.path}: two GPUs share an index")
+        note = None if gpus else "the GPU file lists no GPU: CPU plan"
+        return GpuInventory(gpus=tuple(sorted(gpus, key=lambda g: g.index)), source=str(self.path), note=note)
+
+
+@dataclass
+class NvmlProbe:
+    """The real GPUs, through NVML. `our_pids` marks processes llamactl started (besides its own
+    descendants, which are always ours)."""
+
+    our_pids: frozenset[int] = field(default_factory=frozenset)
+
+    def probe(self) -> GpuInventory:
+        try:
+            import pynvml
+        except ImportError:  # pragma: no cover - nvidia-ml-py is a dependency
+            return GpuInventory(gpus=(), source="nvml", note="nvidia-ml-py is not installed: CPU plan")
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as e:
+            if _is_no_driver(pynvml, e):
+                return GpuInventory(gpus=(), source="nvml", note=f"no NVIDIA GPU ({_nvml_text(e)}): CPU plan")
+            raise GpuProbeError(f"NVML failed to initialise: {_nvml_text(e)}",
+                                hint="check `nvidia-smi`; or describe the box with --gpus FILE") from e
+        try:
+            return self._probe(pynvml)
+        except pynvml.NVMLError as e:
+            raise GpuProbeError(f"NVML query failed: {_nvml_text(e)}",
+                                hint="check `nvidia-smi`; or describe the box with --gpus FILE") from e
+        finally:
+            try:
+                pynvml.nvmlShutdown()
+            except pynvml.NVMLError:
+                pass
+
+    def _probe(self, nv: Any) -> GpuInventory:
+        ours = set(self.our_pids) | _descendant_pids()
+        driver = _text(nv.nvmlSystemGetDriverVersion())
+        gpus = []
+        for i in range(nv.nvmlDeviceGetCount()):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            procs = []
+            for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+                try:
+                    for p in getattr(nv, getter)(h):
+                        used = getattr(p, "usedGpuMemory", None)
+                        procs.append(GpuProcess(pid=int(p.pid), used_mib=None if used is None else int(used) // MIB,
+                                                ours=int(p.pid) in ours))
+                except nv.NVMLError:
+                    pass
+            gpus.append(Gpu(
+                index=i,
+                name=_text(nv.nvmlDeviceGetName(h)),
+                uuid=_optional(nv, lambda: _text(nv.nvmlDeviceGetUUID(h))),
+                pci_bus_id=_optional(nv, lambda: _text(nv.nvmlDeviceGetPciInfo(h).busId)),
+                total_mib=int(mem.total) // MIB,
+                free_mib=int(mem.free) // MIB,
+                used_mib=int(mem.used) // MIB,
+                processes=tuple({p.pid: p for p in procs}.values()),
+                utilization_pct=_optional(nv, lambda: int(nv.nvmlDeviceGetUtilizationRates(h).gpu)),
+                temperature_c=_optional(nv, lambda: int(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))),
+            ))
+        return GpuInventory(gpus=tuple(gpus), source="nvml", driver_version=driver,
+                            note=None if gpus else "NVML reports no GPU: CPU plan")
+
+
+def probe_gpus(gpus_file: Path | None = None, settings: Any = None, probe: GpuProbe | None = None) -> GpuInventory:
+    """The inventory to plan with: an explicit probe, else --gpus FILE, else LLAMACTL_GPUS_FILE
+    (settings.gpus_file), else NVML."""
+    if probe is not None:
+        return probe.probe()
+    path = gpus_file or (getattr(settings, "gpus_file", None) if settings is not None else None)
+    if path is None and settings is None and os.environ.get("LLAMACTL_GPUS_FILE"):
+        path = Path(os.environ["LLAMACTL_GPUS_FILE"])
+    if path is not None:
+        return FileProbe(Path(path)).probe()
+    return NvmlProbe().probe()
+
+
+def _is_no_driver(nv: Any, e: Exception) -> bool:
+    codes = {getattr(nv, n, None) for n in ("NVML_ERROR_LIBRARY_NOT_FOUND", "NVML_ERROR_DRIVER_NOT_LOADED",
+                                            "NVML_ERROR_NOT_FOUND", "NVML_ERROR_FUNCTION_NOT_FOUND")}
+    return getattr(e, "value", None) in codes
+
+
+def _nvml_text(e: Exception) -> str:
+    try:
+        return str(e)
+    except Exception:  # pynvml's __str__ can itself call into a missing library
+        return f"NVML error {getattr(e, 'value', '?')}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _optional(nv: Any, fn: Any) -> Any:
+    try:
+        return fn()
+    except nv.NVMLError:
+        return None
+
+
+def _descendant_pids() -> set[int]:
+    try:
+        import psutil
+
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except Exception:  # psutil missing or a race with exiting children: nothing is "ours"
+        return set()
