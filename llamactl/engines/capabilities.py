@@ -1,0 +1,88 @@
+"""What a llama-server binary accepts: probed once from `--help` / `--version`, cached by path + mtime."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamactl.errors import EngineNotFound
+
+FLAG_RE = re.compile(r"(?<![\w-])(--?[A-Za-z][A-Za-z0-9_-]*)")
+VERSION_RE = re.compile(r"version:\s*(\S+(?:\s*\([^)]*\))?)")
+PROBE_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    binary: str
+    version: str
+    flags: frozenset[str]
+    help_text: str = field(repr=False, default="")
+
+    def accepts(self, flag: str) -> bool:
+        return flag in self.flags
+
+    def first(self, *spellings: str) -> str | None:
+        """The first spelling this binary accepts, or None."""
+        return next((s for s in spellings if s in self.flags), None)
+
+    def help_for(self, flag: str) -> str:
+        """The help lines that mention `flag` (its usage line and description)."""
+        lines = self.help_text.splitlines()
+        out: list[str] = []
+        for i, line in enumerate(lines):
+            if flag in FLAG_RE.findall(line):
+                out.extend(lines[i : i + 3])
+        return "\n".join(out)
+
+
+def parse_capabilities(binary: str, help_text: str, version_text: str) -> Capabilities:
+    """Pure: turn --help and --version output into Capabilities."""
+    match = VERSION_RE.search(version_text)
+    version = match.group(1) if match else (version_text.strip().splitlines() or ["unknown"])[-1]
+    return Capabilities(binary=binary, version=version, flags=frozenset(FLAG_RE.findall(help_text)),
+                        help_text=help_text)
+
+
+def _run(binary: Path, arg: str) -> str:
+    try:
+        done = subprocess.run([str(binary), arg], capture_output=True, text=True, errors="replace",
+                              timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except OSError as e:
+        raise EngineNotFound(f"cannot run {binary}: {e.strerror}",
+                             hint="check the path and that the file is an executable llama-server") from e
+    except subprocess.TimeoutExpired as e:
+        raise EngineNotFound(f"{binary} {arg} did not answer within {PROBE_TIMEOUT_S} s",
+                             hint="is this really a llama-server binary?") from e
+    return done.stdout + done.stderr
+
+
+def probe(binary: Path, cache_dir: Path) -> Capabilities:
+    """Probe `binary` once; the result is cached under cache_dir keyed by path, mtime and size."""
+    try:
+        st = binary.stat()
+    except OSError as e:
+        raise EngineNotFound(f"llama-server binary {binary} not found", hint="fix the path or run "
+                             "`llamactl engines install`") from e
+    key = hashlib.sha1(f"{binary.resolve()}|{st.st_mtime_ns}|{st.st_size}".encode()).hexdigest()
+    cache_file = cache_dir / "capabilities" / f"{key}.json"
+    if cache_file.exists():
+        try:
+            data = json.loads(cache_file.read_text())
+            return parse_capabilities(str(binary), data["help"], data["version"])
+        except (OSError, ValueError, KeyError):
+            pass
+    help_text = _run(binary, "--help")
+    if not FLAG_RE.search(help_text) or "--port" not in help_text:
+        raise EngineNotFound(f"{binary} --help does not look like llama-server's help",
+                             hint="point the profile's `binary` at a llama-server executable")
+    version_text = _run(binary, "--version")
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"help": help_text, "version": version_text}))
+    tmp.replace(cache_file)
+    return parse_capabilities(str(binary), help_text, version_text)

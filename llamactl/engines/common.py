@@ -1,0 +1,152 @@
+"""Pieces both engine modules share: the argv accumulator that checks spellings, and the child env."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamactl.engines.capabilities import Capabilities
+from llamactl.errors import ProfileError, UnsupportedFlag
+from llamactl.profiles import Profile
+
+STRIPPED_ENV_PREFIXES = ("LLAMA_ARG_", "AIP_")
+STRIPPED_ENV_KEYS = frozenset({"LLAMA_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to exec one llama-server: built by a pure function, run by the supervisor."""
+
+    engine: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LaunchInputs:
+    """Resolved facts the pure builders need besides the profile."""
+
+    binary: Path
+    model_path: Path
+    port: int
+    draft_model_path: Path | None = None
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+
+
+class ArgvBuilder:
+    """Collects flags, choosing for each the first spelling the binary accepts."""
+
+    def __init__(self, profile: Profile, caps: Capabilities) -> None:
+        self.profile = profile
+        self.caps = caps
+        self.argv: list[str] = []
+
+    def add(self, key: str, spellings: tuple[str, ...], *values: object) -> None:
+        spelling = self.caps.first(*spellings)
+        if spelling is None:
+            self.refuse(key, spellings)
+        self.argv.append(spelling)
+        self.argv.extend(str(v) for v in values)
+
+    def refuse(self, key: str, spellings: tuple[str, ...], why: str = "") -> None:
+        names = " / ".join(spellings)
+        raise UnsupportedFlag(
+            f"profile '{self.profile.name}' sets {key}, which needs {names}; "
+            f"{self.caps.binary} (version {self.caps.version}) does not accept it{why}",
+            hint=f"remove {key} from the profile, or use a {self.profile.engine} build that has {spellings[0]}",
+        )
+
+    def value_documented(self, flag: str, value: str) -> bool:
+        """True when the binary's help for `flag` mentions `value` (e.g. a split mode or spec type)."""
+        text = self.caps.help_for(flag).replace(" - ", "-")
+        return value in text
+
+
+def gpu_env(profile: Profile) -> dict[str, str]:
+    """GPU selection is by CUDA_VISIBLE_DEVICES in PCI bus order, the same indices NVML reports."""
+    env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    if profile.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in profile.gpus)
+    return env
+
+
+def child_env(base: Mapping[str, str], profile: Profile) -> dict[str, str]:
+    """The parent's environment minus variables that would override llamactl's flags or leak tokens."""
+    env = {k: v for k, v in base.items()
+           if k not in STRIPPED_ENV_KEYS and not k.startswith(STRIPPED_ENV_PREFIXES)}
+    env.update(gpu_env(profile))
+    env.update(profile.env)
+    return env
+
+
+def draft_devices(profile: Profile) -> list[str] | None:
+    """Draft GPUs as the engine's device names (CUDA<n>, renumbered by CUDA_VISIBLE_DEVICES)."""
+    wanted = profile.speculation.draft_gpus
+    if wanted is None:
+        return None
+    if profile.gpus is None:
+        return [f"CUDA{g}" for g in wanted]
+    missing = [g for g in wanted if g not in profile.gpus]
+    if missing:
+        raise ProfileError(
+            f"{profile.source}: speculation.draft_gpus: GPU {missing} is not in gpus = {profile.gpus}",
+            hint="add the draft's GPUs to `gpus`, or pick draft_gpus among them",
+        )
+    return [f"CUDA{profile.gpus.index(g)}" for g in wanted]
+
+
+def add_common_model_args(b: ArgvBuilder, inputs: LaunchInputs) -> None:
+    """Flags spelled the same in both forks."""
+    p = b.profile
+    b.add("model", ("-m", "--model"), inputs.model_path)
+    b.add("alias", ("-a", "--alias"), p.served_alias)
+    b.add("(host)", ("--host",), inputs.host)
+    b.add("(port)", ("--port",), inputs.port)
+    if inputs.api_key:
+        b.add("(api key)", ("--api-key",), inputs.api_key)
+    b.add("ctx_size", ("-c", "--ctx-size"), p.ctx_size)
+    rope = p.rope
+    for key, flags, value in (
+        ("rope.scaling", ("--rope-scaling",), rope.scaling),
+        ("rope.scale", ("--rope-scale",), rope.scale),
+        ("rope.freq_base", ("--rope-freq-base",), rope.freq_base),
+        ("rope.freq_scale", ("--rope-freq-scale",), rope.freq_scale),
+        ("rope.yarn_orig_ctx", ("--yarn-orig-ctx",), rope.yarn_orig_ctx),
+        ("rope.yarn_ext_factor", ("--yarn-ext-factor",), rope.yarn_ext_factor),
+        ("rope.yarn_attn_factor", ("--yarn-attn-factor",), rope.yarn_attn_factor),
+        ("rope.yarn_beta_slow", ("--yarn-beta-slow",), rope.yarn_beta_slow),
+        ("rope.yarn_beta_fast", ("--yarn-beta-fast",), rope.yarn_beta_fast),
+    ):
+        if value is not None:
+            b.add(key, flags, value)
+    b.add("cache_type_k", ("-ctk", "--cache-type-k"), p.cache_type_k)
+    b.add("cache_type_v", ("-ctv", "--cache-type-v"), p.cache_type_v)
+    b.add("flash_attn", ("-fa", "--flash-attn"), p.flash_attn)
+    for key, flags, value in (
+        ("threads", ("-t", "--threads"), p.threads),
+        ("threads_batch", ("-tb", "--threads-batch"), p.threads_batch),
+        ("batch_size", ("-b", "--batch-size"), p.batch_size),
+        ("ubatch_size", ("-ub", "--ubatch-size"), p.ubatch_size),
+        ("main_gpu", ("-mg", "--main-gpu"), p.main_gpu),
+    ):
+        if value is not None:
+            b.add(key, flags, value)
+    if p.split_mode is not None:
+        if not b.value_documented("-sm", p.split_mode) and not b.value_documented("--split-mode", p.split_mode):
+            b.refuse(f"split_mode = '{p.split_mode}'", ("-sm",), " with that value")
+        b.add("split_mode", ("-sm", "--split-mode"), p.split_mode)
+    if isinstance(p.tensor_split, list):
+        b.add("tensor_split", ("-ts", "--tensor-split"), ",".join(f"{x:g}" for x in p.tensor_split))
+    if b.caps.accepts("--metrics"):
+        b.argv.append("--metrics")
+
+
+def check_extra_args(b: ArgvBuilder) -> None:
+    for arg in b.profile.extra_args:
+        if arg.startswith("-") and not arg.lstrip("-")[:1].isdigit():
+            flag = arg.split("=", 1)[0]
+            if not b.caps.accepts(flag):
+                b.refuse(f"extra_args ({flag})", (flag,))
+    b.argv.extend(b.profile.extra_args)

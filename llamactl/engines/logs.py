@@ -1,0 +1,57 @@
+"""Reading engine log lines (both forks): why a start failed, and per-request acceptance."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# (cause, what to do, patterns) - first match wins, searched from the newest line backwards.
+EXIT_CAUSES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("port in use", "another process took the port; llamactl retries with a new one",
+     ("couldn't bind", "address already in use", "bind to server socket")),
+    ("bad flag", "a flag is unknown to this binary or has a bad value; check the profile and `llamactl engines`",
+     ("invalid argument", "unknown argument", "argument has been removed", "error while handling argument",
+      "unknown speculative decoding type", "invalid value")),
+    ("out of memory", "lower ctx_size, use a quantised KV cache, fewer slots or fewer GPU layers "
+                      "(`llamactl plan PROFILE` shows the numbers)",
+     ("out of memory", "failed to allocate", "cudamalloc failed", "unable to allocate", "std::bad_alloc",
+      "not enough memory", "ggml_backend_alloc_ctx_tensors_from_buft: failed")),
+    ("model file unreadable", "check the model path and that the file is a complete GGUF",
+     ("failed to open", "no such file", "gguf_init_from_file", "failed to load model", "error loading model",
+      "failed to read", "invalid magic", "unable to load model")),
+)
+
+_ACCEPT_ML = re.compile(r"draft acceptance = ([0-9.]+) \(\s*(\d+) accepted /\s*(\d+) generated\)")
+_ACCEPT_IK = re.compile(r"draft acceptance rate = ([0-9.]+) \(\s*(\d+) accepted /\s*(\d+) generated\)")
+
+
+@dataclass(frozen=True)
+class ExitCause:
+    cause: str
+    hint: str
+    line: str | None
+
+
+def classify_exit(lines: list[str]) -> ExitCause:
+    """Why did the engine exit during start? Looks at its log lines, newest first."""
+    for line in reversed(lines):
+        low = line.lower()
+        for cause, hint, patterns in EXIT_CAUSES:
+            if any(p in low for p in patterns):
+                return ExitCause(cause, hint, line.strip())
+    return ExitCause("exited", "read the log lines below; `llamactl logs PROFILE` has the whole log", None)
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    rate: float
+    accepted: int
+    generated: int
+
+
+def parse_acceptance(line: str) -> Acceptance | None:
+    """The per-request acceptance line both forks print (ik's pinned build reports it only here)."""
+    match = _ACCEPT_IK.search(line) or _ACCEPT_ML.search(line)
+    if not match:
+        return None
+    return Acceptance(float(match.group(1)), int(match.group(2)), int(match.group(3)))

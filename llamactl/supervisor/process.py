@@ -1,0 +1,164 @@
+"""One llama-server child: spawn in its own process group, wait until ready, stop the whole group.
+
+ManagedProcess owns the child's state; every change goes through `_move`, which checks TRANSITIONS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psutil
+
+from llamactl.engines.common import LaunchSpec
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+TRANSITIONS: dict[State, set[State]] = {
+    State.STOPPED: {State.STARTING},
+    State.STARTING: {State.READY, State.STOPPING, State.FAILED},
+    State.READY: {State.STOPPING, State.FAILED},
+    State.STOPPING: {State.STOPPED},
+    State.FAILED: {State.STARTING, State.STOPPING, State.STOPPED},
+}
+
+HEALTH_TIMEOUT_S = 2.0  # ik accepts the connection and hangs while loading: a short timeout means "loading"
+POLL_INTERVAL_S = 0.2
+PR_SET_PDEATHSIG = 1
+
+
+class ReadyOutcome(enum.Enum):
+    READY = "ready"
+    EXITED = "exited"
+    TIMED_OUT = "timed out"
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the spawning thread's process dies (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ManagedProcess:
+    def __init__(self, spec: LaunchSpec, log_path: Path, *, cwd: Path, die_with_parent: bool = False) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.cwd = cwd
+        self.die_with_parent = die_with_parent
+        self.state = State.STOPPED
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+
+    def _move(self, new: State) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"illegal process state change {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def spawn(self) -> None:
+        self._move(State.STARTING)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            # Own session => own process group; the child never gets the CLI's Ctrl-C.
+            self.popen = subprocess.Popen(
+                self.spec.argv, env=self.spec.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
+
+    def create_time(self) -> float:
+        return psutil.Process(self.pid).create_time()
+
+    def poll_exit(self) -> int | None:
+        assert self.popen is not None
+        code = self.popen.poll()
+        if code is not None:
+            self.exit_code = code
+        return code
+
+    def wait_ready(self, url: str, timeout_s: float, on_tick: Callable[[], None] | None = None) -> ReadyOutcome:
+        """Poll /health until 200, the process exits, or the deadline passes."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=HEALTH_TIMEOUT_S) as client:
+            while True:
+                if self.poll_exit() is not None:
+                    self._move(State.FAILED)
+                    return ReadyOutcome.EXITED
+                try:
+                    if client.get(f"{url}/health").status_code == 200:
+                        self._move(State.READY)
+                        return ReadyOutcome.READY
+                except httpx.HTTPError:
+                    pass  # refused (not listening yet) or timed out (ik while loading): still starting
+                if on_tick:
+                    on_tick()
+                if time.monotonic() >= deadline:
+                    self._move(State.FAILED)
+                    return ReadyOutcome.TIMED_OUT
+                time.sleep(POLL_INTERVAL_S)
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM the group, wait, SIGKILL the group, reap."""
+        if self.state is State.STOPPED:
+            return
+        self._move(State.STOPPING)
+        if self.popen is not None:
+            stop_group(self.popen.pid, timeout_s, reap=self.popen)
+        self._move(State.STOPPED)
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
+def stop_group(pgid: int, timeout_s: float, reap: subprocess.Popen[bytes] | None = None) -> bool:
+    """Stop every process in group `pgid`: SIGTERM, wait up to timeout_s, then SIGKILL.
+
+    Returns True if it had to SIGKILL. `reap` is our own Popen for the leader, waited on so no
+    zombie is left behind.
+    """
+    killed = False
+    members = _group_members(pgid)
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    _, alive = psutil.wait_procs(members, timeout=timeout_s)
+    if alive:
+        killed = True
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        psutil.wait_procs(alive, timeout=5)
+    if reap is not None:
+        try:
+            reap.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    return killed

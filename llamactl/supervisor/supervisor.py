@@ -1,0 +1,206 @@
+"""Supervisor: start / stop / inspect llama-servers by profile; state lives in the state dir."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from llamactl.engines import build_launch, probe
+from llamactl.engines.binaries import find_binary
+from llamactl.engines.common import LaunchInputs
+from llamactl.engines.logs import classify_exit
+from llamactl.errors import NotRunning, ProfileError, StartError
+from llamactl.models import ensure_model
+from llamactl.profiles import Profile
+from llamactl.settings import Settings
+from llamactl.supervisor.process import ManagedProcess, ReadyOutcome, stop_group
+from llamactl.supervisor.state import ServerRecord, StateStore, process_matches, rotate_logs, tail_lines
+
+PORT_ATTEMPTS = 3  # a port can be taken between choosing it and the engine binding it
+LOG_TAIL_LINES = 15
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    record: ServerRecord
+    alive: bool
+    rss_bytes: int | None
+
+    def to_json(self) -> dict[str, object]:
+        r = self.record
+        return {
+            "profile": r.profile, "state": r.state if self.alive else "dead", "pid": r.pid, "port": r.port,
+            "url": r.url, "uptime_s": round(time.time() - r.started_at, 1) if self.alive else None,
+            "model": r.model, "alias": r.alias, "engine": r.engine, "version": r.version,
+            "rss_mib": round(self.rss_bytes / 2**20, 1) if self.rss_bytes is not None else None,
+            "log": r.log_path,
+        }
+
+
+def check_context(profile: Profile, model_path: Path, where: str) -> None:
+    """A context beyond the model's training context needs rope scaling; say so before launching."""
+    from llamactl.gguf import read_model_info
+
+    info = read_model_info(model_path)
+    train = info.context_length
+    if train and profile.ctx_size > train and not profile.rope.extends_context:
+        raise ProfileError(
+            f"{where}: ctx_size = {profile.ctx_size} is above the model's training context ({train}) "
+            "and no rope scaling is set",
+            hint=f"lower ctx_size to {train}, or add [rope] scaling = 'yarn', scale = "
+                 f"{profile.ctx_size / train:g}, yarn_orig_ctx = {train}",
+        )
+
+
+class Supervisor:
+    """Starts and stops servers. Safe to use from several CLIs at once (per-profile locks)."""
+
+    def __init__(self, settings: Settings, *, die_with_parent: bool = False,
+                 environ: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.store = StateStore(settings.state_dir)
+        self.die_with_parent = die_with_parent
+        self.environ = dict(os.environ if environ is None else environ)
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def running(self, name: str) -> ServerRecord | None:
+        record = self.store.read(name)
+        if record is None or process_matches(record) is None:
+            return None
+        return record
+
+    def status(self) -> list[ServerStatus]:
+        out = []
+        for name in self.store.names():
+            record = self.store.read(name)
+            if record is None:
+                continue
+            proc = process_matches(record)
+            rss = None
+            if proc is not None:
+                try:
+                    rss = proc.memory_info().rss
+                except psutil.Error:
+                    proc = None
+            out.append(ServerStatus(record, proc is not None, rss))
+        return out
+
+    def log_path(self, name: str) -> Path:
+        return self.settings.log_dir / f"{name}.log"
+
+    # -- start -----------------------------------------------------------------------------------
+
+    def prepare(self, profile: Profile) -> tuple[LaunchInputs, object]:
+        """Everything that can fail before a process exists: binary, flags, model files, context."""
+        where = str(profile.source or profile.name)
+        found = find_binary(profile.engine, self.settings, profile.binary)
+        caps = probe(found.path, self.settings.cache_dir)
+        model_path = ensure_model(profile.model, self.settings, where=where)
+        draft_path = None
+        if profile.speculation.uses_draft_model:
+            draft_path = ensure_model(profile.speculation.draft_model or "", self.settings,
+                                      where=f"{where} (speculation.draft_model)")
+        check_context(profile, model_path, where)
+        inputs = LaunchInputs(binary=found.path, model_path=model_path, port=0, draft_model_path=draft_path)
+        build_launch(profile, caps, inputs, self.environ)  # refuses unsupported flags before any spawn
+        return inputs, caps
+
+    def start(self, profile: Profile, *, api_key: str | None = None,
+              on_tick: Callable[[], None] | None = None) -> ServerRecord:
+        """Start `profile` and block until it is ready. Returns the running record if already up."""
+        with self.store.lock(profile.name):
+            existing = self.running(profile.name)
+            if existing is not None:
+                return existing
+            self.store.remove(profile.name)
+            inputs, caps = self.prepare(profile)
+            for attempt in range(1, PORT_ATTEMPTS + 1):
+                try:
+                    return self._start_once(profile, inputs, caps, api_key, on_tick)
+                except StartError as e:
+                    if e.cause != "port in use" or attempt == PORT_ATTEMPTS:
+                        raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, profile: Profile, inputs: LaunchInputs, caps, api_key: str | None,
+                    on_tick: Callable[[], None] | None) -> ServerRecord:
+        port = free_port()
+        inputs = LaunchInputs(binary=inputs.binary, model_path=inputs.model_path, port=port,
+                              draft_model_path=inputs.draft_model_path, api_key=api_key)
+        spec = build_launch(profile, caps, inputs, self.environ)
+        log_path = self.log_path(profile.name)
+        rotate_logs(log_path, self.settings.log_backups)
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        child = ManagedProcess(spec, log_path, cwd=self.settings.state_dir, die_with_parent=self.die_with_parent)
+        child.spawn()
+        record = ServerRecord(
+            profile=profile.name, engine=profile.engine, binary=str(inputs.binary), version=caps.version,
+            model=str(inputs.model_path), alias=profile.served_alias, pid=child.pid,
+            create_time=child.create_time(), cmdline=spec.argv, port=port, log_path=str(log_path),
+            started_at=time.time(), api_key=api_key,
+        )
+        self.store.write(record)
+        try:
+            outcome = child.wait_ready(record.url, profile.load_timeout_s, on_tick)
+        except BaseException:
+            child.stop(profile.stop_timeout_s)  # Ctrl-C while loading: leave nothing behind
+            self.store.remove(profile.name)
+            raise
+        if outcome is ReadyOutcome.READY:
+            record = record.with_state("ready", ready_at=time.time())
+            self.store.write(record)
+            return record
+        child.stop(profile.stop_timeout_s)
+        self.store.remove(profile.name)
+        lines = tail_lines(log_path, LOG_TAIL_LINES)
+        if outcome is ReadyOutcome.TIMED_OUT:
+            raise StartError(
+                f"{profile.name}: not ready after {profile.load_timeout_s:g} s (load_timeout_s); stopped it",
+                cause="load timeout", log_tail=lines,
+                hint="raise load_timeout_s in the profile if the model is just slow to load",
+            )
+        cause = classify_exit(lines)
+        raise StartError(
+            f"{profile.name}: llama-server exited with code {child.exit_code} while starting: {cause.cause}"
+            + (f" ({cause.line})" if cause.line else ""),
+            cause=cause.cause, log_tail=lines, hint=cause.hint,
+        )
+
+    # -- stop ------------------------------------------------------------------------------------
+
+    def stop(self, name: str, timeout_s: float = 15.0) -> bool:
+        """Stop a profile's server. False if it was not running (a stale record is cleaned up)."""
+        with self.store.lock(name):
+            record = self.store.read(name)
+            if record is None:
+                return False
+            proc = process_matches(record)
+            if proc is None:
+                self.store.remove(name)
+                return False
+            # The child leads its own session, so its pid is its process group id.
+            stop_group(record.pid, timeout_s)
+            self.store.remove(name)
+            return True
+
+    def stop_all(self, timeout_s: float = 15.0) -> list[str]:
+        return [name for name in self.store.names() if self.stop(name, timeout_s)]
+
+    def require_running(self, name: str) -> ServerRecord:
+        record = self.running(name)
+        if record is None:
+            raise NotRunning(f"profile '{name}' is not running", hint=f"start it with `llamactl up {name}`")
+        return record
