@@ -27,3 +27,219 @@ class LlamactlGroup(click.Group):
 def main(ctx: click.Context) -> None:
     """Plan, start, supervise and route llama.cpp servers."""
     ctx.obj = Settings()
+
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+def _supervisor(settings: Settings):
+    from llamactl.supervisor import Supervisor
+
+    return Supervisor(settings)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# -- up / down / status / logs -------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("profile")
+@click.option("--foreground", is_flag=True, help="Stay attached: show the log, stop the server on Ctrl-C.")
+@pass_settings
+def up(settings: Settings, profile: str, foreground: bool) -> None:
+    """Start PROFILE's llama-server and wait until it is ready."""
+    from llamactl.profiles import load_profile
+
+    prof = load_profile(profile, settings)
+    sup = _supervisor(settings)
+    if foreground:
+        sup.die_with_parent = True
+    already = sup.running(prof.name)
+    if already is not None:
+        click.echo(f"{prof.name} is already running at {already.url} (pid {already.pid})")
+        return
+    click.echo(f"starting {prof.name} ({prof.engine}) ...", err=True)
+    record = sup.start(prof)
+    click.echo(f"{prof.name} ready at {record.url}  (OpenAI API: {record.url}/v1, pid {record.pid})")
+    if foreground:
+        _follow_until_interrupted(sup, record, prof.stop_timeout_s)
+
+
+def _follow_until_interrupted(sup, record, stop_timeout_s: float) -> None:
+    import signal
+
+    from llamactl.supervisor.logs import follow
+
+    def stop_on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    try:
+        for line in follow(record.log_path, lambda: sup.running(record.profile) is not None):
+            click.echo(line, nl=False)
+        click.echo(f"{record.profile}: llama-server exited", err=True)
+    except KeyboardInterrupt:
+        click.echo(f"stopping {record.profile} ...", err=True)
+    finally:
+        sup.stop(record.profile, stop_timeout_s)
+
+
+@main.command()
+@click.argument("profile", required=False)
+@click.option("--all", "all_", is_flag=True, help="Stop every running profile.")
+@pass_settings
+def down(settings: Settings, profile: str | None, all_: bool) -> None:
+    """Stop PROFILE's server (or --all)."""
+    if bool(profile) == all_:
+        raise click.UsageError("give a PROFILE or --all")
+    sup = _supervisor(settings)
+    if all_:
+        stopped = sup.stop_all()
+        click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+        return
+    if sup.stop(profile):
+        click.echo(f"stopped {profile}")
+    else:
+        click.echo(f"{profile} was not running")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_settings
+def status(settings: Settings, as_json: bool) -> None:
+    """Show running servers: profile, state, pid, port, uptime, model, RSS."""
+    import json
+
+    rows = [s.to_json() for s in _supervisor(settings).status()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no servers running")
+        return
+    header = f"{'PROFILE':<16} {'STATE':<9} {'PID':>7} {'PORT':>6} {'UPTIME':>8} {'RSS MiB':>8}  MODEL"
+    click.echo(header)
+    for r in rows:
+        rss = f"{r['rss_mib']:.0f}" if r["rss_mib"] is not None else "-"
+        click.echo(f"{r['profile']:<16} {r['state']:<9} {r['pid']:>7} {r['port']:>6} {_age(r['uptime_s']):>8} "
+                   f"{rss:>8}  {r['model']}")
+
+
+@main.command()
+@click.argument("profile")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "--lines", default=50, show_default=True, help="How many last lines to show first.")
+@pass_settings
+def logs(settings: Settings, profile: str, follow: bool, lines: int) -> None:
+    """Show PROFILE's llama-server log."""
+    from llamactl.supervisor.logs import follow as follow_file
+    from llamactl.supervisor.state import tail_lines
+
+    sup = _supervisor(settings)
+    path = sup.log_path(profile)
+    if not path.exists():
+        raise click.ClickException(f"no log for '{profile}' at {path}; has it been started?")
+    for line in tail_lines(path, lines, max_bytes=max(64 * 1024, lines * 512)):
+        click.echo(line)
+    if follow:
+        try:
+            for line in follow_file(str(path), lambda: True, from_end=True):
+                click.echo(line, nl=False)
+        except KeyboardInterrupt:
+            pass
+
+
+# -- profiles --------------------------------------------------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def profiles(ctx: click.Context) -> None:
+    """List profiles (and where each comes from)."""
+    if ctx.invoked_subcommand is None:
+        from llamactl.profiles import load_all, profile_files
+
+        settings = ctx.find_object(Settings)
+        files = profile_files(settings)
+        loaded, errors = load_all(settings)
+        for name, path in files.items():
+            if name in errors:
+                click.echo(f"{name:<20} INVALID  {path}")
+                continue
+            p = loaded[name]
+            spec = p.speculation.type if p.speculation.enabled else "-"
+            click.echo(f"{name:<20} {p.engine:<13} spec={spec:<10} {path}")
+
+
+@profiles.command("validate")
+@click.argument("names", nargs=-1)
+@click.option("--no-files", is_flag=True, help="Skip checks that read model files (existence, context).")
+@pass_settings
+def profiles_validate(settings: Settings, names: tuple[str, ...], no_files: bool) -> None:
+    """Check all profiles (or NAMES); exit non-zero on any error."""
+    from llamactl.validate import validate_profiles
+
+    results = validate_profiles(settings, list(names) or None, check_files=not no_files)
+    bad = 0
+    for name, problem in results.items():
+        if problem is None:
+            click.echo(f"ok      {name}")
+        else:
+            bad += 1
+            click.echo(f"ERROR   {name}\n  " + str(problem).replace("\n", "\n  "))
+    if bad:
+        click.echo(f"{bad} of {len(results)} profiles have errors", err=True)
+        sys.exit(2)
+
+
+# -- engines ---------------------------------------------------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def engines(ctx: click.Context) -> None:
+    """List the llama-server binaries llamactl finds, and their versions."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from llamactl.engines import probe
+    from llamactl.engines.binaries import ENGINE_NAMES, candidates
+
+    settings = ctx.find_object(Settings)
+    for engine in ENGINE_NAMES:
+        options = candidates(engine, settings)
+        if not options:
+            click.echo(f"{engine:<13} not found (run `llamactl engines install {engine}`)")
+        for i, found in enumerate(options):
+            try:
+                version = probe(found.path, settings.cache_dir).version
+            except LlamactlError as e:
+                version = f"unusable: {e.message}"
+            mark = "*" if i == 0 else " "
+            click.echo(f"{mark} {engine:<13} {version:<40} {found.path}  [{found.source}]")
+
+
+@engines.command("install")
+@click.argument("names", nargs=-1)
+@click.option("--cuda/--no-cuda", default=None, help="Default: CUDA when nvcc and an NVIDIA driver exist.")
+@click.option("--jobs", type=int, help="Parallel build jobs (default: all cores).")
+@click.option("--force", is_flag=True, help="Rebuild even if a matching build exists.")
+@pass_settings
+def engines_install(settings: Settings, names: tuple[str, ...], cuda: bool | None, jobs: int | None,
+                    force: bool) -> None:
+    """Build llama-server for NAMES (llama.cpp, ik_llama.cpp; default both) from the pinned sdists."""
+    from llamactl.engines.install import SOURCES, install
+
+    for name in names or tuple(SOURCES):
+        if name not in SOURCES:
+            raise click.BadParameter(f"unknown engine {name!r}; choose from {', '.join(SOURCES)}")
+        install(name, settings, cuda=cuda, jobs=jobs, force=force, progress=lambda m: click.echo(m, err=True))
