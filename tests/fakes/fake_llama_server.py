@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""A stand-in llama-server for faults the real one won't produce on demand.
+
+Behaviour is chosen by FAKE_LLAMA_MODE (set through the profile's `env`):
+  normal          loads for FAKE_LOAD_S seconds (503 on /health meanwhile, like mainline), then serves
+  crash_on_start  prints FAKE_CRASH_MESSAGE (default: a model-load error) and exits 1
+  crash_later     becomes ready, then exits 1 after FAKE_CRASH_AFTER_S seconds
+  hang            listens but never answers (ik while loading), forever
+  ignore_sigterm  becomes ready and ignores SIGTERM
+  port_taken_once first start reports a bind failure (creates FAKE_STATE_FILE), later starts are normal
+  port_taken      every start reports a bind failure
+  grandchild      becomes ready after starting a grandchild process in the same process group
+Only the standard library is used, so it runs under any python3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HELP = """usage: llama-server [options]
+-h,    --help                  print usage and exit
+--version                      show version and build info
+-m,    --model FNAME           model path
+-a,    --alias STRING          model alias
+--host HOST                    ip address to listen (default: 127.0.0.1)
+--port PORT                    port to listen (default: 8080)
+--api-key KEY                  API key
+-c,    --ctx-size N            size of the prompt context
+-np,   --parallel N            number of server slots
+-ngl,  --gpu-layers N          max. number of layers to store in VRAM
+-ctk,  --cache-type-k TYPE     KV cache data type for K
+-ctv,  --cache-type-v TYPE     KV cache data type for V
+-fa,   --flash-attn [on|off|auto]
+-t,    --threads N
+-sm,   --split-mode {none,layer,row}
+-ts,   --tensor-split N0,N1
+--spec-type [none|draft-simple|ngram-mod]
+--metrics                      enable prometheus compatible metrics endpoint
+"""
+
+
+def arg_value(flag: str, default: str | None = None) -> str | None:
+    argv = sys.argv[1:]
+    return argv[argv.index(flag) + 1] if flag in argv and argv.index(flag) + 1 < len(argv) else default
+
+
+class Handler(BaseHTTPRequestHandler):
+    ready = threading.Event()
+    mode = "normal"
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        print("srv  log_server_r: " + fmt % args, flush=True)
+
+    def _json(self, code: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.mode == "hang":
+            time.sleep(3600)
+            return
+        if not self.ready.is_set():
+            self._json(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+        elif self.path.startswith("/health"):
+            self._json(200, {"status": "ok"})
+        elif self.path.startswith("/v1/models"):
+            self._json(200, {"object": "list", "data": [{"id": arg_value("-a", "fake")}]})
+        else:
+            self._json(404, {"error": {"code": 404, "message": "not found"}})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        self.rfile.read(length)
+        self._json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "fake"}}],
+                         "timings": {"predicted_n": 1}})
+
+
+def main() -> int:
+    if "--help" in sys.argv or "-h" in sys.argv:
+        print(HELP)
+        return 0
+    if "--version" in sys.argv:
+        print("version: 9999 (fake)", file=sys.stderr)
+        return 0
+    mode = os.environ.get("FAKE_LLAMA_MODE", "normal")
+    port = int(arg_value("--port", "8080"))
+    host = arg_value("--host", "127.0.0.1")
+    print(f"fake llama-server pid {os.getpid()} mode {mode}", flush=True)
+
+    if mode == "crash_on_start":
+        time.sleep(float(os.environ.get("FAKE_CRASH_DELAY_S", "0.2")))
+        print(os.environ.get("FAKE_CRASH_MESSAGE", "gguf_init_from_file: failed to open GGUF file 'x.gguf'"),
+              flush=True)
+        return 1
+    state_file = os.environ.get("FAKE_STATE_FILE")
+    if mode == "port_taken" or (mode == "port_taken_once" and state_file and not os.path.exists(state_file)):
+        if state_file:
+            open(state_file, "w").close()
+        print(f"srv    operator(): couldn't bind HTTP server socket, hostname: {host}, port: {port}", flush=True)
+        return 1
+    if mode == "ignore_sigterm":
+        signal.signal(signal.SIGTERM, lambda *_: print("ignoring SIGTERM", flush=True))
+    if mode == "grandchild":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        print(f"grandchild pid {child.pid}", flush=True)
+
+    Handler.mode = mode
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    if mode == "hang":
+        while True:
+            time.sleep(3600)
+    time.sleep(float(os.environ.get("FAKE_LOAD_S", "0")))
+    Handler.ready.set()
+    print(f"main: server is listening on http://{host}:{port}", flush=True)
+    if mode == "crash_later":
+        time.sleep(float(os.environ.get("FAKE_CRASH_AFTER_S", "1")))
+        print("GGML_ASSERT failed: crash", flush=True)
+        os._exit(1)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
