@@ -1,0 +1,383 @@
+"""The OpenAI-compatible ASGI app: routes, the streaming relay, and the Router that owns the lanes.
+
+POST /v1/chat/completions, /v1/completions, /completion (llama.cpp's own) are relayed to the engine the
+request's `model` resolves to, after a slot in that lane's queue. Streams are relayed chunk by chunk as
+the engine sends them (no re-encoding, nothing held back); a client that disconnects cancels the
+upstream request (its connection is closed, which llama-server treats as a cancel).
+GET /v1/models, /health, /metrics (Prometheus), /llamactl/status; POST /llamactl/switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from llamactl.errors import LlamactlError
+from llamactl.profiles import Profile
+from llamactl.router.backends import Backends, Upstream
+from llamactl.router.catalog import Catalog
+from llamactl.router.classifier import classify
+from llamactl.router.errors import (
+    BadRequest, EngineUnavailable, ModelNotFound, RouterError, UpstreamError, error_body, upstream_error_body,
+)
+from llamactl.router.lane import Lane, LaneConfig, Ticket
+from llamactl.router.telemetry import Sample, SSEScanner, Telemetry, apply_response
+
+log = logging.getLogger("llamactl.router")
+
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/completion")
+OPENAI_STREAM_END = b"data: [DONE]\n\n"
+CLASS_HEADER = "x-llamactl-class"
+
+
+@dataclass
+class RouterConfig:
+    lane: LaneConfig = field(default_factory=LaneConfig)
+    max_body_bytes: int = 32 * 1024 * 1024
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 600.0  # longest silence from an engine mid-request
+    stop_on_shutdown: bool = True
+
+
+class Router:
+    """Owns the catalog, one Lane per routable target, the telemetry and the upstream HTTP client."""
+
+    def __init__(self, profiles: Iterable[Profile], backends: Backends, config: RouterConfig | None = None,
+                 telemetry: Telemetry | None = None) -> None:
+        self.config = config or RouterConfig()
+        self.catalog = Catalog.from_profiles(profiles)
+        for problem in self.catalog.problems:
+            log.warning("%s", problem)
+        self.backends = backends
+        self.telemetry = telemetry or Telemetry()
+        self.lanes = {name: Lane(spec, backends, self.telemetry, self.config.lane)
+                      for name, spec in self.catalog.lanes.items()}
+        self.client: httpx.AsyncClient | None = None
+        self.started_at = time.time()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator["Router"]:
+        """Start the lane dispatchers and the HTTP client; on exit stop them (and the engines)."""
+        timeout = httpx.Timeout(self.config.read_timeout_s, connect=self.config.connect_timeout_s, pool=None)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=30)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+            self.client = client
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(lane.run(), name=f"lane:{lane.name}") for lane in self.lanes.values()]
+                try:
+                    yield self
+                finally:
+                    for task in tasks:
+                        task.cancel()
+            if self.config.stop_on_shutdown:
+                for lane in self.lanes.values():
+                    await lane.shutdown()
+            self.client = None
+
+    def lane(self, name: str) -> Lane:
+        try:
+            return self.lanes[name]
+        except KeyError:
+            raise ModelNotFound(f"no lane '{name}'; valid: {', '.join(self.lanes)}") from None
+
+    def status(self) -> dict[str, Any]:
+        return {"lanes": [lane.status() for lane in self.lanes.values()], "problems": self.catalog.problems,
+                "uptime_s": round(time.time() - self.started_at, 1)}
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+
+def error_response(error: RouterError | LlamactlError) -> JSONResponse:
+    if isinstance(error, RouterError):
+        headers = {"x-llamactl-error-source": error.source, **error.headers}
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    body = error_body(str(error), "server_error", "llamactl_error", "llamactl")
+    return JSONResponse(body, status_code=500, headers={"x-llamactl-error-source": "llamactl"})
+
+
+async def _send_json(send: Send, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(payload).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Send, error: RouterError) -> None:
+    await _send_json(send, error.status, error.body(), {"x-llamactl-error-source": error.source, **error.headers})
+
+
+class _Disconnected(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- the relay
+
+
+class Relay:
+    """The ASGI endpoint for one proxied path."""
+
+    def __init__(self, router: Router, path: str) -> None:
+        self.router = router
+        self.path = path
+        self.openai = path.startswith("/v1/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = time.perf_counter()
+        task = asyncio.current_task()
+        assert task is not None
+        disconnected = asyncio.Event()
+        finished = False
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not finished:
+                        disconnected.set()
+                        task.cancel()
+                    return
+
+        try:
+            body = await self._read_body(receive)
+        except RouterError as e:
+            await _send_error(send, e)
+            return
+        watcher = asyncio.create_task(watch())
+        try:
+            await self._handle(scope, body, send, arrived)
+        except asyncio.CancelledError:
+            if not disconnected.is_set():
+                raise
+            task.uncancel()
+        except (OSError, _Disconnected):
+            pass
+        finally:
+            finished = True
+            watcher.cancel()
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest("client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.router.config.max_body_bytes:
+                e = BadRequest(f"request body over {self.router.config.max_body_bytes} bytes")
+                e.status = 413
+                raise e
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _handle(self, scope: Scope, body: bytes, send: Send, arrived: float) -> None:
+        router = self.router
+        try:
+            payload = json.loads(body) if body else {}
+        except ValueError as e:
+            await _send_error(send, BadRequest(f"request body is not valid JSON: {e}"))
+            return
+        if not isinstance(payload, dict):
+            await _send_error(send, BadRequest("request body must be a JSON object"))
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            route = router.catalog.resolve(payload.get("model"))
+        except RouterError as e:
+            await _send_error(send, e)
+            return
+        lane = router.lanes[route.lane]
+        cls = classify(payload, header=headers.get(CLASS_HEADER), alias=route.alias)
+        stream = bool(payload.get("stream"))
+        ticket = Ticket(cls=cls, pin=route.pin, enqueued_at=arrived)
+        sample: Sample | None = None
+        retried = False
+        while True:
+            try:
+                upstream = await lane.acquire(ticket, front=retried)
+            except RouterError as e:
+                router.telemetry.requests.labels(lane.name, route.pin or "", cls, self.path, str(e.status)).inc()
+                await _send_error(send, e)
+                return
+            assert ticket.profile is not None and ticket.role is not None
+            sample = Sample(lane=lane.name, profile=ticket.profile, role=ticket.role, cls=cls, endpoint=self.path,
+                            status=0, queue_wait_s=(ticket.granted_at or arrived) - arrived)
+            try:
+                outcome = await self._forward(upstream, body, headers, send, stream, sample, arrived, ticket)
+            except BaseException:
+                lane.release(ticket)
+                sample.status = sample.status or 499
+                sample.total_s = time.perf_counter() - arrived
+                router.telemetry.record(sample)
+                raise
+            if outcome == "retry" and not retried:
+                # The engine was not there (crashed / restarting): back to the head of the queue, once.
+                lane.release(ticket, upstream_failed=True)
+                retried = True
+                ticket = Ticket(cls=cls, pin=route.pin, enqueued_at=arrived)
+                continue
+            lane.release(ticket, upstream_failed=outcome in ("retry", "broken"))
+            if outcome == "retry":
+                err = EngineUnavailable(f"llama-server for '{sample.profile}' refused the connection twice")
+                sample.status = err.status
+                await _send_error(send, err)
+            sample.total_s = time.perf_counter() - arrived
+            router.telemetry.record(sample)
+            return
+
+    async def _forward(self, upstream: Upstream, body: bytes, headers: dict[str, str], send: Send, stream: bool,
+                       sample: Sample, arrived: float, ticket: Ticket) -> str:
+        client = self.router.client
+        assert client is not None, "Router.running() is not active"
+        out_headers = {"content-type": headers.get("content-type", "application/json"),
+                       "accept": headers.get("accept", "*/*")}
+        if upstream.api_key:
+            out_headers["authorization"] = f"Bearer {upstream.api_key}"
+        request = client.build_request("POST", upstream.base_url + self.path, content=body, headers=out_headers)
+        try:
+            response = await client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            return "retry"
+        except httpx.HTTPError as e:
+            err = UpstreamError(f"llama-server for '{sample.profile}' failed before answering: {type(e).__name__}: {e}",
+                                extra={"profile": sample.profile})
+            sample.status = err.status
+            await _send_error(send, err)
+            return "broken"
+        try:
+            extra = [(b"x-llamactl-profile", sample.profile.encode()), (b"x-llamactl-class", sample.cls.encode()),
+                     (b"x-llamactl-queue-wait-ms", f"{sample.queue_wait_s * 1000:.1f}".encode())]
+            content_type = response.headers.get("content-type", "application/json")
+            if response.status_code >= 400:
+                raw = await response.aread()
+                sample.status = response.status_code
+                payload = upstream_error_body(response.status_code, raw, sample.profile)
+                await _send_json(send, response.status_code, payload,
+                                 {"x-llamactl-error-source": "upstream", "x-llamactl-profile": sample.profile})
+                return "ok"
+            sample.status = response.status_code
+            if not content_type.startswith("text/event-stream"):
+                raw = await response.aread()
+                try:
+                    apply_response(sample, json.loads(raw))
+                except ValueError:
+                    pass
+                await send({"type": "http.response.start", "status": response.status_code, "headers": [
+                    (b"content-type", content_type.encode()), (b"content-length", str(len(raw)).encode()), *extra]})
+                await send({"type": "http.response.body", "body": raw})
+                return "ok"
+            return await self._relay_stream(response, send, sample, arrived, extra, content_type)
+        finally:
+            await response.aclose()
+
+    async def _relay_stream(self, response: httpx.Response, send: Send, sample: Sample, arrived: float,
+                            extra: list[tuple[bytes, bytes]], content_type: str) -> str:
+        scanner = SSEScanner(sample)
+        await send({"type": "http.response.start", "status": response.status_code, "headers": [
+            (b"content-type", content_type.encode()), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"), *extra]})
+        try:
+            async for chunk in response.aiter_raw():
+                scanner.feed(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as e:
+            # The engine died or broke the stream: tell the client in-band, then end the stream cleanly.
+            err = error_body(f"llama-server for '{sample.profile}' broke the stream: {type(e).__name__}: {e}",
+                             "upstream_error", "upstream_stream_broken", "upstream", profile=sample.profile)
+            tail = b"data: " + json.dumps(err).encode() + b"\n\n" + (OPENAI_STREAM_END if self.openai else b"")
+            sample.status = 502
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            return "broken"
+        if scanner.first_data_at is not None:
+            sample.ttft_s = scanner.first_data_at - arrived
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return "ok"
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Starlette:
+    """The ASGI app. `middleware` lets the service add authentication without touching the routes."""
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def models(_: Request) -> Response:
+        data = []
+        for name, route in sorted(router.catalog.names.items()):
+            lane = router.lanes[route.lane]
+            data.append({
+                "id": name, "object": "model", "created": int(router.started_at), "owned_by": "llamactl",
+                "llamactl": {"kind": "group" if lane.spec.is_group and route.pin is None else "profile",
+                             "lane": lane.name, "profile": route.pin or (None if lane.spec.is_group else lane.active),
+                             "members": dict(lane.spec.members)},
+            })
+        return JSONResponse({"object": "list", "data": data})
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(router.telemetry.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def status(_: Request) -> Response:
+        return JSONResponse(router.status())
+
+    async def switch(request: Request) -> Response:
+        try:
+            payload = await request.json()
+        except ValueError:
+            return error_response(BadRequest("body must be JSON: {\"group\": ..., \"member\": ...}"))
+        group, member = payload.get("group"), payload.get("member")
+        if not isinstance(group, str) or not isinstance(member, str):
+            return error_response(BadRequest("'group' and 'member' must be strings"))
+        try:
+            lane = router.lane(group)
+            await lane.force(None if member == "auto" else member,
+                             timeout_s=float(payload.get("timeout_s", router.config.lane.queue_timeout_s)))
+        except RouterError as e:
+            return error_response(e)
+        except LlamactlError as e:
+            return error_response(EngineUnavailable(str(e)))
+        except TimeoutError:
+            return error_response(EngineUnavailable(f"'{member}' did not become ready in time"))
+        return JSONResponse(lane.status())
+
+    async def not_found(request: Request, _exc: Exception) -> Response:
+        return JSONResponse(error_body(f"no route {request.method} {request.url.path}", "invalid_request_error",
+                                       "not_found", "llamactl"), status_code=404)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        async with router.running():
+            yield
+
+    routes = [Route(path, Relay(router, path), methods=["POST"]) for path in PROXIED]
+    routes += [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/models", models, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/llamactl/status", status, methods=["GET"]),
+        Route("/llamactl/switch", switch, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, middleware=list(middleware), lifespan=lifespan,
+                     exception_handlers={404: not_found})

@@ -1,0 +1,25 @@
+"""What the router needs from whoever runs the engines. The router never imports the supervisor:
+service.py adapts the Supervisor to this Protocol; tests hand in fakes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A ready llama-server: where it listens and the key it wants (sent as Bearer when set)."""
+
+    base_url: str
+    api_key: str | None = None
+
+
+class Backends(Protocol):
+    async def ensure_ready(self, profile_name: str) -> Upstream:
+        """Start the profile if it is not running and return once it serves; raise LlamactlError if not."""
+        ...
+
+    async def stop(self, profile_name: str) -> None:
+        """Stop the profile if it runs (idempotent)."""
+        ...

@@ -1,0 +1,90 @@
+"""Traffic classes: which kind of work a request is. A small pure function over the request body.
+
+Order: an explicit class (header X-Llamactl-Class) wins, then the profile alias the client named, then
+the request itself: grammar / JSON schema -> "structured"; max_tokens <= 16 -> "short"; temperature
+>= 0.9 (or top_p sampling wide at temperature >= 0.7) -> "creative"; greedy-ish (temperature <= 0.3 or
+top_k == 1) and a code-like prompt -> "code", greedy-ish otherwise -> "deterministic"; anything else
+-> "chat". llama-server's default temperature (0.8) applies when the body has none.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+CLASSES = ("code", "deterministic", "structured", "short", "chat", "creative")
+ENGINE_DEFAULT_TEMPERATURE = 0.8
+_VALID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+_CODE_LINE = re.compile(
+    r"(^\s*(def |class |import |from \S+ import|return\b|if .*:|for .*:|while .*:|#include|fn |func |"
+    r"let |const |var |public |private |function\b|package |using |@\w+)|[{};]\s*$|=>|->|==|!=|\(\)|\[\]|"
+    r"^\s{4,}\S|^\t+\S)"
+)
+
+
+def code_likeness(text: str) -> float:
+    """Share of non-empty lines that look like source code; fenced blocks count fully. 0.0 .. 1.0."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return 0.0
+    in_fence = False
+    hits = 0
+    for line in lines:
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+            hits += 1
+            continue
+        if in_fence or _CODE_LINE.search(line):
+            hits += 1
+    return hits / len(lines)
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The text a request asks about: chat message contents or a completion prompt."""
+    parts: list[str] = []
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts += [p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        parts.append(prompt)
+    elif isinstance(prompt, list):
+        parts += [p for p in prompt if isinstance(p, str)]
+    return "\n".join(parts)
+
+
+def _number(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def classify(body: dict[str, Any], *, header: str | None = None, alias: str | None = None) -> str:
+    """The traffic class of one request. `alias`: the profile alias the client named, if any."""
+    if header and _VALID.match(header):
+        return header
+    if alias and _VALID.match(alias):
+        return alias
+    response_format = body.get("response_format")
+    if (
+        body.get("grammar")
+        or body.get("json_schema")
+        or (isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"))
+    ):
+        return "structured"
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", body.get("n_predict")))
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 0 < max_tokens <= 16:
+        return "short"
+    temperature = _number(body.get("temperature"), ENGINE_DEFAULT_TEMPERATURE)
+    top_p = _number(body.get("top_p"), 1.0)
+    top_k = body.get("top_k")
+    greedy = temperature <= 0.3 or top_k == 1
+    if not greedy and (temperature >= 0.9 or (temperature >= 0.7 and top_p >= 0.98 and body.get("min_p") == 0)):
+        return "creative"
+    if greedy:
+        return "code" if code_likeness(prompt_text(body)) >= 0.3 else "deterministic"
+    return "chat"

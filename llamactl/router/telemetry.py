@@ -1,0 +1,303 @@
+"""Per-request measurements, rolling windows per (lane, traffic class, member), Prometheus metrics.
+
+Acceptance comes from the engine's `timings` (draft_n_accepted / draft_n). Builds that report it only
+in their log (the pinned ik_llama.cpp: "draft acceptance rate = 0.62500 (   10 accepted /    16
+generated)") are covered by `parse_acceptance_line`. Mean accepted length needs the verification step
+count, which only /metrics has: `mean_accepted_length(before, after)` over two scrapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from llamactl.policy import ClassEvidence, Role
+
+
+@dataclass
+class Sample:
+    """One finished request."""
+
+    lane: str
+    profile: str
+    role: Role
+    cls: str
+    endpoint: str
+    status: int
+    queue_wait_s: float = 0.0
+    ttft_s: float | None = None
+    total_s: float = 0.0
+    completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    gen_tok_s: float | None = None  # engine decode speed (timings.predicted_per_second), else wall clock
+    prompt_tok_s: float | None = None
+    draft_n: int | None = None
+    draft_accepted: int | None = None
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def acceptance(self) -> float | None:
+        if self.draft_n:
+            return (self.draft_accepted or 0) / self.draft_n
+        return None
+
+    def apply_timings(self, timings: Mapping[str, Any]) -> None:
+        def num(key: str) -> float | None:
+            value = timings.get(key)
+            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+        if (n := num("predicted_n")) is not None:
+            self.completion_tokens = int(n)
+        if (n := num("prompt_n")) is not None:
+            self.prompt_tokens = int(n)
+        if (v := num("predicted_per_second")) is not None and v > 0:
+            self.gen_tok_s = v
+        if (v := num("prompt_per_second")) is not None and v > 0:
+            self.prompt_tok_s = v
+        if (v := num("draft_n")) is not None:
+            self.draft_n = int(v)
+            self.draft_accepted = int(num("draft_n_accepted") or 0)
+
+    def apply_usage(self, usage: Mapping[str, Any]) -> None:
+        if self.completion_tokens is None and isinstance(usage.get("completion_tokens"), int):
+            self.completion_tokens = usage["completion_tokens"]
+        if self.prompt_tokens is None and isinstance(usage.get("prompt_tokens"), int):
+            self.prompt_tokens = usage["prompt_tokens"]
+
+    def finish_wall_clock(self) -> None:
+        """Fallback decode speed when the engine sent no timings."""
+        if self.gen_tok_s is None and self.completion_tokens and self.total_s > self.queue_wait_s:
+            start = self.ttft_s if self.ttft_s is not None else self.queue_wait_s
+            span = self.total_s - start
+            if span > 0:
+                self.gen_tok_s = self.completion_tokens / span
+
+
+def apply_response(sample: Sample, payload: Any) -> None:
+    """Pull timings / usage out of a (non-streamed) response body or one streamed event."""
+    if not isinstance(payload, dict):
+        return
+    if isinstance(payload.get("timings"), dict):
+        sample.apply_timings(payload["timings"])
+    if isinstance(payload.get("usage"), dict):
+        sample.apply_usage(payload["usage"])
+    if sample.completion_tokens is None and isinstance(payload.get("tokens_predicted"), int):
+        sample.completion_tokens = payload["tokens_predicted"]
+
+
+class SSEScanner:
+    """Watches a relayed SSE stream without holding it: notes the first data event and parses only the
+    events that carry timings or usage (normally the last one or two)."""
+
+    __slots__ = ("sample", "_rest", "first_data_at", "saw_done", "events")
+
+    def __init__(self, sample: Sample) -> None:
+        self.sample = sample
+        self._rest = b""
+        self.first_data_at: float | None = None
+        self.saw_done = False
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self.first_data_at is None and b"data:" in chunk:
+            self.first_data_at = time.perf_counter()
+        data = self._rest + chunk if self._rest else chunk
+        if b"\n" not in data:
+            self._rest = data[-65536:]
+            return
+        head, _, self._rest = data.rpartition(b"\n")
+        if b'"timings"' not in head and b'"usage"' not in head and b"[DONE]" not in head:
+            self.events += head.count(b"data:")
+            return
+        for line in head.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            self.events += 1
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.saw_done = True
+            elif b'"timings"' in payload or b'"usage"' in payload:
+                try:
+                    apply_response(self.sample, json.loads(payload))
+                except ValueError:
+                    pass
+
+
+_ACCEPT_LINE = re.compile(
+    r"draft acceptance(?: rate)?\s*=\s*([0-9.]+)\s*\(\s*(\d+)\s+accepted\s*/\s*(\d+)\s+generated\)"
+    r"(?:,\s*mean len\s*=\s*([0-9.]+))?"
+)
+
+
+def parse_acceptance_line(line: str) -> tuple[int, int, float | None] | None:
+    """(accepted, generated, mean_len or None) from a llama-server / ik_llama.cpp log line, else None."""
+    match = _ACCEPT_LINE.search(line)
+    if not match:
+        return None
+    return int(match.group(2)), int(match.group(3)), float(match.group(4)) if match.group(4) else None
+
+
+_METRIC_LINE = re.compile(r'^llamacpp:([a-z_]+)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)\s*$')
+
+
+def parse_engine_metrics(text: str) -> dict[str, float]:
+    """llama-server's /metrics text -> {"name" or "name{labels}": value} without the llamacpp: prefix."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _METRIC_LINE.match(line.strip())
+        if match:
+            try:
+                values[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+            except ValueError:
+                continue
+    return values
+
+
+def mean_accepted_length(before: Mapping[str, float], after: Mapping[str, float]) -> float | None:
+    """1 + d(accepted) / d(verification steps) between two /metrics scrapes (exact with one request in between)."""
+    steps = after.get("spec_decode_num_drafts_total", 0.0) - before.get("spec_decode_num_drafts_total", 0.0)
+    accepted = after.get("spec_decode_num_accepted_tokens_total", 0.0) - before.get(
+        "spec_decode_num_accepted_tokens_total", 0.0)
+    if steps <= 0:
+        return None
+    return 1.0 + accepted / steps
+
+
+class Window:
+    """The last `max_n` samples no older than `max_age_s`."""
+
+    def __init__(self, max_n: int, max_age_s: float) -> None:
+        self.samples: deque[Sample] = deque(maxlen=max_n)
+        self.max_age_s = max_age_s
+
+    def add(self, sample: Sample) -> None:
+        self.samples.append(sample)
+
+    def current(self, now: float | None = None) -> list[Sample]:
+        now = time.monotonic() if now is None else now
+        while self.samples and now - self.samples[0].at > self.max_age_s:
+            self.samples.popleft()
+        return list(self.samples)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BUCKETS_TOK_S = (1, 2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 100, 150, 200, 300, 500, 1000)
+
+
+class Telemetry:
+    """Rolling windows and Prometheus metrics. One per router; its own CollectorRegistry."""
+
+    def __init__(self, *, window_n: int = 50, window_s: float = 900.0, recent_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_n, self.window_s, self.recent_s = window_n, window_s, recent_s
+        self.clock = clock
+        self.windows: dict[tuple[str, str, Role], Window] = {}
+        self.arrivals: dict[str, deque[tuple[float, str]]] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("llamactl_requests", "Finished requests", ["lane", "profile", "class", "endpoint", "status"], registry=r)
+        self.rejected = Counter("llamactl_rejected_requests", "Requests refused before reaching an engine", ["lane", "reason"], registry=r)
+        self.queue_depth = Gauge("llamactl_queue_depth", "Requests waiting in the lane's queue", ["lane"], registry=r)
+        self.in_flight = Gauge("llamactl_in_flight", "Requests being served", ["lane"], registry=r)
+        self.queue_wait = Histogram("llamactl_queue_wait_seconds", "Time in the queue", ["lane", "class"], buckets=BUCKETS_S, registry=r)
+        self.ttft = Histogram("llamactl_time_to_first_token_seconds", "Arrival to first streamed event", ["lane", "class"], buckets=BUCKETS_S, registry=r)
+        self.tok_s = Histogram("llamactl_generation_tokens_per_second", "Decode speed per request", ["lane", "class", "profile"], buckets=BUCKETS_TOK_S, registry=r)
+        self.prompt_tok_s = Histogram("llamactl_prompt_tokens_per_second", "Prompt speed per request", ["lane", "class", "profile"], buckets=BUCKETS_TOK_S + (2000, 5000), registry=r)
+        self.completion_tokens = Counter("llamactl_completion_tokens", "Generated tokens", ["lane", "class", "profile"], registry=r)
+        self.draft_tokens = Counter("llamactl_draft_tokens", "Drafted tokens", ["lane", "class", "profile"], registry=r)
+        self.draft_accepted = Counter("llamactl_draft_accepted_tokens", "Accepted drafted tokens", ["lane", "class", "profile"], registry=r)
+        self.acceptance = Gauge("llamactl_draft_acceptance_ratio", "Rolling acceptance per class on the speculative member", ["lane", "class", "profile"], registry=r)
+        self.rolling_tok_s = Gauge("llamactl_rolling_tokens_per_second", "Rolling mean decode speed per class and member", ["lane", "class", "profile"], registry=r)
+        self.mean_len = Gauge("llamactl_mean_accepted_length", "1 + accepted / verification steps, from engine /metrics deltas", ["lane", "profile"], registry=r)
+        self.switches = Counter("llamactl_switches", "Member switches", ["lane", "from_profile", "to_profile", "trigger"], registry=r)
+        self.switch_seconds = Histogram("llamactl_switch_seconds", "Drain + stop + start time of a switch", ["lane"], buckets=BUCKETS_S, registry=r)
+        self.loads = Counter("llamactl_profile_loads", "Profile starts requested by the router", ["profile"], registry=r)
+        self.unloads = Counter("llamactl_profile_unloads", "Profile stops requested by the router", ["profile", "reason"], registry=r)
+        self.profile_state = Gauge("llamactl_profile_state", "1 for the state each profile is in", ["profile", "state"], registry=r)
+        self.active_member = Gauge("llamactl_active_member", "1 for the member serving each lane", ["lane", "profile"], registry=r)
+
+    # -- recording
+    def arrival(self, lane: str, cls: str) -> None:
+        self.arrivals.setdefault(lane, deque(maxlen=1000)).append((self.clock(), cls))
+
+    def record(self, sample: Sample) -> None:
+        sample.finish_wall_clock()
+        labels = (sample.lane, sample.cls, sample.profile)
+        self.requests.labels(sample.lane, sample.profile, sample.cls, sample.endpoint, str(sample.status)).inc()
+        self.queue_wait.labels(sample.lane, sample.cls).observe(sample.queue_wait_s)
+        if sample.status >= 400:
+            return
+        if sample.ttft_s is not None:
+            self.ttft.labels(sample.lane, sample.cls).observe(sample.ttft_s)
+        if sample.gen_tok_s:
+            self.tok_s.labels(*labels).observe(sample.gen_tok_s)
+        if sample.prompt_tok_s:
+            self.prompt_tok_s.labels(*labels).observe(sample.prompt_tok_s)
+        if sample.completion_tokens:
+            self.completion_tokens.labels(*labels).inc(sample.completion_tokens)
+        if sample.draft_n:
+            self.draft_tokens.labels(*labels).inc(sample.draft_n)
+            self.draft_accepted.labels(*labels).inc(sample.draft_accepted or 0)
+        sample.at = self.clock()
+        window = self.windows.setdefault((sample.lane, sample.cls, sample.role), Window(self.window_n, self.window_s))
+        window.add(sample)
+        current = window.current(sample.at)
+        speeds = [s.gen_tok_s for s in current if s.gen_tok_s]
+        if speeds:
+            self.rolling_tok_s.labels(*labels).set(sum(speeds) / len(speeds))
+        drafted = sum(s.draft_n or 0 for s in current)
+        if drafted:
+            self.acceptance.labels(*labels).set(sum(s.draft_accepted or 0 for s in current) / drafted)
+
+    # -- reading
+    def recent(self, lane: str) -> dict[str, int]:
+        arrivals = self.arrivals.get(lane)
+        counts: dict[str, int] = {}
+        if not arrivals:
+            return counts
+        horizon = self.clock() - self.recent_s
+        while arrivals and arrivals[0][0] < horizon:
+            arrivals.popleft()
+        for _, cls in arrivals:
+            counts[cls] = counts.get(cls, 0) + 1
+        return counts
+
+    def evidence(self, lane: str) -> dict[str, ClassEvidence]:
+        now = self.clock()
+        per_class: dict[str, dict[str, Any]] = {}
+        for (lane_name, cls, role), window in self.windows.items():
+            if lane_name != lane:
+                continue
+            samples = window.current(now)
+            if not samples:
+                continue
+            entry = per_class.setdefault(cls, {"tokens": []})
+            speeds = [s.gen_tok_s for s in samples if s.gen_tok_s]
+            entry[f"{role}_tok_s"] = _mean(speeds)
+            entry[f"{role}_n"] = len(speeds)
+            entry["tokens"] += [s.completion_tokens for s in samples if s.completion_tokens]
+            if role == "spec":
+                drafted = [s for s in samples if s.draft_n]
+                if drafted:
+                    entry["acceptance"] = sum(s.draft_accepted or 0 for s in drafted) / sum(s.draft_n or 0 for s in drafted)
+                    entry["acceptance_n"] = len(drafted)
+        return {
+            cls: ClassEvidence(
+                spec_tok_s=e.get("spec_tok_s"), spec_n=e.get("spec_n", 0),
+                plain_tok_s=e.get("plain_tok_s"), plain_n=e.get("plain_n", 0),
+                acceptance=e.get("acceptance"), acceptance_n=e.get("acceptance_n", 0),
+                mean_tokens=_mean([float(t) for t in e["tokens"]]),
+            )
+            for cls, e in per_class.items()
+        }
