@@ -86,6 +86,8 @@ class GpuInventory:
     source: str  # "nvml" or the file path
     note: str | None = None  # why there are no GPUs, when there are none
     driver_version: str | None = None
+    host_total_mib: int | None = None  # host RAM; None = unknown (a described box without "host")
+    host_free_mib: int | None = None
 
     def by_index(self, index: int) -> Gpu | None:
         for g in self.gpus:
@@ -116,7 +118,12 @@ class FileProbe:
                                 hint="check --gpus / LLAMACTL_GPUS_FILE") from e
         except json.JSONDecodeError as e:
             raise GpuProbeError(f"{self.path}: not valid JSON: {e}") from e
+        host_total = host_free = None
         if isinstance(data, dict):
+            host = data.get("host") or {}
+            if not isinstance(host, dict):
+                raise GpuProbeError(f"{self.path}: host must be an object with total_mib, free_mib")
+            host_total, host_free = host.get("total_mib"), host.get("free_mib", host.get("total_mib"))
             data = data.get("gpus")
         if not isinstance(data, list):
             raise GpuProbeError(f"{self.path}: expected a list of GPUs (or {{\"gpus\": [...]}})")
@@ -124,7 +131,9 @@ class FileProbe:
         if len({g.index for g in gpus}) != len(gpus):
             raise GpuProbeError(f"{self.path}: two GPUs share an index")
         note = None if gpus else "the GPU file lists no GPU: CPU plan"
-        return GpuInventory(gpus=tuple(sorted(gpus, key=lambda g: g.index)), source=str(self.path), note=note)
+        return GpuInventory(gpus=tuple(sorted(gpus, key=lambda g: g.index)), source=str(self.path), note=note,
+                            host_total_mib=None if host_total is None else int(host_total),
+                            host_free_mib=None if host_free is None else int(host_free))
 
 
 @dataclass
@@ -138,16 +147,17 @@ class NvmlProbe:
         try:
             import pynvml
         except ImportError:  # pragma: no cover - nvidia-ml-py is a dependency
-            return GpuInventory(gpus=(), source="nvml", note="nvidia-ml-py is not installed: CPU plan")
+            return _with_host(GpuInventory(gpus=(), source="nvml", note="nvidia-ml-py is not installed: CPU plan"))
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as e:
             if _is_no_driver(pynvml, e):
-                return GpuInventory(gpus=(), source="nvml", note=f"no NVIDIA GPU ({_nvml_text(e)}): CPU plan")
+                return _with_host(GpuInventory(gpus=(), source="nvml",
+                                               note=f"no NVIDIA GPU ({_nvml_text(e)}): CPU plan"))
             raise GpuProbeError(f"NVML failed to initialise: {_nvml_text(e)}",
                                 hint="check `nvidia-smi`; or describe the box with --gpus FILE") from e
         try:
-            return self._probe(pynvml)
+            return _with_host(self._probe(pynvml))
         except pynvml.NVMLError as e:
             raise GpuProbeError(f"NVML query failed: {_nvml_text(e)}",
                                 hint="check `nvidia-smi`; or describe the box with --gpus FILE") from e
@@ -200,6 +210,19 @@ def probe_gpus(gpus_file: Path | None = None, settings: Any = None, probe: GpuPr
     if path is not None:
         return FileProbe(Path(path)).probe()
     return NvmlProbe().probe()
+
+
+def _with_host(inv: GpuInventory) -> GpuInventory:
+    """Add this machine's RAM (the probe describes the machine it runs on)."""
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+    except Exception:  # psutil missing: host RAM stays unknown
+        return inv
+    from dataclasses import replace
+
+    return replace(inv, host_total_mib=int(vm.total) // MIB, host_free_mib=int(vm.available) // MIB)
 
 
 def _is_no_driver(nv: Any, e: Exception) -> bool:

@@ -1,0 +1,85 @@
+"""Memory planning before launch: does a profile fit, where, and if not, what would.
+
+Pure parts: model (ModelSpec from a GGUF header), estimate (bytes per component), placement
+(layers per device), core (the Plan), suggestions. `plan_for_launch` is the one entry point with
+I/O: it reads the GGUF headers and probes the GPUs (or reads a --gpus file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llamactl.gguf import read_gguf
+from llamactl.gpus import GpuInventory, GpuProbe, probe_gpus
+from llamactl.plan.core import Plan, Suggestion, plan_profile, resolve_ctx
+from llamactl.plan.estimate import ContextParams, compute_bytes, estimate_model, kv_bytes_per_layer
+from llamactl.plan.model import ModelSpec, spec_from_gguf
+from llamactl.plan.placement import DEFAULT_MARGIN_MIB, GPU_OVERHEAD_MIB
+from llamactl.profiles import Profile
+from llamactl.settings import Settings
+
+
+def load_spec(path: Path) -> ModelSpec:
+    return spec_from_gguf(read_gguf(path))
+
+
+def _model_path(model: str, settings: Settings) -> Path:
+    try:
+        from llamactl.models import resolve_model_path
+    except ImportError:  # pragma: no cover - models.py is part of the package
+        return Path(model)
+    return resolve_model_path(model, settings)
+
+
+def _ensure_model(model: str, settings: Settings, where: str) -> Path:
+    """The model file, assembling the builtin demo model on first use (as `up` would)."""
+    path = _model_path(model, settings)
+    if path.is_file():
+        return path
+    try:
+        from llamactl.models import ensure_model
+    except ImportError:  # pragma: no cover
+        return path
+    return ensure_model(model, settings, where=where)
+
+
+def plan_for_launch(profile: Profile, settings: Settings, gpus_file: Path | None = None, *,
+                    probe: GpuProbe | None = None, margin_mib: int = DEFAULT_MARGIN_MIB,
+                    with_argv: bool = True) -> Plan:
+    """Read the GGUF header(s), probe the GPUs (gpus_file or settings.gpus_file replaces NVML), plan.
+
+    Plan.argv is the engine argv after applying Plan.launch_overrides(), when the engine binary
+    is found (else None, with a note).
+    """
+    where = f"profile '{profile.name}'"
+    target = load_spec(_ensure_model(profile.model, settings, where))
+    draft = None
+    if profile.speculation.uses_draft_model and profile.speculation.draft_model:
+        draft = load_spec(_ensure_model(profile.speculation.draft_model, settings, f"{where} speculation"))
+    inventory = probe_gpus(gpus_file, settings, probe)
+    plan = plan_profile(profile, target, inventory, draft, margin_mib=margin_mib)
+    if with_argv:
+        plan.argv = engine_argv(plan, settings)
+    return plan
+
+
+def engine_argv(plan: Plan, settings: Settings) -> list[str] | None:
+    try:
+        from llamactl.engines import preview_argv
+    except ImportError:
+        plan.notes.append("engine argv: llamactl.engines.preview_argv is not available")
+        return None
+    from llamactl.errors import LlamactlError
+
+    try:
+        return preview_argv(plan.profile.model_copy(update=plan.launch_overrides()), settings)
+    except LlamactlError as e:
+        plan.notes.append(f"engine argv not shown: {e.message}")
+        return None
+
+
+__all__ = [
+    "DEFAULT_MARGIN_MIB", "GPU_OVERHEAD_MIB", "ContextParams", "GpuInventory", "ModelSpec", "Plan", "Suggestion",
+    "compute_bytes", "estimate_model", "kv_bytes_per_layer", "load_spec", "plan_for_launch", "plan_profile",
+    "resolve_ctx", "spec_from_gguf",
+]
