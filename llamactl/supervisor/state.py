@@ -51,13 +51,20 @@ def process_matches(record: ServerRecord) -> psutil.Process | None:
         proc = psutil.Process(record.pid)
         if abs(proc.create_time() - record.create_time) > 0.05:
             return None
-        if proc.cmdline() != record.cmdline:
+        if not same_command(proc.cmdline(), record.cmdline):
             return None
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
         return proc
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
+
+
+def same_command(actual: list[str], recorded: list[str]) -> bool:
+    """The arguments must match exactly; argv[0] may differ (a script run through its interpreter)."""
+    args = recorded[1:]
+    return len(actual) >= len(recorded) and actual[len(actual) - len(args):] == args and (
+        actual[0] == recorded[0] or any(part == recorded[0] for part in actual[:-len(args) or None]))
 
 
 class StateStore:

@@ -1,0 +1,150 @@
+"""Supervision against the fake llama-server: every fault ends with nothing left running."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from llamactl.errors import StartError
+from llamactl.profiles import load_profile
+from llamactl.supervisor import Supervisor
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def processes_with_arg(fragment: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(fragment in part for part in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def start(settings, name):
+    return Supervisor(settings).start(load_profile(name, settings))
+
+
+def test_up_status_down_leaves_nothing(settings, fake_profile):
+    name = fake_profile(FAKE_LOAD_S="0.5")
+    sup = Supervisor(settings)
+    record = start(settings, name)
+    assert record.state == "ready" and record.port > 0
+    [status] = sup.status()
+    assert status.alive and status.rss_bytes and status.record.pid == record.pid
+    assert start(settings, name).pid == record.pid  # already running: same server, no second one
+    assert sup.stop(name)
+    assert gone(record.pid)
+    assert sup.status() == [] and sup.running(name) is None
+    assert not sup.stop(name)
+
+
+def test_crash_on_start_is_classified_and_cleaned_up(settings, fake_profile):
+    name = fake_profile(mode="crash_on_start")
+    with pytest.raises(StartError) as err:
+        start(settings, name)
+    assert err.value.cause == "model file unreadable"
+    assert any("failed to open GGUF file" in line for line in err.value.log_tail)
+    assert "exited with code 1" in str(err.value)
+    assert Supervisor(settings).status() == []
+
+
+def test_out_of_memory_while_loading_is_reported_as_such(settings, fake_profile):
+    name = fake_profile(mode="crash_on_start",
+                        FAKE_CRASH_MESSAGE="ggml_backend_cpu_buffer_type_alloc_buffer: failed to allocate buffer")
+    with pytest.raises(StartError) as err:
+        start(settings, name)
+    assert err.value.cause == "out of memory"
+    assert "llamactl plan" in str(err.value)
+
+
+def test_load_slower_than_timeout_is_stopped(settings, fake_profile, home):
+    name = fake_profile(FAKE_LOAD_S="60", load_timeout_s=1.5)
+    with pytest.raises(StartError) as err:
+        start(settings, name)
+    assert err.value.cause == "load timeout"
+    assert processes_with_arg(str(home)) == []
+    assert Supervisor(settings).status() == []
+
+
+def test_hanging_server_times_out_and_is_stopped(settings, fake_profile, home):
+    name = fake_profile(mode="hang", load_timeout_s=3)
+    with pytest.raises(StartError, match="not ready after 3 s"):
+        start(settings, name)
+    assert processes_with_arg(str(home)) == []
+
+
+def test_ignored_sigterm_escalates_to_sigkill(settings, fake_profile):
+    name = fake_profile(mode="ignore_sigterm", stop_timeout_s=1)
+    record = start(settings, name)
+    assert Supervisor(settings).stop(name, timeout_s=1)
+    assert gone(record.pid)
+
+
+def test_grandchildren_are_stopped_with_the_group(settings, fake_profile, home):
+    name = fake_profile(mode="grandchild")
+    record = start(settings, name)
+    group = [p for p in psutil.process_iter() if _pgid(p.pid) == record.pid]
+    assert len(group) >= 2
+    Supervisor(settings).stop(name)
+    assert all(gone(p.pid) for p in group)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_port_taken_once_is_retried_on_a_new_port(settings, fake_profile, home):
+    name = fake_profile(mode="port_taken_once", FAKE_STATE_FILE=str(home / "taken"))
+    record = start(settings, name)
+    assert (home / "taken").exists() and record.state == "ready"
+    Supervisor(settings).stop(name)
+
+
+def test_port_always_taken_fails_with_that_cause(settings, fake_profile):
+    name = fake_profile(mode="port_taken")
+    with pytest.raises(StartError) as err:
+        start(settings, name)
+    assert err.value.cause == "port in use"
+
+
+def test_crash_after_ready_shows_dead_and_down_cleans_up(settings, fake_profile):
+    name = fake_profile(mode="crash_later", FAKE_CRASH_AFTER_S="0.3")
+    record = start(settings, name)
+    sup = Supervisor(settings)
+    deadline = time.monotonic() + 10
+    while not gone(record.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [status] = sup.status()
+    assert not status.alive and status.to_json()["state"] == "dead"
+    assert not sup.stop(name)  # nothing to stop; the stale record is removed
+    assert sup.status() == []
+
+
+def test_a_reused_pid_is_never_signalled(settings, fake_profile):
+    name = fake_profile()
+    sup = Supervisor(settings)
+    record = start(settings, name)
+    sup.stop(name)
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        # A stale record pointing at an unrelated live process (as after a pid reuse).
+        sup.store.write(dataclasses.replace(record, pid=bystander.pid))
+        assert sup.running(name) is None
+        assert not sup.stop(name)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
