@@ -243,3 +243,8 @@ def engines_install(settings: Settings, names: tuple[str, ...], cuda: bool | Non
         if name not in SOURCES:
             raise click.BadParameter(f"unknown engine {name!r}; choose from {', '.join(SOURCES)}")
         install(name, settings, cuda=cuda, jobs=jobs, force=force, progress=lambda m: click.echo(m, err=True))
+
+from llamactl.cli_plan import gpus_command, plan_command  # noqa: E402
+
+main.add_command(plan_command, "plan")
+main.add_command(gpus_command, "gpus")

@@ -1,0 +1,76 @@
+"""`llamactl plan PROFILE` and `llamactl gpus`: parse, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from llamactl.settings import Settings
+
+GPUS_OPTION = click.option(
+    "--gpus", "gpus_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="JSON file describing the GPUs (as printed by `llamactl gpus --json`); replaces the NVML probe. "
+         "Default: LLAMACTL_GPUS_FILE, else NVML.",
+)
+
+
+@click.command("plan")
+@click.argument("profile_name", metavar="PROFILE")
+@GPUS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--margin-mib", type=click.IntRange(min=0), default=None,
+              help="Free memory to keep on every GPU (default 512).")
+@click.pass_obj
+def plan_command(settings: Settings, profile_name: str, gpus_file: Path | None, as_json: bool,
+                 margin_mib: int | None) -> None:
+    """Show where PROFILE would go (per device: weights, KV, compute, draft, free after), whether it
+    fits, what would make it fit, and the exact engine argv. Starts nothing.
+
+    Exits 0 when it fits, 7 when it does not."""
+    from llamactl.plan import DEFAULT_MARGIN_MIB, plan_for_launch
+    from llamactl.profiles import load_profile
+
+    profile = load_profile(profile_name, settings)
+    plan = plan_for_launch(profile, settings, gpus_file,
+                           margin_mib=DEFAULT_MARGIN_MIB if margin_mib is None else margin_mib)
+    if as_json:
+        click.echo(json.dumps(plan.to_json(), indent=2))
+    else:
+        click.echo(plan.text())
+    sys.exit(0 if plan.fits else 7)
+
+
+@click.command("gpus")
+@GPUS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of GPUs (save it to plan for this box).")
+@click.pass_obj
+def gpus_command(settings: Settings, gpus_file: Path | None, as_json: bool) -> None:
+    """List the GPUs (NVML, PCI bus order): memory, processes holding memory, utilization."""
+    from llamactl.gpus import probe_gpus
+
+    inv = probe_gpus(gpus_file, settings)
+    if as_json:
+        click.echo(json.dumps(inv.to_json(), indent=2))
+        return
+    if not inv.gpus:
+        click.echo(inv.note or "no NVIDIA GPU")
+        if inv.host_total_mib:
+            click.echo(f"host RAM: {inv.host_free_mib} MiB free of {inv.host_total_mib} MiB")
+        return
+    rows = [("idx", "name", "total MiB", "free MiB", "used MiB", "util %", "temp C", "bus id", "processes")]
+    for g in inv.gpus:
+        procs = ", ".join(f"{p.pid}{'*' if p.ours else ''}:{p.used_mib if p.used_mib is not None else '?'}MiB"
+                          for p in g.processes) or "-"
+        rows.append((str(g.index), g.name, str(g.total_mib), str(g.free_mib),
+                     str(g.used_mib if g.used_mib is not None else g.total_mib - g.free_mib),
+                     "-" if g.utilization_pct is None else str(g.utilization_pct),
+                     "-" if g.temperature_c is None else str(g.temperature_c),
+                     g.pci_bus_id or "-", procs))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    click.echo(f"source: {inv.source}" + (f", driver {inv.driver_version}" if inv.driver_version else "")
+               + ("; * = started by llamactl" if any(p.ours for g in inv.gpus for p in g.processes) else ""))
