@@ -57,7 +57,7 @@ def find_binary(engine: str, settings: Settings, profile_binary: str | None = No
         raise EngineNotFound(
             f"no llama-server found for engine {engine} (looked at: profile `binary`, {ENV_VARS[engine]}, "
             f"`{PATH_NAMES[engine]}` on PATH, {settings.engine_cache_dir})",
-            hint=f"run `llamactl engines install --engine {engine}` or set {ENV_VARS[engine]}",
+            hint=f"run `llamactl engines install {engine}` or set {ENV_VARS[engine]}",
         )
     chosen = options[0]
     if not (chosen.path.is_file() and os.access(chosen.path, os.X_OK)):

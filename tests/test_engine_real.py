@@ -1,0 +1,97 @@
+"""Happy paths against the real llama-server (both forks) and the real Gemma 3 270M."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import psutil
+import pytest
+
+from llamactl.engines.logs import parse_acceptance
+from tests.conftest import ENGINE_ENV, require_engine
+
+pytestmark = pytest.mark.engine
+CODE_PROMPT = (
+    "Repeat this code exactly:\n"
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+    "def mul(a, b):\n    return a * b\n\nHere it is again:\n"
+)
+
+
+@pytest.fixture(params=["llama.cpp", "ik_llama.cpp"])
+def engine(request, monkeypatch, home):
+    binary = require_engine(request.param)
+    monkeypatch.setenv(ENGINE_ENV[request.param], str(binary))
+    return request.param
+
+
+def llamactl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "llamactl", *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, f"llamactl {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def gemma_profile(write_profile, engine: str, gemma_path, name: str, body: str = "") -> str:
+    write_profile(name, f"""
+        engine = "{engine}"
+        model = "{gemma_path}"
+        ctx_size = 2048
+        gpus = []
+        threads = 2
+        load_timeout_s = 180
+        {body}
+    """)
+    return name
+
+
+def test_up_chat_status_down(engine, write_profile, gemma_path, home):
+    name = gemma_profile(write_profile, engine, gemma_path, "coding")
+    up = llamactl("up", name)
+    assert "ready at http://127.0.0.1:" in up.stdout
+    [row] = json.loads(llamactl("status", "--json").stdout)
+    assert row["profile"] == name and row["state"] == "ready" and row["engine"] == engine
+    assert row["rss_mib"] > 50  # the model is really loaded
+    reply = httpx.post(f"{row['url']}/v1/chat/completions", timeout=120, json={
+        "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0})
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] > 0
+    assert "llamactl" not in llamactl("logs", name, "-n", "5").stderr
+    down = llamactl("down", name)
+    assert f"stopped {name}" in down.stdout
+    assert not psutil.pid_exists(row["pid"]) or psutil.Process(row["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert json.loads(llamactl("status", "--json").stdout) == []
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(row["port"]) in (p.info["cmdline"] or [])]
+    assert leftovers == []
+
+
+def _drafted_tokens(engine: str, url: str, log_path: str) -> int:
+    reply = httpx.post(f"{url}/completion", timeout=180, json={
+        "prompt": CODE_PROMPT, "n_predict": 48, "temperature": 0, "cache_prompt": False})
+    assert reply.status_code == 200
+    timings = reply.json()["timings"]
+    if "draft_n" in timings:
+        return timings["draft_n"]
+    # The pinned ik build reports acceptance only in its log.
+    with open(log_path) as f:
+        found = [a for a in map(parse_acceptance, f) if a is not None]
+    return sum(a.generated for a in found)
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft"])
+def test_speculation_really_drafts(engine, kind, write_profile, gemma_path):
+    if kind == "ngram":
+        body = '[speculation]\ntype = "ngram-mod"'
+    else:
+        body = f'[speculation]\ntype = "draft"\ndraft_model = "{gemma_path}"\nn_max = 8'
+    name = gemma_profile(write_profile, engine, gemma_path, f"spec-{kind}", "parallel = 1\n" + body)
+    llamactl("up", name)
+    try:
+        [row] = json.loads(llamactl("status", "--json").stdout)
+        assert _drafted_tokens(engine, row["url"], row["log"]) > 0
+    finally:
+        llamactl("down", name)
