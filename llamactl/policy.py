@@ -7,7 +7,10 @@ the decision depends on is in the snapshot, so a trace of snapshots replays exac
 Model of the work: a class c has an expected completion length tokens_c and a decode speed on each
 member, speed(c, spec) and speed(c, plain), in tokens/s. The expected time of the demand on a member is
     W(member) = sum_c weight_c * tokens_c / speed(c, member)
-where weight_c = queued_c + recent_weight * recent_c (recent arrivals predict the next few requests).
+where weight_c is the demand of class c: every queued request, and when fewer than `horizon` requests are
+queued, the rest of the horizon filled in the proportions of the recent arrivals (with a sequential client
+the queue is nearly always empty, and the recent mix is the best guess of what comes next; with a queued
+burst the queue itself is the truth).
 A switch happens when the other member saves more than the switch's measured cost (restart time) times
 `cost_factor`, AND is at least `hysteresis` faster on that work, AND the current member has served for
 `min_dwell_s`. A mixed queue whose classes balance out never clears the hysteresis band, so it does not
@@ -44,7 +47,7 @@ class PolicyConfig:
     min_samples: int = 2
     hysteresis: float = 0.12
     min_dwell_s: float = 10.0
-    recent_weight: float = 0.5
+    horizon: float = 4.0  # requests of demand to plan for; the recent mix fills what the queue lacks
     cost_factor: float = 1.0
     default_switch_cost_s: float = 5.0
     default_tok_s: float = 50.0
@@ -128,10 +131,21 @@ def speed(cls: str, role: Role, evidence: Mapping[str, ClassEvidence], config: P
     return _base_speed(evidence, config)
 
 
+def demand(state: GroupState, config: PolicyConfig) -> dict[str, float]:
+    """Requests per class to plan for: the queue, topped up to `horizon` with the recent mix."""
+    weights = {cls: float(n) for cls, n in state.queued.items() if n > 0}
+    missing = config.horizon - sum(weights.values())
+    recent_total = sum(n for n in state.recent.values() if n > 0)
+    if missing > 0 and recent_total:
+        for cls, n in state.recent.items():
+            if n > 0:
+                weights[cls] = weights.get(cls, 0.0) + missing * n / recent_total
+    return weights
+
+
 def expected_seconds(state: GroupState, role: Role, config: PolicyConfig) -> float:
     total = 0.0
-    for cls in set(state.queued) | set(state.recent):
-        weight = state.queued.get(cls, 0) + config.recent_weight * state.recent.get(cls, 0)
+    for cls, weight in demand(state, config).items():
         if weight <= 0:
             continue
         ev = state.evidence.get(cls, ClassEvidence())

@@ -35,6 +35,9 @@ def served(profiles: list[Profile], backends, config: RouterConfig | None = None
     try:
         yield server.url, router
     finally:
+        if isinstance(backends, FakeBackends):
+            for backend in backends.backends.values():
+                backend.gate.set()  # never leave a held request behind a failed assertion
         server.stop()
         if isinstance(backends, FakeBackends):
             backends.close()

@@ -198,9 +198,9 @@ BUCKETS_TOK_S = (1, 2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 100, 150, 200, 300, 50
 class Telemetry:
     """Rolling windows and Prometheus metrics. One per router; its own CollectorRegistry."""
 
-    def __init__(self, *, window_n: int = 50, window_s: float = 900.0, recent_s: float = 60.0,
+    def __init__(self, *, window_n: int = 50, window_s: float = 900.0, recent_n: int = 6, recent_s: float = 120.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.window_n, self.window_s, self.recent_s = window_n, window_s, recent_s
+        self.window_n, self.window_s, self.recent_n, self.recent_s = window_n, window_s, recent_n, recent_s
         self.clock = clock
         self.windows: dict[tuple[str, str, Role], Window] = {}
         self.arrivals: dict[str, deque[tuple[float, str]]] = {}
@@ -262,6 +262,7 @@ class Telemetry:
 
     # -- reading
     def recent(self, lane: str) -> dict[str, int]:
+        """Classes of the last `recent_n` arrivals no older than `recent_s`."""
         arrivals = self.arrivals.get(lane)
         counts: dict[str, int] = {}
         if not arrivals:
@@ -269,7 +270,7 @@ class Telemetry:
         horizon = self.clock() - self.recent_s
         while arrivals and arrivals[0][0] < horizon:
             arrivals.popleft()
-        for _, cls in arrivals:
+        for _, cls in list(arrivals)[-self.recent_n:]:
             counts[cls] = counts.get(cls, 0) + 1
         return counts
 

@@ -132,7 +132,7 @@ class FakeBackend:
         with self._lock:
             self.counters.temperatures.append(temperature)
         if fake.get("hold"):
-            await asyncio.to_thread(self.gate.wait, 30)
+            await asyncio.to_thread(self.gate.wait, 10)
         if "status" in fake:
             status = int(fake["status"])
             return await self._json(send, status, {"error": {"code": status, "message": "fake failure", "type": "server_error"}})

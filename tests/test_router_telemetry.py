@@ -1,0 +1,73 @@
+"""Telemetry: timings from streams split anywhere, log-line and /metrics acceptance, rolling evidence."""
+
+from __future__ import annotations
+
+import json
+
+from llamactl.router.telemetry import (
+    Sample, SSEScanner, Telemetry, mean_accepted_length, parse_acceptance_line, parse_engine_metrics,
+)
+
+
+def sample(**kw) -> Sample:
+    base = dict(lane="g", profile="g-spec", role="spec", cls="code", endpoint="/v1/completions", status=200)
+    return Sample(**{**base, **kw})
+
+
+def test_scanner_finds_timings_split_across_chunks():
+    timings = {"predicted_n": 40, "predicted_per_second": 71.5, "prompt_per_second": 900.0, "draft_n": 30,
+               "draft_n_accepted": 21}
+    stream = (b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+              + b"data: " + json.dumps({"choices": [], "timings": timings}).encode() + b"\n\ndata: [DONE]\n\n")
+    for cut in range(1, len(stream), 7):
+        s = sample()
+        scanner = SSEScanner(s)
+        scanner.feed(stream[:cut])
+        scanner.feed(stream[cut:])
+        assert (s.completion_tokens, s.gen_tok_s, s.draft_n, s.draft_accepted) == (40, 71.5, 30, 21)
+        assert s.acceptance == 0.7
+        assert scanner.saw_done and scanner.first_data_at is not None
+
+
+def test_acceptance_log_lines_of_both_forks():
+    assert parse_acceptance_line(
+        "draft acceptance rate = 0.62500 (   10 accepted /    16 generated)") == (10, 16, None)
+    assert parse_acceptance_line(
+        "srv  stop: draft acceptance = 0.50000 (   8 accepted /    16 generated), mean len =  1.80") == (8, 16, 1.8)
+    assert parse_acceptance_line("srv  llama_server: model loaded") is None
+
+
+def test_mean_accepted_length_from_metrics_deltas():
+    before = parse_engine_metrics("llamacpp:spec_decode_num_drafts_total 10\n"
+                                  "llamacpp:spec_decode_num_accepted_tokens_total 15\n# HELP x\n")
+    after = parse_engine_metrics("llamacpp:spec_decode_num_drafts_total 30\n"
+                                 "llamacpp:spec_decode_num_accepted_tokens_total 45\n"
+                                 'llamacpp:spec_decode_num_accepted_tokens_per_pos_total{position="0"} 3\n')
+    assert after['spec_decode_num_accepted_tokens_per_pos_total{position="0"}'] == 3
+    assert mean_accepted_length(before, after) == 2.5
+    assert mean_accepted_length(after, after) is None
+
+
+def test_evidence_is_a_rolling_window_per_class_and_member():
+    now = [1000.0]
+    t = Telemetry(window_n=3, window_s=60, clock=lambda: now[0])
+    for speed in (10, 20, 30, 40):
+        t.record(sample(gen_tok_s=speed, completion_tokens=100, draft_n=10, draft_accepted=5))
+    t.record(sample(role="plain", profile="g-plain", gen_tok_s=50, completion_tokens=50))
+    ev = t.evidence("g")["code"]
+    assert ev.spec_tok_s == 30 and ev.spec_n == 3  # the oldest of four fell out of the window
+    assert ev.plain_tok_s == 50 and ev.acceptance == 0.5
+    now[0] += 61
+    assert t.evidence("g") == {}  # aged out
+    t.record(sample(status=500, gen_tok_s=99))
+    assert t.evidence("g") == {}  # failures are counted, not used as evidence
+
+
+def test_recent_is_the_last_arrivals():
+    now = [0.0]
+    t = Telemetry(recent_n=3, recent_s=10, clock=lambda: now[0])
+    for cls in ("code", "code", "creative", "creative", "creative"):
+        t.arrival("g", cls)
+    assert t.recent("g") == {"creative": 3}
+    now[0] = 11
+    assert t.recent("g") == {}
