@@ -168,6 +168,9 @@ def test_bundled_profiles_are_valid(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     from llamactl.settings import BUNDLED_PROFILES_DIR, Settings
 
-    s = Settings(profiles_dirs=str(BUNDLED_PROFILES_DIR))
-    results = validate_profiles(s, sorted(p.stem for p in BUNDLED_PROFILES_DIR.glob("*.toml")), check_files=False)
-    assert results and all(problem is None for problem in results.values()), results
+    examples = BUNDLED_PROFILES_DIR / "examples"
+    for directory in (BUNDLED_PROFILES_DIR, examples):
+        s = Settings(profiles_dirs=str(directory))
+        names = sorted(p.stem for p in directory.glob("*.toml"))
+        results = validate_profiles(s, names, check_files=False)
+        assert len(results) >= 3 and all(problem is None for problem in results.values()), results
