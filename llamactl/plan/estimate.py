@@ -117,6 +117,7 @@ class ComputeEstimate:
 
     base: int
     output: int
+    gpu_extra: int = 0  # on GPU devices only
 
 
 def compute_bytes(spec: ModelSpec, ctx: ContextParams) -> ComputeEstimate:
@@ -141,28 +142,29 @@ def compute_bytes(spec: ModelSpec, ctx: ContextParams) -> ComputeEstimate:
         masks = n_kv * pad(u, 64) * mask_el
         if spec.has_swa:
             masks += n_kv_swa * pad(u, 64) * mask_el
-    # Residual stream and the layer input/output, plus positions and ids.
-    stream = 3 * u * spec.n_embd * f32
-    # Attention intermediates: Q, K, V, attention output (f32), and without flash attention the
-    # KQ matrix and its softmax over all cells.
+    # Residual stream, layer input/output, norms, positions and ids (measured headroom: 5 rows of
+    # n_embd floats per token plus 1 MiB).
+    stream = 5 * u * spec.n_embd * f32 + MIB
+    # Attention intermediates: Q, K, V, attention output (f32); without flash attention the KQ
+    # matrix over all cells (softmax is in place).
     attn = 0
+    gpu_extra = 0
     if attn_layers:
         attn = u * n_head * (2 * k_len + v_len) * f32 + u * max(spec.n_head_kv) * (k_len + v_len) * f32
         if not ctx.flash_attn:
-            attn += 2 * n_kv * u * n_head * f32
-        else:
-            # The CPU / CUDA flash-attention kernels convert K/V views to f16 when the cache is
-            # quantised or not f16.
-            if ctx.type_k != "f16" or ctx.type_v != "f16":
-                attn += n_kv * max(spec.n_head_kv) * (k_len + v_len) * 2
+            attn += n_kv * u * n_head * f32
+        elif ctx.type_k != "f16" or ctx.type_v != "f16":
+            # CUDA's flash attention converts one layer's quantised K/V to f16 (the CPU kernel does not).
+            gpu_extra = n_kv * max(spec.n_head_kv) * (k_len + v_len) * 2
     ffn = 3 * u * spec.n_ff * f32
     ssm = 0
     if any(spec.recurrent):
-        ssm = u * (spec.n_embd_r + spec.n_embd_s) // max(1, spec.n_embd) * f32 + 4 * u * spec.n_embd * f32
-        ssm += (spec.n_embd_r + spec.n_embd_s) * f32 * max(1, ctx.n_seq)
+        d_inner = spec.ssm_d_inner or 2 * spec.n_embd
+        ssm = 8 * u * d_inner * f32 + 2 * (spec.n_embd_r + spec.n_embd_s) * f32 * max(1, ctx.n_seq)
     base = masks + stream + max(attn, ffn, ssm)
-    logits = spec.n_vocab * min(ctx.n_outputs, u) * f32 + min(ctx.n_outputs, u) * spec.n_embd * f32
-    return ComputeEstimate(base=base, output=logits)
+    n_out = min(ctx.n_outputs, u)
+    logits = spec.n_vocab * n_out * f32 + n_out * spec.n_embd * f32
+    return ComputeEstimate(base=base, output=logits, gpu_extra=gpu_extra)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class ModelSpec:
     recurrent: tuple[bool, ...]
     n_embd_r: int  # recurrent conv state per sequence (f32 elements)
     n_embd_s: int  # recurrent ssm state per sequence (f32 elements)
+    ssm_d_inner: int
     layer_bytes: tuple[int, ...]
     layer_expert_bytes: tuple[int, ...]  # part of layer_bytes in *_exps tensors (MoE experts)
     input_bytes: int  # token_embd and other non-layer tensors that stay on the CPU
@@ -198,6 +199,7 @@ def spec_from_gguf(g: GGUFFile) -> ModelSpec:
         recurrent=recurrent,
         n_embd_r=n_embd_r,
         n_embd_s=n_embd_s,
+        ssm_d_inner=d_inner,
         layer_bytes=tuple(layer_bytes),
         layer_expert_bytes=tuple(expert_bytes),
         input_bytes=input_bytes,

@@ -75,6 +75,7 @@ class ModelLoad:
     compute_base: int
     compute_output: int
     output_buffer: int
+    compute_gpu_extra: int = 0
     cpu_extra_weights: int = 0  # e.g. repacked copies on the CPU backend
     layer_cpu_weights: tuple[int, ...] = ()  # per layer, weights kept on the CPU anyway (MoE experts)
 
@@ -90,7 +91,7 @@ class ModelLoad:
             layer_weights=tuple(c.weights - x for c, x in zip(costs, cpu_part)),
             layer_cpu_weights=cpu_part,
             layer_kv=tuple(c.kv for c in costs),
-            compute_base=comp.base, compute_output=comp.output,
+            compute_base=comp.base, compute_output=comp.output, compute_gpu_extra=comp.gpu_extra,
             output_buffer=output_buffer_bytes(spec, ctx),
             cpu_extra_weights=cpu_extra_weights,
         )
@@ -166,6 +167,8 @@ def _apply(uses: dict[str, DeviceUse], gpus: list[DeviceSlot], load: ModelLoad,
     for key, use in uses.items():
         touched = bool(layers[key])
         compute = (load.compute_base + (load.compute_output if key == out_key else 0)) if touched else 0
+        if touched and key != CPU:
+            compute += load.compute_gpu_extra
         if key == CPU and not touched:
             compute = load.ctx.n_ubatch * spec.n_embd * 4 * 2  # the batch's inputs are built on the host
         if draft:
@@ -204,7 +207,7 @@ def auto_counts(load: ModelLoad, gpus: list[DeviceSlot], caps: list[int], ngl: i
     n = load.n_layer
     first = max(n + 1 - ngl, 0)
     costs = [load.layer_cost[il] for il in range(first, n)] + [load.spec.output_bytes + load.compute_output]
-    base = load.compute_base
+    base = load.compute_base + load.compute_gpu_extra
     if not gpus:
         return None
 
