@@ -125,15 +125,23 @@ def _unpack(source: EngineSource, sdist: Path, settings: Settings, progress: Pro
 
 
 def write_build_info(tree: Path, version: str) -> None:
-    """ik's sdist ships common/build-info.cpp.in but not the cmake script that fills it."""
+    """ik's sdist ships common/build-info.cpp.in but not common/cmake/build-info-gen-cpp.cmake, the
+    script its build runs to fill it in (Ninja runs it on every first build). Write both."""
+    values = {"BUILD_NUMBER": "0", "BUILD_COMMIT": f"ik-llama-cpp-python-{version}",
+              "BUILD_COMPILER": "cc", "BUILD_TARGET": os.uname().machine}
     template = tree / "common" / "build-info.cpp.in"
-    target = tree / "common" / "build-info.cpp"
     text = template.read_text()
-    for key, value in {"BUILD_NUMBER": "0", "BUILD_COMMIT": f"ik-llama-cpp-python-{version}",
-                       "BUILD_COMPILER": "cc", "BUILD_TARGET": os.uname().machine}.items():
+    for key, value in values.items():
         text = text.replace(f"@{key}@", value)
+    target = tree / "common" / "build-info.cpp"
     if not target.exists() or target.read_text() != text:
         target.write_text(text)
+    script = tree / "common" / "cmake" / "build-info-gen-cpp.cmake"
+    script.parent.mkdir(exist_ok=True)
+    lines = [f'set({key} "{value}")' for key, value in values.items()]
+    lines.append('configure_file("${CMAKE_CURRENT_LIST_DIR}/../build-info.cpp.in" '
+                 '"${CMAKE_CURRENT_LIST_DIR}/../build-info.cpp")')
+    script.write_text("\n".join(lines) + "\n")
 
 
 _NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
@@ -144,7 +152,7 @@ def _run_logged(cmd: list[str], log: Path, progress: Progress, label: str) -> No
     """Run a build step; show progress, keep the full output in `log`, show its tail on failure."""
     last_shown = -1.0
     started = time.monotonic()
-    with log.open("a") as out:
+    with log.open("a", buffering=1) as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
