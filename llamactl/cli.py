@@ -55,9 +55,11 @@ def _age(seconds: float | None) -> str:
 @main.command()
 @click.argument("profile")
 @click.option("--foreground", is_flag=True, help="Stay attached: show the log, stop the server on Ctrl-C.")
+@click.option("--ignore-fit", is_flag=True, help="Start even if the memory plan says it does not fit.")
 @pass_settings
-def up(settings: Settings, profile: str, foreground: bool) -> None:
+def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> None:
     """Start PROFILE's llama-server and wait until it is ready."""
+    from llamactl.launch import start_profile
     from llamactl.profiles import load_profile
 
     prof = load_profile(profile, settings)
@@ -69,7 +71,7 @@ def up(settings: Settings, profile: str, foreground: bool) -> None:
         click.echo(f"{prof.name} is already running at {already.url} (pid {already.pid})")
         return
     click.echo(f"starting {prof.name} ({prof.engine}) ...", err=True)
-    record = sup.start(prof)
+    record = start_profile(sup, prof, ignore_fit=ignore_fit)
     click.echo(f"{prof.name} ready at {record.url}  (OpenAI API: {record.url}/v1, pid {record.pid})")
     if foreground:
         _follow_until_interrupted(sup, record, prof.stop_timeout_s)
@@ -248,3 +250,8 @@ from llamactl.cli_plan import gpus_command, plan_command  # noqa: E402
 
 main.add_command(plan_command, "plan")
 main.add_command(gpus_command, "gpus")
+
+from llamactl.cli_serve import serve_command, switch_command  # noqa: E402
+
+main.add_command(serve_command, "serve")
+main.add_command(switch_command, "switch")

@@ -78,3 +78,9 @@ class NotRunning(LlamactlError):
 
 class AlreadyRunning(LlamactlError):
     exit_code = 6
+
+
+class DoesNotFit(LlamactlError):
+    """The memory plan says the profile does not fit the GPUs (or RAM); nothing was started."""
+
+    exit_code = 7

@@ -1,0 +1,33 @@
+"""Plan, then start: the one path from a profile to a running server (CLI `up` and the service)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from llamactl.errors import DoesNotFit
+from llamactl.profiles import Profile
+from llamactl.settings import Settings
+from llamactl.supervisor import ServerRecord, Supervisor
+
+
+def planned_profile(profile: Profile, settings: Settings, *, gpus_file: Path | None = None,
+                    ignore_fit: bool = False) -> Profile:
+    """The profile with the planner's placement applied; refuses one that does not fit."""
+    from llamactl.plan import plan_for_launch
+
+    plan = plan_for_launch(profile, settings, gpus_file, with_argv=False)
+    if not plan.fits and not ignore_fit:
+        raise DoesNotFit(f"profile '{profile.name}' does not fit; nothing was started.\n{plan.text()}",
+                         hint=f"apply a suggestion above, or `llamactl up {profile.name} --ignore-fit` "
+                              "to start anyway")
+    return profile.model_copy(update=plan.launch_overrides())
+
+
+def start_profile(supervisor: Supervisor, profile: Profile, *, ignore_fit: bool = False,
+                  api_key: str | None = None, on_tick: Callable[[], None] | None = None) -> ServerRecord:
+    existing = supervisor.running(profile.name)
+    if existing is not None:
+        return existing
+    placed = planned_profile(profile, supervisor.settings, ignore_fit=ignore_fit)
+    return supervisor.start(placed, api_key=api_key, on_tick=on_tick)
