@@ -1,0 +1,72 @@
+"""The CLI as a user meets it: exit codes, messages, and nothing left running after a refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from llamactl.cli import main
+from llamactl.supervisor import Supervisor
+from tests.conftest import FAKES
+from tests.synth_gguf import write_header_only
+
+
+@pytest.fixture
+def run():
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0):
+        result = runner.invoke(main, list(args))
+        assert result.exit_code == code, f"exit {result.exit_code}:\n{result.output}"
+        return result
+
+    return invoke
+
+
+def test_up_status_logs_down_with_the_fake_engine(run, settings, fake_profile, monkeypatch):
+    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(FAKES / "gpus_cpu.json"))
+    name = fake_profile()
+    up = run("up", name)
+    assert "ready at http://127.0.0.1:" in up.output
+    again = run("up", name)
+    assert "already running" in again.output
+    [row] = json.loads(run("status", "--json").output)
+    assert row["state"] == "ready" and row["profile"] == name
+    assert "PROFILE" in run("status").output
+    assert "server is listening" in run("logs", name).output
+    assert f"stopped {name}" in run("down", name).output
+    assert "was not running" in run("down", name).output
+    assert json.loads(run("status", "--json").output) == []
+
+
+def test_start_failure_exits_non_zero_with_cause_and_log_tail(run, settings, fake_profile, monkeypatch):
+    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(FAKES / "gpus_cpu.json"))
+    name = fake_profile(mode="crash_on_start", FAKE_CRASH_MESSAGE="error: invalid argument: --mlock")
+    result = run("up", name, code=4)
+    assert "bad flag" in result.output and "last log lines" in result.output and "--mlock" in result.output
+    assert Supervisor(settings).status() == []
+
+
+def test_profile_that_does_not_fit_is_refused_before_anything_starts(run, settings, write_profile, home,
+                                                                     monkeypatch):
+    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(FAKES / "gpus_1x24.json"))
+    big = write_header_only(home / "big.gguf", n_layer=80)  # a 70B-class table: ~70 GiB at Q8_0
+    write_profile("huge", f"""
+        binary = "{FAKES / 'fake_llama_server.py'}"
+        model = "{big}"
+        ctx_size = 32768
+        gpus = [0]
+        n_gpu_layers = "all"
+    """)
+    result = run("up", "huge", code=7)
+    assert "does not fit" in result.output and "nothing was started" in result.output
+    assert Supervisor(settings).status() == []
+    assert not (home / "state" / "logs" / "huge.log").exists()
+
+
+def test_usage_errors(run, settings):
+    assert "give a PROFILE or --all" in run("down", code=2).output
+    assert "no profile named 'nope'" in run("up", "nope", code=2).output
+    assert "has it been started" in run("logs", "nope", code=1).output
