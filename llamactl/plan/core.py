@@ -387,8 +387,8 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
             if bad:
                 problems.append(f"speculation.draft_gpus = {profile.speculation.draft_gpus}: GPU {bad} is not "
                                 "available (it must exist and be listed in gpus)")
-            chosen = [by_index[i] for i in profile.speculation.draft_gpus if i in by_index]
-            draft_options = [chosen]
+            chosen = [by_index[i] for i in profile.speculation.draft_gpus if i in by_index and i not in bad]
+            draft_options = [chosen or cands[:1]]
         else:
             draft_options = [[g] for g in sorted(cands, key=lambda g: -(g.free_mib or 0))]
 
@@ -489,6 +489,13 @@ def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, c
             remap = {old: new for new, old in enumerate(keep)}
             assign = [None if a is None else remap[a] for a in assign]
             gpus = [gpus[i] for i in keep]
+    # The draft's GPUs must be visible to the engine too.
+    missing = [g for g in dgpus if g not in gpus]
+    if missing:
+        merged = sorted([*gpus, *missing], key=lambda g: g.gpu_index if g.gpu_index is not None else -1)
+        remap = {i: merged.index(g) for i, g in enumerate(gpus)}
+        assign = [None if a is None else remap[a] for a in assign]
+        gpus = merged
     if gpus:
         counts = [sum(1 for a in assign if a == d) for d in range(len(gpus))]
 
