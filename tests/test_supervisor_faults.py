@@ -148,3 +148,44 @@ def test_a_reused_pid_is_never_signalled(settings, fake_profile):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def _foreground(settings, name):
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "llamactl", "up", name, "--foreground"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "ready at" in line:
+            break
+    record = Supervisor(settings).running(name)
+    assert record is not None
+    return proc, record
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_foreground_stops_the_server_on_a_signal(settings, fake_profile, monkeypatch, signum):
+    import signal
+
+    from tests.conftest import FAKES
+
+    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(FAKES / "gpus_cpu.json"))
+    name = fake_profile()
+    proc, record = _foreground(settings, name)
+    proc.send_signal(getattr(signal, signum))
+    assert proc.wait(timeout=20) == 0
+    assert gone(record.pid) and Supervisor(settings).status() == []
+
+
+def test_foreground_cli_killed_takes_the_server_with_it(settings, fake_profile, monkeypatch):
+    from tests.conftest import FAKES
+
+    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(FAKES / "gpus_cpu.json"))
+    name = fake_profile()
+    proc, record = _foreground(settings, name)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while not gone(record.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(record.pid)
