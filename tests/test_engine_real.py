@@ -95,3 +95,22 @@ def test_speculation_really_drafts(engine, kind, write_profile, gemma_path):
         assert _drafted_tokens(engine, row["url"], row["log"]) > 0
     finally:
         llamactl("down", name)
+
+
+def test_truncated_model_is_reported_as_unreadable(engine, write_profile, gemma_path, home):
+    broken = home / "truncated.gguf"
+    with open(gemma_path, "rb") as src, open(broken, "wb") as dst:
+        dst.write(src.read(16 * 2**20))  # header and tensor table intact, weights cut off
+    name = gemma_profile(write_profile, engine, broken, "broken")
+    done = llamactl("up", name, check=False)
+    assert done.returncode == 4, done.stderr
+    assert "model file unreadable" in done.stderr and "last log lines" in done.stderr
+    assert json.loads(llamactl("status", "--json").stdout) == []
+
+
+def test_bad_flag_value_is_reported_as_bad_flag(write_profile, gemma_path, monkeypatch, home):
+    monkeypatch.setenv("LLAMACTL_LLAMA_SERVER", str(require_engine("llama.cpp")))
+    name = gemma_profile(write_profile, "llama.cpp", gemma_path, "badflag", 'extra_args = ["--spec-type", "bogus"]')
+    done = llamactl("up", name, check=False)
+    assert done.returncode == 4 and "bad flag" in done.stderr, done.stderr
+    assert json.loads(llamactl("status", "--json").stdout) == []
