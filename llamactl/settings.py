@@ -36,6 +36,14 @@ class Settings(BaseSettings):
         default=None, description="JSON file describing the GPUs (`llamactl gpus --json`); replaces the NVML probe."
     )
     log_max_bytes: int = 20 * 1024 * 1024
+    # Router (`llamactl serve`)
+    router_host: str = Field(default="127.0.0.1", description="Address `llamactl serve` binds.")
+    router_port: int = Field(default=8080, ge=0, le=65535, description="Port `llamactl serve` binds.")
+    router_max_queue: int = Field(default=64, ge=1, description="Requests waiting per lane before 429.")
+    router_queue_timeout_s: float = Field(default=300.0, gt=0, description="Longest wait in a lane's queue.")
+    router_idle_ttl_s: float = Field(default=0.0, ge=0, description="Unload a lane idle this long (0: never).")
+    router_keep_both_warm: bool = Field(default=False, description="Switch without stopping the other member.")
+    router_min_dwell_s: float = Field(default=10.0, ge=0, description="Least time on a member before a switch.")
     log_backups: int = 5
 
     @property

@@ -55,6 +55,9 @@ class Catalog:
             (groups.setdefault(profile.group, []) if profile.group else singles).append(profile)
         for group, members in groups.items():
             roles: dict[str, Role] = {p.name: ("spec" if p.speculation.enabled else "plain") for p in members}
+            if len(members) == 1:  # a group of one: a lane named after the group, nothing to switch
+                catalog._add_lane(LaneSpec(group, roles, {members[0].name: slots_of(members[0])}, False), members)
+                continue
             if len(members) != 2 or sorted(roles.values()) != ["plain", "spec"]:
                 desc = ", ".join(f"{n} ({r})" for n, r in roles.items())
                 catalog.problems.append(

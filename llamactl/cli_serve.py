@@ -1,0 +1,53 @@
+"""`llamactl serve` and `llamactl switch` (which talks to a running serve over loopback HTTP)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import httpx
+
+from llamactl.settings import Settings
+
+
+@click.command()
+@click.option("--host", default=None, help="Address to bind (default: LLAMACTL_ROUTER_HOST or 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port to bind (default: LLAMACTL_ROUTER_PORT or 8080).")
+@click.option("--profile", "profiles", multiple=True,
+              help="Serve only these profiles (their switch groups come along). Default: every valid profile.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.pass_obj
+def serve_command(settings: Settings, host: str | None, port: int | None, profiles: tuple[str, ...],
+                  log_level: str) -> None:
+    """Serve one OpenAI-compatible endpoint in front of the profiles; engines load on demand."""
+    from llamactl.service import serve
+
+    serve(settings, host=host, port=port, profiles=profiles, log_level=log_level)
+
+
+@click.command()
+@click.argument("group")
+@click.argument("member")
+@click.option("--url", default=None, help="The running serve (default: http://127.0.0.1:LLAMACTL_ROUTER_PORT).")
+@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True)
+@click.pass_obj
+def switch_command(settings: Settings, group: str, member: str, url: str | None, timeout_s: float) -> None:
+    """Force MEMBER of switch GROUP to serve (MEMBER 'auto' hands it back to the policy)."""
+    base = url or f"http://127.0.0.1:{settings.router_port}"
+    try:
+        r = httpx.post(f"{base}/llamactl/switch", json={"group": group, "member": member, "timeout_s": timeout_s},
+                       timeout=timeout_s + 10)
+    except httpx.HTTPError as e:
+        click.echo(f"error: cannot reach llamactl serve at {base}: {e}", err=True)
+        click.echo("  hint: start it with `llamactl serve`, or pass --url", err=True)
+        sys.exit(5)
+    if r.status_code != 200:
+        try:
+            error = r.json()["error"]
+            click.echo(f"error: {error['message']}", err=True)
+        except (ValueError, KeyError, TypeError):
+            click.echo(f"error: HTTP {r.status_code}: {r.text[:500]}", err=True)
+        sys.exit(1)
+    status = r.json()
+    forced = "automatic" if status["forced"] is None else f"forced to {status['forced']}"
+    click.echo(f"{status['lane']}: active {status['active']} ({status['state']}, {forced})")

@@ -1,0 +1,77 @@
+"""The router in front of the real llama-server and Gemma 3 270M, through the real Supervisor:
+the `openai` package streams through it; a forced switch stops one member and starts the other."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from llamactl.service import build_router, load_profiles
+from llamactl.settings import Settings
+from llamactl.router import create_app
+from tests.conftest import ENGINE_ENV, require_engine
+from tests.fakes.fast_backend import ServerThread
+
+pytestmark = pytest.mark.engine
+
+CODE_PROMPT = (
+    "Repeat this code exactly:\n"
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+    "def mul(a, b):\n    return a * b\n\nHere it is again:\n"
+)
+
+
+@pytest.fixture
+def gemma_group(monkeypatch, write_profile, gemma_path, home):
+    monkeypatch.setenv(ENGINE_ENV["llama.cpp"], str(require_engine("llama.cpp")))
+    common = f'model = "{gemma_path}"\nctx_size = 1024\ngpus = []\nthreads = 2\nparallel = 1\nload_timeout_s = 180\n'
+    write_profile("gem-spec", common + 'group = "gem"\n[speculation]\ntype = "ngram-mod"\n')
+    write_profile("gem-plain", common + 'group = "gem"\n')
+    return Settings()
+
+
+def llama_servers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "llama-server" and any("gem" in a or "gemma" in a for a in p.info["cmdline"] or [])]
+
+
+def test_openai_client_streams_through_the_router_and_a_switch_swaps_the_engine(gemma_group):
+    settings = gemma_group
+    router = build_router(settings, load_profiles(settings, ["gem-spec"]))  # brings its group
+    server = ServerThread(create_app(router))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        pieces = []
+        stream = client.chat.completions.create(
+            model="gem", messages=[{"role": "user", "content": CODE_PROMPT}], stream=True, max_tokens=16,
+            temperature=0)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+        assert len(pieces) >= 2 and "".join(pieces).strip()
+        status = httpx.get(f"{server.url}/llamactl/status").json()["lanes"]
+        assert [lane["lane"] for lane in status] == ["gem"]
+        status = status[0]
+        assert status["active"] == "gem-spec"  # greedy work starts on the speculative member (priors)
+        # llama.cpp's own /completion, streamed: the final event's timings carry the drafting counts
+        with httpx.stream("POST", f"{server.url}/completion", timeout=300, json={
+                "model": "gem", "prompt": CODE_PROMPT, "n_predict": 100, "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["x-llamactl-profile"] == "gem-spec"
+            assert '"timings"' in "".join(r.iter_text())
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'llamactl_requests_total{class="short",endpoint="/v1/chat/completions",lane="gem",profile="gem-spec",status="200"} 1.0' in metrics
+        assert "llamactl_draft_tokens_total{class=\"code\",lane=\"gem\",profile=\"gem-spec\"}" in metrics, metrics
+
+        r = httpx.post(f"{server.url}/llamactl/switch", json={"group": "gem", "member": "gem-plain"}, timeout=300)
+        assert r.status_code == 200 and r.json()["active"] == "gem-plain"
+        assert r.json()["loaded"] == ["gem-plain"]
+        completion = client.completions.create(model="gem", prompt="Once upon a time", max_tokens=8,
+                                               temperature=1.0)
+        assert completion.choices[0].text
+        assert router.backends.supervisor.running("gem-spec") is None
+        assert router.backends.supervisor.running("gem-plain") is not None
+    finally:
+        server.stop()  # the router's shutdown stops the engines it started
+    assert router.backends.supervisor.running("gem-plain") is None
