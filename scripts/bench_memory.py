@@ -209,6 +209,33 @@ def write_markdown(path: Path, rows: list, version: list[str], elapsed: float, q
         "- Estimate = llamactl's planner for the same profile on a CPU-only box (`gpus = []`).",
         "- Target: total within 3% or 64 MiB, and no underestimate. `err` = estimate - actual (MiB).",
         "",
+    ]
+    measured = [(c, r, a, e) for c, r, a, e in rows if a is not None]
+    errs = [sum(e.values()) - sum(a.values()) for _, _, a, e in measured]
+    pct = [(sum(e.values()) - sum(a.values())) / sum(a.values()) * 100 for _, _, a, e in measured]
+    ok = sum(1 for _, _, a, e in measured
+             if 0 <= sum(e.values()) - sum(a.values()) + 0.005 and
+             sum(e.values()) - sum(a.values()) <= max(64, 0.03 * sum(a.values())))
+    big = [p for (_, _, a, _), p in zip(measured, pct) if sum(a.values()) >= 1024]
+    lines += [
+        "## Summary",
+        "",
+        f"- {len(measured)} model loads measured ({len(rows) - len(measured)} failed to report); "
+        f"{ok} within the target (3% or 64 MiB, no underestimate).",
+        f"- Error of the total (estimate - actual): min {min(errs):+.1f} MiB, max {max(errs):+.1f} MiB; "
+        f"underestimates: {sum(1 for e in errs if e < -0.005)}.",
+        f"- Largest relative error on totals of 1 GiB or more: {max(big):+.2f}%." if big else
+        "- No total reached 1 GiB.",
+        "- Weights and KV / recurrent state are exact (tensor table; llama.cpp's cell and padding rules); the "
+        "whole error is in the compute buffer, which the planner models as an upper bound (masks, the "
+        "KQ matrix without flash attention, the larger of attention / feed-forward / SSM intermediates, "
+        "logits rows = outputs, plus headroom).",
+        "- Not measured here (no GPU on this machine): CUDA buffers, the per-GPU CUDA context (the planner adds "
+        "512 MiB per GPU plus a 512 MiB margin), and CUDA's f16 scratch for quantised KV with flash "
+        "attention (added on GPU devices only).",
+        "",
+        "## Matrix",
+        "",
         "| model | ctx | KV | slots | FA | role | weights est/act | KV est/act | compute est/act | "
         "output est/act | total est | total act | err | err % | ok |",
         "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
