@@ -189,3 +189,29 @@ def test_foreground_cli_killed_takes_the_server_with_it(settings, fake_profile, 
     while not gone(record.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gone(record.pid)
+
+
+def test_a_running_servers_log_is_rotated_when_large(settings, fake_profile, monkeypatch):
+    from pathlib import Path
+
+    from llamactl.settings import Settings
+
+    monkeypatch.setenv("LLAMACTL_LOG_MAX_BYTES", "10")
+    settings = Settings()
+    name = fake_profile()
+    record = start(settings, name)
+    sup = Supervisor(settings)
+    log = Path(record.log_path)
+    before = log.read_text()
+    assert len(before) > 10
+    sup.status()
+    assert Path(f"{log}.1").read_text() == before and log.stat().st_size == 0
+    import httpx
+
+    httpx.get(f"{record.url}/health")  # the child keeps appending to the truncated file
+    assert "GET /health" in log.read_text()
+    sup.stop(name)
+    # the next start keeps the previous run's log as .1
+    start(settings, name)
+    assert Path(f"{log}.2").read_text() == before
+    sup.stop(name)

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -124,8 +125,12 @@ class StateStore:
             os.close(fd)
 
 
-def rotate_logs(path: Path, backups: int) -> None:
-    """Keep the previous `backups` logs as path.1 (newest) .. path.N; each start gets a fresh file."""
+def rotate_logs(path: Path, backups: int, *, in_use: bool = False) -> None:
+    """Keep the previous `backups` logs as path.1 (newest) .. path.N.
+
+    At each start the old file is renamed. A log `in_use` by a running child is copied and then
+    truncated instead: the child appends (O_APPEND), so its next line lands at the new start.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -133,10 +138,26 @@ def rotate_logs(path: Path, backups: int) -> None:
         older = path.with_name(f"{path.name}.{i}")
         if older.exists():
             older.replace(path.with_name(f"{path.name}.{i + 1}"))
-    if backups > 0:
-        path.replace(path.with_name(f"{path.name}.1"))
+    first = path.with_name(f"{path.name}.1")
+    if in_use:
+        if backups > 0:
+            shutil.copyfile(path, first)
+        os.truncate(path, 0)
+    elif backups > 0:
+        path.replace(first)
     else:
         path.unlink()
+
+
+def rotate_if_large(path: Path, max_bytes: int, backups: int) -> bool:
+    """Rotate a running child's log once it passes max_bytes; True if it did."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    rotate_logs(path, backups, in_use=True)
+    return True
 
 
 def tail_lines(path: Path, n: int = 20, max_bytes: int = 64 * 1024) -> list[str]:

@@ -20,7 +20,14 @@ from llamactl.models import ensure_model
 from llamactl.profiles import Profile
 from llamactl.settings import Settings
 from llamactl.supervisor.process import ManagedProcess, ReadyOutcome, stop_group
-from llamactl.supervisor.state import ServerRecord, StateStore, process_matches, rotate_logs, tail_lines
+from llamactl.supervisor.state import (
+    ServerRecord,
+    StateStore,
+    process_matches,
+    rotate_if_large,
+    rotate_logs,
+    tail_lines,
+)
 
 PORT_ATTEMPTS = 3  # a port can be taken between choosing it and the engine binding it
 LOG_TAIL_LINES = 15
@@ -83,6 +90,7 @@ class Supervisor:
         return record
 
     def status(self) -> list[ServerStatus]:
+        """Every recorded server, alive or not. Also rotates logs of live servers that grew too large."""
         out = []
         for name in self.store.names():
             record = self.store.read(name)
@@ -95,6 +103,8 @@ class Supervisor:
                     rss = proc.memory_info().rss
                 except psutil.Error:
                     proc = None
+            if proc is not None:
+                rotate_if_large(Path(record.log_path), self.settings.log_max_bytes, self.settings.log_backups)
             out.append(ServerStatus(record, proc is not None, rss))
         return out
 
