@@ -262,3 +262,14 @@ def test_json_has_the_contract_fields(models) -> None:
         assert dev["total_mib"] >= dev["weights_mib"] + dev["kv_mib"] + dev["compute_mib"]
     assert "argv" in data and "suggestions" in data
     assert data["overrides"]["n_gpu_layers"] != "auto"
+
+
+def test_when_no_single_change_fits_a_combination_is_offered(models) -> None:
+    target = load_spec(models["70b_q8"])
+    base = prof(models["70b_q8"], ctx_size=131072)
+    plan = plan_profile(base, target, box("24_12"))
+    assert not plan.fits
+    assert len(plan.suggestions) == 1 and plan.suggestions[0].fits
+    s = plan.suggestions[0]
+    assert " and " in s.change and "n_gpu_layers" in s.update
+    assert plan_profile(base.model_copy(update=s.update), target, box("24_12")).fits

@@ -71,8 +71,15 @@ def engine_argv(plan: Plan, settings: Settings) -> list[str] | None:
         return None
     from llamactl.errors import LlamactlError
 
+    launched = plan.profile.model_copy(update=plan.launch_overrides())
     try:
-        return preview_argv(plan.profile.model_copy(update=plan.launch_overrides()), settings)
+        from llamactl.engines.common import gpu_env
+
+        plan.env = gpu_env(launched)
+    except ImportError:  # pragma: no cover - engines/common.py is part of the package
+        pass
+    try:
+        return preview_argv(launched, settings)
     except LlamactlError as e:
         plan.notes.append(f"engine argv not shown: {e.message}")
         return None

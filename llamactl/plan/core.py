@@ -119,6 +119,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
     argv: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # GPU selection the engine child gets
 
     # -------------------------------------------------------------------------------------------
     @property
@@ -203,6 +204,7 @@ class Plan:
             "overrides": _jsonable(self.launch_overrides()),
             "gpu_source": self.inventory.source,
             "argv": self.argv,
+            "env": self.env,
         }
 
     def text(self) -> str:
@@ -221,7 +223,7 @@ class Plan:
             free = u.device.free_mib
             label = u.device.key if not u.device.is_gpu else f"{u.device.key} {u.device.name}"
             rows.append((
-                label[:28],
+                label[:40],
                 _ranges(u.layers, t.n_layer) or "-",
                 f"{_mib(u.weights)}", f"{_mib(u.kv)}", f"{_mib(u.compute)}",
                 f"{_mib(u.draft_weights + u.draft_kv + u.draft_compute)}",
@@ -266,7 +268,8 @@ class Plan:
                 for s in self.suggestions:
                     lines.append(f"    - {s.text()}")
         if self.argv:
-            lines.append("engine argv: " + " ".join(_quote(a) for a in self.argv))
+            env = " ".join(f"{k}={v}" for k, v in self.env.items())
+            lines.append("engine argv: " + (env + " " if env else "") + " ".join(_quote(a) for a in self.argv))
         return "\n".join(lines)
 
 

@@ -146,4 +146,35 @@ def suggest_changes(profile: Profile, target: ModelSpec, draft: ModelSpec | None
         add(_try(profile, {"speculation": Speculation()}, *args, change="no draft model (speculation.type = 'none')"))
 
     fitting = [s for s in out if s.fits]
-    return fitting or out
+    if fitting:
+        return fitting
+    # No single change: the first combination of a smaller KV type / context with CPU offload.
+    combos: list[tuple[dict[str, Any], str]] = []
+    for kv in ("q8_0", "q4_0"):
+        ctx = n_ctx
+        while ctx >= MIN_CTX:
+            update: dict[str, Any] = {"cache_type_k": kv, "cache_type_v": kv}
+            words = [f"cache_type_k = cache_type_v = '{kv}'"]
+            if ctx != n_ctx:
+                update["ctx_size"] = ctx
+                words.append(f"ctx_size = {ctx}")
+            if profile.flash_attn == "off":
+                update["flash_attn"] = "on"
+            combos.append((update, " and ".join(words)))
+            ctx //= 2
+    for update, words in combos:
+        s = _try(profile, update, *args, change=words)
+        if s is None:
+            continue
+        if not s.fits and plan.gpus:
+            from llamactl.plan.core import plan_profile
+
+            p = plan_profile(profile.model_copy(update={**update, "n_gpu_layers": "auto"}), target, inventory,
+                             draft if profile.speculation.uses_draft_model else None,
+                             margin_mib=margin_mib, suggest=False)
+            if p.fits and p.n_gpu_layers > 0:
+                s = _try(profile, {**update, "n_gpu_layers": p.n_gpu_layers}, *args,
+                         change=f"{words} and n_gpu_layers = {p.n_gpu_layers}")
+        if s is not None and s.fits:
+            return [s]
+    return out
