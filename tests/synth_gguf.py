@@ -243,7 +243,8 @@ def write_granitehybrid(path: Path, *, n_layer: int = 6, attn_every: int = 3, n_
 def write_header_only(path: Path, *, arch: str = "llama", n_layer: int = 80, n_embd: int = 8192, n_head: int = 64,
                       n_head_kv: int = 8, n_ff: int = 28672, n_vocab: int = 128256, ctx_train: int = 131072,
                       qtype: GGMLQuantizationType = GGMLQuantizationType.Q8_0,
-                      n_expert: int = 0, n_expert_used: int = 0) -> Path:
+                      n_expert: int = 0, n_expert_used: int = 0, head_dim: int | None = None,
+                      extra_kv: dict[str, int] | None = None, tied: bool = False) -> Path:
     """A GGUF whose tensor table describes a big model; the data section is a sparse hole.
     Good for the planner (which never reads weights), not for llama-server."""
     from gguf import GGML_QUANT_SIZES
@@ -258,18 +259,23 @@ def write_header_only(path: Path, *, arch: str = "llama", n_layer: int = 80, n_e
     if n_expert:
         w.add_uint32(p + "expert_count", n_expert)
         w.add_uint32(p + "expert_used_count", n_expert_used)
+    for key, value in (extra_kv or {}).items():
+        w.add_uint32(p + key, value)
     w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(n_vocab)])
-    head = n_embd // n_head
+    head = head_dim or n_embd // n_head
+    if head_dim:
+        w.add_uint32(p + "attention.key_length", head_dim)
+        w.add_uint32(p + "attention.value_length", head_dim)
     block, size = GGML_QUANT_SIZES[qtype]
     shapes: list[tuple[str, tuple[int, ...], GGMLQuantizationType]] = [
         ("token_embd.weight", (n_embd, n_vocab), qtype), ("output_norm.weight", (n_embd,), GGMLQuantizationType.F32),
-        ("output.weight", (n_embd, n_vocab), qtype)]
+        *([] if tied else [("output.weight", (n_embd, n_vocab), qtype)])]
     for i in range(n_layer):
         shapes += [(f"blk.{i}.attn_norm.weight", (n_embd,), GGMLQuantizationType.F32),
-                   (f"blk.{i}.attn_q.weight", (n_embd, n_embd), qtype),
+                   (f"blk.{i}.attn_q.weight", (n_embd, head * n_head), qtype),
                    (f"blk.{i}.attn_k.weight", (n_embd, head * n_head_kv), qtype),
                    (f"blk.{i}.attn_v.weight", (n_embd, head * n_head_kv), qtype),
-                   (f"blk.{i}.attn_output.weight", (n_embd, n_embd), qtype),
+                   (f"blk.{i}.attn_output.weight", (head * n_head, n_embd), qtype),
                    (f"blk.{i}.ffn_norm.weight", (n_embd,), GGMLQuantizationType.F32)]
         if n_expert:
             shapes += [(f"blk.{i}.ffn_gate_inp.weight", (n_embd, n_expert), GGMLQuantizationType.F32),
