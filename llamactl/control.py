@@ -190,13 +190,17 @@ class ControlServer:
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            try:
+                line = await asyncio.wait_for(reader.readline(), REQUEST_READ_TIMEOUT_S)
+            except (asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
+                line = b""
+            # Read first, then refuse: answering before the peer has written makes its write fail (EPIPE).
             if not _peer_allowed(writer):
                 await _reply(writer, _error("permission denied: not the daemon's user", "forbidden"))
                 return
             try:
-                line = await asyncio.wait_for(reader.readline(), REQUEST_READ_TIMEOUT_S)
                 request = json.loads(line)
-            except (asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
+            except ValueError:
                 await _reply(writer, _error("bad request: expected one JSON object per line", "bad_request"))
                 return
             await _reply(writer, await self.dispatch(request))
