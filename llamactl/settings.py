@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     router_keep_both_warm: bool = Field(default=False, description="Switch without stopping the other member.")
     router_min_dwell_s: float = Field(default=10.0, ge=0, description="Least time on a member before a switch.")
     log_backups: int = 5
+    # Security (`llamactl serve`): see llamactl/auth.py
+    api_keys: str = Field(default="", repr=False, description="Comma-separated API keys the router accepts.")
+    api_key_file: Path | None = Field(default=None, description="File with one API key per line (# comments).")
+    allow_insecure_bind: bool = Field(default=False, description="Allow a non-loopback bind without API keys.")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
 
     @property
     def state_dir(self) -> Path:
