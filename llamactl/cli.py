@@ -64,36 +64,42 @@ def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> 
 
     prof = load_profile(profile, settings)
     sup = _supervisor(settings)
-    if foreground:
-        sup.die_with_parent = True
     already = sup.running(prof.name)
     if already is not None:
         click.echo(f"{prof.name} is already running at {already.url} (pid {already.pid})")
         return
+    if foreground:
+        _run_foreground(sup, prof, ignore_fit)
+        return
     click.echo(f"starting {prof.name} ({prof.engine}) ...", err=True)
     record = start_profile(sup, prof, ignore_fit=ignore_fit)
     click.echo(f"{prof.name} ready at {record.url}  (OpenAI API: {record.url}/v1, pid {record.pid})")
-    if foreground:
-        _follow_until_interrupted(sup, record, prof.stop_timeout_s)
 
 
-def _follow_until_interrupted(sup, record, stop_timeout_s: float) -> None:
+def _run_foreground(sup, prof, ignore_fit: bool) -> None:
+    """Start, follow the log, and stop on Ctrl-C / SIGTERM (even one that arrives while loading).
+    The child also dies if this process is killed (PR_SET_PDEATHSIG)."""
     import signal
 
+    from llamactl.launch import start_profile
     from llamactl.supervisor.logs import follow
 
-    def stop_on_signal(signum, frame):
+    def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGTERM, interrupt)
+    sup.die_with_parent = True
+    click.echo(f"starting {prof.name} ({prof.engine}) in the foreground ...", err=True)
     try:
-        for line in follow(record.log_path, lambda: sup.running(record.profile) is not None):
+        record = start_profile(sup, prof, ignore_fit=ignore_fit)
+        click.echo(f"{prof.name} ready at {record.url}  (OpenAI API: {record.url}/v1, pid {record.pid})")
+        for line in follow(record.log_path, lambda: sup.running(prof.name) is not None):
             click.echo(line, nl=False)
-        click.echo(f"{record.profile}: llama-server exited", err=True)
+        click.echo(f"{prof.name}: llama-server exited", err=True)
     except KeyboardInterrupt:
-        click.echo(f"stopping {record.profile} ...", err=True)
+        click.echo(f"stopping {prof.name} ...", err=True)
     finally:
-        sup.stop(record.profile, stop_timeout_s)
+        sup.stop(prof.name, prof.stop_timeout_s)
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import psutil
@@ -76,10 +77,14 @@ def _drafted_tokens(engine: str, url: str, log_path: str) -> int:
     timings = reply.json()["timings"]
     if "draft_n" in timings:
         return timings["draft_n"]
-    # The pinned ik build reports acceptance only in its log.
-    with open(log_path) as f:
-        found = [a for a in map(parse_acceptance, f) if a is not None]
-    return sum(a.generated for a in found)
+    # The pinned ik build reports acceptance only in its log, a line per request.
+    deadline = time.monotonic() + 15
+    while True:
+        with open(log_path) as f:
+            found = [a for a in map(parse_acceptance, f) if a is not None]
+        if found or time.monotonic() > deadline:
+            return sum(a.generated for a in found)
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("kind", ["ngram", "draft"])

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import subprocess
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,19 +17,37 @@ VERSION_RE = re.compile(r"version:\s*(\S+(?:\s*\([^)]*\))?)")
 PROBE_TIMEOUT_S = 60
 
 
+Verifier = Callable[[Sequence[str]], bool]
+
+
 @dataclass(frozen=True)
 class Capabilities:
+    """Flags a binary documents in --help, plus (for a probed binary) a try-run for the rest:
+    ik_llama.cpp accepts flags its help does not list (-a, -ngl, -sm, -ts, -mg, -ngld, -devd)."""
+
     binary: str
     version: str
     flags: frozenset[str]
     help_text: str = field(repr=False, default="")
+    verifier: Verifier | None = field(repr=False, default=None, compare=False)
+    _verified: dict[tuple[str, ...], bool] = field(repr=False, default_factory=dict, compare=False)
 
-    def accepts(self, flag: str) -> bool:
-        return flag in self.flags
+    def accepts(self, flag: str, values: Sequence[object] = ()) -> bool:
+        if flag in self.flags:
+            return True
+        if self.verifier is None:
+            return False
+        key = (flag, *map(str, values))
+        if key not in self._verified:
+            self._verified[key] = self.verifier(key)
+        return self._verified[key]
 
-    def first(self, *spellings: str) -> str | None:
-        """The first spelling this binary accepts, or None."""
-        return next((s for s in spellings if s in self.flags), None)
+    def first(self, *spellings: str, values: Sequence[object] = ()) -> str | None:
+        """The first spelling this binary accepts (documented first, then tried), or None."""
+        documented = next((s for s in spellings if s in self.flags), None)
+        if documented is not None:
+            return documented
+        return next((s for s in spellings if self.accepts(s, values)), None)
 
     def help_for(self, flag: str) -> str:
         """The help lines that mention `flag` (its usage line and description)."""
@@ -40,12 +59,28 @@ class Capabilities:
         return "\n".join(out)
 
 
-def parse_capabilities(binary: str, help_text: str, version_text: str) -> Capabilities:
+def parse_capabilities(binary: str, help_text: str, version_text: str,
+                       verifier: Verifier | None = None) -> Capabilities:
     """Pure: turn --help and --version output into Capabilities."""
     match = VERSION_RE.search(version_text)
     version = match.group(1) if match else (version_text.strip().splitlines() or ["unknown"])[-1]
     return Capabilities(binary=binary, version=version, flags=frozenset(FLAG_RE.findall(help_text)),
-                        help_text=help_text)
+                        help_text=help_text, verifier=verifier)
+
+
+def try_run_verifier(binary: Path) -> Verifier:
+    """Both forks parse arguments left to right and exit 0 at --version, after rejecting an
+    unknown flag or a bad value: so `binary FLAG VALUE --version` tells if FLAG VALUE is accepted."""
+
+    def verify(args: Sequence[str]) -> bool:
+        try:
+            done = subprocess.run([str(binary), *args, "--version"], capture_output=True, text=True,
+                                  errors="replace", timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0 and "version" in (done.stdout + done.stderr).lower()
+
+    return verify
 
 
 def _run(binary: Path, arg: str) -> str:
@@ -73,7 +108,7 @@ def probe(binary: Path, cache_dir: Path) -> Capabilities:
     if cache_file.exists():
         try:
             data = json.loads(cache_file.read_text())
-            return parse_capabilities(str(binary), data["help"], data["version"])
+            return parse_capabilities(str(binary), data["help"], data["version"], try_run_verifier(binary))
         except (OSError, ValueError, KeyError):
             pass
     help_text = _run(binary, "--help")
@@ -85,4 +120,4 @@ def probe(binary: Path, cache_dir: Path) -> Capabilities:
     tmp = cache_file.with_suffix(".tmp")
     tmp.write_text(json.dumps({"help": help_text, "version": version_text}))
     tmp.replace(cache_file)
-    return parse_capabilities(str(binary), help_text, version_text)
+    return parse_capabilities(str(binary), help_text, version_text, try_run_verifier(binary))

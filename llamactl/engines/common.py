@@ -44,7 +44,7 @@ class ArgvBuilder:
         self.argv: list[str] = []
 
     def add(self, key: str, spellings: tuple[str, ...], *values: object) -> None:
-        spelling = self.caps.first(*spellings)
+        spelling = self.caps.first(*spellings, values=values)
         if spelling is None:
             self.refuse(key, spellings)
         self.argv.append(spelling)
@@ -144,9 +144,10 @@ def add_common_model_args(b: ArgvBuilder, inputs: LaunchInputs) -> None:
 
 
 def check_extra_args(b: ArgvBuilder) -> None:
-    for arg in b.profile.extra_args:
-        if arg.startswith("-") and not arg.lstrip("-")[:1].isdigit():
-            flag = arg.split("=", 1)[0]
-            if not b.caps.accepts(flag):
-                b.refuse(f"extra_args ({flag})", (flag,))
-    b.argv.extend(b.profile.extra_args)
+    """extra_args must be flags the binary documents, or that a try-run of the binary accepts."""
+    args = b.profile.extra_args
+    unknown = [a.split("=", 1)[0] for a in args
+               if a.startswith("-") and not a.lstrip("-")[:1].isdigit() and a.split("=", 1)[0] not in b.caps.flags]
+    if unknown and (b.caps.verifier is None or not b.caps.verifier(tuple(args))):
+        b.refuse(f"extra_args ({' '.join(unknown)})", tuple(unknown))
+    b.argv.extend(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -47,6 +48,14 @@ class ReadyOutcome(enum.Enum):
     TIMED_OUT = "timed out"
 
 
+def line_buffered(argv: list[str]) -> list[str]:
+    """Run under `stdbuf -oL -eL` where available: ik_llama.cpp logs to stdout through C stdio,
+    which a file makes block-buffered, so its per-request lines would show up only at exit.
+    stdbuf execs the binary, so the process's command line is still exactly `argv`."""
+    stdbuf = shutil.which("stdbuf")
+    return [stdbuf, "-oL", "-eL", *argv] if stdbuf else argv
+
+
 def _die_with_parent() -> None:
     """preexec_fn: SIGKILL this child when the spawning thread's process dies (Linux)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -79,7 +88,7 @@ class ManagedProcess:
         with self.log_path.open("ab") as log:
             # Own session => own process group; the child never gets the CLI's Ctrl-C.
             self.popen = subprocess.Popen(
-                self.spec.argv, env=self.spec.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log,
+                line_buffered(self.spec.argv), env=self.spec.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
