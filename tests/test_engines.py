@@ -206,3 +206,17 @@ def test_parse_acceptance_both_forks():
     assert parse_acceptance(ik_line).accepted == 10 and parse_acceptance(ik_line).generated == 16
     assert parse_acceptance(ml_line).rate == 0.75
     assert parse_acceptance("nothing here") is None
+
+
+def test_undocumented_flags_are_tried_against_the_binary():
+    tried = []
+
+    def verifier(args):
+        tried.append(tuple(args))
+        return args[0] == "-a"
+
+    c = parse_capabilities("/opt/ik", IK_LEGACY_HELP.replace("-a,    --alias STRING\n", ""), "version: 0", verifier)
+    argv = ik.build_argv(profile(engine="ik_llama.cpp", alias="x"), c, inputs())
+    assert flag_value(argv, "-a") == "x" and ("-a", "x") in tried
+    with pytest.raises(UnsupportedFlag, match="extra_args \\(--nope\\)"):
+        ik.build_argv(profile(engine="ik_llama.cpp", extra_args=["--nope"]), c, inputs())
