@@ -25,6 +25,7 @@ from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, Que
 from llamactl.router.telemetry import Telemetry
 
 log = logging.getLogger("llamactl.router")
+WARM_SWITCH_COST_S = 0.1
 
 
 @dataclass
@@ -105,6 +106,12 @@ class Lane:
         else:
             self.queue.append(ticket)
             self.telemetry.arrival(self.name, ticket.cls)
+        if self.state == "ready" and len(self.queue) == 1 and self.active in self.upstreams:
+            # Fast path: the lane is serving and idle enough; run the dispatcher's decision inline so the
+            # grant does not wait for a turn of the event loop.
+            target = self._target()
+            if target is not None and target[0] == self.active:
+                self._dispatch()
         self._changed()
         try:
             async with asyncio.timeout(self.config.queue_timeout_s):
@@ -212,10 +219,12 @@ class Lane:
             if t.waiting and t.pin is None:
                 queued[t.cls] = queued.get(t.cls, 0) + 1
         loaded = self.active in self.upstreams
+        others_warm = all(m in self.upstreams for m in self.spec.members)
         return GroupState(
             active=self.role_of(self.active) if loaded else None,
             seconds_since_switch=self.clock() - self.last_switch_at,
-            switch_cost_s=self.switch_cost_s,
+            # both members running (keep_both_warm): a switch is only a drain
+            switch_cost_s=WARM_SWITCH_COST_S if others_warm else self.switch_cost_s,
             queued=queued,
             recent=self.telemetry.recent(self.name),
             evidence=self.telemetry.evidence(self.name),

