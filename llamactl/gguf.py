@@ -8,6 +8,7 @@ Large arrays (the tokenizer's tokens, scores, merges) are skipped and only their
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -206,19 +207,25 @@ def _type_tables() -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
 def read_gguf(path: Path) -> GGUFFile:
     """Parse the GGUF header: metadata (long arrays skipped) and the tensor table.
 
-    Raises ProfileError if the file is missing or not a GGUF.
+    Raises ProfileError if the file is missing or not a GGUF. Cached per (path, mtime, size): one
+    `llamactl up` reads a header for the context check and again for the plan.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            return _parse(path, f, size)
+        st = path.stat()
+        return _read_cached(path, st.st_mtime_ns, st.st_size)
     except OSError as e:
         raise ProfileError(f"{path}: cannot read model file: {e.strerror}",
                            hint="check the path, or re-download the model") from e
     except (ValueError, struct.error, UnicodeDecodeError) as e:
         raise ProfileError(f"{path}: not a readable GGUF model file: {e}",
                            hint="check the path, or re-download the model") from e
+
+
+@functools.lru_cache(maxsize=16)
+def _read_cached(path: Path, mtime_ns: int, size: int) -> GGUFFile:
+    with path.open("rb") as f:
+        return _parse(path, f, size)
 
 
 def _parse(path: Path, f: BinaryIO, size: int) -> GGUFFile:
