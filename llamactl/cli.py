@@ -261,3 +261,7 @@ from llamactl.cli_serve import serve_command, switch_command  # noqa: E402
 
 main.add_command(serve_command, "serve")
 main.add_command(switch_command, "switch")
+
+from llamactl.cli_systemd import systemd_command  # noqa: E402
+
+main.add_command(systemd_command, "systemd")
