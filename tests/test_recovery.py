@@ -19,7 +19,7 @@ from llamactl.profiles import load_profile
 from llamactl.settings import Settings
 from llamactl.supervisor import Supervisor, free_port
 from llamactl.supervisor.recovery import (
-    Action, HangDetector, Probe, RestartPolicy, RestartTracker, SpawnerThread, Verdict, exit_reason,
+    Action, HangDetector, Probe, RestartPolicy, RestartTracker, Verdict, exit_reason,
     find_orphans, plan_sweep, probe_health, stop_orphan,
 )
 from llamactl.supervisor.state import StateStore
