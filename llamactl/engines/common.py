@@ -31,7 +31,7 @@ class LaunchInputs:
     model_path: Path
     port: int
     draft_model_path: Path | None = None
-    api_key: str | None = None
+    api_key_file: Path | None = None  # a file, never argv: /proc/PID/cmdline is world-readable
     host: str = "127.0.0.1"
 
 
@@ -104,8 +104,8 @@ def add_common_model_args(b: ArgvBuilder, inputs: LaunchInputs) -> None:
     b.add("alias", ("-a", "--alias"), p.served_alias)
     b.add("(host)", ("--host",), inputs.host)
     b.add("(port)", ("--port",), inputs.port)
-    if inputs.api_key:
-        b.add("(api key)", ("--api-key",), inputs.api_key)
+    if inputs.api_key_file:
+        b.add("(api key file)", ("--api-key-file",), inputs.api_key_file)
     b.add("ctx_size", ("-c", "--ctx-size"), p.ctx_size)
     rope = p.rope
     for key, flags, value in (

@@ -100,6 +100,20 @@ class StateStore:
         with contextlib.suppress(FileNotFoundError):
             self._path(profile).unlink()
 
+    def write_key(self, profile: str, key: str) -> Path:
+        """The child's per-start API key, in a 0600 file passed as --api-key-file."""
+        keys_dir = self.servers_dir.parent / "keys"
+        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = keys_dir / f"{profile}.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        return path
+
+    def remove_key(self, profile: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.servers_dir.parent / "keys" / f"{profile}.key").unlink()
+
     def names(self) -> list[str]:
         if not self.servers_dir.is_dir():
             return []

@@ -149,7 +149,8 @@ class Supervisor:
                     on_tick: Callable[[], None] | None) -> ServerRecord:
         port = free_port()
         inputs = LaunchInputs(binary=inputs.binary, model_path=inputs.model_path, port=port,
-                              draft_model_path=inputs.draft_model_path, api_key=api_key)
+                              draft_model_path=inputs.draft_model_path,
+                              api_key_file=self.store.write_key(profile.name, api_key) if api_key else None)
         spec = build_launch(profile, caps, inputs, self.environ)
         log_path = self.log_path(profile.name)
         rotate_logs(log_path, self.settings.log_backups)
@@ -168,6 +169,7 @@ class Supervisor:
         except BaseException:
             child.stop(profile.stop_timeout_s)  # Ctrl-C while loading: leave nothing behind
             self.store.remove(profile.name)
+            self.store.remove_key(profile.name)
             raise
         if outcome is ReadyOutcome.READY:
             record = record.with_state("ready", ready_at=time.time())
@@ -175,6 +177,7 @@ class Supervisor:
             return record
         child.stop(profile.stop_timeout_s)
         self.store.remove(profile.name)
+        self.store.remove_key(profile.name)
         lines = tail_lines(log_path, LOG_TAIL_LINES)
         if outcome is ReadyOutcome.TIMED_OUT:
             raise StartError(
@@ -204,6 +207,7 @@ class Supervisor:
             # The child leads its own session, so its pid is its process group id.
             stop_group(record.pid, timeout_s)
             self.store.remove(name)
+            self.store.remove_key(name)
             return True
 
     def stop_all(self, timeout_s: float = 15.0) -> list[str]:
