@@ -51,3 +51,31 @@ def switch_command(settings: Settings, group: str, member: str, url: str | None,
     status = r.json()
     forced = "automatic" if status["forced"] is None else f"forced to {status['forced']}"
     click.echo(f"{status['lane']}: active {status['active']} ({status['state']}, {forced})")
+
+
+def router_status(settings: Settings, url: str | None = None, timeout_s: float = 2.0) -> dict | None:
+    """The running serve's /llamactl/status, or None when no serve answers (for `llamactl status`)."""
+    base = url or f"http://127.0.0.1:{settings.router_port}"
+    try:
+        r = httpx.get(f"{base}/llamactl/status", timeout=timeout_s)
+    except httpx.HTTPError:
+        return None
+    return r.json() if r.status_code == 200 else None
+
+
+def router_status_lines(status: dict) -> list[str]:
+    """Human lines per lane: the group, its active member, the last decision and why."""
+    lines = []
+    for lane in status.get("lanes", []):
+        mode = "auto" if lane["forced"] is None else f"forced {lane['forced']}"
+        head = (f"{lane['lane']}: active {lane['active']} [{lane['state']}, {mode}] "
+                f"queue {lane['queue_depth']} in flight {lane['in_flight']}")
+        lines.append(head)
+        decision = lane.get("last_decision")
+        if lane["group"] and decision:
+            lines.append(f"  last decision ({decision['age_s']:.0f}s ago): {decision['reason']}")
+        for switch in lane.get("recent_switches", [])[-3:]:
+            lines.append(f"  switched {switch['from']} -> {switch['to']} in {switch['seconds']}s ({switch['trigger']})")
+        if lane.get("last_error"):
+            lines.append(f"  last error: {lane['last_error']}")
+    return lines

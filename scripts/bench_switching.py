@@ -8,7 +8,7 @@ One run, one router, one switch group per policy, each with the same two members
   auto          the switching policy, hard switch (drain, stop one, start the other)
   auto-warm     the switching policy with both members kept running (LLAMACTL_ROUTER_KEEP_BOTH_WARM)
 The workload alternates phases of code-edit prompts at temperature 0 (speculation helps) and creative
-prompts at temperature 1.2 (speculation hurts); each phase is a burst of --requests requests sent at once
+prompts at temperature 1.5 (speculation hurts); each phase is a burst of --requests requests sent at once
 to the group (they queue: one slot per member). Phases are interleaved across policies (phase 1 on every
 policy, then phase 2, ...) so that load from other work on the machine hits all policies alike.
 Total tokens/s = generated tokens / wall time of the bursts, switches and queue waits included.
@@ -44,12 +44,19 @@ CODE = [
     "for (int i = 0; i < n; i++) {\n    sum += values[i];\n    if (values[i] > max) {\n        max = values[i];\n"
     "    }\n}\nprintf(\"%d %d\\n\", sum, max);\n",
 ]
+POEM = ("The river runs beneath the bridge,\nthe swallows circle in the sky,\nthe old stone wall along the ridge\n"
+        "remembers every passer-by.\n")
+STORY = ("Once upon a time, in a village by the sea, there lived an old fisherman named Tomas. Every morning he "
+         "rowed out before dawn, and every evening he came back with a small catch and a long story.\n")
+# Creative rewriting of a given text at a high temperature: n-gram drafting keeps proposing the source's
+# words and the sampler keeps rejecting them, so speculation costs time here.
 CREATIVE = [
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Describe a city on Mars a thousand years from now, in the voice of a travel writer.",
-    "Write a poem about autumn rain and an old dog.",
-    "Invent a myth explaining why the sea is salty.",
+    "Here is a poem:\n" + POEM + "\nWrite a wild new variation of it, changing the words:\n",
+    STORY + "\nTell the same story again, but make it stranger:\n",
+    "Here is a poem:\n" + POEM + "\nRewrite it as a sea shanty:\n",
+    STORY + "\nRetell this story as a dream the fisherman had:\n",
 ]
+CREATIVE_TEMPERATURE = 1.5
 POLICIES = ("always-spec", "always-plain", "auto", "auto-warm")
 
 
@@ -60,8 +67,8 @@ def code_request(i: int, tokens: int) -> dict:
 
 
 def creative_request(i: int, tokens: int) -> dict:
-    return {"prompt": CREATIVE[i % len(CREATIVE)], "max_tokens": tokens, "temperature": 1.2, "ignore_eos": True,
-            "seed": 1000 + i}
+    return {"prompt": CREATIVE[i % len(CREATIVE)], "max_tokens": tokens, "temperature": CREATIVE_TEMPERATURE,
+            "ignore_eos": True, "seed": 1000 + i}
 
 
 def find_llama_server() -> Path:

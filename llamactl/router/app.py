@@ -18,7 +18,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -36,7 +35,12 @@ from llamactl.router.errors import (
     BadRequest, EngineUnavailable, ModelNotFound, RouterError, UpstreamError, error_body, upstream_error_body,
 )
 from llamactl.router.lane import Lane, LaneConfig, Ticket
-from llamactl.router.telemetry import Sample, SSEScanner, Telemetry, apply_response
+from llamactl.router.telemetry import (
+    Sample, SSEScanner, Telemetry, apply_response, mean_accepted_length, parse_engine_metrics,
+)
+from llamactl.router.upstream import (
+    UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse, UpstreamTimeout,
+)
 
 log = logging.getLogger("llamactl.router")
 
@@ -67,27 +71,69 @@ class Router:
         self.telemetry = telemetry or Telemetry()
         self.lanes = {name: Lane(spec, backends, self.telemetry, self.config.lane)
                       for name, spec in self.catalog.lanes.items()}
-        self.client: httpx.AsyncClient | None = None
+        self.pool: UpstreamPool | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._engine_metrics: dict[str, tuple[float, dict[str, float]]] = {}  # profile -> (when, values)
         self.started_at = time.time()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["Router"]:
         """Start the lane dispatchers and the HTTP client; on exit stop them (and the engines)."""
-        timeout = httpx.Timeout(self.config.read_timeout_s, connect=self.config.connect_timeout_s, pool=None)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=30)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
-            self.client = client
+        self.pool = UpstreamPool(connect_timeout_s=self.config.connect_timeout_s,
+                                 read_timeout_s=self.config.read_timeout_s)
+        try:
             async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
                 tasks = [tg.create_task(lane.run(), name=f"lane:{lane.name}") for lane in self.lanes.values()]
                 try:
                     yield self
                 finally:
+                    self._tasks = None
                     for task in tasks:
                         task.cancel()
+                    for task in asyncio.all_tasks():
+                        if task.get_name().startswith("scrape:"):
+                            task.cancel()
             if self.config.stop_on_shutdown:
                 for lane in self.lanes.values():
                     await lane.shutdown()
-            self.client = None
+        finally:
+            await self.pool.aclose()
+            self.pool = None
+
+    def after_request(self, lane: Lane, sample: Sample, upstream: Upstream) -> None:
+        """A speculative request finished: scrape the engine's /metrics (at most every 2 s per profile)
+        for the mean accepted length, 1 + d(accepted) / d(verification steps) since the last scrape."""
+        if not sample.draft_n or self._tasks is None:
+            return
+        last = self._engine_metrics.get(sample.profile)
+        if last is not None and time.monotonic() - last[0] < 2.0:
+            return
+        self._engine_metrics[sample.profile] = (time.monotonic(), last[1] if last else {})
+        self._tasks.create_task(self._scrape(lane.name, sample.profile, upstream, last[1] if last else None),
+                                name=f"scrape:{sample.profile}")
+
+    async def _scrape(self, lane: str, profile: str, upstream: Upstream, before: dict[str, float] | None) -> None:
+        if self.pool is None:
+            return
+        headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
+        try:
+            async with asyncio.timeout(5):
+                response = await self.pool.request(upstream.base_url, "GET", "/metrics", headers, b"")
+                try:
+                    text = (await response.read()).decode("utf-8", "replace") if response.status == 200 else ""
+                finally:
+                    await response.aclose()
+        except (UpstreamBroken, UpstreamConnectError, UpstreamTimeout, TimeoutError):
+            return
+        values = parse_engine_metrics(text)
+        if not values:
+            return
+        self._engine_metrics[profile] = (time.monotonic(), values)
+        if before:
+            length = mean_accepted_length(before, values)
+            if length is not None:
+                self.telemetry.mean_len.labels(lane, profile).set(length)
 
     def lane(self, name: str) -> Lane:
         try:
@@ -242,23 +288,23 @@ class Relay:
                 await _send_error(send, err)
             sample.total_s = time.perf_counter() - arrived
             router.telemetry.record(sample)
+            router.after_request(lane, sample, upstream)
             return
 
     async def _forward(self, upstream: Upstream, body: bytes, headers: dict[str, str], send: Send, stream: bool,
                        sample: Sample, arrived: float, ticket: Ticket) -> str:
-        client = self.router.client
-        assert client is not None, "Router.running() is not active"
-        out_headers = {"content-type": headers.get("content-type", "application/json"),
-                       "accept": headers.get("accept", "*/*")}
+        pool = self.router.pool
+        assert pool is not None, "Router.running() is not active"
+        out_headers = {"Content-Type": headers.get("content-type", "application/json"),
+                       "Accept": headers.get("accept", "*/*")}
         if upstream.api_key:
-            out_headers["authorization"] = f"Bearer {upstream.api_key}"
-        request = client.build_request("POST", upstream.base_url + self.path, content=body, headers=out_headers)
+            out_headers["Authorization"] = f"Bearer {upstream.api_key}"
         try:
-            response = await client.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+            response = await pool.request(upstream.base_url, "POST", self.path, out_headers, body)
+        except UpstreamConnectError:
             return "retry"
-        except httpx.HTTPError as e:
-            err = UpstreamError(f"llama-server for '{sample.profile}' failed before answering: {type(e).__name__}: {e}",
+        except (UpstreamBroken, UpstreamTimeout) as e:
+            err = UpstreamError(f"llama-server for '{sample.profile}' failed before answering: {e}",
                                 extra={"profile": sample.profile})
             sample.status = err.status
             await _send_error(send, err)
@@ -267,21 +313,21 @@ class Relay:
             extra = [(b"x-llamactl-profile", sample.profile.encode()), (b"x-llamactl-class", sample.cls.encode()),
                      (b"x-llamactl-queue-wait-ms", f"{sample.queue_wait_s * 1000:.1f}".encode())]
             content_type = response.headers.get("content-type", "application/json")
-            if response.status_code >= 400:
-                raw = await response.aread()
-                sample.status = response.status_code
-                payload = upstream_error_body(response.status_code, raw, sample.profile)
-                await _send_json(send, response.status_code, payload,
+            if response.status >= 400:
+                raw = await response.read()
+                sample.status = response.status
+                payload = upstream_error_body(response.status, raw, sample.profile)
+                await _send_json(send, response.status, payload,
                                  {"x-llamactl-error-source": "upstream", "x-llamactl-profile": sample.profile})
                 return "ok"
-            sample.status = response.status_code
+            sample.status = response.status
             if not content_type.startswith("text/event-stream"):
-                raw = await response.aread()
+                raw = await response.read()
                 try:
                     apply_response(sample, json.loads(raw))
                 except ValueError:
                     pass
-                await send({"type": "http.response.start", "status": response.status_code, "headers": [
+                await send({"type": "http.response.start", "status": response.status, "headers": [
                     (b"content-type", content_type.encode()), (b"content-length", str(len(raw)).encode()), *extra]})
                 await send({"type": "http.response.body", "body": raw})
                 return "ok"
@@ -289,19 +335,19 @@ class Relay:
         finally:
             await response.aclose()
 
-    async def _relay_stream(self, response: httpx.Response, send: Send, sample: Sample, arrived: float,
+    async def _relay_stream(self, response: UpstreamResponse, send: Send, sample: Sample, arrived: float,
                             extra: list[tuple[bytes, bytes]], content_type: str) -> str:
         scanner = SSEScanner(sample)
-        await send({"type": "http.response.start", "status": response.status_code, "headers": [
+        await send({"type": "http.response.start", "status": response.status, "headers": [
             (b"content-type", content_type.encode()), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"), *extra]})
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_body():
                 scanner.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as e:
+        except (UpstreamBroken, UpstreamTimeout) as e:
             # The engine died or broke the stream: tell the client in-band, then end the stream cleanly.
-            err = error_body(f"llama-server for '{sample.profile}' broke the stream: {type(e).__name__}: {e}",
+            err = error_body(f"llama-server for '{sample.profile}' broke the stream: {e}",
                              "upstream_error", "upstream_stream_broken", "upstream", profile=sample.profile)
             tail = b"data: " + json.dumps(err).encode() + b"\n\n" + (OPENAI_STREAM_END if self.openai else b"")
             sample.status = 502
