@@ -57,6 +57,9 @@ CREATIVE = [
     STORY + "\nRetell this story as a dream the fisherman had:\n",
 ]
 CREATIVE_TEMPERATURE = 1.5
+# --creative remix: the same code-heavy context as the code phase, sampled at temperature 1.5 - the case
+# where the reference measured speculation at 0.79x (drafts proposed from the context, mostly rejected).
+REMIX = "Here is some code:\n{code}\nNow play with it: write your own free variation, anything goes:\n{code}\n"
 POLICIES = ("always-spec", "always-plain", "auto", "auto-warm")
 
 
@@ -66,8 +69,9 @@ def code_request(i: int, tokens: int) -> dict:
     return {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
 
 
-def creative_request(i: int, tokens: int) -> dict:
-    return {"prompt": CREATIVE[i % len(CREATIVE)], "max_tokens": tokens, "temperature": CREATIVE_TEMPERATURE,
+def creative_request(i: int, tokens: int, style: str = "prose") -> dict:
+    prompt = CREATIVE[i % len(CREATIVE)] if style == "prose" else REMIX.format(code=CODE[i % len(CODE)])
+    return {"prompt": prompt, "max_tokens": tokens, "temperature": CREATIVE_TEMPERATURE,
             "ignore_eos": True, "seed": 1000 + i}
 
 
@@ -114,6 +118,8 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--min-dwell", type=float, default=5.0)
+    parser.add_argument("--creative", choices=("prose", "remix"), default="prose",
+                        help="creative phase prompts: rewriting prose, or remixing code (both at temperature 1.5)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -167,8 +173,11 @@ def main() -> int:
         totals = {p: {"tokens": 0, "seconds": 0.0} for p in POLICIES}
         for phase in range(args.phases):
             kind = "code" if phase % 2 == 0 else "creative"
-            make = code_request if kind == "code" else creative_request
-            bodies = [make(phase * args.requests + i, args.tokens) for i in range(args.requests)]
+            if kind == "code":
+                bodies = [code_request(phase * args.requests + i, args.tokens) for i in range(args.requests)]
+            else:
+                bodies = [creative_request(phase * args.requests + i, args.tokens, args.creative)
+                          for i in range(args.requests)]
             order = POLICIES[phase % len(POLICIES):] + POLICIES[:phase % len(POLICIES)]
             row: dict = {"phase": phase + 1, "kind": kind}
             for policy_name in order:

@@ -13,6 +13,7 @@ from llamactl.settings import Settings
 from llamactl.router import create_app
 from tests.conftest import ENGINE_ENV, require_engine
 from tests.fakes.fast_backend import ServerThread
+from tests.router_harness import wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -60,7 +61,11 @@ def test_openai_client_streams_through_the_router_and_a_switch_swaps_the_engine(
                 "model": "gem", "prompt": CODE_PROMPT, "n_predict": 100, "temperature": 0, "stream": True}) as r:
             assert r.status_code == 200 and r.headers["x-llamactl-profile"] == "gem-spec"
             assert '"timings"' in "".join(r.iter_text())
+        # mean accepted length comes from the engine's /metrics, scraped just after the request
+        line = 'llamactl_mean_accepted_length{lane="gem",profile="gem-spec"}'
+        wait_for(lambda: line in httpx.get(f"{server.url}/metrics").text, what="mean accepted length")
         metrics = httpx.get(f"{server.url}/metrics").text
+        assert float(metrics.split(line)[1].split()[0]) >= 1.0
         assert 'llamactl_requests_total{class="short",endpoint="/v1/chat/completions",lane="gem",profile="gem-spec",status="200"} 1.0' in metrics
         assert "llamactl_draft_tokens_total{class=\"code\",lane=\"gem\",profile=\"gem-spec\"}" in metrics, metrics
 

@@ -133,7 +133,8 @@ def test_forced_switch_mid_burst_loses_no_request():
 
 
 def test_policy_follows_the_workload_phases():
-    """Greedy code bursts go to the speculative member, creative bursts to the plain one."""
+    """Greedy code bursts go to the speculative member, creative bursts to the plain one. Each burst is
+    queued behind one held request first, so the policy sees the whole burst (as with real engines)."""
     profiles = group_profiles("coding", parallel=1)
     backends = fake_backends(profiles)
     config = RouterConfig(lane=LaneConfig(policy=PolicyConfig(min_dwell_s=0, min_samples=1)))
@@ -142,16 +143,24 @@ def test_policy_follows_the_workload_phases():
         creative = {"model": "coding", "prompt": "Write a poem about the sea.", "temperature": 1.2, "max_tokens": 40}
 
         def burst(body: dict, n: int = 6) -> list[str]:
+            for backend in backends.backends.values():
+                backend.gate.clear()
+            held = {**body, "fake": {"hold": True}}
             with ThreadPoolExecutor(n) as pool:
-                return [r.headers["x-llamactl-profile"] for r in pool.map(lambda _: post(url, body), range(n))]
+                futures = [pool.submit(post, url, held)]
+                wait_for(lambda: lane_status(url, "coding")["in_flight"] == 1, what="first request in flight")
+                futures += [pool.submit(post, url, body) for _ in range(n - 1)]
+                wait_for(lambda: lane_status(url, "coding")["queue_depth"] == n - 1, what="burst queued")
+                for backend in backends.backends.values():
+                    backend.gate.set()
+                return [f.result().headers["x-llamactl-profile"] for f in futures]
 
         assert burst(code).count("coding-spec") == 6
-        creative_served = burst(creative)
-        assert creative_served[-1] == "coding-plain"  # it switched during the creative burst
-        code_served = burst(code)
-        assert code_served[-1] == "coding-spec"
+        assert burst(creative)[1:] == ["coding-plain"] * 5  # the held one was already on spec
+        assert burst(code)[1:] == ["coding-spec"] * 5
         status = lane_status(url, "coding")
-        assert status["last_decision"]["reason"]
+        assert [s["to"] for s in status["recent_switches"]] == ["coding-plain", "coding-spec"]
+        assert all(s["trigger"] == "policy" for s in status["recent_switches"])
         assert backends.max_running == 1
 
 

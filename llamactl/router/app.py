@@ -109,11 +109,13 @@ class Router:
         last = self._engine_metrics.get(sample.profile)
         if last is not None and time.monotonic() - last[0] < 2.0:
             return
-        self._engine_metrics[sample.profile] = (time.monotonic(), last[1] if last else {})
-        self._tasks.create_task(self._scrape(lane.name, sample.profile, upstream, last[1] if last else None),
+        # No earlier scrape: the counters since the engine started (they start at zero).
+        before = last[1] if last else {}
+        self._engine_metrics[sample.profile] = (time.monotonic(), before)
+        self._tasks.create_task(self._scrape(lane.name, sample.profile, upstream, before),
                                 name=f"scrape:{sample.profile}")
 
-    async def _scrape(self, lane: str, profile: str, upstream: Upstream, before: dict[str, float] | None) -> None:
+    async def _scrape(self, lane: str, profile: str, upstream: Upstream, before: dict[str, float]) -> None:
         if self.pool is None:
             return
         headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
@@ -130,10 +132,9 @@ class Router:
         if not values:
             return
         self._engine_metrics[profile] = (time.monotonic(), values)
-        if before:
-            length = mean_accepted_length(before, values)
-            if length is not None:
-                self.telemetry.mean_len.labels(lane, profile).set(length)
+        length = mean_accepted_length(before, values)
+        if length is not None:
+            self.telemetry.mean_len.labels(lane, profile).set(length)
 
     def lane(self, name: str) -> Lane:
         try:
@@ -167,10 +168,6 @@ async def _send_json(send: Send, status: int, payload: Any, headers: dict[str, s
 
 async def _send_error(send: Send, error: RouterError) -> None:
     await _send_json(send, error.status, error.body(), {"x-llamactl-error-source": error.source, **error.headers})
-
-
-class _Disconnected(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------- the relay
@@ -212,8 +209,8 @@ class Relay:
             if not disconnected.is_set():
                 raise
             task.uncancel()
-        except (OSError, _Disconnected):
-            pass
+        except OSError:
+            pass  # the client went away while we were sending
         finally:
             finished = True
             watcher.cancel()

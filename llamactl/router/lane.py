@@ -77,6 +77,8 @@ class Lane:
         self.last_error: str | None = None
         self.idle_since = clock()
         self.service_s: float | None = None  # EWMA of a request's time holding a slot
+        self._gauges: tuple | None = None
+        self._gauge_shape: tuple | None = None
         self._wake = asyncio.Event()
         self._waiters: list[tuple[str, asyncio.Future[None]]] = []
         self._update_gauges()
@@ -199,8 +201,14 @@ class Lane:
 
     def _update_gauges(self) -> None:
         t = self.telemetry
-        t.queue_depth.labels(self.name).set(sum(1 for x in self.queue if x.waiting))
-        t.in_flight.labels(self.name).set(self.in_flight)
+        if self._gauges is None:
+            self._gauges = (t.queue_depth.labels(self.name), t.in_flight.labels(self.name))
+        self._gauges[0].set(sum(1 for x in self.queue if x.waiting))
+        self._gauges[1].set(self.in_flight)
+        shape = (self.active, self.state, tuple(sorted(self.upstreams)))
+        if shape == self._gauge_shape:
+            return  # member gauges only change with the lane's state
+        self._gauge_shape = shape
         for member in self.spec.members:
             t.active_member.labels(self.name, member).set(1 if member == self.active else 0)
             state = "ready" if member in self.upstreams else (

@@ -56,6 +56,7 @@ class UpstreamResponse:
         self._complete = False
         self._closed = False
         self._got_bytes = False
+        self._keep_alive = False
         self.status = 0
         self.headers: dict[str, str] = {}
 
@@ -66,6 +67,7 @@ class UpstreamResponse:
     def on_headers_complete(self) -> None:
         self._headers_done = True
         self.status = self._parser.get_status_code()
+        self._keep_alive = self._parser.should_keep_alive()  # only meaningful while parsing this message
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -116,7 +118,7 @@ class UpstreamResponse:
         if self._closed:
             return
         self._closed = True
-        if self._complete and not self._chunks and self._parser.should_keep_alive():
+        if self._complete and not self._chunks and self._keep_alive:
             self._pool._release(self._key, self._conn)
         else:
             self._conn.close()  # an unfinished response: closing cancels it on the engine
