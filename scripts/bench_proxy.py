@@ -78,31 +78,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def latency(url: str, n: int) -> list[float]:
+def latency(urls: dict[str, str], n: int) -> dict[str, list[float]]:
+    """Sequential 1-token requests, alternating direct / router so both see the same background load."""
     body = {**CHAT, "max_tokens": 1, "fake": {"tokens": 1}}
-    out = []
-    with sync_client(url) as client:
-        for _ in range(50):  # warm the connections
-            client.post("/v1/chat/completions", json=body)
+    out: dict[str, list[float]] = {name: [] for name in urls}
+    clients = {name: sync_client(url) for name, url in urls.items()}
+    try:
+        for client in clients.values():
+            for _ in range(50):  # warm the connections
+                client.post("/v1/chat/completions", json=body)
         for _ in range(n):
-            t = time.perf_counter()
-            r = client.post("/v1/chat/completions", json=body)
-            out.append(time.perf_counter() - t)
-            assert r.status_code == 200
+            for name, client in clients.items():
+                t = time.perf_counter()
+                r = client.post("/v1/chat/completions", json=body)
+                out[name].append(time.perf_counter() - t)
+                assert r.status_code == 200
+    finally:
+        for client in clients.values():
+            client.close()
     return out
 
 
-def ttfb(url: str, n: int = 5) -> float:
+def ttfb(urls: dict[str, str], n: int = 9) -> dict[str, float]:
     body = {**CHAT, "stream": True, "fake": {"tokens": 5, "delay_s": 0.05}}
-    times = []
-    with sync_client(url) as client:
+    times: dict[str, list[float]] = {name: [] for name in urls}
+    clients = {name: sync_client(url) for name, url in urls.items()}
+    try:
         for _ in range(n):
-            t = time.perf_counter()
-            with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                for _chunk in r.iter_raw():
-                    times.append(time.perf_counter() - t)
-                    break
-    return statistics.median(times)
+            for name, client in clients.items():
+                t = time.perf_counter()
+                with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                    for _chunk in r.iter_raw():
+                        times[name].append(time.perf_counter() - t)
+                        break
+    finally:
+        for client in clients.values():
+            client.close()
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 async def streams(url: str, concurrency: int, chunks: int) -> dict[str, float]:
@@ -143,13 +155,15 @@ def main() -> int:
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
                      "requests": args.requests, "chunks_per_stream": args.chunks}
     try:
-        lat = {name: latency(url, args.requests) for name, url in (("direct", direct), ("router", via))}
+        urls = {"direct": direct, "router": via}
+        lat = latency(urls, args.requests)
         for q in ("p50", "p99"):
             frac = 0.5 if q == "p50" else 0.99
             d, r = percentile(lat["direct"], frac), percentile(lat["router"], frac)
             results[f"latency_{q}_ms"] = {"direct": d * 1e3, "router": r * 1e3, "added": (r - d) * 1e3}
-        results["first_chunk_ms_backend_50ms_per_chunk"] = {name: ttfb(url) * 1e3 for name, url in
-                                                            (("direct", direct), ("router", via))}
+        added = sorted(r - d for d, r in zip(lat["direct"], lat["router"]))
+        results["added_latency_paired_ms"] = {"p50": percentile(added, 0.5) * 1e3, "p99": percentile(added, 0.99) * 1e3}
+        results["first_chunk_ms_backend_50ms_per_chunk"] = {k: v * 1e3 for k, v in ttfb(urls).items()}
         for concurrency in (1, 64):
             results[f"streams_{concurrency}"] = {
                 name: asyncio.run(streams(url, concurrency, args.chunks)) for name, url in (("direct", direct), ("router", via))}

@@ -204,6 +204,7 @@ class Telemetry:
         self.clock = clock
         self.windows: dict[tuple[str, str, Role], Window] = {}
         self.arrivals: dict[str, deque[tuple[float, str]]] = {}
+        self._child_cache: dict[tuple[str, str, str], tuple] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llamactl_requests", "Finished requests", ["lane", "profile", "class", "endpoint", "status"], registry=r)
@@ -231,24 +232,37 @@ class Telemetry:
     def arrival(self, lane: str, cls: str) -> None:
         self.arrivals.setdefault(lane, deque(maxlen=1000)).append((self.clock(), cls))
 
+    def _children(self, lane: str, cls: str, profile: str) -> tuple:
+        """The labelled metric children of one (lane, class, profile), looked up once."""
+        key = (lane, cls, profile)
+        children = self._child_cache.get(key)
+        if children is None:
+            children = (self.queue_wait.labels(lane, cls), self.ttft.labels(lane, cls),
+                        self.tok_s.labels(*key), self.prompt_tok_s.labels(*key),
+                        self.completion_tokens.labels(*key), self.draft_tokens.labels(*key),
+                        self.draft_accepted.labels(*key))
+            self._child_cache[key] = children
+        return children
+
     def record(self, sample: Sample) -> None:
         sample.finish_wall_clock()
         labels = (sample.lane, sample.cls, sample.profile)
+        wait, ttft, tok_s, prompt_tok_s, completion, drafted, accepted = self._children(*labels)
         self.requests.labels(sample.lane, sample.profile, sample.cls, sample.endpoint, str(sample.status)).inc()
-        self.queue_wait.labels(sample.lane, sample.cls).observe(sample.queue_wait_s)
+        wait.observe(sample.queue_wait_s)
         if sample.status >= 400:
             return
         if sample.ttft_s is not None:
-            self.ttft.labels(sample.lane, sample.cls).observe(sample.ttft_s)
+            ttft.observe(sample.ttft_s)
         if sample.gen_tok_s:
-            self.tok_s.labels(*labels).observe(sample.gen_tok_s)
+            tok_s.observe(sample.gen_tok_s)
         if sample.prompt_tok_s:
-            self.prompt_tok_s.labels(*labels).observe(sample.prompt_tok_s)
+            prompt_tok_s.observe(sample.prompt_tok_s)
         if sample.completion_tokens:
-            self.completion_tokens.labels(*labels).inc(sample.completion_tokens)
+            completion.inc(sample.completion_tokens)
         if sample.draft_n:
-            self.draft_tokens.labels(*labels).inc(sample.draft_n)
-            self.draft_accepted.labels(*labels).inc(sample.draft_accepted or 0)
+            drafted.inc(sample.draft_n)
+            accepted.inc(sample.draft_accepted or 0)
         sample.at = self.clock()
         window = self.windows.setdefault((sample.lane, sample.cls, sample.role), Window(self.window_n, self.window_s))
         window.add(sample)
