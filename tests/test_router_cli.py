@@ -1,0 +1,36 @@
+"""`llamactl switch` against a running router, and the status lines `llamactl status` can show."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from llamactl.cli import main
+from llamactl.cli_serve import router_status, router_status_lines
+from tests.router_harness import fake_backends, group_profiles, served
+
+
+def test_switch_command_forces_a_member_and_back_to_auto(settings):
+    profiles = group_profiles("coding")
+    backends = fake_backends(profiles)
+    with served(profiles, backends) as (url, _):
+        runner = CliRunner()
+        result = runner.invoke(main, ["switch", "coding", "coding-plain", "--url", url])
+        assert result.exit_code == 0, result.output
+        assert "coding: active coding-plain (ready, forced to coding-plain)" in result.output
+        assert ("start", "coding-plain") in backends.events
+
+        lines = router_status_lines(router_status(settings, url=url))
+        assert lines[0].startswith("coding: active coding-plain [ready, forced coding-plain]")
+
+        result = runner.invoke(main, ["switch", "coding", "auto", "--url", url])
+        assert result.exit_code == 0 and "automatic" in result.output
+
+        result = runner.invoke(main, ["switch", "coding", "nope", "--url", url])
+        assert result.exit_code == 1 and "not a member of 'coding'" in result.output
+
+
+def test_switch_without_a_running_serve_says_so(settings):
+    result = CliRunner().invoke(main, ["switch", "g", "m", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 5
+    assert "cannot reach llamactl serve" in result.output
+    assert router_status(settings, url="http://127.0.0.1:9") is None
