@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llamactl.gguf import read_gguf
 from llamactl.gpus import GpuInventory, GpuProbe, probe_gpus
+from llamactl.models import ensure_model
 from llamactl.plan.core import Plan, Suggestion, plan_profile, resolve_ctx
 from llamactl.plan.estimate import ContextParams, compute_bytes, estimate_model, kv_bytes_per_layer
 from llamactl.plan.model import ModelSpec, spec_from_gguf
@@ -23,26 +24,6 @@ def load_spec(path: Path) -> ModelSpec:
     return spec_from_gguf(read_gguf(path))
 
 
-def _model_path(model: str, settings: Settings) -> Path:
-    try:
-        from llamactl.models import resolve_model_path
-    except ImportError:  # pragma: no cover - models.py is part of the package
-        return Path(model)
-    return resolve_model_path(model, settings)
-
-
-def _ensure_model(model: str, settings: Settings, where: str) -> Path:
-    """The model file, assembling the builtin demo model on first use (as `up` would)."""
-    path = _model_path(model, settings)
-    if path.is_file():
-        return path
-    try:
-        from llamactl.models import ensure_model
-    except ImportError:  # pragma: no cover
-        return path
-    return ensure_model(model, settings, where=where)
-
-
 def plan_for_launch(profile: Profile, settings: Settings, gpus_file: Path | None = None, *,
                     probe: GpuProbe | None = None, margin_mib: int = DEFAULT_MARGIN_MIB,
                     with_argv: bool = True) -> Plan:
@@ -52,10 +33,10 @@ def plan_for_launch(profile: Profile, settings: Settings, gpus_file: Path | None
     is found (else None, with a note).
     """
     where = f"profile '{profile.name}'"
-    target = load_spec(_ensure_model(profile.model, settings, where))
+    target = load_spec(ensure_model(profile.model, settings, where=where))
     draft = None
     if profile.speculation.uses_draft_model and profile.speculation.draft_model:
-        draft = load_spec(_ensure_model(profile.speculation.draft_model, settings, f"{where} speculation"))
+        draft = load_spec(ensure_model(profile.speculation.draft_model, settings, where=f"{where} speculation"))
     inventory = probe_gpus(gpus_file, settings, probe)
     plan = plan_profile(profile, target, inventory, draft, margin_mib=margin_mib)
     if with_argv:
@@ -64,20 +45,12 @@ def plan_for_launch(profile: Profile, settings: Settings, gpus_file: Path | None
 
 
 def engine_argv(plan: Plan, settings: Settings) -> list[str] | None:
-    try:
-        from llamactl.engines import preview_argv
-    except ImportError:
-        plan.notes.append("engine argv: llamactl.engines.preview_argv is not available")
-        return None
+    from llamactl.engines import preview_argv
+    from llamactl.engines.common import gpu_env
     from llamactl.errors import LlamactlError
 
     launched = plan.profile.model_copy(update=plan.launch_overrides())
-    try:
-        from llamactl.engines.common import gpu_env
-
-        plan.env = gpu_env(launched)
-    except ImportError:  # pragma: no cover - engines/common.py is part of the package
-        pass
+    plan.env = gpu_env(launched)
     try:
         return preview_argv(launched, settings)
     except LlamactlError as e:
