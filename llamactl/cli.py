@@ -59,9 +59,16 @@ def _age(seconds: float | None) -> str:
 @pass_settings
 def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> None:
     """Start PROFILE's llama-server and wait until it is ready."""
+    from llamactl.control import try_daemon
     from llamactl.launch import start_profile
     from llamactl.profiles import load_profile
 
+    client = None if foreground else try_daemon(settings)
+    if client is not None:
+        click.echo(f"asking the llamactl daemon to start {profile} ...", err=True)
+        result = client.up(profile)
+        click.echo(f"{profile} ready (pid {result['pid']}), served by the daemon at {result['router']}/v1")
+        return
     prof = load_profile(profile, settings)
     sup = _supervisor(settings)
     already = sup.running(prof.name)
@@ -110,6 +117,17 @@ def down(settings: Settings, profile: str | None, all_: bool) -> None:
     """Stop PROFILE's server (or --all)."""
     if bool(profile) == all_:
         raise click.UsageError("give a PROFILE or --all")
+    from llamactl.control import try_daemon
+
+    client = try_daemon(settings)
+    if client is not None:
+        names = [profile] if profile else [r["profile"] for r in client.status()["servers"]]
+        stopped = [name for name in names if client.down(name)["stopped"]]
+        if all_:
+            click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+        else:
+            click.echo(f"stopped {profile}" if stopped else f"{profile} was not running")
+        return
     sup = _supervisor(settings)
     if all_:
         stopped = sup.stop_all()
@@ -128,6 +146,12 @@ def status(settings: Settings, as_json: bool) -> None:
     """Show running servers: profile, state, pid, port, uptime, model, RSS."""
     import json
 
+    from llamactl.control import try_daemon
+
+    client = try_daemon(settings)
+    if client is not None:
+        _daemon_status(client.status(), as_json)
+        return
     rows = [s.to_json() for s in _supervisor(settings).status()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -135,12 +159,40 @@ def status(settings: Settings, as_json: bool) -> None:
     if not rows:
         click.echo("no servers running")
         return
+    _server_table(rows)
+
+
+def _server_table(rows: list[dict]) -> None:
     header = f"{'PROFILE':<16} {'STATE':<9} {'PID':>7} {'PORT':>6} {'UPTIME':>8} {'RSS MiB':>8}  MODEL"
     click.echo(header)
     for r in rows:
         rss = f"{r['rss_mib']:.0f}" if r["rss_mib"] is not None else "-"
         click.echo(f"{r['profile']:<16} {r['state']:<9} {r['pid']:>7} {r['port']:>6} {_age(r['uptime_s']):>8} "
                    f"{rss:>8}  {r['model']}")
+
+
+def _daemon_status(status: dict, as_json: bool) -> None:
+    """`llamactl status` when a daemon runs: its servers, failed profiles (reason + last log lines), and
+    per lane the switch group, active member, last decision and why."""
+    import json
+
+    from llamactl.cli_serve import router_status_lines
+
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    daemon = status["daemon"]
+    click.echo(f"daemon pid {daemon['pid']} serving {daemon['url']}/v1")
+    if status["servers"]:
+        _server_table(status["servers"])
+    else:
+        click.echo("no servers running (engines load on demand)")
+    for name, failure in sorted(status.get("failed", {}).items()):
+        click.echo(f"{name:<16} failed    {failure['reason']}")
+        for line in failure["log_tail"][-5:]:
+            click.echo(f"    {line}")
+    for line in router_status_lines(status["router"]):
+        click.echo(line)
 
 
 @main.command()
@@ -153,8 +205,10 @@ def logs(settings: Settings, profile: str, follow: bool, lines: int) -> None:
     from llamactl.supervisor.logs import follow as follow_file
     from llamactl.supervisor.state import tail_lines
 
-    sup = _supervisor(settings)
-    path = sup.log_path(profile)
+    from llamactl.control import try_daemon
+
+    client = try_daemon(settings)
+    path = client.logs_path(profile) if client is not None else _supervisor(settings).log_path(profile)
     if not path.exists():
         raise click.ClickException(f"no log for '{profile}' at {path}; has it been started?")
     for line in tail_lines(path, lines, max_bytes=max(64 * 1024, lines * 512)):

@@ -15,14 +15,18 @@ from llamactl.settings import Settings
 @click.option("--port", type=int, default=None, help="Port to bind (default: LLAMACTL_ROUTER_PORT or 8080).")
 @click.option("--profile", "profiles", multiple=True,
               help="Serve only these profiles (their switch groups come along). Default: every valid profile.")
+@click.option("--preload", "preload", multiple=True,
+              help="Load these profiles before telling systemd READY (default: LLAMACTL_PRELOAD, comma-separated).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_obj
 def serve_command(settings: Settings, host: str | None, port: int | None, profiles: tuple[str, ...],
-                  log_level: str) -> None:
-    """Serve one OpenAI-compatible endpoint in front of the profiles; engines load on demand."""
+                  preload: tuple[str, ...], log_level: str) -> None:
+    """Run the daemon: one OpenAI-compatible endpoint in front of the profiles, engines supervised
+    (restarted on crash or hang), a control socket for up/down/switch/status/logs, sd_notify.
+    Engines load on demand, except --preload ones. SIGTERM drains and stops; SIGHUP reloads profiles."""
     from llamactl.service import serve
 
-    serve(settings, host=host, port=port, profiles=profiles, log_level=log_level)
+    sys.exit(serve(settings, host=host, port=port, profiles=profiles, preload=preload, log_level=log_level))
 
 
 @click.command()
@@ -33,6 +37,15 @@ def serve_command(settings: Settings, host: str | None, port: int | None, profil
 @click.pass_obj
 def switch_command(settings: Settings, group: str, member: str, url: str | None, timeout_s: float) -> None:
     """Force MEMBER of switch GROUP to serve (MEMBER 'auto' hands it back to the policy)."""
+    if url is None:
+        from llamactl.control import try_daemon
+
+        client = try_daemon(settings)
+        if client is not None:
+            status = client.switch(group, member, timeout_s)
+            forced = "automatic" if status["forced"] is None else f"forced to {status['forced']}"
+            click.echo(f"{status['lane']}: active {status['active']} ({status['state']}, {forced})")
+            return
     base = url or f"http://127.0.0.1:{settings.router_port}"
     try:
         r = httpx.post(f"{base}/llamactl/switch", json={"group": group, "member": member, "timeout_s": timeout_s},

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     api_key_file: Path | None = Field(default=None, description="File with one API key per line (# comments).")
     allow_insecure_bind: bool = Field(default=False, description="Allow a non-loopback bind without API keys.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    # Daemon (`llamactl serve`): see llamactl/service.py
+    preload: str = Field(default="", description="Comma-separated profiles loaded before READY=1 (`serve --preload`).")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="On SIGTERM, wait this long for requests in flight.")
+    health_interval_s: float = Field(default=5.0, gt=0, description="How often a served child's /health is probed.")
+    health_timeout_s: float = Field(default=3.0, gt=0, description="A /health probe slower than this failed.")
+    hang_probes: int = Field(default=3, ge=1, description="Failed probes in a row (process alive) that mean hung.")
+    restart_base_delay_s: float = Field(default=1.0, ge=0, description="First restart delay; doubles per crash.")
+    restart_max_delay_s: float = Field(default=60.0, ge=0, description="Longest restart delay.")
+    restart_max_crashes: int = Field(default=5, ge=1, description="Crashes within restart_window_s that mean failed.")
+    restart_window_s: float = Field(default=300.0, gt=0, description="The crash-loop window.")
+    relay_child_logs: bool = Field(default=True, description="Copy children's log lines into the daemon's log.")
 
     @property
     def state_dir(self) -> Path:

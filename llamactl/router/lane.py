@@ -171,6 +171,29 @@ class Lane:
         async with asyncio.timeout(timeout_s):
             await fut
 
+    def engine_down(self, profile: str) -> None:
+        """The service saw `profile`'s engine die or hang: the next grant asks the backends again
+        (which restart it, after their backoff)."""
+        if self.upstreams.pop(profile, None) is not None:
+            self._changed()
+
+    def mark_failed(self, profile: str, error: Exception) -> None:
+        """The service gave up on `profile` (a crash loop): fail what waits for it, with the reason."""
+        self.upstreams.pop(profile, None)
+        if profile == self.active or self.forced == profile:
+            self._fail_start(profile, error)
+        else:
+            self._changed()
+
+    async def unload(self, profile: str) -> None:
+        """Stop `profile` now (`llamactl down` on a daemon); a later request loads it again."""
+        if self.forced == profile:
+            self.forced = None
+        await self._stop(profile, "down")
+        if profile == self.active:
+            self.state = "unloaded"
+        self._changed()
+
     def status(self) -> dict[str, Any]:
         d = self.last_decision
         return {

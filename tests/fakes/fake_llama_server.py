@@ -10,6 +10,11 @@ Behaviour is chosen by FAKE_LLAMA_MODE (set through the profile's `env`):
   port_taken_once first start reports a bind failure (creates FAKE_STATE_FILE), later starts are normal
   port_taken      every start reports a bind failure
   grandchild      becomes ready after starting a grandchild process in the same process group
+  hang_later      becomes ready, then after FAKE_HANG_AFTER_S seconds stops answering (process lives)
+  oom             prints a CUDA out-of-memory line while loading and exits 1
+With --api-key-file, every request but /health needs "Authorization: Bearer <key>" (else 401), as in
+llama-server. POST requests with "stream": true get SSE chunks (chunked transfer encoding, so a kill
+mid-stream is a broken response); a "fake" object in the body sets "tokens" and "delay_s".
 Only the standard library is used, so it runs under any python3.
 """
 
@@ -33,6 +38,7 @@ HELP = """usage: llama-server [options]
 --host HOST                    ip address to listen (default: 127.0.0.1)
 --port PORT                    port to listen (default: 8080)
 --api-key KEY                  API key
+--api-key-file FNAME           path to file containing API keys
 -c,    --ctx-size N            size of the prompt context
 -np,   --parallel N            number of server slots
 -ngl,  --gpu-layers N          max. number of layers to store in VRAM
@@ -54,7 +60,18 @@ def arg_value(flag: str, default: str | None = None) -> str | None:
 
 class Handler(BaseHTTPRequestHandler):
     ready = threading.Event()
+    hung = threading.Event()
     mode = "normal"
+    api_key: str | None = None
+    protocol_version = "HTTP/1.1"
+
+    def _authorised(self) -> bool:
+        if self.api_key is None or self.path.startswith("/health"):
+            return True
+        if self.headers.get("Authorization", "") == f"Bearer {self.api_key}":
+            return True
+        self._json(401, {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}})
+        return False
 
     def log_message(self, fmt: str, *args: object) -> None:
         print("srv  log_server_r: " + fmt % args, flush=True)
@@ -68,8 +85,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        if self.mode == "hang":
+        if self.mode == "hang" or self.hung.is_set():
             time.sleep(3600)
+            return
+        if not self._authorised():
             return
         if not self.ready.is_set():
             self._json(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
@@ -82,9 +101,43 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
-        self.rfile.read(length)
+        raw = self.rfile.read(length)
+        if self.hung.is_set():
+            time.sleep(3600)
+            return
+        if not self._authorised():
+            return
+        try:
+            request = json.loads(raw or b"{}")
+        except ValueError:
+            request = {}
+        if isinstance(request, dict) and request.get("stream"):
+            self._stream(request)
+            return
         self._json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "fake"}}],
                          "timings": {"predicted_n": 1}})
+
+
+    def _stream(self, request: dict) -> None:
+        fake = request.get("fake") or {}
+        tokens, delay = int(fake.get("tokens", 8)), float(fake.get("delay_s", 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def chunk(data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        for i in range(tokens):
+            payload = {"choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+            chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
+            if delay:
+                time.sleep(delay)
+        chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
 
 
 def main() -> int:
@@ -99,6 +152,14 @@ def main() -> int:
     host = arg_value("--host", "127.0.0.1")
     print(f"fake llama-server pid {os.getpid()} mode {mode}", flush=True)
 
+    key_file = arg_value("--api-key-file")
+    if key_file:
+        Handler.api_key = open(key_file).read().strip()
+    if mode == "oom":
+        time.sleep(0.2)
+        print("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000.00 MiB on device 0: "
+              "cudaMalloc failed: out of memory", flush=True)
+        return 1
     if mode == "crash_on_start":
         time.sleep(float(os.environ.get("FAKE_CRASH_DELAY_S", "0.2")))
         print(os.environ.get("FAKE_CRASH_MESSAGE", "gguf_init_from_file: failed to open GGUF file 'x.gguf'"),
@@ -126,6 +187,10 @@ def main() -> int:
     time.sleep(float(os.environ.get("FAKE_LOAD_S", "0")))
     Handler.ready.set()
     print(f"main: server is listening on http://{host}:{port}", flush=True)
+    if mode == "hang_later":
+        time.sleep(float(os.environ.get("FAKE_HANG_AFTER_S", "1")))
+        print("hanging now", flush=True)
+        Handler.hung.set()
     if mode == "crash_later":
         time.sleep(float(os.environ.get("FAKE_CRASH_AFTER_S", "1")))
         print("GGML_ASSERT failed: crash", flush=True)
