@@ -127,18 +127,21 @@ class FakeBackend:
                 self.counters.concurrent -= 1
 
     async def _complete(self, path: str, request: dict[str, Any], receive, send) -> None:
-        fake = request.get("fake") or {}
-        temperature = float(request.get("temperature", 0.8))
-        with self._lock:
-            self.counters.temperatures.append(temperature)
-        if fake.get("hold"):
-            await asyncio.to_thread(self.gate.wait, 10)
-        if "status" in fake:
-            status = int(fake["status"])
-            return await self._json(send, status, {"error": {"code": status, "message": "fake failure", "type": "server_error"}})
-        n = int(fake.get("tokens", request.get("max_tokens", request.get("n_predict", self.config.default_tokens))))
-        delay = float(fake.get("delay_s", self.config.delay_s))
-        crash_after = fake.get("crash_after")
+        try:  # wrong types get a 400, as llama-server answers them (the fuzz tests send anything)
+            fake = request.get("fake") or {}
+            temperature = float(request.get("temperature", 0.8))
+            with self._lock:
+                self.counters.temperatures.append(temperature)
+            if fake.get("hold"):
+                await asyncio.to_thread(self.gate.wait, 10)
+            if "status" in fake:
+                status = int(fake["status"])
+                return await self._json(send, status, {"error": {"code": status, "message": "fake failure", "type": "server_error"}})
+            n = int(fake.get("tokens", request.get("max_tokens", request.get("n_predict", self.config.default_tokens))))
+            delay = float(fake.get("delay_s", self.config.delay_s))
+            crash_after = fake.get("crash_after")
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            return await self._json(send, 400, {"error": {"code": 400, "message": f"bad request: {e}", "type": "invalid_request_error"}})
         model = self.config.name
         timings = self.timings(n, temperature)
         if not request.get("stream"):
