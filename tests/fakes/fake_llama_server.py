@@ -74,8 +74,6 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def log_message(self, fmt: str, *args: object) -> None:
-        if self.path.startswith("/health"):
-            return  # llama-server does not log health checks either
         print("srv  log_server_r: " + fmt % args, flush=True)
 
     def _json(self, code: int, body: object) -> None:
