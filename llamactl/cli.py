@@ -154,7 +154,8 @@ def status(settings: Settings, as_json: bool) -> None:
         return
     rows = [s.to_json() for s in _supervisor(settings).status()]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        # the same shape as with a daemon, so scripts read one format
+        click.echo(json.dumps({"daemon": None, "servers": rows, "failed": {}, "router": None}, indent=2))
         return
     if not rows:
         click.echo("no servers running")

@@ -32,13 +32,13 @@ def test_up_status_logs_down_with_the_fake_engine(run, settings, fake_profile, m
     assert "ready at http://127.0.0.1:" in up.output
     again = run("up", name)
     assert "already running" in again.output
-    [row] = json.loads(run("status", "--json").output)
+    [row] = json.loads(run("status", "--json").output)["servers"]
     assert row["state"] == "ready" and row["profile"] == name
     assert "PROFILE" in run("status").output
     assert "server is listening" in run("logs", name).output
     assert f"stopped {name}" in run("down", name).output
     assert "was not running" in run("down", name).output
-    assert json.loads(run("status", "--json").output) == []
+    assert json.loads(run("status", "--json").output)["servers"] == []
 
 
 def test_start_failure_exits_non_zero_with_cause_and_log_tail(run, settings, fake_profile, monkeypatch):

@@ -53,7 +53,7 @@ def test_up_chat_status_down(engine, write_profile, gemma_path, home):
     name = gemma_profile(write_profile, engine, gemma_path, "coding")
     up = llamactl("up", name)
     assert "ready at http://127.0.0.1:" in up.stdout
-    [row] = json.loads(llamactl("status", "--json").stdout)
+    [row] = json.loads(llamactl("status", "--json").stdout)["servers"]
     assert row["profile"] == name and row["state"] == "ready" and row["engine"] == engine
     assert row["rss_mib"] > 50  # the model is really loaded
     reply = httpx.post(f"{row['url']}/v1/chat/completions", timeout=120, json={
@@ -65,7 +65,7 @@ def test_up_chat_status_down(engine, write_profile, gemma_path, home):
     down = llamactl("down", name)
     assert f"stopped {name}" in down.stdout
     assert not psutil.pid_exists(row["pid"]) or psutil.Process(row["pid"]).status() == psutil.STATUS_ZOMBIE
-    assert json.loads(llamactl("status", "--json").stdout) == []
+    assert json.loads(llamactl("status", "--json").stdout)["servers"] == []
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(row["port"]) in (p.info["cmdline"] or [])]
     assert leftovers == []
 
@@ -96,7 +96,7 @@ def test_speculation_really_drafts(engine, kind, write_profile, gemma_path):
     name = gemma_profile(write_profile, engine, gemma_path, f"spec-{kind}", "parallel = 1\n" + body)
     llamactl("up", name)
     try:
-        [row] = json.loads(llamactl("status", "--json").stdout)
+        [row] = json.loads(llamactl("status", "--json").stdout)["servers"]
         assert _drafted_tokens(engine, row["url"], row["log"]) > 0
     finally:
         llamactl("down", name)
@@ -110,7 +110,7 @@ def test_truncated_model_is_reported_as_unreadable(engine, write_profile, gemma_
     done = llamactl("up", name, check=False)
     assert done.returncode == 4, done.stderr
     assert "model file unreadable" in done.stderr and "last log lines" in done.stderr
-    assert json.loads(llamactl("status", "--json").stdout) == []
+    assert json.loads(llamactl("status", "--json").stdout)["servers"] == []
 
 
 def test_bad_flag_value_is_reported_as_bad_flag(write_profile, gemma_path, monkeypatch, home):
@@ -118,4 +118,4 @@ def test_bad_flag_value_is_reported_as_bad_flag(write_profile, gemma_path, monke
     name = gemma_profile(write_profile, "llama.cpp", gemma_path, "badflag", 'extra_args = ["--spec-type", "bogus"]')
     done = llamactl("up", name, check=False)
     assert done.returncode == 4 and "bad flag" in done.stderr, done.stderr
-    assert json.loads(llamactl("status", "--json").stdout) == []
+    assert json.loads(llamactl("status", "--json").stdout)["servers"] == []
