@@ -64,6 +64,12 @@ class _Model:
         dtype = dtype or (self.wtype if len(ne) > 1 else F32)
         self.tensors.append((name, tuple(ne), dtype))
 
+    def swiglu_ffn(self, i: int, n_embd: int, n_ff: int) -> None:
+        """Layer i's gate / up / down feed-forward tensors (llama, gemma3, deepseek2 dense, hybrid)."""
+        self.t(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
+        self.t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
+        self.t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
+
     def write(self, n_vocab: int) -> None:
         _vocab(self.w, n_vocab)
         for name, ne, dtype in self.tensors:
@@ -100,9 +106,7 @@ def write_llama(path: Path, *, n_layer: int = 4, n_embd: int = 256, n_head: int 
         m.t(f"blk.{i}.attn_v.weight", n_embd, head * kv_heads[i])
         m.t(f"blk.{i}.attn_output.weight", n_embd, n_embd)
         m.t(f"blk.{i}.ffn_norm.weight", n_embd)
-        m.t(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
-        m.t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
-        m.t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
+        m.swiglu_ffn(i, n_embd, n_ff)
     m.write(n_vocab)
     return path
 
@@ -134,9 +138,7 @@ def write_gemma3(path: Path, *, n_layer: int = 12, n_embd: int = 256, n_head: in
         m.t(f"blk.{i}.attn_k_norm.weight", head_dim)
         m.t(f"blk.{i}.attn_q_norm.weight", head_dim)
         m.t(f"blk.{i}.ffn_norm.weight", n_embd)
-        m.t(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
-        m.t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
-        m.t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
+        m.swiglu_ffn(i, n_embd, n_ff)
         m.t(f"blk.{i}.post_ffw_norm.weight", n_embd)
     m.write(n_vocab)
     return path
@@ -182,9 +184,7 @@ def write_deepseek2(path: Path, *, n_layer: int = 4, n_embd: int = 256, n_head: 
         m.t(f"blk.{i}.attn_v_b.weight", kv_lora_rank, v_head, n_head)
         m.t(f"blk.{i}.attn_output.weight", n_head * v_head, n_embd)
         m.t(f"blk.{i}.ffn_norm.weight", n_embd)
-        m.t(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
-        m.t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
-        m.t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
+        m.swiglu_ffn(i, n_embd, n_ff)
     m.write(n_vocab)
     return path
 
@@ -233,9 +233,7 @@ def write_granitehybrid(path: Path, *, n_layer: int = 6, attn_every: int = 3, n_
             m.t(f"blk.{i}.attn_v.weight", n_embd, head * kv_heads[i])
             m.t(f"blk.{i}.attn_output.weight", n_embd, n_embd)
         m.t(f"blk.{i}.ffn_norm.weight", n_embd)
-        m.t(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
-        m.t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
-        m.t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
+        m.swiglu_ffn(i, n_embd, n_ff)
     m.write(n_vocab)
     return path
 
