@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from llamactl.engines import build_launch, probe
+from llamactl.engines import Capabilities, build_launch, probe
 from llamactl.engines.binaries import find_binary
 from llamactl.engines.common import LaunchInputs
 from llamactl.engines.logs import classify_exit
@@ -113,7 +114,7 @@ class Supervisor:
 
     # -- start -----------------------------------------------------------------------------------
 
-    def prepare(self, profile: Profile) -> tuple[LaunchInputs, object]:
+    def prepare(self, profile: Profile) -> tuple[LaunchInputs, Capabilities]:
         """Everything that can fail before a process exists: binary, flags, model files, context."""
         where = str(profile.source or profile.name)
         found = find_binary(profile.engine, self.settings, profile.binary)
@@ -148,9 +149,8 @@ class Supervisor:
     def _start_once(self, profile: Profile, inputs: LaunchInputs, caps, api_key: str | None,
                     on_tick: Callable[[], None] | None) -> ServerRecord:
         port = free_port()
-        inputs = LaunchInputs(binary=inputs.binary, model_path=inputs.model_path, port=port,
-                              draft_model_path=inputs.draft_model_path,
-                              api_key_file=self.store.write_key(profile.name, api_key) if api_key else None)
+        inputs = dataclasses.replace(
+            inputs, port=port, api_key_file=self.store.write_key(profile.name, api_key) if api_key else None)
         spec = build_launch(profile, caps, inputs, self.environ)
         log_path = self.log_path(profile.name)
         rotate_logs(log_path, self.settings.log_backups)
