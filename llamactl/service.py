@@ -44,6 +44,7 @@ from typing import Any
 
 from llamactl import auth
 from llamactl.errors import ConfigError, LlamactlError, ProfileNotFound, StartError
+from llamactl.launch import start_profile
 from llamactl.policy import PolicyConfig
 from llamactl.profiles import Profile, load_all
 from llamactl.router import Backends, LaneConfig, Router, RouterConfig, Upstream, create_app
@@ -210,7 +211,9 @@ class SupervisorBackends:
     async def _start(self, child: _Child):
         profile = self.profiles[child.name]
         try:
-            record = await self._spawner(child.name).run(self.supervisor.start, profile, api_key=auth.new_child_key())
+            # The same plan-then-start path as `llamactl up`: refuse what does not fit, apply the placement.
+            record = await self._spawner(child.name).run(start_profile, self.supervisor, profile,
+                                                         api_key=auth.new_child_key())
         except StartError as e:
             error = with_plan(e, profile, self.settings) if e.cause == "out of memory" else e
             self._start_failed(child, error)
