@@ -91,7 +91,9 @@ def test_a_real_crash_loop_is_detected(settings: Settings, fake_profile):
     for _ in range(5):
         record = sup.start(profile)
         assert gone(record.pid)
-        exit_code = psutil.Process(record.pid).wait(0) if psutil.pid_exists(record.pid) else None
+        # A zombie leader can show before its other threads are gone, and its pidfd only fires then:
+        # a blocking wait, not wait(0), collects the exit code.
+        exit_code = psutil.Process(record.pid).wait(timeout=10) if psutil.pid_exists(record.pid) else None
         lines = (Path(record.log_path).read_text().splitlines())
         d = tracker.on_exit(time.monotonic(), uptime_s=time.time() - record.started_at,
                             reason=exit_reason(exit_code), log_tail=lines)
