@@ -202,8 +202,8 @@ def capacities(gpus: list[DeviceSlot], reserved: dict[str, int], margin_mib: int
 
 def auto_counts(load: ModelLoad, gpus: list[DeviceSlot], caps: list[int], ngl: int) -> list[int] | None:
     """Whole-layer counts per GPU for the last `ngl` layers (output included), balancing headroom:
-    the smallest fill ratio r such that filling each GPU in order up to r * capacity, with the
-    last one taking the rest, fits. None if even r = 1 does not fit."""
+    the smallest fill ratio r such that filling each GPU in order up to r * capacity leaves a rest
+    that also fits in r * capacity of the last one. None if even r = 1 does not fit."""
     n = load.n_layer
     first = max(n + 1 - ngl, 0)
     costs = [load.layer_cost[il] for il in range(first, n)] + [load.spec.output_bytes + load.compute_output]
@@ -217,7 +217,7 @@ def auto_counts(load: ModelLoad, gpus: list[DeviceSlot], caps: list[int], ngl: i
         for d, cap in enumerate(caps):
             if d == len(caps) - 1:
                 rest = costs[i:]
-                if sum(rest) + base > cap:
+                if sum(rest) + base > r * cap:
                     return None
                 counts.append(len(rest))
                 return counts
