@@ -84,6 +84,9 @@ def router_status_lines(status: dict) -> list[str]:
         head = (f"{lane['lane']}: active {lane['active']} [{lane['state']}, {mode}] "
                 f"queue {lane['queue_depth']} in flight {lane['in_flight']}")
         lines.append(head)
+        if lane["group"] and lane.get("warm_reason"):
+            switch = "warm (both members stay loaded)" if lane["keep_both_warm"] else "hard (stop, then start)"
+            lines.append(f"  switch: {switch}: {lane['warm_reason']}")
         decision = lane.get("last_decision")
         if lane["group"] and decision:
             lines.append(f"  last decision ({decision['age_s']:.0f}s ago): {decision['reason']}")

@@ -48,6 +48,7 @@ from llamactl.launch import start_profile
 from llamactl.policy import PolicyConfig
 from llamactl.profiles import Profile, load_all
 from llamactl.router import Backends, LaneConfig, Router, RouterConfig, Upstream, create_app
+from llamactl.router.lane import Lane
 from llamactl.settings import Settings
 
 log = logging.getLogger("llamactl.service")
@@ -396,7 +397,7 @@ def router_config(settings: Settings) -> RouterConfig:
         max_queue=settings.router_max_queue,
         queue_timeout_s=settings.router_queue_timeout_s,
         idle_ttl_s=settings.router_idle_ttl_s,
-        keep_both_warm=settings.router_keep_both_warm,
+        keep_both_warm=settings.router_keep_both_warm is True,
         policy=PolicyConfig(min_dwell_s=settings.router_min_dwell_s),
     ), max_body_bytes=settings.max_body_bytes)
 
@@ -431,7 +432,25 @@ def build_router(settings: Settings, profiles: dict[str, Profile], backends: Bac
         from llamactl.supervisor import Supervisor
 
         backends = SupervisorBackends(Supervisor(settings, die_with_parent=True), profiles, settings)
-    return Router(profiles.values(), backends, router_config(settings))
+    router = Router(profiles.values(), backends, router_config(settings))
+    if settings.router_keep_both_warm == "auto":
+        for lane in router.lanes.values():
+            if lane.spec.is_group:
+                decide_warm(lane, [profiles[m] for m in lane.spec.members], settings)
+    return router
+
+
+def decide_warm(lane: Lane, members: list[Profile], settings: Settings) -> None:
+    """Keep a switch group's members both running when the memory plan says they fit together
+    (a switch is then a drain, not a restart); otherwise a switch stops one before starting the other."""
+    from llamactl.plan import fit_together
+
+    try:
+        lane.keep_both_warm, why = fit_together(members, settings)
+    except Exception as e:  # noqa: BLE001 - no plan (model missing, NVML error): the safe choice
+        lane.keep_both_warm, why = False, f"no memory plan ({getattr(e, 'message', e)})"
+    lane.warm_reason = why
+    log.info("lane %s: %s switch: %s", lane.name, "warm" if lane.keep_both_warm else "hard", why)
 
 
 def lane_of(router: Router, profile: str):
@@ -579,7 +598,7 @@ class Service:
             self.notifier.status(f"{name} failed: {error.message.splitlines()[0]}")
 
         backends = SupervisorBackends(supervisor, self.profiles, settings, on_down=on_down, on_failed=on_failed)
-        router = Router(self.profiles.values(), backends, router_config(settings))
+        router = build_router(settings, self.profiles, backends)
         router.config.stop_on_shutdown = True
         url = f"http://{self.host}:{self.port}"
         control = DaemonControl(router, backends, url=url)

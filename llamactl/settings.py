@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,7 +43,9 @@ class Settings(BaseSettings):
     router_max_queue: int = Field(default=64, ge=1, description="Requests waiting per lane before 429.")
     router_queue_timeout_s: float = Field(default=300.0, gt=0, description="Longest wait in a lane's queue.")
     router_idle_ttl_s: float = Field(default=0.0, ge=0, description="Unload a lane idle this long (0: never).")
-    router_keep_both_warm: bool = Field(default=False, description="Switch without stopping the other member.")
+    router_keep_both_warm: bool | Literal["auto"] = Field(
+        default="auto", description="Switch without stopping the other member: auto = when the memory plan says "
+                                    "both members fit together; true / false = always / never.")
     router_min_dwell_s: float = Field(default=10.0, ge=0, description="Least time on a member before a switch.")
     log_backups: int = 5
     # Security (`llamactl serve`): see llamactl/auth.py

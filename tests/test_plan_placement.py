@@ -39,7 +39,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def prof(model: Path, **kw) -> Profile:
     kw.setdefault("ctx_size", 32768)
-    return Profile(name="t", model=str(model), **kw)
+    kw.setdefault("name", "t")
+    return Profile(model=str(model), **kw)
 
 
 def check_consistent(plan) -> None:
@@ -273,3 +274,46 @@ def test_when_no_single_change_fits_a_combination_is_offered(models) -> None:
     s = plan.suggestions[0]
     assert " and " in s.change and "n_gpu_layers" in s.update
     assert plan_profile(base.model_copy(update=s.update), target, box("24_12")).fits
+
+
+def test_remaining_takes_each_device_use_out_of_its_free_memory(models) -> None:
+    inventory = box("2x24")
+    plan = plan_profile(prof(models["70b_q4"], ctx_size=8192), load_spec(models["70b_q4"]), inventory)
+    assert plan.fits and len(plan.gpus) == 2
+    left = plan.remaining()
+    for use in plan.uses:
+        if use.device.is_gpu:
+            before = inventory.by_index(use.device.gpu_index).free_mib
+            assert left.by_index(use.device.gpu_index).free_mib == before - -(-use.total // MIB)
+    assert left.host_free_mib == inventory.host_free_mib - -(-sum(u.total for u in plan.uses if not u.device.is_gpu) // MIB)
+    assert inventory.gpus[0].free_mib > left.gpus[0].free_mib  # the input inventory is not changed
+
+
+def test_two_members_fit_together_only_where_there_is_room_for_both(models, settings) -> None:
+    from llamactl.plan import fit_together
+
+    spec = prof(models["30b_q4"], name="m-spec", group="m", speculation=Speculation(type="ngram-mod"))
+    plain = prof(models["30b_q4"], name="m-plain", group="m")
+    fits, why = fit_together([spec, plain], settings, probe=FileProbe(FAKES / "gpus_2x24.json"))
+    assert fits, why
+    assert why.startswith("m-spec + m-plain fit together (") and "MiB free on CUDA1" in why
+    fits, why = fit_together([spec, plain], settings, probe=FileProbe(FAKES / "gpus_1x24.json"))
+    assert not fits
+    assert why.startswith("'m-plain' does not fit beside m-spec (CUDA0 short by ")
+    alone, _ = fit_together([plain], settings, probe=FileProbe(FAKES / "gpus_1x24.json"))
+    assert alone  # each fits on its own: it is the pair that does not
+
+
+@pytest.mark.parametrize("name, gpus", [("2x24", None), ("4x80", [0, 1]), ("4x80", [0, 1, 2, 3])])
+def test_auto_split_balances_the_free_memory_left_on_each_card(models, name, gpus) -> None:
+    """No card is packed while another stays nearly empty: the fullest card is at most one layer
+    fuller (as a share of its capacity) than the emptiest."""
+    plan = plan_profile(prof(models["70b_q4"], ctx_size=8192, gpus=gpus), load_spec(models["70b_q4"]), box(name))
+    check_consistent(plan)
+    assert plan.fits, plan.text()
+    used = [u for u in plan.uses if u.device.is_gpu and u.layers]
+    assert len(used) >= 2 and all(u.layers for u in used)
+    ratios = [u.total / (u.device.free_mib * MIB) for u in used]
+    one_layer = max(u.weights / max(1, len([i for i in u.layers if i < plan.target.n_layer])) for u in used)
+    slack = max(one_layer / (u.device.free_mib * MIB) for u in used)
+    assert max(ratios) - min(ratios) <= 2 * slack, (ratios, plan.tensor_split)

@@ -44,6 +44,36 @@ def plan_for_launch(profile: Profile, settings: Settings, gpus_file: Path | None
     return plan
 
 
+class _Known:
+    """A probe that answers with an inventory already in hand."""
+
+    def __init__(self, inventory: GpuInventory) -> None:
+        self.inventory = inventory
+
+    def probe(self) -> GpuInventory:
+        return self.inventory
+
+
+def fit_together(profiles: list[Profile], settings: Settings, gpus_file: Path | None = None, *,
+                 probe: GpuProbe | None = None, margin_mib: int = DEFAULT_MARGIN_MIB) -> tuple[bool, str]:
+    """Whether all `profiles` can run at once: each is planned on what the ones before it leave free.
+    Returns (fits, why) with the device that runs out when it does not."""
+    inventory = probe_gpus(gpus_file, settings, probe)
+    placed: list[str] = []
+    for profile in profiles:
+        plan = plan_for_launch(profile, settings, probe=_Known(inventory), margin_mib=margin_mib, with_argv=False)
+        if not plan.fits:
+            short = ", ".join(f"{u.device.key} short by {-(-plan.shortfall(u) // (1 << 20))} MiB"
+                              for u in plan.uses if plan.shortfall(u)) or "; ".join(plan.problems)
+            beside = f" beside {', '.join(placed)}" if placed else ""
+            return False, f"'{profile.name}' does not fit{beside} ({short})"
+        inventory = plan.remaining()
+        placed.append(profile.name)
+    free = ", ".join(f"{g.free_mib} MiB free on CUDA{g.index}" for g in inventory.gpus) or (
+        f"{inventory.host_free_mib} MiB of host RAM free" if inventory.host_free_mib is not None else "")
+    return True, f"{' + '.join(placed)} fit together" + (f" ({free} left)" if free else "")
+
+
 def engine_argv(plan: Plan, settings: Settings) -> list[str] | None:
     from llamactl.engines import preview_argv
     from llamactl.engines.common import gpu_env
@@ -60,6 +90,6 @@ def engine_argv(plan: Plan, settings: Settings) -> list[str] | None:
 
 __all__ = [
     "DEFAULT_MARGIN_MIB", "GPU_OVERHEAD_MIB", "ContextParams", "GpuInventory", "ModelSpec", "Plan", "Suggestion",
-    "compute_bytes", "estimate_model", "kv_bytes_per_layer", "load_spec", "plan_for_launch", "plan_profile",
+    "compute_bytes", "estimate_model", "fit_together", "kv_bytes_per_layer", "load_spec", "plan_for_launch", "plan_profile",
     "resolve_ctx", "spec_from_gguf",
 ]

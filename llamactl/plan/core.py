@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llamactl.gpus import GpuInventory
@@ -151,6 +151,14 @@ class Plan:
                 "draft_n_gpu_layers": self.draft_n_gpu_layers if self.gpus else 0,
             })
         return over
+
+    def remaining(self) -> GpuInventory:
+        """The inventory as it would be with this plan running: each device's free memory less its use."""
+        used = {u.device.key: -(-u.total // MIB) for u in self.uses}  # MiB, rounded up
+        inv = self.inventory
+        gpus = tuple(replace(g, free_mib=max(0, g.free_mib - used.get(f"CUDA{g.index}", 0))) for g in inv.gpus)
+        host_free = None if inv.host_free_mib is None else max(0, inv.host_free_mib - used.get(CPU, 0))
+        return replace(inv, gpus=gpus, host_free_mib=host_free)
 
     # -------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

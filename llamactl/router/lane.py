@@ -33,7 +33,7 @@ class LaneConfig:
     max_queue: int = 64
     queue_timeout_s: float = 300.0
     idle_ttl_s: float = 0.0  # 0: never unload when idle
-    keep_both_warm: bool = False  # switch without stopping the other member (when both fit)
+    keep_both_warm: bool = False  # switch without stopping the other member (the service sets it per lane)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
@@ -61,6 +61,8 @@ class Lane:
         self.backends = backends
         self.telemetry = telemetry
         self.config = config
+        self.keep_both_warm = config.keep_both_warm
+        self.warm_reason = "set by configuration"
         self.clock = clock
         self.queue: deque[Ticket] = deque()
         self.in_flight = 0
@@ -208,6 +210,8 @@ class Lane:
             "queue_depth": sum(1 for t in self.queue if t.waiting),
             "in_flight": self.in_flight,
             "switch_cost_s": self.switch_cost_s,
+            "keep_both_warm": self.keep_both_warm,
+            "warm_reason": self.warm_reason,
             "last_decision": None if d is None else {
                 "target": self.spec.member(d.target), "role": d.target, "switch": d.switch, "reason": d.reason,
                 "expected_seconds": dict(d.seconds),
@@ -327,7 +331,7 @@ class Lane:
         self.active = profile
         self._update_gauges()
         started = self.clock()
-        if switching and not self.config.keep_both_warm:
+        if switching and not self.keep_both_warm:
             await self._stop(old, "switch")  # type: ignore[arg-type]
         try:
             self.telemetry.loads.labels(profile).inc()
