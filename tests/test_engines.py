@@ -200,6 +200,24 @@ def test_classify_exit(line, cause):
     assert classify_exit(["loading...", line]).cause == cause
 
 
+def test_classify_exit_finds_the_cause_before_its_consequences():
+    """llama-server's real sequence after a failed allocation: the newest lines say "failed to load model"
+    (which alone means an unreadable file); the cause is the allocation failure above them."""
+    log = [
+        "llama_model_load: loading model tensors, this can take a while...",
+        "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000.00 MiB on device 0: cudaMalloc failed: "
+        "out of memory",
+        "llama_model_load: error loading model: unable to allocate CUDA0 buffer",
+        "llama_model_load_from_file_impl: failed to load model",
+        "srv    load_model: failed to load model, '/models/big.gguf'",
+        "main: exiting due to model loading error",
+    ]
+    exit_cause = classify_exit(log)
+    assert exit_cause.cause == "out of memory"
+    assert exit_cause.line == "llama_model_load: error loading model: unable to allocate CUDA0 buffer"
+    assert classify_exit(log[3:]).cause == "model file unreadable"
+
+
 def test_parse_acceptance_both_forks():
     ik_line = "draft acceptance rate = 0.62500 (   10 accepted /    16 generated)"
     ml_line = "slot print_timing: draft acceptance = 0.75000 (    6 accepted /     8 generated), mean len =  2.00"

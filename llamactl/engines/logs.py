@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# (cause, what to do, patterns) - first match wins, searched from the newest line backwards.
+# (cause, what to do, patterns), root causes first: the first cause with a matching line wins. The order
+# matters because an engine reports consequences after the cause (an allocation failure is followed by
+# "failed to load model", which alone would mean an unreadable file).
 EXIT_CAUSES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("port in use", "another process took the port; llamactl retries with a new one",
      ("couldn't bind", "address already in use", "bind to server socket")),
@@ -33,10 +35,11 @@ class ExitCause:
 
 
 def classify_exit(lines: list[str]) -> ExitCause:
-    """Why did the engine exit during start? Looks at its log lines, newest first."""
-    for line in reversed(lines):
-        low = line.lower()
-        for cause, hint, patterns in EXIT_CAUSES:
+    """Why did the engine exit during start? The first cause (in EXIT_CAUSES order) found in its log lines,
+    quoting the newest line that shows it."""
+    lowered = [line.lower() for line in reversed(lines)]
+    for cause, hint, patterns in EXIT_CAUSES:
+        for low, line in zip(lowered, reversed(lines)):
             if any(p in low for p in patterns):
                 return ExitCause(cause, hint, line.strip())
     return ExitCause("exited", "read the log lines below; `llamactl logs PROFILE` has the whole log", None)

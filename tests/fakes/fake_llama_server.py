@@ -159,6 +159,12 @@ def main() -> int:
         time.sleep(0.2)
         print("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000.00 MiB on device 0: "
               "cudaMalloc failed: out of memory", flush=True)
+        # what llama-server prints after it, up to the exit (the consequences of the failed allocation)
+        print("llama_model_load: error loading model: unable to allocate CUDA0 buffer", flush=True)
+        print("llama_model_load_from_file_impl: failed to load model", flush=True)
+        print(f"srv    load_model: failed to load model, '{arg_value('-m', 'x.gguf')}'", flush=True)
+        print("srv    operator(): operator(): cleaning up before exit...", flush=True)
+        print("main: exiting due to model loading error", flush=True)
         return 1
     if mode == "crash_on_start":
         time.sleep(float(os.environ.get("FAKE_CRASH_DELAY_S", "0.2")))
