@@ -5,8 +5,10 @@ One run, one router, one switch group per policy, each with the same two members
 (ngram-mod, no draft model) and a plain one:
   always-spec   group forced to its speculative member (`llamactl switch G G-spec`)
   always-plain  group forced to its plain member
-  auto          the switching policy, hard switch (drain, stop one, start the other)
-  auto-warm     the switching policy with both members kept running (LLAMACTL_ROUTER_KEEP_BOTH_WARM)
+  auto          the switching policy as `llamactl serve` runs it by default: both members kept loaded
+                when the memory plan says they fit together (they do here), else a hard switch
+  auto-hard     the switching policy with a hard switch (drain, stop one, start the other), what a box
+                without room for both members gets (LLAMACTL_ROUTER_KEEP_BOTH_WARM=false)
 The workload alternates phases of code-edit prompts at temperature 0 (speculation helps) and creative
 prompts at temperature 1.5 (speculation hurts); each phase is a burst of --requests requests sent at once
 to the group (they queue: one slot per member). Phases are interleaved across policies (phase 1 on every
@@ -60,7 +62,7 @@ CREATIVE_TEMPERATURE = 1.5
 # --creative remix: the same code-heavy context as the code phase, sampled at temperature 1.5 - the case
 # where the reference measured speculation at 0.79x (drafts proposed from the context, mostly rejected).
 REMIX = "Here is some code:\n{code}\nNow play with it: write your own free variation, anything goes:\n{code}\n"
-POLICIES = ("always-spec", "always-plain", "auto", "auto-warm")
+POLICIES = ("always-spec", "always-plain", "auto", "auto-hard")
 
 
 def code_request(i: int, tokens: int) -> dict:
@@ -69,9 +71,9 @@ def code_request(i: int, tokens: int) -> dict:
     return {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
 
 
-def creative_request(i: int, tokens: int, style: str = "prose") -> dict:
+def creative_request(i: int, tokens: int, style: str = "prose", temperature: float = CREATIVE_TEMPERATURE) -> dict:
     prompt = CREATIVE[i % len(CREATIVE)] if style == "prose" else REMIX.format(code=CODE[i % len(CODE)])
-    return {"prompt": prompt, "max_tokens": tokens, "temperature": CREATIVE_TEMPERATURE,
+    return {"prompt": prompt, "max_tokens": tokens, "temperature": temperature,
             "ignore_eos": True, "seed": 1000 + i}
 
 
@@ -120,6 +122,7 @@ def main() -> int:
     parser.add_argument("--min-dwell", type=float, default=5.0)
     parser.add_argument("--creative", choices=("prose", "remix"), default="prose",
                         help="creative phase prompts: rewriting prose, or remixing code (both at temperature 1.5)")
+    parser.add_argument("--creative-temperature", type=float, default=CREATIVE_TEMPERATURE)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -128,7 +131,7 @@ def main() -> int:
     from llamactl.policy import PolicyConfig
     from llamactl.profiles import load_all
     from llamactl.router import LaneConfig, Router, RouterConfig, create_app
-    from llamactl.service import SupervisorBackends
+    from llamactl.service import SupervisorBackends, decide_warm
     from llamactl.settings import Settings
     from llamactl.supervisor import Supervisor
     from tests.fakes.fast_backend import ServerThread
@@ -145,29 +148,30 @@ def main() -> int:
     profiles = {name: p for name, p in profiles.items() if p.group in POLICIES}
     backends = SupervisorBackends(Supervisor(settings, die_with_parent=True), profiles)
     policy = PolicyConfig(min_dwell_s=args.min_dwell)
-    # Two routers over the same supervisor: lanes are per group, keep_both_warm is per router.
-    hard = Router([p for p in profiles.values() if p.group != "auto-warm"], backends,
-                  RouterConfig(lane=LaneConfig(policy=policy, queue_timeout_s=1800)))
-    warm = Router([p for p in profiles.values() if p.group == "auto-warm"], backends,
-                  RouterConfig(lane=LaneConfig(policy=policy, queue_timeout_s=1800, keep_both_warm=True)))
-    servers = {"hard": ServerThread(create_app(hard)), "warm": ServerThread(create_app(warm))}
-    url = {p: servers["warm" if p == "auto-warm" else "hard"].url for p in POLICIES}
+    router = Router(profiles.values(), backends, RouterConfig(lane=LaneConfig(policy=policy, queue_timeout_s=1800)))
+    # `auto` decides from the memory plan, as `llamactl serve` does; `auto-hard` keeps the hard switch.
+    decide_warm(router.lanes["auto"], [profiles["auto-spec"], profiles["auto-plain"]], settings)
+    print(f"auto: {'warm' if router.lanes['auto'].keep_both_warm else 'hard'} switch: "
+          f"{router.lanes['auto'].warm_reason}", flush=True)
+    server = ServerThread(create_app(router))
+    url = {p: server.url for p in POLICIES}
     report: dict = {
         "command": "scripts/bench_switching.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "engine": str(binary.parent.parent.name), "model": gemma.MODEL_NAME,
         "phases": args.phases, "requests_per_phase": args.requests, "tokens_per_request": args.tokens,
+        "auto_switch": ("warm: " if router.lanes["auto"].keep_both_warm else "hard: ") + router.lanes["auto"].warm_reason,
         "per_phase": [], "totals": {},
     }
     try:
         # Warm-up, outside the clock: fixed policies load their member; automatic ones start on spec.
         for policy_name, member in (("always-spec", "spec"), ("always-plain", "plain"), ("auto", "spec"),
-                                    ("auto-warm", "spec")):
+                                    ("auto-hard", "spec")):
             r = httpx.post(f"{url[policy_name]}/llamactl/switch",
                            json={"group": policy_name, "member": f"{policy_name}-{member}"}, timeout=600)
             r.raise_for_status()
             print(f"warm-up: {policy_name} loaded {member}", flush=True)
-        for policy_name in ("auto", "auto-warm"):
+        for policy_name in ("auto", "auto-hard"):
             httpx.post(f"{url[policy_name]}/llamactl/switch", json={"group": policy_name, "member": "auto"},
                        timeout=60).raise_for_status()
         totals = {p: {"tokens": 0, "seconds": 0.0} for p in POLICIES}
@@ -176,7 +180,8 @@ def main() -> int:
             if kind == "code":
                 bodies = [code_request(phase * args.requests + i, args.tokens) for i in range(args.requests)]
             else:
-                bodies = [creative_request(phase * args.requests + i, args.tokens, args.creative)
+                bodies = [creative_request(phase * args.requests + i, args.tokens, args.creative,
+                                           args.creative_temperature)
                           for i in range(args.requests)]
             order = POLICIES[phase % len(POLICIES):] + POLICIES[:phase % len(POLICIES)]
             row: dict = {"phase": phase + 1, "kind": kind}
@@ -200,17 +205,16 @@ def main() -> int:
             t = totals[policy_name]
             report["totals"][policy_name] = {"tokens": t["tokens"], "seconds": round(t["seconds"], 2),
                                              "tok_s": round(t["tokens"] / t["seconds"], 2)}
-        for name, router in (("auto", hard), ("auto-warm", warm)):
+        for name in ("auto", "auto-hard"):
             lane = router.lanes[name]
             report["totals"][name]["switches"] = len(lane.switches)
             report["totals"][name]["switch_seconds"] = [s["seconds"] for s in lane.switches]
             report["totals"][name]["last_decision"] = lane.last_decision.reason if lane.last_decision else None
     finally:
-        for server in servers.values():
-            server.stop()  # each router stops the engines it started
+        server.stop()  # the router stops the engines it started
     print(json.dumps(report["totals"], indent=2))
     best_fixed = max(report["totals"]["always-spec"]["tok_s"], report["totals"]["always-plain"]["tok_s"])
-    for name in ("auto", "auto-warm"):
+    for name in ("auto", "auto-hard"):
         print(f"{name}: {report['totals'][name]['tok_s'] / best_fixed:.3f}x the best fixed policy")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
