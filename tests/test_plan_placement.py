@@ -296,7 +296,7 @@ def test_two_members_fit_together_only_where_there_is_room_for_both(models, sett
     plain = prof(models["30b_q4"], name="m-plain", group="m")
     fits, why = fit_together([spec, plain], settings, probe=FileProbe(FAKES / "gpus_2x24.json"))
     assert fits, why
-    assert why.startswith("m-spec + m-plain fit together (") and "MiB free on CUDA1" in why
+    assert why.startswith("m-spec + m-plain fit together (") and "MiB on CUDA1 left)" in why
     fits, why = fit_together([spec, plain], settings, probe=FileProbe(FAKES / "gpus_1x24.json"))
     assert not fits
     assert why.startswith("'m-plain' does not fit beside m-spec (CUDA0 short by ")

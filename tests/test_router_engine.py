@@ -1,5 +1,6 @@
 """The router in front of the real llama-server and Gemma 3 270M, through the real Supervisor:
-the `openai` package streams through it; a forced switch stops one member and starts the other."""
+the `openai` package streams through it; a switch keeps both members loaded where the memory plan says
+they fit together (the CPU box here), and stops one before starting the other when told not to."""
 
 from __future__ import annotations
 
@@ -69,14 +70,40 @@ def test_openai_client_streams_through_the_router_and_a_switch_swaps_the_engine(
         assert 'llamactl_requests_total{class="short",endpoint="/v1/chat/completions",lane="gem",profile="gem-spec",status="200"} 1.0' in metrics
         assert "llamactl_draft_tokens_total{class=\"code\",lane=\"gem\",profile=\"gem-spec\"}" in metrics, metrics
 
+        # Two Gemma 3 270M servers fit in this machine's RAM: the plan says so, and a switch keeps both.
+        assert status["keep_both_warm"] is True
+        assert " fit together (" in status["warm_reason"] and "MiB of host RAM left)" in status["warm_reason"]
+        assert {"gem-spec", "gem-plain"} <= set(status["warm_reason"].split(" fit together")[0].split(" + "))
         r = httpx.post(f"{server.url}/llamactl/switch", json={"group": "gem", "member": "gem-plain"}, timeout=300)
         assert r.status_code == 200 and r.json()["active"] == "gem-plain"
-        assert r.json()["loaded"] == ["gem-plain"]
+        assert r.json()["loaded"] == ["gem-plain", "gem-spec"]
         completion = client.completions.create(model="gem", prompt="Once upon a time", max_tokens=8,
                                                temperature=1.0)
         assert completion.choices[0].text
-        assert router.backends.supervisor.running("gem-spec") is None
+        spec_pid = router.backends.supervisor.running("gem-spec").pid
+        r = httpx.post(f"{server.url}/llamactl/switch", json={"group": "gem", "member": "gem-spec"}, timeout=300)
+        assert r.json()["active"] == "gem-spec"
+        assert router.backends.supervisor.running("gem-spec").pid == spec_pid  # a drain, not a restart
         assert router.backends.supervisor.running("gem-plain") is not None
     finally:
         server.stop()  # the router's shutdown stops the engines it started
+    assert router.backends.supervisor.running("gem-plain") is None
+    assert router.backends.supervisor.running("gem-spec") is None
+
+
+def test_a_hard_switch_stops_one_member_before_starting_the_other(gemma_group, monkeypatch):
+    monkeypatch.setenv("LLAMACTL_ROUTER_KEEP_BOTH_WARM", "false")
+    settings = Settings()
+    router = build_router(settings, load_profiles(settings, ["gem-spec"]))
+    server = ServerThread(create_app(router))
+    try:
+        r = httpx.post(f"{server.url}/llamactl/switch", json={"group": "gem", "member": "gem-spec"}, timeout=300)
+        assert r.json()["loaded"] == ["gem-spec"] and r.json()["keep_both_warm"] is False
+        r = httpx.post(f"{server.url}/llamactl/switch", json={"group": "gem", "member": "gem-plain"}, timeout=300)
+        assert r.status_code == 200 and r.json()["active"] == "gem-plain"
+        assert r.json()["loaded"] == ["gem-plain"]
+        assert router.backends.supervisor.running("gem-spec") is None
+        assert router.backends.supervisor.running("gem-plain") is not None
+    finally:
+        server.stop()
     assert router.backends.supervisor.running("gem-plain") is None

@@ -182,3 +182,15 @@ def test_switch_endpoint_rejects_unknown_member():
         assert r.status_code == 400 and "members" in r.json()["error"]["message"]
         r = httpx.post(f"{url}/llamactl/switch", json={"group": "nope", "member": "x"})
         assert r.status_code == 404
+
+
+def test_without_a_memory_plan_a_group_switches_hard(settings):
+    """`auto` keeps both members loaded only on the plan's word; no plan (here: no model file) means the
+    safe hard switch, and status says why."""
+    from llamactl.service import build_router
+
+    profiles = {p.name: p for p in group_profiles("coding")}
+    router = build_router(settings, profiles, fake_backends(list(profiles.values())))
+    lane = router.lanes["coding"]
+    assert lane.keep_both_warm is False
+    assert lane.warm_reason.startswith("no memory plan (") and "fake.gguf" in lane.warm_reason

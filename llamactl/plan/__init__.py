@@ -69,8 +69,8 @@ def fit_together(profiles: list[Profile], settings: Settings, gpus_file: Path | 
             return False, f"'{profile.name}' does not fit{beside} ({short})"
         inventory = plan.remaining()
         placed.append(profile.name)
-    free = ", ".join(f"{g.free_mib} MiB free on CUDA{g.index}" for g in inventory.gpus) or (
-        f"{inventory.host_free_mib} MiB of host RAM free" if inventory.host_free_mib is not None else "")
+    free = ", ".join(f"{g.free_mib} MiB on CUDA{g.index}" for g in inventory.gpus) or (
+        f"{inventory.host_free_mib} MiB of host RAM" if inventory.host_free_mib is not None else "")
     return True, f"{' + '.join(placed)} fit together" + (f" ({free} left)" if free else "")
 
 
