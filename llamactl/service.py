@@ -182,7 +182,7 @@ class SupervisorBackends:
                 raise self._failed_error(profile_name)
             if child.record is not None:
                 if process_matches(child.record) is not None:
-                    return Upstream(child.record.url, child.record.api_key)
+                    return upstream_of(child.record)
                 self._crashed(child, self._death_reason(child.record))  # died before the monitor saw it
                 if child.tracker.failed is not None:
                     raise self._failed_error(profile_name)
@@ -191,7 +191,7 @@ class SupervisorBackends:
                 log.info("%s: restarting in %.1f s (backoff)", profile_name, wait_s)
                 await asyncio.sleep(wait_s)
             record = await self._start(child)
-            return Upstream(record.url, record.api_key)
+            return upstream_of(record)
 
     async def stop(self, profile_name: str) -> None:
         profile = self.profiles.get(profile_name)
@@ -305,7 +305,7 @@ class SupervisorBackends:
         import httpx
 
         from llamactl.supervisor.recovery import Probe, Verdict, aprobe_health
-        from llamactl.supervisor.state import process_matches
+        from llamactl.supervisor.state import process_matches, rotate_if_large
 
         s = self.settings
         async with httpx.AsyncClient() as client:
@@ -323,6 +323,8 @@ class SupervisorBackends:
                 if record is None:
                     continue
                 alive = process_matches(record) is not None
+                if alive:  # a log grows while the engine runs: keep it under log_max_bytes (copy, truncate)
+                    rotate_if_large(Path(record.log_path), s.log_max_bytes, s.log_backups)
                 probe = (await aprobe_health(record.url, timeout_s=s.health_timeout_s, client=client) if alive
                          else Probe(False, "process gone"))
                 if child.record is not record:
@@ -345,6 +347,10 @@ class SupervisorBackends:
                         await asyncio.to_thread(self.supervisor.stop, child.name, 1.0)  # drops the stale record
                     child.detector.reset()
                     self._crashed(child, reason)
+
+
+def upstream_of(record) -> Upstream:
+    return Upstream(record.url, record.api_key, log_path=str(record.log_path) if record.log_path else None)
 
 
 def with_plan(error: StartError, profile: Profile, settings: Settings) -> StartError:

@@ -222,7 +222,8 @@ def test_parse_acceptance_both_forks():
     ik_line = "draft acceptance rate = 0.62500 (   10 accepted /    16 generated)"
     ml_line = "slot print_timing: draft acceptance = 0.75000 (    6 accepted /     8 generated), mean len =  2.00"
     assert parse_acceptance(ik_line).accepted == 10 and parse_acceptance(ik_line).generated == 16
-    assert parse_acceptance(ml_line).rate == 0.75
+    assert parse_acceptance(ml_line).rate == 0.75 and parse_acceptance(ml_line).mean_len == 2.0
+    assert parse_acceptance(ik_line).mean_len is None
     assert parse_acceptance("nothing here") is None
 
 

@@ -107,3 +107,34 @@ def test_a_hard_switch_stops_one_member_before_starting_the_other(gemma_group, m
     finally:
         server.stop()
     assert router.backends.supervisor.running("gem-plain") is None
+
+
+def test_acceptance_of_an_ik_engine_is_read_from_its_log(monkeypatch, write_profile, gemma_path, home):
+    """The pinned ik_llama.cpp's /completion reports no draft counts in its timings, only a log line per
+    request: the router reads that line, so the switching policy sees ik's acceptance there too."""
+    monkeypatch.setenv(ENGINE_ENV["ik_llama.cpp"], str(require_engine("ik_llama.cpp")))
+    common = (f'engine = "ik_llama.cpp"\nmodel = "{gemma_path}"\nctx_size = 1024\ngpus = []\nthreads = 2\n'
+              'parallel = 1\nload_timeout_s = 180\ngroup = "ik"\n')
+    write_profile("ik-spec", common + f'[speculation]\ntype = "draft"\ndraft_model = "{gemma_path}"\nn_max = 8\n')
+    write_profile("ik-plain", common)
+    settings = Settings()
+    router = build_router(settings, load_profiles(settings, ["ik-spec"]))
+    server = ServerThread(create_app(router))
+    try:
+        r = httpx.post(f"{server.url}/llamactl/switch", json={"group": "ik", "member": "ik-spec"}, timeout=300)
+        assert r.status_code == 200
+        # This build's /v1 endpoints carry draft_n in their timings; its /completion reports drafting only
+        # in the log ("draft acceptance rate = ..." per request).
+        r = httpx.post(f"{server.url}/completion", timeout=300, json={
+            "model": "ik", "prompt": CODE_PROMPT, "n_predict": 48, "temperature": 0})
+        assert r.status_code == 200 and r.headers["x-llamactl-profile"] == "ik-spec"
+        assert "draft_n" not in r.json()["timings"] and r.json()["timings"]["predicted_n"] == 48
+        line = 'llamactl_draft_tokens_total{class="code",lane="ik",profile="ik-spec"}'
+        wait_for(lambda: line in httpx.get(f"{server.url}/metrics").text, timeout_s=15, what="ik acceptance")
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert float(metrics.split(line)[1].split()[0]) > 0
+        evidence = router.telemetry.evidence("ik")["code"]
+        assert evidence.acceptance is not None and 0 < evidence.acceptance <= 1 and evidence.acceptance_n == 1
+    finally:
+        server.stop()
+    assert router.backends.supervisor.running("ik-spec") is None

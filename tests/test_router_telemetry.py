@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from llamactl.router.telemetry import (
-    Sample, SSEScanner, Telemetry, mean_accepted_length, parse_acceptance_line, parse_engine_metrics,
+    Sample, SSEScanner, Telemetry, mean_accepted_length, parse_engine_metrics,
 )
 
 
@@ -27,14 +27,6 @@ def test_scanner_finds_timings_split_across_chunks():
         assert (s.completion_tokens, s.gen_tok_s, s.draft_n, s.draft_accepted) == (40, 71.5, 30, 21)
         assert s.acceptance == 0.7
         assert scanner.saw_done and scanner.first_data_at is not None
-
-
-def test_acceptance_log_lines_of_both_forks():
-    assert parse_acceptance_line(
-        "draft acceptance rate = 0.62500 (   10 accepted /    16 generated)") == (10, 16, None)
-    assert parse_acceptance_line(
-        "srv  stop: draft acceptance = 0.50000 (   8 accepted /    16 generated), mean len =  1.80") == (8, 16, 1.8)
-    assert parse_acceptance_line("srv  llama_server: model loaded") is None
 
 
 def test_mean_accepted_length_from_metrics_deltas():

@@ -288,3 +288,23 @@ def test_kill9_daemon_children_die_and_the_next_start_sweeps_orphans(own_home: S
     finally:
         daemon.stop(signal.SIGKILL)
     assert not ours(settings)
+
+
+def test_the_daemon_rotates_a_running_childs_log(own_home: Settings, fake_profile, tmp_path):
+    """No `llamactl status` needed: the daemon's monitor keeps a running engine's log under log_max_bytes."""
+    settings = own_home
+    fake_profile("chatty", LLAMACTL_TEST_HOME=str(settings.home))  # the fake logs every /health probe
+    daemon = Daemon(tmp_path, "--profile", "chatty", "--preload", "chatty", env={"LLAMACTL_LOG_MAX_BYTES": "2048"})
+    log = settings.log_dir / "chatty.log"
+    try:
+        daemon.wait_notify(r"READY=1")
+        deadline = time.monotonic() + 20
+        while not log.with_name("chatty.log.1").exists():
+            assert time.monotonic() < deadline, f"no rotation; log is {log.stat().st_size} bytes"
+            time.sleep(0.1)
+        assert log.with_name("chatty.log.1").stat().st_size > 2048
+        assert log.stat().st_size < log.with_name("chatty.log.1").stat().st_size
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop(signal.SIGKILL)
+    assert not ours(settings)

@@ -23,8 +23,10 @@ EXIT_CAUSES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
       "failed to read", "invalid magic", "unable to load model")),
 )
 
-_ACCEPT_ML = re.compile(r"draft acceptance = ([0-9.]+) \(\s*(\d+) accepted /\s*(\d+) generated\)")
-_ACCEPT_IK = re.compile(r"draft acceptance rate = ([0-9.]+) \(\s*(\d+) accepted /\s*(\d+) generated\)")
+# mainline: "draft acceptance = 0.50000 (   8 accepted /    16 generated), mean len =  1.80";
+# the pinned ik: "draft acceptance rate = 0.62500 (   10 accepted /    16 generated)"
+_ACCEPT = re.compile(r"draft acceptance(?: rate)?\s*=\s*([0-9.]+)\s*\(\s*(\d+)\s+accepted\s*/\s*(\d+)\s+generated\)"
+                     r"(?:,\s*mean len\s*=\s*([0-9.]+))?")
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,13 @@ class Acceptance:
     rate: float
     accepted: int
     generated: int
+    mean_len: float | None = None
 
 
 def parse_acceptance(line: str) -> Acceptance | None:
     """The per-request acceptance line both forks print (ik's pinned build reports it only here)."""
-    match = _ACCEPT_IK.search(line) or _ACCEPT_ML.search(line)
+    match = _ACCEPT.search(line)
     if not match:
         return None
-    return Acceptance(float(match.group(1)), int(match.group(2)), int(match.group(3)))
+    mean_len = float(match.group(4)) if match.group(4) else None
+    return Acceptance(float(match.group(1)), int(match.group(2)), int(match.group(3)), mean_len)

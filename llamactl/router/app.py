@@ -36,13 +36,15 @@ from llamactl.router.errors import (
 )
 from llamactl.router.lane import Lane, LaneConfig, Ticket
 from llamactl.router.telemetry import (
-    Sample, SSEScanner, Telemetry, apply_response, mean_accepted_length, parse_engine_metrics,
+    Sample, SSEScanner, Telemetry, acceptance_from_log, apply_response, log_size, mean_accepted_length,
+    parse_engine_metrics,
 )
 from llamactl.router.upstream import (
     UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse, UpstreamTimeout,
 )
 
 log = logging.getLogger("llamactl.router")
+LOG_ACCEPTANCE_WAIT_S = 5.0  # how long after a response its engine's acceptance line may take to appear
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/completion")
 OPENAI_STREAM_END = b"data: [DONE]\n\n"
@@ -92,7 +94,7 @@ class Router:
                     for task in tasks:
                         task.cancel()
                     for task in asyncio.all_tasks():
-                        if task.get_name().startswith("scrape:"):
+                        if task.get_name().startswith(("scrape:", "log:")):
                             task.cancel()
             if self.config.stop_on_shutdown:
                 for lane in self.lanes.values():
@@ -100,6 +102,27 @@ class Router:
         finally:
             await self.pool.aclose()
             self.pool = None
+
+    def finish(self, lane: Lane, sample: Sample, upstream: Upstream, log_offset: int | None) -> None:
+        """Record a finished request. A speculative one whose timings carry no drafting counts (the pinned
+        ik_llama.cpp prints acceptance only in its log, just after the response) is recorded once its
+        log line has been read, or has not come within LOG_ACCEPTANCE_WAIT_S."""
+        if (log_offset is not None and upstream.log_path and sample.role == "spec" and not sample.draft_n
+                and sample.status < 400 and self._tasks is not None):
+            self._tasks.create_task(self._finish_from_log(lane, sample, upstream, log_offset),
+                                    name=f"log:{sample.profile}")
+            return
+        self.telemetry.record(sample)
+        self.after_request(lane, sample, upstream)
+
+    async def _finish_from_log(self, lane: Lane, sample: Sample, upstream: Upstream, log_offset: int) -> None:
+        try:
+            found = await acceptance_from_log(upstream.log_path, log_offset, LOG_ACCEPTANCE_WAIT_S)
+            if found is not None:
+                sample.draft_n, sample.draft_accepted = found.generated, found.accepted
+        finally:
+            self.telemetry.record(sample)
+        self.after_request(lane, sample, upstream)
 
     def after_request(self, lane: Lane, sample: Sample, upstream: Upstream) -> None:
         """A speculative request finished: scrape the engine's /metrics (at most every 2 s per profile)
@@ -262,6 +285,7 @@ class Relay:
                 await _send_error(send, e)
                 return
             assert ticket.profile is not None and ticket.role is not None
+            log_offset = log_size(upstream.log_path) if ticket.role == "spec" else None
             sample = Sample(lane=lane.name, profile=ticket.profile, role=ticket.role, cls=cls, endpoint=self.path,
                             status=0, queue_wait_s=(ticket.granted_at or arrived) - arrived)
             try:
@@ -284,8 +308,7 @@ class Relay:
                 sample.status = err.status
                 await _send_error(send, err)
             sample.total_s = time.perf_counter() - arrived
-            router.telemetry.record(sample)
-            router.after_request(lane, sample, upstream)
+            router.finish(lane, sample, upstream, log_offset)
             return
 
     async def _forward(self, upstream: Upstream, body: bytes, headers: dict[str, str], send: Send, stream: bool,

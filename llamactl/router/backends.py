@@ -9,10 +9,12 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class Upstream:
-    """A ready llama-server: where it listens and the key it wants (sent as Bearer when set)."""
+    """A ready llama-server: where it listens, the key it wants (sent as Bearer when set), and its log
+    (read for acceptance when the engine's timings lack it, as in the pinned ik_llama.cpp)."""
 
     base_url: str
     api_key: str | None = None
+    log_path: str | None = None
 
 
 class Backends(Protocol):

@@ -2,13 +2,15 @@
 
 Acceptance comes from the engine's `timings` (draft_n_accepted / draft_n). Builds that report it only
 in their log (the pinned ik_llama.cpp: "draft acceptance rate = 0.62500 (   10 accepted /    16
-generated)") are covered by `parse_acceptance_line`. Mean accepted length needs the verification step
+generated)") are read by the router from the engine's log (`Router.acceptance_from_log`). Mean accepted length needs the verification step
 count, which only /metrics has: `mean_accepted_length(before, after)` over two scrapes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import time
 from collections import deque
@@ -18,6 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from llamactl.engines.logs import Acceptance, parse_acceptance
 from llamactl.policy import ClassEvidence, Role
 
 
@@ -130,18 +133,38 @@ class SSEScanner:
                     pass
 
 
-_ACCEPT_LINE = re.compile(
-    r"draft acceptance(?: rate)?\s*=\s*([0-9.]+)\s*\(\s*(\d+)\s+accepted\s*/\s*(\d+)\s+generated\)"
-    r"(?:,\s*mean len\s*=\s*([0-9.]+))?"
-)
-
-
-def parse_acceptance_line(line: str) -> tuple[int, int, float | None] | None:
-    """(accepted, generated, mean_len or None) from a llama-server / ik_llama.cpp log line, else None."""
-    match = _ACCEPT_LINE.search(line)
-    if not match:
+def log_size(path: str | None) -> int | None:
+    """Where an engine's log ends now (None: no log); a request's acceptance line comes after it."""
+    if not path:
         return None
-    return int(match.group(2)), int(match.group(3)), float(match.group(4)) if match.group(4) else None
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+async def acceptance_from_log(path: str, offset: int, wait_s: float, poll_s: float = 0.05) -> Acceptance | None:
+    """The first acceptance line written to `path` after `offset`, waiting up to `wait_s` for it."""
+    deadline = time.monotonic() + wait_s
+    pending = b""
+    while True:
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:  # rotated since: the line is in the new file
+                    offset, pending = 0, b""
+                f.seek(offset)
+                data = f.read(1 << 20)
+        except OSError:
+            return None
+        offset += len(data)
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            found = parse_acceptance(line.decode("utf-8", "replace"))
+            if found is not None:
+                return found
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(poll_s)
 
 
 _METRIC_LINE = re.compile(r'^llamacpp:([a-z_]+)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)\s*$')
