@@ -209,7 +209,19 @@ def probe_gpus(gpus_file: Path | None = None, settings: Any = None, probe: GpuPr
         path = Path(os.environ["LLAMACTL_GPUS_FILE"])
     if path is not None:
         return FileProbe(Path(path)).probe()
-    return NvmlProbe().probe()
+    return NvmlProbe(our_pids=_recorded_server_pids(settings)).probe()
+
+
+def _recorded_server_pids(settings: Any) -> frozenset[int]:
+    """The llama-servers llamactl started and still run (e.g. by a detached `llamactl up`): they are ours
+    on the GPUs too, though not this process's descendants."""
+    if settings is None or not hasattr(settings, "state_dir"):
+        return frozenset()
+    from llamactl.supervisor.state import StateStore, process_matches
+
+    store = StateStore(settings.state_dir)
+    records = (store.read(name) for name in store.names())
+    return frozenset(r.pid for r in records if r is not None and process_matches(r) is not None)
 
 
 def _with_host(inv: GpuInventory) -> GpuInventory:

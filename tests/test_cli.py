@@ -70,3 +70,33 @@ def test_usage_errors(run, settings):
     assert "give a PROFILE or --all" in run("down", code=2).output
     assert "no profile named 'nope'" in run("up", "nope", code=2).output
     assert "has it been started" in run("logs", "nope", code=1).output
+
+
+def test_a_missing_model_is_named_with_the_profile_file_and_key(run, settings, write_profile, home):
+    path = write_profile("lost", 'model = "/models/nowhere.gguf"\n')
+    result = run("up", "lost", code=2)
+    assert str(path) in result.output and "key model" in result.output
+    assert "model file not found: looked at /models/nowhere.gguf" in result.output
+    assert Supervisor(settings).status() == []
+
+
+def test_ignore_fit_starts_anyway_and_down_all_stops_every_server(run, settings, write_profile, fake_profile, home,
+                                                                  monkeypatch):
+    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(FAKES / "gpus_1x24.json"))
+    big = write_header_only(home / "big.gguf", n_layer=80)
+    write_profile("huge", f"""
+        binary = "{FAKES / 'fake_llama_server.py'}"
+        model = "{big}"
+        ctx_size = 32768
+        gpus = [0]
+        n_gpu_layers = "all"
+    """)
+    run("up", "huge", code=7)
+    assert "ready at http://127.0.0.1:" in run("up", "huge", "--ignore-fit").output
+    fake_profile("small")
+    run("up", "small")
+    pids = {s.record.profile: s.record.pid for s in Supervisor(settings).status()}
+    assert set(pids) == {"huge", "small"}
+    out = run("down", "--all").output
+    assert "stopped: huge, small" in out
+    assert Supervisor(settings).status() == []

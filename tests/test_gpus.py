@@ -152,3 +152,21 @@ def test_gpus_json_round_trips_as_a_gpus_file(tmp_path: Path, monkeypatch: pytes
     assert json.loads(again.output) == data
     table = runner.invoke(main, ["gpus"], env={"LLAMACTL_GPUS_FILE": str(saved)})
     assert "H100" in table.output and "4242:21000MiB" in table.output
+
+
+def test_servers_started_earlier_by_llamactl_are_ours(monkeypatch: pytest.MonkeyPatch, settings, fake_profile) -> None:
+    """A server from a detached `llamactl up` is not a descendant of the probing process, but it is ours."""
+    from llamactl.profiles import load_profile
+    from llamactl.supervisor import Supervisor
+
+    sup = Supervisor(settings)
+    record = sup.start(load_profile(fake_profile("held"), settings))
+    try:
+        devices = [{"name": "RTX A", "bus": "00000000:01:00.0", "total": 24576, "free": 20000,
+                    "pids": [record.pid, 1]}]
+        _fake_pynvml(monkeypatch, devices=devices)
+        monkeypatch.setattr("llamactl.gpus._descendant_pids", lambda: set())  # as from another shell
+        inv = probe_gpus(None, settings)
+        assert [(p.pid, p.ours) for p in inv.gpus[0].processes] == [(record.pid, True), (1, False)]
+    finally:
+        sup.stop("held")

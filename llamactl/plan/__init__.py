@@ -32,11 +32,12 @@ def plan_for_launch(profile: Profile, settings: Settings, gpus_file: Path | None
     Plan.argv is the engine argv after applying Plan.launch_overrides(), when the engine binary
     is found (else None, with a note).
     """
-    where = f"profile '{profile.name}'"
-    target = load_spec(ensure_model(profile.model, settings, where=where))
+    where = f"profile '{profile.name}'" + (f" ({profile.source})" if profile.source else "")
+    target = load_spec(ensure_model(profile.model, settings, where=f"{where}, key model"))
     draft = None
     if profile.speculation.uses_draft_model and profile.speculation.draft_model:
-        draft = load_spec(ensure_model(profile.speculation.draft_model, settings, where=f"{where} speculation"))
+        draft = load_spec(ensure_model(profile.speculation.draft_model, settings,
+                                       where=f"{where}, key speculation.draft_model"))
     inventory = probe_gpus(gpus_file, settings, probe)
     plan = plan_profile(profile, target, inventory, draft, margin_mib=margin_mib)
     if with_argv:
