@@ -222,6 +222,11 @@ def read_gguf(path: Path) -> GGUFFile:
                            hint="check the path, or re-download the model") from e
 
 
+def clear_header_cache() -> None:
+    """Forget parsed headers (benchmarks time cold reads with it)."""
+    _read_cached.cache_clear()
+
+
 @functools.lru_cache(maxsize=16)
 def _read_cached(path: Path, mtime_ns: int, size: int) -> GGUFFile:
     with path.open("rb") as f:
