@@ -566,8 +566,7 @@ class Service:
                 raise ConfigError(f"cannot preload '{name}': it is not served",
                                   hint="served: " + ", ".join(sorted(self.profiles)))
         self.notifier = Notifier(environ)
-        self.stop_event: asyncio.Event | None = None
-        self.reload_event: asyncio.Event | None = None
+        self.signals: asyncio.Queue[str] | None = None  # "stop" / "reload", put by the signal handlers
 
     def run(self) -> int:
         return asyncio.run(self.main())
@@ -577,10 +576,10 @@ class Service:
         from llamactl.supervisor import Supervisor
 
         loop = asyncio.get_running_loop()
-        self.stop_event, self.reload_event = asyncio.Event(), asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
-        loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload_event.set)
+        self.signals = signals = asyncio.Queue()
+        loop.add_signal_handler(signal.SIGTERM, signals.put_nowait, "stop")
+        loop.add_signal_handler(signal.SIGINT, signals.put_nowait, "stop")
+        loop.add_signal_handler(signal.SIGHUP, signals.put_nowait, "reload")
         try:
             return await self._main(ControlServer, Supervisor)
         finally:
@@ -671,20 +670,11 @@ class Service:
                     await lane.force(None)
 
     async def _wait_for_signals(self, backends: SupervisorBackends) -> None:
-        assert self.stop_event is not None and self.reload_event is not None
-        while not self.stop_event.is_set():
-            stop = asyncio.ensure_future(self.stop_event.wait())
-            reload = asyncio.ensure_future(self.reload_event.wait())
-            try:
-                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                reload.cancel()
-            if self.reload_event.is_set() and not self.stop_event.is_set():
-                self.reload_event.clear()
-                self.notifier.reloading("reloading profiles")
-                self.reload(backends)
-                self.notifier.ready(f"serving {len(self.profiles)} profiles")
+        assert self.signals is not None
+        while await self.signals.get() == "reload":  # signals are handled in the order they came
+            self.notifier.reloading("reloading profiles")
+            self.reload(backends)
+            self.notifier.ready(f"serving {len(self.profiles)} profiles")
 
     def reload(self, backends: SupervisorBackends) -> bool:
         """SIGHUP: re-read the profiles. Any invalid served profile keeps the old configuration."""

@@ -61,7 +61,8 @@ def test_up_chat_status_down(engine, write_profile, gemma_path, home):
     assert reply.status_code == 200
     body = reply.json()
     assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] > 0
-    assert "llamactl" not in llamactl("logs", name, "-n", "5").stderr
+    logs = llamactl("logs", name, "-n", "400").stdout
+    assert "127.0.0.1" in logs and str(row["port"]) in logs  # the engine's own lines: where it listens
     down = llamactl("down", name)
     assert f"stopped {name}" in down.stdout
     assert not psutil.pid_exists(row["pid"]) or psutil.Process(row["pid"]).status() == psutil.STATUS_ZOMBIE
@@ -119,3 +120,37 @@ def test_bad_flag_value_is_reported_as_bad_flag(write_profile, gemma_path, monke
     done = llamactl("up", name, check=False)
     assert done.returncode == 4 and "bad flag" in done.stderr, done.stderr
     assert json.loads(llamactl("status", "--json").stdout)["servers"] == []
+
+
+def test_a_port_taken_between_choosing_and_binding_is_retried(engine, write_profile, gemma_path, settings,
+                                                               monkeypatch):
+    """Another program binds the port llamactl chose before the engine does: the real engine fails to
+    bind, the failure is read as "port in use", and the start is retried on a new port."""
+    import socket
+
+    from llamactl.profiles import load_profile
+    from llamactl.supervisor import Supervisor, supervisor as supervisor_module
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real_free_port = supervisor_module.free_port
+    chosen = []
+
+    def choose(host: str = "127.0.0.1") -> int:
+        chosen.append(taken if not chosen else real_free_port(host))
+        return chosen[-1]
+
+    monkeypatch.setattr(supervisor_module, "free_port", choose)
+    name = gemma_profile(write_profile, engine, gemma_path, "squatted")
+    sup = Supervisor(settings)
+    try:
+        record = sup.start(load_profile(name, settings))
+        assert len(chosen) == 2 and record.port == chosen[1] != taken
+        assert httpx.get(f"{record.url}/health", timeout=10).status_code == 200
+        logs = sorted(settings.log_dir.glob(f"{name}.log*"))
+        assert any("bind" in p.read_text(errors="replace").lower() for p in logs)  # the first try's failure
+    finally:
+        sup.stop(name)
+        squatter.close()

@@ -185,6 +185,13 @@ def test_explicit_tensor_split_is_respected_and_checked(models) -> None:
 def test_explicit_gpu_that_does_not_exist(models) -> None:
     plan = plan_profile(prof(models["small"], gpus=[3]), load_spec(models["small"]), box("2x24"))
     assert not plan.fits and "does not exist" in plan.problems[0]
+    [s] = [s for s in plan.suggestions if s.change.startswith("gpus")]
+    assert s.change == "gpus = [0, 1] (this box has no GPU 3)" and s.fits
+    plan = plan_profile(prof(models["70b_q4"], ctx_size=8192, gpus=[0, 1], tensor_split=[1, 1]),
+                        load_spec(models["70b_q4"]), box("1x24"))
+    assert not plan.fits
+    assert plan.suggestions[0].change == "gpus = [0] (this box has no GPU 1)"
+    assert plan.suggestions[0].update == {"gpus": [0], "tensor_split": "auto"}
 
 
 def test_explicit_layer_count(models) -> None:

@@ -308,3 +308,38 @@ def test_the_daemon_rotates_a_running_childs_log(own_home: Settings, fake_profil
     finally:
         daemon.stop(signal.SIGKILL)
     assert not ours(settings)
+
+
+def test_cli_up_down_logs_switch_go_through_the_running_daemon(own_home: Settings, fake_profile, tmp_path,
+                                                               write_profile):
+    """With a daemon running, the CLI asks it (over the control socket) instead of starting servers itself:
+    the daemon's supervisor owns the child, which therefore has the daemon's per-start key."""
+    settings = own_home
+    fake_profile("g-spec", LLAMACTL_TEST_HOME=str(settings.home))
+    fake_profile("g-plain", LLAMACTL_TEST_HOME=str(settings.home))
+    for name in ("g-spec", "g-plain"):
+        path = settings.home / "profiles" / f"{name}.toml"
+        text = path.read_text().replace("[env]", 'group = "g"\n' + ('[speculation]\ntype = "ngram-mod"\n'
+                                                                   if name == "g-spec" else "") + "[env]", 1)
+        path.write_text(text)
+    daemon = Daemon(tmp_path, "--profile", "g-spec")
+    cli = CliRunner()
+    try:
+        daemon.wait_notify(r"READY=1")
+        assert child_pids(settings) == {}
+        out = cli.invoke(main, ["up", "g-spec"])
+        assert out.exit_code == 0 and "served by the daemon at" in out.output, out.output
+        record = Supervisor(settings).running("g-spec")
+        assert record is not None and record.api_key  # started by the daemon, with its per-start key
+        out = cli.invoke(main, ["logs", "g-spec", "-n", "100"])
+        assert out.exit_code == 0 and "fake llama-server pid %d" % record.pid in out.output, out.output
+        out = cli.invoke(main, ["switch", "g", "g-plain"])
+        assert out.exit_code == 0 and "g: active g-plain" in out.output and "forced to g-plain" in out.output
+        assert "g-plain" in child_pids(settings)
+        out = cli.invoke(main, ["down", "g-plain"])
+        assert out.exit_code == 0 and "stopped g-plain" in out.output, out.output
+        assert "g-plain" not in child_pids(settings)
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop(signal.SIGKILL)
+    assert not ours(settings)

@@ -215,3 +215,23 @@ def test_a_running_servers_log_is_rotated_when_large(settings, fake_profile, mon
     start(settings, name)
     assert Path(f"{log}.2").read_text() == before
     sup.stop(name)
+
+
+def test_two_clis_starting_the_same_profile_at_once_start_one_server(settings, fake_profile):
+    """Two `llamactl up` processes race for one profile: the per-profile lock lets one start the server;
+    the other waits, finds it running and says so. One record, one process."""
+    import sys
+
+    name = fake_profile(FAKE_LOAD_S="1.0", LLAMACTL_TEST_HOME=str(settings.home))
+    clis = [subprocess.Popen([sys.executable, "-m", "llamactl", "up", name], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [cli.communicate(timeout=60)[0] for cli in clis]
+    try:
+        assert [cli.returncode for cli in clis] == [0, 0], outputs
+        assert sum("already running" in out for out in outputs) == 1, outputs
+        servers = [p for p in processes_with_arg("fake_llama_server.py")
+                   if p.environ().get("LLAMACTL_TEST_HOME") == str(settings.home)]
+        [status] = Supervisor(settings).status()
+        assert [p.pid for p in servers] == [status.record.pid] and status.alive
+    finally:
+        Supervisor(settings).stop(name)

@@ -15,7 +15,6 @@ from llamactl.profiles import Profile
 ENGINE = "ik_llama.cpp"
 PATH_NAME = "ik-llama-server"
 ALL_LAYERS = 999  # ik takes integers only; anything >= the layer count means all
-READY_MARKERS = ("HTTP server listening", "model loaded")
 
 
 def is_legacy(caps: Capabilities) -> bool:

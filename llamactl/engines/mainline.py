@@ -10,7 +10,6 @@ ENGINE = "llama.cpp"
 PATH_NAME = "llama-server"
 # Our speculation type names -> mainline's --spec-type values.
 SPEC_TYPE_NAMES = {"draft": "draft-simple", "mtp": "draft-mtp"}
-READY_MARKERS = ("server is listening on", "main: model loaded", "llama_server: model loaded")
 
 
 def build_argv(profile: Profile, caps: Capabilities, inputs: LaunchInputs) -> list[str]:

@@ -48,6 +48,16 @@ def suggest_changes(profile: Profile, target: ModelSpec, draft: ModelSpec | None
         if s is not None:
             out.append(s)
 
+    # 0. GPUs the profile names that this box does not have: the ones it has.
+    if profile.gpus and inventory.gpus:
+        present = [i for i in profile.gpus if inventory.by_index(i) is not None]
+        missing = [i for i in profile.gpus if i not in present]
+        if missing:
+            gpus = present or [g.index for g in inventory.gpus]
+            split = "auto" if isinstance(profile.tensor_split, list) else profile.tensor_split
+            add(_try(profile, {"gpus": gpus, "tensor_split": split}, *args,
+                     change=f"gpus = {gpus} (this box has no GPU {', '.join(map(str, missing))})"))
+
     # 1. A smaller context: the largest power of two (or the current size halved) that fits.
     n_ctx = plan.ctx.n_ctx
     ctx = n_ctx // 2
