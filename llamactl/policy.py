@@ -15,6 +15,9 @@ A switch happens when the other member saves more than the switch's measured cos
 `cost_factor`, AND is at least `hysteresis` faster on that work, AND the current member has served for
 `min_dwell_s`. A mixed queue whose classes balance out never clears the hysteresis band, so it does not
 flap.
+A cheap switch (both members loaded: a drain, at most `cheap_switch_s`) needs no amortising: the demand is
+the queue alone, with no horizon of guessed future work, and no dwell applies, so the first request of a
+new phase already goes to the member that suits it. Hysteresis still applies.
 
 Speeds come from measurements when a class has `min_samples` of them on that member; otherwise from the
 other member's measured speed and the class's acceptance rate (measured on the speculative member, or
@@ -48,6 +51,7 @@ class PolicyConfig:
     hysteresis: float = 0.12
     min_dwell_s: float = 10.0
     horizon: float = 4.0  # requests of demand to plan for; the recent mix fills what the queue lacks
+    cheap_switch_s: float = 0.5  # a switch this cheap (both members warm) plans on the queue alone, no dwell
     cost_factor: float = 1.0
     default_switch_cost_s: float = 5.0
     default_tok_s: float = 50.0
@@ -131,9 +135,16 @@ def speed(cls: str, role: Role, evidence: Mapping[str, ClassEvidence], config: P
     return _base_speed(evidence, config)
 
 
+def switch_cost(state: GroupState, config: PolicyConfig) -> float:
+    return state.switch_cost_s if state.switch_cost_s is not None else config.default_switch_cost_s
+
+
 def demand(state: GroupState, config: PolicyConfig) -> dict[str, float]:
-    """Requests per class to plan for: the queue, topped up to `horizon` with the recent mix."""
+    """Requests per class to plan for: the queue, topped up to `horizon` with the recent mix (unless a switch
+    is cheap: then the queue alone)."""
     weights = {cls: float(n) for cls, n in state.queued.items() if n > 0}
+    if switch_cost(state, config) <= config.cheap_switch_s:
+        return weights
     missing = config.horizon - sum(weights.values())
     recent_total = sum(n for n in state.recent.values() if n > 0)
     if missing > 0 and recent_total:
@@ -163,7 +174,7 @@ def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision
     current, other = state.active, _other(state.active)
     if not any(state.queued.values()):
         return Decision(current, False, "queue empty; stay", seconds)
-    cost = state.switch_cost_s if state.switch_cost_s is not None else config.default_switch_cost_s
+    cost = switch_cost(state, config)
     saving = seconds[current] - seconds[other]
     detail = (
         f"queue [{mix}]: {current} {seconds[current]:.1f}s vs {other} {seconds[other]:.1f}s expected, "
@@ -175,7 +186,7 @@ def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision
         return Decision(current, False, f"gain under hysteresis {config.hysteresis:.0%}; {detail}", seconds)
     if saving <= config.cost_factor * cost:
         return Decision(current, False, f"gain {saving:.1f}s does not pay the switch; {detail}", seconds)
-    if state.seconds_since_switch < config.min_dwell_s:
+    if state.seconds_since_switch < config.min_dwell_s and cost > config.cheap_switch_s:
         return Decision(
             current, False,
             f"min dwell {config.min_dwell_s:.0f}s not reached ({state.seconds_since_switch:.1f}s); {detail}",

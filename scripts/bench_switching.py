@@ -2,7 +2,7 @@
 """Speculative vs plain vs llamactl's automatic switching, on the real llama-server and Gemma 3 270M.
 
 One run, one router, one switch group per policy, each with the same two members: a speculative one
-(ngram-mod, no draft model) and a plain one:
+(n-gram speculation, --spec, default ngram-mod; no draft model) and a plain one:
   always-spec   group forced to its speculative member (`llamactl switch G G-spec`)
   always-plain  group forced to its plain member
   auto          the switching policy as `llamactl serve` runs it by default: both members kept loaded
@@ -89,12 +89,12 @@ def find_llama_server() -> Path:
     return builds[-1]
 
 
-def write_profiles(profiles_dir: Path, model: Path, ctx: int, threads: int) -> None:
+def write_profiles(profiles_dir: Path, model: Path, ctx: int, threads: int, spec_type: str) -> None:
     common = (f'model = "{model}"\nctx_size = {ctx}\ngpus = []\nthreads = {threads}\nparallel = 1\n'
               "load_timeout_s = 300\n")
     for policy in POLICIES:
         profiles_dir.joinpath(f"{policy}-spec.toml").write_text(
-            common + f'group = "{policy}"\n[speculation]\ntype = "ngram-mod"\n')
+            common + f'group = "{policy}"\n[speculation]\ntype = "{spec_type}"\n')
         profiles_dir.joinpath(f"{policy}-plain.toml").write_text(common + f'group = "{policy}"\n')
 
 
@@ -123,6 +123,8 @@ def main() -> int:
     parser.add_argument("--creative", choices=("prose", "remix"), default="prose",
                         help="creative phase prompts: rewriting prose, or remixing code (both at temperature 1.5)")
     parser.add_argument("--creative-temperature", type=float, default=CREATIVE_TEMPERATURE)
+    parser.add_argument("--spec", default="ngram-mod", choices=("ngram-mod", "ngram-simple", "ngram-map-k"),
+                        help="the speculative member's [speculation] type (n-gram: no draft model needed)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -140,7 +142,7 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="llamactl-bench-"))
     model = Path(gemma.assemble(Settings().cache_dir / "models" / gemma.MODEL_NAME))
     (home / "profiles").mkdir()
-    write_profiles(home / "profiles", model, args.ctx, args.threads)
+    write_profiles(home / "profiles", model, args.ctx, args.threads, args.spec)
     settings = Settings(home=home, profiles_dirs=str(home / "profiles"), llama_server=binary,
                         etc_profiles_dir=home / "none")
     profiles, errors = load_all(settings)
@@ -158,7 +160,8 @@ def main() -> int:
     report: dict = {
         "command": "scripts/bench_switching.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "engine": str(binary.parent.parent.name), "model": gemma.MODEL_NAME,
+        "engine": str(binary.parent.parent.name), "model": gemma.MODEL_NAME, "spec": args.spec,
+        "creative": args.creative, "creative_temperature": args.creative_temperature,
         "phases": args.phases, "requests_per_phase": args.requests, "tokens_per_request": args.tokens,
         "auto_switch": ("warm: " if router.lanes["auto"].keep_both_warm else "hard: ") + router.lanes["auto"].warm_reason,
         "per_phase": [], "totals": {},

@@ -111,3 +111,27 @@ def test_alternating_phases_switch_once_per_phase():
 def test_empty_queue_never_switches():
     d = decide(state("spec", {}, recent={"creative": 6}), CONFIG)
     assert not d.switch
+
+
+def test_a_cheap_switch_plans_on_the_queue_alone_and_skips_the_dwell():
+    """Both members warm (a switch is a drain): the first code request after a creative phase goes to spec
+    at once; with a restart to pay, the recent creative mix and the dwell keep it on plain."""
+    after_creative = {"creative": 6}
+    warm = decide(state("plain", {"code": 1}, cost=0.1, since=1.0, recent=after_creative), CONFIG)
+    assert warm.switch and warm.target == "spec"
+    assert demand(state("plain", {"code": 1}, cost=0.1, recent=after_creative), CONFIG) == {"code": 1.0}
+    hard = decide(state("plain", {"code": 1}, cost=2.0, since=100.0, recent=after_creative), CONFIG)
+    assert not hard.switch and hard.target == "plain"
+    assert not decide(state("plain", {"code": 8}, cost=2.0, since=1.0), CONFIG).switch  # the dwell
+
+
+def test_a_cheap_switch_still_does_not_flap_on_a_mixed_queue():
+    rng = random.Random(11)
+    active, switches = "spec", 0
+    for _ in range(3600):
+        queued = {"code": rng.randint(2, 5), "creative": rng.randint(2, 5)}
+        d = decide(state(active, queued, since=0.0, cost=0.1), CONFIG)
+        if d.switch:
+            switches += 1
+            active = d.target
+    assert switches <= 1
