@@ -58,7 +58,7 @@ CREATIVE = [
     "Here is a poem:\n" + POEM + "\nRewrite it as a sea shanty:\n",
     STORY + "\nRetell this story as a dream the fisherman had:\n",
 ]
-CREATIVE_TEMPERATURE = 1.5
+CREATIVE_TEMPERATURE = 1.2  # the reference measured speculation at 0.79x here
 # --creative remix: the same code-heavy context as the code phase, sampled at temperature 1.5 - the case
 # where the reference measured speculation at 0.79x (drafts proposed from the context, mostly rejected).
 REMIX = "Here is some code:\n{code}\nNow play with it: write your own free variation, anything goes:\n{code}\n"
