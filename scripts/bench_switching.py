@@ -10,7 +10,7 @@ One run, one router, one switch group per policy, each with the same two members
   auto-hard     the switching policy with a hard switch (drain, stop one, start the other), what a box
                 without room for both members gets (LLAMACTL_ROUTER_KEEP_BOTH_WARM=false)
 The workload alternates phases of code-edit prompts at temperature 0 (speculation helps) and creative
-prompts at temperature 1.5 (speculation hurts); each phase is a burst of --requests requests sent at once
+prompts at temperature 1.2 (speculation hurts); each phase is a burst of --requests requests sent at once
 to the group (they queue: one slot per member). Phases are interleaved across policies (phase 1 on every
 policy, then phase 2, ...) so that load from other work on the machine hits all policies alike.
 Total tokens/s = generated tokens / wall time of the bursts, switches and queue waits included.
@@ -59,7 +59,7 @@ CREATIVE = [
     STORY + "\nRetell this story as a dream the fisherman had:\n",
 ]
 CREATIVE_TEMPERATURE = 1.2  # the reference measured speculation at 0.79x here
-# --creative remix: the same code-heavy context as the code phase, sampled at temperature 1.5 - the case
+# --creative remix: the same code-heavy context as the code phase, sampled at the creative temperature - the case
 # where the reference measured speculation at 0.79x (drafts proposed from the context, mostly rejected).
 REMIX = "Here is some code:\n{code}\nNow play with it: write your own free variation, anything goes:\n{code}\n"
 POLICIES = ("always-spec", "always-plain", "auto", "auto-hard")
@@ -89,12 +89,13 @@ def find_llama_server() -> Path:
     return builds[-1]
 
 
-def write_profiles(profiles_dir: Path, model: Path, ctx: int, threads: int, spec_type: str) -> None:
+def write_profiles(profiles_dir: Path, model: Path, ctx: int, threads: int, spec_type: str,
+                   spec_args: list[str]) -> None:
     common = (f'model = "{model}"\nctx_size = {ctx}\ngpus = []\nthreads = {threads}\nparallel = 1\n'
               "load_timeout_s = 300\n")
     for policy in POLICIES:
         profiles_dir.joinpath(f"{policy}-spec.toml").write_text(
-            common + f'group = "{policy}"\n[speculation]\ntype = "{spec_type}"\n')
+            common + f'group = "{policy}"\nextra_args = {json.dumps(spec_args)}\n[speculation]\ntype = "{spec_type}"\n')
         profiles_dir.joinpath(f"{policy}-plain.toml").write_text(common + f'group = "{policy}"\n')
 
 
@@ -121,10 +122,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--min-dwell", type=float, default=5.0)
     parser.add_argument("--creative", choices=("prose", "remix"), default="prose",
-                        help="creative phase prompts: rewriting prose, or remixing code (both at temperature 1.5)")
+                        help="creative phase prompts: rewriting prose, or remixing code (both at --creative-temperature)")
     parser.add_argument("--creative-temperature", type=float, default=CREATIVE_TEMPERATURE)
     parser.add_argument("--spec", default="ngram-mod", choices=("ngram-mod", "ngram-simple", "ngram-map-k"),
                         help="the speculative member's [speculation] type (n-gram: no draft model needed)")
+    parser.add_argument("--spec-args", default="",
+                        help="extra llama-server flags for the speculative member, e.g. '--spec-ngram-mod-n-match 8'")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -142,7 +145,7 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="llamactl-bench-"))
     model = Path(gemma.assemble(Settings().cache_dir / "models" / gemma.MODEL_NAME))
     (home / "profiles").mkdir()
-    write_profiles(home / "profiles", model, args.ctx, args.threads, args.spec)
+    write_profiles(home / "profiles", model, args.ctx, args.threads, args.spec, args.spec_args.split())
     settings = Settings(home=home, profiles_dirs=str(home / "profiles"), llama_server=binary,
                         etc_profiles_dir=home / "none")
     profiles, errors = load_all(settings)
@@ -160,7 +163,7 @@ def main() -> int:
     report: dict = {
         "command": "scripts/bench_switching.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "engine": str(binary.parent.parent.name), "model": gemma.MODEL_NAME, "spec": args.spec,
+        "engine": str(binary.parent.parent.name), "model": gemma.MODEL_NAME, "spec": args.spec, "spec_args": args.spec_args,
         "creative": args.creative, "creative_temperature": args.creative_temperature,
         "phases": args.phases, "requests_per_phase": args.requests, "tokens_per_request": args.tokens,
         "auto_switch": ("warm: " if router.lanes["auto"].keep_both_warm else "hard: ") + router.lanes["auto"].warm_reason,

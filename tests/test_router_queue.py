@@ -194,3 +194,23 @@ def test_without_a_memory_plan_a_group_switches_hard(settings):
     lane = router.lanes["coding"]
     assert lane.keep_both_warm is False
     assert lane.warm_reason.startswith("no memory plan (") and "fake.gguf" in lane.warm_reason
+
+
+def test_keep_both_warm_loads_the_other_member_and_a_switch_is_a_drain():
+    profiles = group_profiles("coding", parallel=1)
+    backends = fake_backends(profiles)
+    config = RouterConfig(lane=LaneConfig(keep_both_warm=True))
+    with served(profiles, backends, config) as (url, router):
+        body = {"model": "coding", "prompt": "def f():\n    return 1\n", "temperature": 0}
+        assert post(url, body).headers["x-llamactl-profile"] == "coding-spec"
+        wait_for(lambda: lane_status(url, "coding")["loaded"] == ["coding-plain", "coding-spec"],
+                 what="the plain member loaded in the background")
+        starts = backends.events.count(("start", "coding-plain"))
+        r = httpx.post(f"{url}/llamactl/switch", json={"group": "coding", "member": "coding-plain"}, timeout=30)
+        assert r.status_code == 200 and r.json()["active"] == "coding-plain"
+        assert backends.events.count(("start", "coding-plain")) == starts == 1  # no restart: a drain
+        assert ("stop", "coding-spec") not in backends.events
+        assert post(url, body).headers["x-llamactl-profile"] == "coding-plain"
+        assert r.json()["recent_switches"][-1]["trigger"] == "forced"
+        assert backends.max_running == 2
+    assert {("stop", "coding-spec"), ("stop", "coding-plain")} <= set(backends.events)  # shutdown stops both

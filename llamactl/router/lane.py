@@ -3,8 +3,10 @@
 One dispatcher task per lane owns every state change: it decides which member serves (forced by
 `llamactl switch`, pinned by the request at the head of the queue, or the switching policy), loads it on
 demand, drains and hard-switches, hands slots to waiting requests (at most `slots` in flight for the
-active member), and unloads after the idle TTL. Request handlers only enqueue a Ticket, await its grant
-and release it; they never act on the lane's state. A queued request is never dropped by a switch: it
+active member), and unloads after the idle TTL. With `keep_both_warm` it also loads the other members in
+the background once one serves (tasks it owns; their results reach the state through the dispatcher), so
+every switch is a drain. Request handlers only enqueue a Ticket, await its grant and release it; they
+never act on the lane's state. A queued request is never dropped by a switch: it
 stays in the queue until the new member is ready, or fails with QueueTimeout / EngineUnavailable.
 """
 
@@ -83,6 +85,9 @@ class Lane:
         self._gauge_shape: tuple | None = None
         self._wake = asyncio.Event()
         self._waiters: list[tuple[str, asyncio.Future[None]]] = []
+        self._tasks: asyncio.TaskGroup | None = None  # the dispatcher's: background warm-ups
+        self._warming: dict[str, asyncio.Task[None]] = {}
+        self._warmed: dict[str, Upstream] = {}  # loaded in the background, not yet taken in by the dispatcher
         self._update_gauges()
 
     # ------------------------------------------------------------------ request side
@@ -282,9 +287,21 @@ class Lane:
         return self.spec.member(decision.target) or self.active, "policy"
 
     async def run(self) -> None:
-        """The dispatcher loop; runs until cancelled."""
+        """The dispatcher loop; runs until cancelled (which cancels its warm-ups)."""
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            try:
+                await self._loop()
+            finally:
+                self._tasks = None
+
+    async def _loop(self) -> None:
         while True:
             self._wake.clear()
+            if self._warmed:
+                self.upstreams.update(self._warmed)
+                self._warmed.clear()
+                self._update_gauges()
             timeout: float | None = None
             target = self._target()
             if target is None:
@@ -361,6 +378,31 @@ class Lane:
                 self.switch_cost_s = elapsed  # a first estimate: a switch costs about one load
         self._resolve_waiters(profile, None)
         self._changed()
+        if self.keep_both_warm:
+            self._warm_others()
+
+    def _warm_others(self) -> None:
+        """Load the members that are not loaded, in the background: the next switch is then a drain."""
+        if self._tasks is None:
+            return
+        for member in self.spec.members:
+            if member not in self.upstreams and member not in self._warming and member not in self._warmed:
+                self._warming[member] = self._tasks.create_task(self._warm(member), name=f"warm:{member}")
+
+    async def _warm(self, profile: str) -> None:
+        try:
+            self.telemetry.loads.labels(profile).inc()
+            upstream = await self.backends.ensure_ready(profile)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - not fatal: the member loads on demand when it is chosen
+            log.warning("lane %s: warming %s failed: %s", self.name, profile, e)
+            return
+        finally:
+            self._warming.pop(profile, None)
+        log.info("lane %s: %s loaded beside %s (both warm)", self.name, profile, self.active)
+        self._warmed[profile] = upstream
+        self._changed()
 
     def _fail_start(self, profile: str, error: Exception) -> None:
         self.state = "failed"
@@ -391,6 +433,10 @@ class Lane:
         self._waiters = keep
 
     async def _stop(self, profile: str, reason: str) -> None:
+        warming = self._warming.pop(profile, None)
+        if warming is not None:
+            warming.cancel()
+        self._warmed.pop(profile, None)
         self.upstreams.pop(profile, None)
         self.telemetry.unloads.labels(profile, reason).inc()
         try:
