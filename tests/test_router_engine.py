@@ -138,3 +138,23 @@ def test_acceptance_of_an_ik_engine_is_read_from_its_log(monkeypatch, write_prof
     finally:
         server.stop()
     assert router.backends.supervisor.running("ik-spec") is None
+
+
+def test_the_pinned_build_still_drafts_when_a_request_turns_speculation_off(gemma_group):
+    """Why llamactl has no soft switch: per-request `speculative.*` fields are accepted by this build but do
+    not stop drafting. If this test fails after an engine update, a per-request soft switch (no second
+    server) has become possible: prove it here, then teach the lane to use it."""
+    settings = gemma_group
+    from llamactl.profiles import load_profile
+    from llamactl.supervisor import Supervisor
+
+    sup = Supervisor(settings)
+    record = sup.start(load_profile("gem-spec", settings))
+    try:
+        for off in ({"speculative.type": "none"}, {"speculative.n_max": 0}, {"speculative": {"type": "none"}}):
+            r = httpx.post(f"{record.url}/completion", timeout=120, json={
+                "prompt": CODE_PROMPT, "n_predict": 64, "temperature": 0, "cache_prompt": False, **off})
+            assert r.status_code == 200
+            assert r.json()["timings"].get("draft_n", 0) > 0, f"{off} turned drafting off: a soft switch works now"
+    finally:
+        sup.stop("gem-spec")
