@@ -154,3 +154,24 @@ def test_a_port_taken_between_choosing_and_binding_is_retried(engine, write_prof
     finally:
         sup.stop(name)
         squatter.close()
+
+
+def test_the_bundled_demo_profile_answers_a_chat_completion(monkeypatch, home, gemma_path):
+    """README's first command in small: `llamactl up demo`, then a chat completion. The demo model is a
+    base model without a chat template; the profile's Q/A template makes chat work."""
+    from llamactl.models import BUILTIN_MODELS
+
+    monkeypatch.setenv(ENGINE_ENV["llama.cpp"], str(require_engine("llama.cpp")))
+    target = home / "cache" / "models" / BUILTIN_MODELS["gemma3-270m"][2]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(gemma_path)
+    llamactl("up", "demo")
+    try:
+        [row] = json.loads(llamactl("status", "--json").stdout)["servers"]
+        reply = httpx.post(f"{row['url']}/v1/chat/completions", timeout=120, json={
+            "model": "demo", "max_tokens": 16, "temperature": 0, "stop": ["\n"],
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert reply.status_code == 200
+        assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+    finally:
+        llamactl("down", "demo")
