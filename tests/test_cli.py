@@ -49,10 +49,10 @@ def test_start_failure_exits_non_zero_with_cause_and_log_tail(run, settings, fak
     assert Supervisor(settings).status() == []
 
 
-def test_profile_that_does_not_fit_is_refused_before_anything_starts(run, settings, write_profile, home,
-                                                                     monkeypatch):
+def huge_profile_on_one_24g_card(write_profile, home, monkeypatch) -> None:
+    """Profile `huge`: a 70B-class table (~70 GiB at Q8_0) on a described 1 x 24 GiB box, run by the fake."""
     monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(FAKES / "gpus_1x24.json"))
-    big = write_header_only(home / "big.gguf", n_layer=80)  # a 70B-class table: ~70 GiB at Q8_0
+    big = write_header_only(home / "big.gguf", n_layer=80)
     write_profile("huge", f"""
         binary = "{FAKES / 'fake_llama_server.py'}"
         model = "{big}"
@@ -60,6 +60,11 @@ def test_profile_that_does_not_fit_is_refused_before_anything_starts(run, settin
         gpus = [0]
         n_gpu_layers = "all"
     """)
+
+
+def test_profile_that_does_not_fit_is_refused_before_anything_starts(run, settings, write_profile, home,
+                                                                     monkeypatch):
+    huge_profile_on_one_24g_card(write_profile, home, monkeypatch)
     result = run("up", "huge", code=7)
     assert "does not fit" in result.output and "nothing was started" in result.output
     assert Supervisor(settings).status() == []
@@ -82,15 +87,7 @@ def test_a_missing_model_is_named_with_the_profile_file_and_key(run, settings, w
 
 def test_ignore_fit_starts_anyway_and_down_all_stops_every_server(run, settings, write_profile, fake_profile, home,
                                                                   monkeypatch):
-    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(FAKES / "gpus_1x24.json"))
-    big = write_header_only(home / "big.gguf", n_layer=80)
-    write_profile("huge", f"""
-        binary = "{FAKES / 'fake_llama_server.py'}"
-        model = "{big}"
-        ctx_size = 32768
-        gpus = [0]
-        n_gpu_layers = "all"
-    """)
+    huge_profile_on_one_24g_card(write_profile, home, monkeypatch)
     run("up", "huge", code=7)
     assert "ready at http://127.0.0.1:" in run("up", "huge", "--ignore-fit").output
     fake_profile("small")
