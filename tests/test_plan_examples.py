@@ -100,3 +100,36 @@ def test_shapes_cover_the_examples() -> None:
     for line in text.splitlines():
         if "~/models/" in line:
             assert line.split("~/models/")[1].rstrip('"') in SHAPES, line
+
+
+# What each example should do on each described box, from the models' sizes: a 32B Q4_K_M (~18.5 GiB)
+# with a 0.5B draft and 32k of q8_0 KV just fits one 24 GiB card but not beside the 4090 of the mixed box
+# once the draft's KV is added (coding-ik's ik build reserves more); the 70B Q4_K_M (~40 GiB) with 64k
+# of q8_0 KV (~10 GiB) needs more than 2 x 24 GiB; the 8B at 512k of q4_0 KV (~20 GiB) needs two cards
+# of 24 GiB or one of 80. The CPU box has 28 GiB free and the profiles name GPUs it does not have.
+EXPECTED_FITS = {
+    #               1x24   2x24   4x80   24+12  cpu
+    "coding":       (True, True, True, True, False),
+    "coding-plain": (True, True, True, True, False),
+    "coding-ik":    (True, True, True, False, False),
+    "creative":     (True, True, True, True, False),
+    "long-context": (False, True, True, True, False),
+    "multi-gpu":    (False, False, True, False, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FITS))
+def test_each_example_fits_where_its_size_says_and_is_refused_with_a_fitting_change_elsewhere(
+        example_dir: Path, name: str) -> None:
+    assert {p.stem for p in example_dir.glob("*.toml")} == set(EXPECTED_FITS)
+    for box, fits in zip(BOXES, EXPECTED_FITS[name]):
+        data = plan_json(example_dir, name, box)
+        assert data["fits"] is fits, (name, box)
+        used = [d["key"] for d in data["devices"] if d["key"] != "CPU" and d["total_mib"] > 0]
+        if fits:
+            assert used == [f"CUDA{i}" for i in data["gpus"]], (name, box, used)
+        else:
+            assert any(s["fits"] for s in data["suggestions"]), (name, box, data["suggestions"])
+            if box == "gpus_cpu" and data["problems"]:  # the profile names GPUs: every way out drops them
+                assert all(s["change"].startswith("gpus = [] (this box has no NVIDIA GPU: the CPU only)")
+                           for s in data["suggestions"]), data["suggestions"]

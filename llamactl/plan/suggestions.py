@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from llamactl.gpus import Gpu, GpuInventory
@@ -39,6 +40,22 @@ def _plain(update: dict[str, Any]) -> dict[str, Any]:
             for k, v in update.items()}
 
 
+def _on_present_gpus(profile: Profile, inventory: GpuInventory) -> tuple[dict[str, Any], str] | None:
+    """(update, words) that keep only the GPUs of `profile.gpus` this box has (all of its GPUs if none,
+    the CPU if it has none), or None when every GPU named exists."""
+    if not profile.gpus:
+        return None
+    present = [i for i in profile.gpus if inventory.by_index(i) is not None]
+    missing = [i for i in profile.gpus if i not in present]
+    if not missing:
+        return None
+    gpus = present or [g.index for g in inventory.gpus]
+    split = "auto" if isinstance(profile.tensor_split, list) and gpus else None
+    why = (f"this box has no GPU {', '.join(map(str, missing))}" if inventory.gpus
+           else "this box has no NVIDIA GPU: the CPU only")
+    return {"gpus": gpus, "tensor_split": split}, f"gpus = {gpus} ({why})"
+
+
 def suggest_changes(profile: Profile, target: ModelSpec, draft: ModelSpec | None, inventory: GpuInventory,
                     plan: "Plan", margin_mib: int) -> list["Suggestion"]:
     out: list[Suggestion] = []
@@ -48,15 +65,22 @@ def suggest_changes(profile: Profile, target: ModelSpec, draft: ModelSpec | None
         if s is not None:
             out.append(s)
 
-    # 0. GPUs the profile names that this box does not have: the ones it has.
-    if profile.gpus and inventory.gpus:
-        present = [i for i in profile.gpus if inventory.by_index(i) is not None]
-        missing = [i for i in profile.gpus if i not in present]
-        if missing:
-            gpus = present or [g.index for g in inventory.gpus]
-            split = "auto" if isinstance(profile.tensor_split, list) else profile.tensor_split
-            add(_try(profile, {"gpus": gpus, "tensor_split": split}, *args,
-                     change=f"gpus = {gpus} (this box has no GPU {', '.join(map(str, missing))})"))
+    # 0. GPUs the profile names that this box does not have: first the ones it has, then (if that is not
+    # enough) every other change on top of that.
+    rebased = _on_present_gpus(profile, inventory)
+    if rebased is not None:
+        update, change = rebased
+        first = _try(profile, update, *args, change=change)
+        if first is None or first.fits:
+            return [first] if first else []
+        from llamactl.plan.core import plan_profile
+
+        fixed = profile.model_copy(update=update)
+        fixed_plan = plan_profile(fixed, target, inventory, draft if fixed.speculation.uses_draft_model else None,
+                                  margin_mib=margin_mib, suggest=False)
+        more = suggest_changes(fixed, target, draft, inventory, fixed_plan, margin_mib)
+        return [first] + [replace(s, change=f"{change} and {s.change}", update={**_plain(update), **s.update})
+                          for s in more]
 
     # 1. A smaller context: the largest power of two (or the current size halved) that fits.
     n_ctx = plan.ctx.n_ctx
@@ -131,7 +155,6 @@ def suggest_changes(profile: Profile, target: ModelSpec, draft: ModelSpec | None
         biggest = max(inventory.gpus, key=lambda g: g.total_mib)
         extra = Gpu(index=max(g.index for g in inventory.gpus) + 1, name=f"another {biggest.name}",
                     total_mib=biggest.total_mib, free_mib=biggest.total_mib)
-        from dataclasses import replace
 
         bigger_box = replace(inventory, gpus=(*inventory.gpus, extra))
         prof = profile if profile.gpus is None else profile.model_copy(
