@@ -324,7 +324,11 @@ class SupervisorBackends:
                     continue
                 alive = process_matches(record) is not None
                 if alive:  # a log grows while the engine runs: keep it under log_max_bytes (copy, truncate)
-                    rotate_if_large(Path(record.log_path), s.log_max_bytes, s.log_backups)
+                    try:
+                        await asyncio.to_thread(rotate_if_large, Path(record.log_path), s.log_max_bytes,
+                                                s.log_backups)
+                    except OSError as e:  # a full disk must not take the daemon down
+                        log.warning("%s: rotating %s failed: %s", child.name, record.log_path, e)
                 probe = (await aprobe_health(record.url, timeout_s=s.health_timeout_s, client=client) if alive
                          else Probe(False, "process gone"))
                 if child.record is not record:
@@ -440,23 +444,33 @@ def build_router(settings: Settings, profiles: dict[str, Profile], backends: Bac
         backends = SupervisorBackends(Supervisor(settings, die_with_parent=True), profiles, settings)
     router = Router(profiles.values(), backends, router_config(settings))
     if settings.router_keep_both_warm == "auto":
+        inventory, warm = None, []
         for lane in router.lanes.values():
             if lane.spec.is_group:
-                decide_warm(lane, [profiles[m] for m in lane.spec.members], settings)
+                inventory = decide_warm(lane, [profiles[m] for m in lane.spec.members], settings, inventory, warm)
+                if lane.keep_both_warm:
+                    warm.append(lane.name)
     return router
 
 
-def decide_warm(lane: Lane, members: list[Profile], settings: Settings) -> None:
-    """Keep a switch group's members both running when the memory plan says they fit together
-    (a switch is then a drain, not a restart); otherwise a switch stops one before starting the other."""
-    from llamactl.plan import fit_together
+def decide_warm(lane: Lane, members: list[Profile], settings: Settings, inventory=None,
+                beside: Iterable[str] = ()):
+    """Keep a switch group's members both running when the memory plan says they fit together, beside the
+    groups already kept warm (a switch is then a drain, not a restart); otherwise a switch stops one
+    member before starting the other. Returns the inventory left for the next group (None: probe)."""
+    from llamactl.plan import KnownInventory, fit_together
 
     try:
-        lane.keep_both_warm, why = fit_together(members, settings)
+        probe = KnownInventory(inventory) if inventory is not None else None
+        lane.keep_both_warm, why, left = fit_together(members, settings, probe=probe)
     except Exception as e:  # noqa: BLE001 - no plan (model missing, NVML error): the safe choice
-        lane.keep_both_warm, why = False, f"no memory plan ({getattr(e, 'message', e)})"
+        lane.keep_both_warm, why, left = False, f"no memory plan ({getattr(e, 'message', e)})", inventory
+    beside = list(beside)
+    if beside and not lane.keep_both_warm:
+        why += f", with the groups kept warm before it ({', '.join(beside)}) loaded"
     lane.warm_reason = why
     log.info("lane %s: %s switch: %s", lane.name, "warm" if lane.keep_both_warm else "hard", why)
+    return left if lane.keep_both_warm else inventory
 
 
 def lane_of(router: Router, profile: str):

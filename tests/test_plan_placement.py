@@ -301,13 +301,14 @@ def test_two_members_fit_together_only_where_there_is_room_for_both(models, sett
 
     spec = prof(models["30b_q4"], name="m-spec", group="m", speculation=Speculation(type="ngram-mod"))
     plain = prof(models["30b_q4"], name="m-plain", group="m")
-    fits, why = fit_together([spec, plain], settings, probe=FileProbe(FAKES / "gpus_2x24.json"))
+    fits, why, left = fit_together([spec, plain], settings, probe=FileProbe(FAKES / "gpus_2x24.json"))
     assert fits, why
+    assert sum(g.free_mib for g in left.gpus) < sum(g.free_mib for g in box("2x24").gpus) - 2 * 14 * 1024
     assert why.startswith("m-spec + m-plain fit together (") and "MiB on CUDA1 left)" in why
-    fits, why = fit_together([spec, plain], settings, probe=FileProbe(FAKES / "gpus_1x24.json"))
+    fits, why, _ = fit_together([spec, plain], settings, probe=FileProbe(FAKES / "gpus_1x24.json"))
     assert not fits
     assert why.startswith("'m-plain' does not fit beside m-spec (CUDA0 short by ")
-    alone, _ = fit_together([plain], settings, probe=FileProbe(FAKES / "gpus_1x24.json"))
+    alone, _, _ = fit_together([plain], settings, probe=FileProbe(FAKES / "gpus_1x24.json"))
     assert alone  # each fits on its own: it is the pair that does not
 
 
@@ -324,3 +325,36 @@ def test_auto_split_balances_the_free_memory_left_on_each_card(models, name, gpu
     one_layer = max(u.weights / max(1, len([i for i in u.layers if i < plan.target.n_layer])) for u in used)
     slack = max(one_layer / (u.device.free_mib * MIB) for u in used)
     assert max(ratios) - min(ratios) <= 2 * slack, (ratios, plan.tensor_split)
+
+
+def test_a_member_that_would_spill_layers_to_the_cpu_beside_the_other_does_not_fit_together(models, settings) -> None:
+    """With n_gpu_layers = "auto" the second member would still 'fit', with layers moved to the CPU: slower
+    than alone, so not a warm pair."""
+    from llamactl.plan import fit_together
+
+    spec = prof(models["30b_q4"], name="m-spec", speculation=Speculation(type="ngram-mod"), n_gpu_layers="auto")
+    plain = prof(models["30b_q4"], name="m-plain", n_gpu_layers="auto")
+    fits, why, _ = fit_together([spec, plain], settings, probe=FileProbe(FAKES / "gpus_1x24.json"))
+    assert not fits
+    assert why.startswith("'m-plain' would keep ") and why.endswith("layers on the CPU beside m-spec than alone")
+
+
+def test_warm_groups_are_planned_together_and_the_one_that_does_not_fit_beside_the_others_switches_hard(
+        models, settings, monkeypatch) -> None:
+    """Two switch groups of a ~14 GiB model on 2 x 24 GiB: the first pair fits (one member per card), the
+    second pair would not fit beside it, so only the first group keeps both members loaded."""
+    from llamactl.service import build_router
+    from tests.router_harness import fake_backends
+
+    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(FAKES / "gpus_2x24.json"))
+    from llamactl.settings import Settings
+
+    profiles = {}
+    for group in ("a", "b"):
+        profiles[f"{group}-spec"] = prof(models["30b_q4"], name=f"{group}-spec", group=group,
+                                         speculation=Speculation(type="ngram-mod"))
+        profiles[f"{group}-plain"] = prof(models["30b_q4"], name=f"{group}-plain", group=group)
+    router = build_router(Settings(), profiles, fake_backends(list(profiles.values())))
+    a, b = router.lanes["a"], router.lanes["b"]
+    assert a.keep_both_warm and " fit together (" in a.warm_reason
+    assert not b.keep_both_warm and b.warm_reason.endswith("with the groups kept warm before it (a) loaded")

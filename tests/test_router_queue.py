@@ -214,3 +214,25 @@ def test_keep_both_warm_loads_the_other_member_and_a_switch_is_a_drain():
         assert r.json()["recent_switches"][-1]["trigger"] == "forced"
         assert backends.max_running == 2
     assert {("stop", "coding-spec"), ("stop", "coding-plain")} <= set(backends.events)  # shutdown stops both
+
+
+def test_a_member_that_does_not_load_beside_the_other_turns_the_lane_to_hard_switches():
+    """The plan said both fit, the box disagrees (room for one server): the background warm-up fails, the
+    lane says why and switches hard; a warm switch that fails to start stops the other member and retries."""
+    profiles = group_profiles("coding", parallel=1)
+    backends = fake_backends(profiles, room=1)
+    config = RouterConfig(lane=LaneConfig(keep_both_warm=True))
+    with served(profiles, backends, config) as (url, router):
+        body = {"model": "coding", "prompt": "def f():\n    return 1\n", "temperature": 0}
+        assert post(url, body).status_code == 200
+        wait_for(lambda: lane_status(url, "coding")["keep_both_warm"] is False, what="the warm-up to fail")
+        assert lane_status(url, "coding")["warm_reason"].startswith("loading coding-plain beside coding-spec failed")
+        r = httpx.post(f"{url}/llamactl/switch", json={"group": "coding", "member": "coding-plain"}, timeout=30)
+        assert r.status_code == 200 and r.json()["loaded"] == ["coding-plain"]
+
+        router.lanes["coding"].keep_both_warm = True  # a lane that still believes both fit
+        r = httpx.post(f"{url}/llamactl/switch", json={"group": "coding", "member": "coding-spec"}, timeout=30)
+        assert r.status_code == 200 and r.json()["loaded"] == ["coding-spec"]
+        assert r.json()["keep_both_warm"] is False and "loading coding-spec beside coding-plain" in r.json()["warm_reason"]
+        assert post(url, body).headers["x-llamactl-profile"] == "coding-spec"
+        assert backends.max_running == 1

@@ -45,7 +45,7 @@ def plan_for_launch(profile: Profile, settings: Settings, gpus_file: Path | None
     return plan
 
 
-class _Known:
+class KnownInventory:
     """A probe that answers with an inventory already in hand."""
 
     def __init__(self, inventory: GpuInventory) -> None:
@@ -56,23 +56,32 @@ class _Known:
 
 
 def fit_together(profiles: list[Profile], settings: Settings, gpus_file: Path | None = None, *,
-                 probe: GpuProbe | None = None, margin_mib: int = DEFAULT_MARGIN_MIB) -> tuple[bool, str]:
-    """Whether all `profiles` can run at once: each is planned on what the ones before it leave free.
-    Returns (fits, why) with the device that runs out when it does not."""
-    inventory = probe_gpus(gpus_file, settings, probe)
+                 probe: GpuProbe | None = None, margin_mib: int = DEFAULT_MARGIN_MIB
+                 ) -> tuple[bool, str, GpuInventory]:
+    """Whether all `profiles` can run at once: each is planned on what the ones before it leave free, and
+    must keep as many layers on its GPUs as it would alone. Returns (fits, why, the inventory left)."""
+    alone = probe_gpus(gpus_file, settings, probe)
+    inventory = alone
     placed: list[str] = []
     for profile in profiles:
-        plan = plan_for_launch(profile, settings, probe=_Known(inventory), margin_mib=margin_mib, with_argv=False)
+        plan = plan_for_launch(profile, settings, probe=KnownInventory(inventory), margin_mib=margin_mib,
+                               with_argv=False)
+        beside = f" beside {', '.join(placed)}" if placed else ""
         if not plan.fits:
             short = ", ".join(f"{u.device.key} short by {-(-plan.shortfall(u) // (1 << 20))} MiB"
                               for u in plan.uses if plan.shortfall(u)) or "; ".join(plan.problems)
-            beside = f" beside {', '.join(placed)}" if placed else ""
-            return False, f"'{profile.name}' does not fit{beside} ({short})"
+            return False, f"'{profile.name}' does not fit{beside} ({short})", inventory
+        if placed:
+            by_itself = plan_for_launch(profile, settings, probe=KnownInventory(alone), margin_mib=margin_mib,
+                                        with_argv=False)
+            if plan.n_gpu_layers < by_itself.n_gpu_layers:
+                return False, (f"'{profile.name}' would keep {by_itself.n_gpu_layers - plan.n_gpu_layers} more "
+                               f"layers on the CPU{beside} than alone"), inventory
         inventory = plan.remaining()
         placed.append(profile.name)
     free = ", ".join(f"{g.free_mib} MiB on CUDA{g.index}" for g in inventory.gpus) or (
         f"{inventory.host_free_mib} MiB of host RAM" if inventory.host_free_mib is not None else "")
-    return True, f"{' + '.join(placed)} fit together" + (f" ({free} left)" if free else "")
+    return True, f"{' + '.join(placed)} fit together" + (f" ({free} left)" if free else ""), inventory
 
 
 def engine_argv(plan: Plan, settings: Settings) -> list[str] | None:

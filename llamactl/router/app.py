@@ -44,7 +44,9 @@ from llamactl.router.upstream import (
 )
 
 log = logging.getLogger("llamactl.router")
-LOG_ACCEPTANCE_WAIT_S = 5.0  # how long after a response its engine's acceptance line may take to appear
+# The pinned ik writes a request's acceptance line before its response ends (measured: already there
+# 0.1 ms after the last byte); a short wait covers a slow disk without reaching into the next request.
+LOG_ACCEPTANCE_WAIT_S = 0.25
 
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/completion")
 OPENAI_STREAM_END = b"data: [DONE]\n\n"
@@ -76,6 +78,7 @@ class Router:
         self.pool: UpstreamPool | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._engine_metrics: dict[str, tuple[float, dict[str, float]]] = {}  # profile -> (when, values)
+        self._log_claimed: dict[str, int] = {}  # engine log -> end of the last acceptance line used
         self.started_at = time.time()
 
     @asynccontextmanager
@@ -106,7 +109,8 @@ class Router:
     def finish(self, lane: Lane, sample: Sample, upstream: Upstream, log_offset: int | None) -> None:
         """Record a finished request. A speculative one whose timings carry no drafting counts (the pinned
         ik_llama.cpp prints acceptance only in its log, just after the response) is recorded once its
-        log line has been read, or has not come within LOG_ACCEPTANCE_WAIT_S."""
+        log line has been read, or has not come within LOG_ACCEPTANCE_WAIT_S. Only for single-slot members:
+        with several slots, lines of concurrent requests interleave and could not be told apart."""
         if (log_offset is not None and upstream.log_path and sample.role == "spec" and not sample.draft_n
                 and sample.status < 400 and self._tasks is not None):
             self._tasks.create_task(self._finish_from_log(lane, sample, upstream, log_offset),
@@ -117,9 +121,14 @@ class Router:
 
     async def _finish_from_log(self, lane: Lane, sample: Sample, upstream: Upstream, log_offset: int) -> None:
         try:
-            found = await acceptance_from_log(upstream.log_path, log_offset, LOG_ACCEPTANCE_WAIT_S)
+            start = max(log_offset, self._log_claimed.get(upstream.log_path, 0))
+            found = await acceptance_from_log(upstream.log_path, start, LOG_ACCEPTANCE_WAIT_S)
             if found is not None:
-                sample.draft_n, sample.draft_accepted = found.generated, found.accepted
+                acceptance, line_end = found
+                self._log_claimed[upstream.log_path] = line_end  # a line counts for one request only
+                sample.draft_n, sample.draft_accepted = acceptance.generated, acceptance.accepted
+        except Exception as e:  # noqa: BLE001 - telemetry must never take the router down
+            log.warning("reading acceptance from %s failed: %s", upstream.log_path, e)
         finally:
             self.telemetry.record(sample)
         self.after_request(lane, sample, upstream)
@@ -285,7 +294,8 @@ class Relay:
                 await _send_error(send, e)
                 return
             assert ticket.profile is not None and ticket.role is not None
-            log_offset = log_size(upstream.log_path) if ticket.role == "spec" else None
+            single_slot = lane.spec.slots.get(ticket.profile, 1) == 1
+            log_offset = log_size(upstream.log_path) if ticket.role == "spec" and single_slot else None
             sample = Sample(lane=lane.name, profile=ticket.profile, role=ticket.role, cls=cls, endpoint=self.path,
                             status=0, queue_wait_s=(ticket.granted_at or arrived) - arrived)
             try:

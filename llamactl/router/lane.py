@@ -88,6 +88,7 @@ class Lane:
         self._tasks: asyncio.TaskGroup | None = None  # the dispatcher's: background warm-ups
         self._warming: dict[str, asyncio.Task[None]] = {}
         self._warmed: dict[str, Upstream] = {}  # loaded in the background, not yet taken in by the dispatcher
+        self._not_warm: set[str] = set()  # stopped by `down` or failed: loaded only when chosen again
         self._update_gauges()
 
     # ------------------------------------------------------------------ request side
@@ -181,11 +182,14 @@ class Lane:
     def engine_down(self, profile: str) -> None:
         """The service saw `profile`'s engine die or hang: the next grant asks the backends again
         (which restart it, after their backoff)."""
+        self._forget_warm(profile)
         if self.upstreams.pop(profile, None) is not None:
             self._changed()
 
     def mark_failed(self, profile: str, error: Exception) -> None:
         """The service gave up on `profile` (a crash loop): fail what waits for it, with the reason."""
+        self._forget_warm(profile)
+        self._not_warm.add(profile)
         self.upstreams.pop(profile, None)
         if profile == self.active or self.forced == profile:
             self._fail_start(profile, error)
@@ -196,6 +200,7 @@ class Lane:
         """Stop `profile` now (`llamactl down` on a daemon); a later request loads it again."""
         if self.forced == profile:
             self.forced = None
+        self._not_warm.add(profile)  # stopped on purpose: not loaded again in the background
         await self._stop(profile, "down")
         if profile == self.active:
             self.state = "unloaded"
@@ -260,11 +265,12 @@ class Lane:
                 queued[t.cls] = queued.get(t.cls, 0) + 1
         loaded = self.active in self.upstreams
         others_warm = all(m in self.upstreams for m in self.spec.members)
+        # both members running (keep_both_warm): a switch is only a drain, of what is in flight now
+        drain_s = self.in_flight * (self.service_s or 0.0) / max(1, self.spec.slots.get(self.active, 1))
         return GroupState(
             active=self.role_of(self.active) if loaded else None,
             seconds_since_switch=self.clock() - self.last_switch_at,
-            # both members running (keep_both_warm): a switch is only a drain
-            switch_cost_s=WARM_SWITCH_COST_S if others_warm else self.switch_cost_s,
+            switch_cost_s=WARM_SWITCH_COST_S + drain_s if others_warm else self.switch_cost_s,
             queued=queued,
             recent=self.telemetry.recent(self.name),
             evidence=self.telemetry.evidence(self.name),
@@ -348,23 +354,37 @@ class Lane:
         self.active = profile
         self._update_gauges()
         started = self.clock()
+        warm = switching and profile in self.upstreams  # both loaded: a switch is only a drain
         if switching and not self.keep_both_warm:
             await self._stop(old, "switch")  # type: ignore[arg-type]
         try:
             self.telemetry.loads.labels(profile).inc()
-            upstream = await self.backends.ensure_ready(profile)
+            try:
+                upstream = await self.backends.ensure_ready(profile)
+            except Exception as e:  # noqa: BLE001
+                if not (switching and self.keep_both_warm):
+                    raise
+                # It did not load beside the other member (memory the plan did not foresee, say): switch
+                # the hard way from now on, which frees the other member's memory first.
+                self.keep_both_warm = False
+                self.warm_reason = f"loading {profile} beside {old} failed: {getattr(e, 'message', e)}"
+                log.warning("lane %s: %s; switching hard from now on", self.name, self.warm_reason)
+                await self._stop(old, "switch")  # type: ignore[arg-type]
+                upstream = await self.backends.ensure_ready(profile)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting requests
             self._fail_start(profile, e)
             return
+        self._not_warm.discard(profile)
         elapsed = self.clock() - started
         self.upstreams[profile] = upstream
         self.state = "ready"
         self.last_error = None
         if switching:
             self.last_switch_at = self.clock()
-            self.switch_cost_s = elapsed if self.switch_cost_s is None else 0.5 * self.switch_cost_s + 0.5 * elapsed
+            if not warm:  # the cost of a restart: what a switch costs when the other member is not loaded
+                self.switch_cost_s = elapsed if self.switch_cost_s is None else 0.5 * self.switch_cost_s + 0.5 * elapsed
             self.telemetry.switches.labels(self.name, old, profile, trigger).inc()
             self.telemetry.switch_seconds.labels(self.name).observe(elapsed)
             reason = self.last_decision.reason if trigger == "policy" and self.last_decision else trigger
@@ -386,8 +406,15 @@ class Lane:
         if self._tasks is None:
             return
         for member in self.spec.members:
-            if member not in self.upstreams and member not in self._warming and member not in self._warmed:
+            if (member not in self.upstreams and member not in self._warming and member not in self._warmed
+                    and member not in self._not_warm):
                 self._warming[member] = self._tasks.create_task(self._warm(member), name=f"warm:{member}")
+
+    def _forget_warm(self, profile: str) -> None:
+        warming = self._warming.pop(profile, None)
+        if warming is not None:
+            warming.cancel()
+        self._warmed.pop(profile, None)
 
     async def _warm(self, profile: str) -> None:
         try:
@@ -395,11 +422,14 @@ class Lane:
             upstream = await self.backends.ensure_ready(profile)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - not fatal: the member loads on demand when it is chosen
-            log.warning("lane %s: warming %s failed: %s", self.name, profile, e)
+        except Exception as e:  # noqa: BLE001 - not fatal: switches go back to stop-then-start
+            self.keep_both_warm = False
+            self.warm_reason = f"loading {profile} beside {self.active} failed: {getattr(e, 'message', e)}"
+            log.warning("lane %s: %s; switching hard from now on", self.name, self.warm_reason)
             return
         finally:
-            self._warming.pop(profile, None)
+            if self._warming.get(profile) is asyncio.current_task():
+                del self._warming[profile]
         log.info("lane %s: %s loaded beside %s (both warm)", self.name, profile, self.active)
         self._warmed[profile] = upstream
         self._changed()
@@ -433,10 +463,7 @@ class Lane:
         self._waiters = keep
 
     async def _stop(self, profile: str, reason: str) -> None:
-        warming = self._warming.pop(profile, None)
-        if warming is not None:
-            warming.cancel()
-        self._warmed.pop(profile, None)
+        self._forget_warm(profile)
         self.upstreams.pop(profile, None)
         self.telemetry.unloads.labels(profile, reason).inc()
         try:
@@ -447,6 +474,9 @@ class Lane:
             log.warning("lane %s: stopping %s failed: %s", self.name, profile, e)
 
     async def _unload_all(self, reason: str) -> None:
+        for profile in list(self._warming) + list(self._warmed):  # not half-loaded in the background either
+            self._forget_warm(profile)
+            await self._stop(profile, reason)
         for profile in list(self.upstreams):
             log.info("lane %s: unloading %s (%s)", self.name, profile, reason)
             await self._stop(profile, reason)

@@ -143,8 +143,9 @@ def log_size(path: str | None) -> int | None:
         return None
 
 
-async def acceptance_from_log(path: str, offset: int, wait_s: float, poll_s: float = 0.05) -> Acceptance | None:
-    """The first acceptance line written to `path` after `offset`, waiting up to `wait_s` for it."""
+async def acceptance_from_log(path: str, offset: int, wait_s: float,
+                              poll_s: float = 0.02) -> tuple[Acceptance, int] | None:
+    """The first acceptance line written to `path` after `offset` and where it ends, waiting up to `wait_s`."""
     deadline = time.monotonic() + wait_s
     pending = b""
     while True:
@@ -156,12 +157,14 @@ async def acceptance_from_log(path: str, offset: int, wait_s: float, poll_s: flo
                 data = f.read(1 << 20)
         except OSError:
             return None
+        start = offset - len(pending)
         offset += len(data)
         *lines, pending = (pending + data).split(b"\n")
         for line in lines:
+            start += len(line) + 1
             found = parse_acceptance(line.decode("utf-8", "replace"))
             if found is not None:
-                return found
+                return found, start
         if time.monotonic() >= deadline:
             return None
         await asyncio.sleep(poll_s)

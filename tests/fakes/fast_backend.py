@@ -290,10 +290,13 @@ if __name__ == "__main__":
 class FakeBackends:
     """llamactl.router.Backends over FakeBackend servers in threads: one per profile, started on demand.
 
-    `fail`: profiles whose start raises StartError. `events` logs ("start"|"stop", profile) in order;
-    `max_running` is the most servers that were up at once (1 for a hard switch)."""
+    `fail`: profiles whose start raises StartError. `room`: how many servers fit at once (a start beyond it
+    fails with out of memory). `events` logs ("start"|"stop", profile) in order; `max_running` is the most
+    servers that were up at once (1 for a hard switch)."""
 
-    def __init__(self, configs: dict[str, FakeConfig], *, fail: set[str] | None = None) -> None:
+    def __init__(self, configs: dict[str, FakeConfig], *, fail: set[str] | None = None,
+                 room: int | None = None) -> None:
+        self.room = room
         self.backends = {name: FakeBackend(cfg) for name, cfg in configs.items()}
         self.servers: dict[str, ServerThread] = {}
         self.fail = set(fail or ())
@@ -304,7 +307,8 @@ class FakeBackends:
         from llamactl.errors import StartError
         from llamactl.router.backends import Upstream
 
-        if profile_name in self.fail:
+        full = self.room is not None and profile_name not in self.servers and len(self.servers) >= self.room
+        if profile_name in self.fail or full:
             raise StartError(f"{profile_name}: llama-server exited with code 1 while starting: out of memory",
                              cause="out of memory", log_tail=["fake: out of memory"])
         if profile_name not in self.servers:
