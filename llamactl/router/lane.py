@@ -474,12 +474,19 @@ class Lane:
             log.warning("lane %s: stopping %s failed: %s", self.name, profile, e)
 
     async def _unload_all(self, reason: str) -> None:
-        for profile in list(self._warming) + list(self._warmed):  # not half-loaded in the background either
-            self._forget_warm(profile)
-            await self._stop(profile, reason)
         for profile in list(self.upstreams):
             log.info("lane %s: unloading %s (%s)", self.name, profile, reason)
             await self._stop(profile, reason)
+        for profile in self.spec.members:
+            # A background warm-up may be half-way through a start (its task already cancelled, the start
+            # finishing in the backends): stopping is idempotent, so make sure.
+            self._forget_warm(profile)
+            try:
+                await self.backends.stop(profile)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                log.warning("lane %s: stopping %s failed: %s", self.name, profile, e)
         self.state = "unloaded"
         self._changed()
 
