@@ -63,3 +63,12 @@ def test_recent_is_the_last_arrivals():
     assert t.recent("g") == {"creative": 3}
     now[0] = 11
     assert t.recent("g") == {}
+
+
+def test_negative_counts_from_an_engine_do_not_break_recording():
+    """A fuzzed request once made the fake engine report negative usage: recording must not raise."""
+    t = Telemetry()
+    s = sample(completion_tokens=-5, draft_n=-3, draft_accepted=-1)
+    t.record(s)
+    assert t.registry.get_sample_value("llamactl_requests_total", {
+        "lane": s.lane, "profile": s.profile, "class": s.cls, "endpoint": s.endpoint, "status": str(s.status)}) == 1

@@ -284,11 +284,13 @@ class Telemetry:
             tok_s.observe(sample.gen_tok_s)
         if sample.prompt_tok_s:
             prompt_tok_s.observe(sample.prompt_tok_s)
-        if sample.completion_tokens:
+        # Counts come from the engine's answer: a broken or hostile one must not break the request (a
+        # Prometheus counter raises on a negative increment).
+        if sample.completion_tokens and sample.completion_tokens > 0:
             completion.inc(sample.completion_tokens)
-        if sample.draft_n:
+        if sample.draft_n and sample.draft_n > 0:
             drafted.inc(sample.draft_n)
-            accepted.inc(sample.draft_accepted or 0)
+            accepted.inc(max(0, sample.draft_accepted or 0))
         sample.at = self.clock()
         window = self.windows.setdefault((sample.lane, sample.cls, sample.role), Window(self.window_n, self.window_s))
         window.add(sample)
