@@ -39,6 +39,7 @@ class FakeConfig:
     sampled_acceptance: float = 0.1
     delay_s: float = 0.0
     default_tokens: int = 8
+    n_ctx: int = 4096  # like llama-server, generation stops at the context (and -1 means "until then")
 
 
 @dataclass
@@ -138,6 +139,7 @@ class FakeBackend:
                 status = int(fake["status"])
                 return await self._json(send, status, {"error": {"code": status, "message": "fake failure", "type": "server_error"}})
             n = int(fake.get("tokens", request.get("max_tokens", request.get("n_predict", self.config.default_tokens))))
+            n = self.config.n_ctx if n < 0 else min(n, self.config.n_ctx)
             delay = float(fake.get("delay_s", self.config.delay_s))
             crash_after = fake.get("crash_after")
         except (TypeError, ValueError, AttributeError, OverflowError) as e:
