@@ -366,9 +366,7 @@ class Lane:
                     raise
                 # It did not load beside the other member (memory the plan did not foresee, say): switch
                 # the hard way from now on, which frees the other member's memory first.
-                self.keep_both_warm = False
-                self.warm_reason = f"loading {profile} beside {old} failed: {getattr(e, 'message', e)}"
-                log.warning("lane %s: %s; switching hard from now on", self.name, self.warm_reason)
+                self._switch_hard_from_now(profile, old, e)
                 await self._stop(old, "switch")  # type: ignore[arg-type]
                 upstream = await self.backends.ensure_ready(profile)
         except asyncio.CancelledError:
@@ -410,6 +408,11 @@ class Lane:
                     and member not in self._not_warm):
                 self._warming[member] = self._tasks.create_task(self._warm(member), name=f"warm:{member}")
 
+    def _switch_hard_from_now(self, profile: str, beside: str | None, error: Exception) -> None:
+        self.keep_both_warm = False
+        self.warm_reason = f"loading {profile} beside {beside} failed: {getattr(error, 'message', error)}"
+        log.warning("lane %s: %s; switching hard from now on", self.name, self.warm_reason)
+
     def _forget_warm(self, profile: str) -> None:
         warming = self._warming.pop(profile, None)
         if warming is not None:
@@ -423,9 +426,7 @@ class Lane:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - not fatal: switches go back to stop-then-start
-            self.keep_both_warm = False
-            self.warm_reason = f"loading {profile} beside {self.active} failed: {getattr(e, 'message', e)}"
-            log.warning("lane %s: %s; switching hard from now on", self.name, self.warm_reason)
+            self._switch_hard_from_now(profile, self.active, e)
             return
         finally:
             if self._warming.get(profile) is asyncio.current_task():
@@ -463,9 +464,13 @@ class Lane:
         self._waiters = keep
 
     async def _stop(self, profile: str, reason: str) -> None:
-        self._forget_warm(profile)
         self.upstreams.pop(profile, None)
         self.telemetry.unloads.labels(profile, reason).inc()
+        await self._stop_engine(profile)
+
+    async def _stop_engine(self, profile: str) -> None:
+        """Stop `profile` in the backends (idempotent), a background warm-up of it included."""
+        self._forget_warm(profile)
         try:
             await self.backends.stop(profile)
         except asyncio.CancelledError:
@@ -474,19 +479,15 @@ class Lane:
             log.warning("lane %s: stopping %s failed: %s", self.name, profile, e)
 
     async def _unload_all(self, reason: str) -> None:
-        for profile in list(self.upstreams):
+        loaded = list(self.upstreams)
+        for profile in loaded:
             log.info("lane %s: unloading %s (%s)", self.name, profile, reason)
             await self._stop(profile, reason)
         for profile in self.spec.members:
-            # A background warm-up may be half-way through a start (its task already cancelled, the start
-            # finishing in the backends): stopping is idempotent, so make sure.
-            self._forget_warm(profile)
-            try:
-                await self.backends.stop(profile)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                log.warning("lane %s: stopping %s failed: %s", self.name, profile, e)
+            if profile not in loaded:
+                # A background warm-up may be half-way through a start (its task already cancelled, the
+                # start finishing in the backends): stopping is idempotent, so make sure.
+                await self._stop_engine(profile)
         self.state = "unloaded"
         self._changed()
 

@@ -2,8 +2,9 @@
 
 Acceptance comes from the engine's `timings` (draft_n_accepted / draft_n). Builds that report it only
 in their log (the pinned ik_llama.cpp: "draft acceptance rate = 0.62500 (   10 accepted /    16
-generated)") are read by the router from the engine's log (`Router.acceptance_from_log`). Mean accepted length needs the verification step
-count, which only /metrics has: `mean_accepted_length(before, after)` over two scrapes.
+generated)") are read from the engine's log: `acceptance_from_log`, called by `Router.finish`. Mean
+accepted length needs the verification step count, which only /metrics has: `mean_accepted_length(before,
+after)` over two scrapes.
 """
 
 from __future__ import annotations
