@@ -13,7 +13,7 @@ from llamactl.gguf import read_gguf
 from llamactl.gpus import GpuInventory, GpuProbe, probe_gpus
 from llamactl.models import ensure_model
 from llamactl.plan.core import Plan, Suggestion, plan_profile, resolve_ctx
-from llamactl.plan.estimate import ContextParams, compute_bytes, estimate_model, kv_bytes_per_layer
+from llamactl.plan.estimate import MIB, ContextParams, compute_bytes, estimate_model, kv_bytes_per_layer
 from llamactl.plan.model import ModelSpec, spec_from_gguf
 from llamactl.plan.placement import DEFAULT_MARGIN_MIB, GPU_OVERHEAD_MIB
 from llamactl.profiles import Profile
@@ -68,7 +68,7 @@ def fit_together(profiles: list[Profile], settings: Settings, gpus_file: Path | 
                                with_argv=False)
         beside = f" beside {', '.join(placed)}" if placed else ""
         if not plan.fits:
-            short = ", ".join(f"{u.device.key} short by {-(-plan.shortfall(u) // (1 << 20))} MiB"
+            short = ", ".join(f"{u.device.key} short by {-(-plan.shortfall(u) // MIB)} MiB"
                               for u in plan.uses if plan.shortfall(u)) or "; ".join(plan.problems)
             return False, f"'{profile.name}' does not fit{beside} ({short})", inventory
         if placed:
@@ -99,7 +99,7 @@ def engine_argv(plan: Plan, settings: Settings) -> list[str] | None:
 
 
 __all__ = [
-    "DEFAULT_MARGIN_MIB", "GPU_OVERHEAD_MIB", "ContextParams", "GpuInventory", "ModelSpec", "Plan", "Suggestion",
-    "compute_bytes", "estimate_model", "fit_together", "kv_bytes_per_layer", "load_spec", "plan_for_launch", "plan_profile",
-    "resolve_ctx", "spec_from_gguf",
+    "DEFAULT_MARGIN_MIB", "GPU_OVERHEAD_MIB", "ContextParams", "GpuInventory", "KnownInventory", "ModelSpec", "Plan",
+    "Suggestion", "compute_bytes", "estimate_model", "fit_together", "kv_bytes_per_layer", "load_spec",
+    "plan_for_launch", "plan_profile", "resolve_ctx", "spec_from_gguf",
 ]

@@ -154,7 +154,7 @@ class Plan:
 
     def remaining(self) -> GpuInventory:
         """The inventory as it would be with this plan running: each device's free memory less its use."""
-        used = {u.device.key: -(-u.total // MIB) for u in self.uses}  # MiB, rounded up
+        used = self.device_totals_mib()
         inv = self.inventory
         gpus = tuple(replace(g, free_mib=max(0, g.free_mib - used.get(f"CUDA{g.index}", 0))) for g in inv.gpus)
         host_free = None if inv.host_free_mib is None else max(0, inv.host_free_mib - used.get(CPU, 0))
