@@ -76,8 +76,11 @@ class NotRunning(LlamactlError):
     exit_code = 5
 
 
-class AlreadyRunning(LlamactlError):
-    exit_code = 6
+class StartCancelled(StartError):
+    """A start stopped on purpose (`llamactl down`, a shutdown) before the engine was ready."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, cause="cancelled", log_tail=[])
 
 
 class DoesNotFit(LlamactlError):

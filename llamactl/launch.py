@@ -25,9 +25,9 @@ def planned_profile(profile: Profile, settings: Settings, *, gpus_file: Path | N
 
 
 def start_profile(supervisor: Supervisor, profile: Profile, *, ignore_fit: bool = False,
-                  api_key: str | None = None, on_tick: Callable[[], None] | None = None) -> ServerRecord:
+                  api_key: str | None = None, cancelled: Callable[[], bool] | None = None) -> ServerRecord:
     existing = supervisor.running(profile.name)
-    if existing is not None:
+    if existing is not None and existing.state == "ready":
         return existing
     placed = planned_profile(profile, supervisor.settings, ignore_fit=ignore_fit)
-    return supervisor.start(placed, api_key=api_key, on_tick=on_tick)
+    return supervisor.start(placed, api_key=api_key, cancelled=cancelled)

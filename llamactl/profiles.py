@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -153,9 +154,6 @@ class Profile(_Strict):
     def is_builtin_model(self) -> bool:
         return self.model.startswith(BUILTIN_PREFIX)
 
-    def without_speculation(self) -> "Profile":
-        return self.model_copy(update={"speculation": Speculation()})
-
 
 # ---------------------------------------------------------------------------------------------
 # Finding and loading
@@ -184,10 +182,23 @@ def find_profile_file(name: str, settings: Settings) -> Path:
     raise ProfileNotFound(f"no profile named '{name}' (searched: {searched})", hint=hint)
 
 
+MAX_PROFILE_BYTES = 1 << 20  # a profile is a few hundred bytes; this bounds what a wrong path can cost
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; a FIFO or device is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ProfileError(f"{path}: not a regular file", hint="a profile is a .toml file; remove or rename it")
+            raw = f.read(MAX_PROFILE_BYTES + 1)
+        if len(raw) > MAX_PROFILE_BYTES:
+            raise ProfileError(f"{path}: larger than {MAX_PROFILE_BYTES // 1024} KiB; not a profile",
+                               hint="a profile is a short .toml file; check the path")
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path}: not valid TOML: {e}", hint="fix the syntax at the line shown") from e
     except OSError as e:

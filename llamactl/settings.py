@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     router_keep_both_warm: bool | Literal["auto"] = Field(
         default="auto", description="Switch without stopping the other member: auto = when the memory plan says "
                                     "both members fit together; true / false = always / never.")
+    router_classes: str = Field(
+        default="", max_length=2000,
+        description="Extra traffic classes clients may name in X-Llamactl-Class, comma-separated (each one becomes "
+                    "a metrics label; other names are ignored).")
     router_min_dwell_s: float = Field(default=10.0, ge=0, description="Least time on a member before a switch.")
     log_backups: int = 5
     # Security (`llamactl serve`): see llamactl/auth.py

@@ -136,7 +136,8 @@ def main() -> int:
     from llamactl.policy import PolicyConfig
     from llamactl.profiles import load_all
     from llamactl.router import LaneConfig, Router, RouterConfig, create_app
-    from llamactl.service import SupervisorBackends, decide_warm
+    from llamactl.daemon.engines import Engines
+    from llamactl.daemon.wiring import decide_warm
     from llamactl.settings import Settings
     from llamactl.supervisor import Supervisor
     from tests.fakes.fast_backend import ServerThread
@@ -151,7 +152,7 @@ def main() -> int:
     profiles, errors = load_all(settings)
     assert not errors, errors
     profiles = {name: p for name, p in profiles.items() if p.group in POLICIES}
-    backends = SupervisorBackends(Supervisor(settings, die_with_parent=True), profiles)
+    backends = Engines(Supervisor(settings, die_with_parent=True), profiles)
     policy = PolicyConfig(min_dwell_s=args.min_dwell)
     router = Router(profiles.values(), backends, RouterConfig(lane=LaneConfig(policy=policy, queue_timeout_s=1800)))
     # `auto` decides from the memory plan, as `llamactl serve` does; `auto-hard` keeps the hard switch.

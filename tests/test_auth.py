@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from llamactl import auth
+from llamactl.daemon import auth
 from llamactl.errors import ConfigError
 from llamactl.profiles import load_profile
 from llamactl.router import Router, RouterConfig, create_app

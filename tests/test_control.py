@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llamactl.control import (
+from llamactl.daemon.control import (
     ControlServer, DaemonClient, DaemonError, DaemonRunning, daemon_lock, socket_path, try_daemon,
 )
 from llamactl.errors import NotRunning

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llamactl.notify import Notifier
+from llamactl.daemon.notify import Notifier
 
 
 @pytest.fixture

@@ -343,7 +343,7 @@ def test_warm_groups_are_planned_together_and_the_one_that_does_not_fit_beside_t
         models, settings, monkeypatch) -> None:
     """Two switch groups of a ~14 GiB model on 2 x 24 GiB: the first pair fits (one member per card), the
     second pair would not fit beside it, so only the first group keeps both members loaded."""
-    from llamactl.service import build_router
+    from llamactl.daemon.wiring import build_router
     from tests.router_harness import fake_backends
 
     monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(FAKES / "gpus_2x24.json"))

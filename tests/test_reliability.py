@@ -13,7 +13,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from llamactl import auth
+from llamactl.daemon import auth
 from llamactl.errors import ProfileError
 from llamactl.profiles import Profile, parse_profile
 from llamactl.router import LaneConfig, Router, RouterConfig, create_app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from click.testing import CliRunner
 
 from llamactl.cli import main
-from llamactl.cli_serve import router_status, router_status_lines
+from llamactl.cli.serve import router_status, router_status_lines
 from tests.router_harness import fake_backends, group_profiles, served
 
 

@@ -9,7 +9,7 @@ import openai
 import psutil
 import pytest
 
-from llamactl.service import build_router, load_profiles
+from llamactl.daemon.wiring import build_router, load_profiles
 from llamactl.settings import Settings
 from llamactl.router import create_app
 from tests.conftest import ENGINE_ENV, require_engine

@@ -187,7 +187,7 @@ def test_switch_endpoint_rejects_unknown_member():
 def test_without_a_memory_plan_a_group_switches_hard(settings):
     """`auto` keeps both members loaded only on the plan's word; no plan (here: no model file) means the
     safe hard switch, and status says why."""
-    from llamactl.service import build_router
+    from llamactl.daemon.wiring import build_router
 
     profiles = {p.name: p for p in group_profiles("coding")}
     router = build_router(settings, profiles, fake_backends(list(profiles.values())))

@@ -226,7 +226,7 @@ def test_hung_child_is_restarted_and_a_crash_loop_ends_failed(own_home: Settings
 
         # crashes: every start dies soon after ready -> 3 crashes -> failed, with the reason.
         r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "crashes"}, timeout=30)
-        assert r.status_code == 200
+        assert r.status_code == 200, r.text
         daemon.wait_line(r"crashes: crash loop: 3 crashes in .*; not restarting", timeout_s=30)
         r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "crashes"}, timeout=30)
         assert r.status_code == 503, r.text

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from llamactl.cli import main
 from llamactl.settings import Settings
-from llamactl.systemd_unit import EXAMPLE_SYSTEM, EXAMPLE_USER, detect_params, render_unit
+from llamactl.daemon.systemd_unit import EXAMPLE_SYSTEM, EXAMPLE_USER, detect_params, render_unit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,7 +93,7 @@ def test_what_the_system_unit_says(settings: Settings):
 
 
 def test_protect_home_is_read_only_only_when_something_lives_there(settings: Settings, write_profile, monkeypatch):
-    monkeypatch.setattr("llamactl.systemd_unit.llamactl_exec", lambda: ("/usr/local/bin/llamactl", "serve"))
+    monkeypatch.setattr("llamactl.daemon.systemd_unit.llamactl_exec", lambda: ("/usr/local/bin/llamactl", "serve"))
     outside = detect_params(settings, user_unit=False)
     assert outside.protect_home == "yes"
     write_profile("homey", 'model = "/home/someone/models/big.gguf"\n')

@@ -56,7 +56,8 @@ CLASS_HEADER = "x-llamactl-class"
 @dataclass
 class RouterConfig:
     lane: LaneConfig = field(default_factory=LaneConfig)
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024  # the daemon sets it from LLAMACTL_MAX_BODY_BYTES
+    extra_classes: frozenset[str] = frozenset()  # traffic classes a client may name beyond the built-in ones
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 600.0  # longest silence from an engine mid-request
     stop_on_shutdown: bool = True
@@ -79,32 +80,41 @@ class Router:
         self._tasks: asyncio.TaskGroup | None = None
         self._engine_metrics: dict[str, tuple[float, dict[str, float]]] = {}  # profile -> (when, values)
         self._log_claimed: dict[str, int] = {}  # engine log -> end of the last acceptance line used
+        self._background: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["Router"]:
-        """Start the lane dispatchers and the HTTP client; on exit stop them (and the engines)."""
+        """Run the lane dispatchers and the HTTP client; on exit stop the engines (stop_on_shutdown: loads in
+        progress are cancelled), then the dispatchers and the router's own telemetry tasks."""
         self.pool = UpstreamPool(connect_timeout_s=self.config.connect_timeout_s,
                                  read_timeout_s=self.config.read_timeout_s)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
-                tasks = [tg.create_task(lane.run(), name=f"lane:{lane.name}") for lane in self.lanes.values()]
+                dispatchers = [tg.create_task(lane.run(), name=f"lane:{lane.name}") for lane in self.lanes.values()]
                 try:
                     yield self
                 finally:
-                    self._tasks = None
-                    for task in tasks:
-                        task.cancel()
-                    for task in asyncio.all_tasks():
-                        if task.get_name().startswith(("scrape:", "log:")):
+                    try:
+                        if self.config.stop_on_shutdown:
+                            await asyncio.gather(*(lane.shutdown() for lane in self.lanes.values()))
+                    finally:
+                        self._tasks = None
+                        for task in [*dispatchers, *self._background]:
                             task.cancel()
-            if self.config.stop_on_shutdown:
-                for lane in self.lanes.values():
-                    await lane.shutdown()
         finally:
             await self.pool.aclose()
             self.pool = None
+
+    def _spawn(self, coro, name: str) -> None:
+        """A telemetry task of the router's own (cancelled at shutdown)."""
+        if self._tasks is None:
+            coro.close()
+            return
+        task = self._tasks.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def finish(self, lane: Lane, sample: Sample, upstream: Upstream, log_offset: int | None) -> None:
         """Record a finished request. A speculative one whose timings carry no drafting counts (the pinned
@@ -113,8 +123,7 @@ class Router:
         with several slots, lines of concurrent requests interleave and could not be told apart."""
         if (log_offset is not None and upstream.log_path and sample.role == "spec" and not sample.draft_n
                 and sample.status < 400 and self._tasks is not None):
-            self._tasks.create_task(self._finish_from_log(lane, sample, upstream, log_offset),
-                                    name=f"log:{sample.profile}")
+            self._spawn(self._finish_from_log(lane, sample, upstream, log_offset), name=f"log:{sample.profile}")
             return
         self.telemetry.record(sample)
         self.after_request(lane, sample, upstream)
@@ -144,8 +153,7 @@ class Router:
         # No earlier scrape: the counters since the engine started (they start at zero).
         before = last[1] if last else {}
         self._engine_metrics[sample.profile] = (time.monotonic(), before)
-        self._tasks.create_task(self._scrape(lane.name, sample.profile, upstream, before),
-                                name=f"scrape:{sample.profile}")
+        self._spawn(self._scrape(lane.name, sample.profile, upstream, before), name=f"scrape:{sample.profile}")
 
     async def _scrape(self, lane: str, profile: str, upstream: Upstream, before: dict[str, float]) -> None:
         if self.pool is None:
@@ -281,7 +289,8 @@ class Relay:
             await _send_error(send, e)
             return
         lane = router.lanes[route.lane]
-        cls = classify(payload, header=headers.get(CLASS_HEADER), alias=route.alias)
+        cls = classify(payload, header=headers.get(CLASS_HEADER), alias=route.alias,
+                       extra_classes=router.config.extra_classes)
         stream = bool(payload.get("stream"))
         ticket = Ticket(cls=cls, pin=route.pin, enqueued_at=arrived)
         sample: Sample | None = None

@@ -1,6 +1,7 @@
 """Traffic classes: which kind of work a request is. A small pure function over the request body.
 
-Order: an explicit class (header X-Llamactl-Class) wins, then the profile alias the client named, then
+Order: an explicit class (header X-Llamactl-Class: one of CLASSES or the classes configured with
+LLAMACTL_ROUTER_CLASSES; any other value is ignored, since every class is a metrics label) wins, then the profile alias the client named, then
 the request itself: grammar / JSON schema -> "structured"; max_tokens <= 16 -> "short"; temperature
 >= 0.9 (or top_p sampling wide at temperature >= 0.7) -> "creative"; greedy-ish (temperature <= 0.3 or
 top_k == 1) and a code-like prompt -> "code", greedy-ish otherwise -> "deterministic"; anything else
@@ -63,9 +64,11 @@ def _number(value: Any, default: float) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
-def classify(body: dict[str, Any], *, header: str | None = None, alias: str | None = None) -> str:
-    """The traffic class of one request. `alias`: the profile alias the client named, if any."""
-    if header and _VALID.match(header):
+def classify(body: dict[str, Any], *, header: str | None = None, alias: str | None = None,
+             extra_classes: frozenset[str] = frozenset()) -> str:
+    """The traffic class of one request. `alias`: the profile alias the client named, if any (a name from the
+    profiles, so bounded); `header` counts only when it names a known class."""
+    if header and (header in CLASSES or header in extra_classes):
         return header
     if alias and _VALID.match(alias):
         return alias

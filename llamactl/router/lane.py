@@ -1,22 +1,31 @@
 """A lane: one routable target (a switch group or a single profile) with its bounded FIFO queue.
 
-One dispatcher task per lane owns every state change: it decides which member serves (forced by
-`llamactl switch`, pinned by the request at the head of the queue, or the switching policy), loads it on
-demand, drains and hard-switches, hands slots to waiting requests (at most `slots` in flight for the
-active member), and unloads after the idle TTL. With `keep_both_warm` it also loads the other members in
-the background once one serves (tasks it owns; their results reach the state through the dispatcher), so
-every switch is a drain. Request handlers only enqueue a Ticket, await its grant and release it; they
-never act on the lane's state. A queued request is never dropped by a switch: it
-stays in the queue until the new member is ready, or fails with QueueTimeout / EngineUnavailable.
+One writer. The lane's dispatcher (`run`) is the only code that changes its state. Request handlers
+(`acquire`, `release`), control commands (`force`, `unload`) and the daemon's engine callbacks
+(`engine_down`, `mark_failed`) post an event to the dispatcher's inbox and, where they need an answer,
+await a future the dispatcher resolves. The dispatcher never awaits an engine itself: loads and stops
+run as tasks it owns, and their outcome comes back as an event. So a `down` during a load is handled at
+once (the load is cancelled and the engine stopped), and no handler ever sees half a change.
+
+What the dispatcher decides, each turn: which member serves (forced by `llamactl switch`, pinned by the
+request at the head of the queue, or the switching policy), loading it on demand, draining and switching,
+handing slots to waiting requests (at most `slots` in flight on the active member), and unloading after
+the idle TTL. With `keep_both_warm` it also loads the other members in the background once one serves,
+so every switch is a drain. A queued request is never dropped by a switch: it stays in the queue until
+the new member is ready, or fails with QueueTimeout / EngineUnavailable.
+
+Time comes from the injected `clock` (monotonic seconds), so tests drive a lane with a manual clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +39,21 @@ log = logging.getLogger("llamactl.router")
 WARM_SWITCH_COST_S = 0.1
 
 
+class LaneState(str, enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"  # waiting for the active member's requests to finish before a switch
+    SWITCHING = "switching"
+    FAILED = "failed"
+
+
 @dataclass
 class LaneConfig:
     max_queue: int = 64
     queue_timeout_s: float = 300.0
     idle_ttl_s: float = 0.0  # 0: never unload when idle
-    keep_both_warm: bool = False  # switch without stopping the other member (the service sets it per lane)
+    keep_both_warm: bool = False  # switch without stopping the other member (the daemon sets it per lane)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
@@ -55,9 +73,19 @@ class Ticket:
         return not self.future.done()
 
 
+@dataclass
+class _Load:
+    """A member being loaded: in the foreground (it will serve) or in the background (kept warm)."""
+
+    task: asyncio.Task[Upstream | Exception]
+    started: float
+    switch_from: str | None = None  # the member it replaces, when it is a switch
+    trigger: str = ""
+
+
 class Lane:
     def __init__(self, spec: LaneSpec, backends: Backends, telemetry: Telemetry, config: LaneConfig,
-                 clock=time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.spec = spec
         self.name = spec.name
         self.backends = backends
@@ -69,8 +97,8 @@ class Lane:
         self.queue: deque[Ticket] = deque()
         self.in_flight = 0
         self.active: str = spec.member("spec") or next(iter(spec.members))
-        self.upstreams: dict[str, Upstream] = {}
-        self.state = "unloaded"
+        self.upstreams: dict[str, Upstream] = {}  # members that serve now
+        self.state = LaneState.UNLOADED
         self.forced: str | None = None
         self.last_decision: Decision | None = None
         self.last_decision_at: float | None = None
@@ -81,19 +109,34 @@ class Lane:
         self.last_error: str | None = None
         self.idle_since = clock()
         self.service_s: float | None = None  # EWMA of a request's time holding a slot
+        self._inbox: deque[Callable[[], None]] = deque()
+        self._queued_in_inbox = 0  # tickets posted but not yet in the queue (counted against max_queue)
+        self._wake = asyncio.Event()
+        self._waiters: list[tuple[str, asyncio.Future[None]]] = []  # force(): member -> serving
+        self._loads: dict[str, _Load] = {}
+        self._stops: dict[str, asyncio.Task[None]] = {}
+        self._not_warm: set[str] = set()  # stopped by `down` or failed: loaded only when chosen again
+        self._tasks: asyncio.TaskGroup | None = None  # the dispatcher's: loads and stops
         self._gauges: tuple | None = None
         self._gauge_shape: tuple | None = None
-        self._wake = asyncio.Event()
-        self._waiters: list[tuple[str, asyncio.Future[None]]] = []
-        self._tasks: asyncio.TaskGroup | None = None  # the dispatcher's: background warm-ups
-        self._warming: dict[str, asyncio.Task[None]] = {}
-        self._warmed: dict[str, Upstream] = {}  # loaded in the background, not yet taken in by the dispatcher
-        self._not_warm: set[str] = set()  # stopped by `down` or failed: loaded only when chosen again
         self._update_gauges()
+
+    # ------------------------------------------------------------------ posting (any task)
+    def _post(self, event: Callable[[], None]) -> None:
+        self._inbox.append(event)
+        self._wake.set()
+
+    def _ask(self, event: Callable[[asyncio.Future[Any]], None]) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._post(lambda: None if fut.done() else event(fut))
+        return fut
 
     # ------------------------------------------------------------------ request side
     def role_of(self, profile: str) -> Role:
         return self.spec.members[profile]
+
+    def waiting(self) -> int:
+        return sum(1 for t in self.queue if t.waiting)
 
     def retry_after_s(self) -> int:
         per_request = self.service_s or 1.0
@@ -104,107 +147,65 @@ class Lane:
         """Wait in the queue for a slot; returns the upstream to send the request to."""
         if ticket.pin is not None and ticket.pin not in self.spec.members:
             raise BadRequest(f"profile '{ticket.pin}' is not a member of '{self.name}'")
-        if not front and len(self.queue) >= self.config.max_queue:
+        if not front and len(self.queue) + self._queued_in_inbox >= self.config.max_queue:
             self.telemetry.rejected.labels(self.name, "queue_full").inc()
             retry = self.retry_after_s()
             raise QueueFull(
                 f"queue of '{self.name}' is full ({self.config.max_queue} waiting); retry in {retry}s",
                 headers={"Retry-After": str(retry)}, extra={"retry_after_s": retry},
             )
-        if front:
-            self.queue.appendleft(ticket)
-        else:
-            self.queue.append(ticket)
+        if not front:
             self.telemetry.arrival(self.name, ticket.cls)
-        if self.state == "ready" and len(self.queue) == 1 and self.active in self.upstreams:
-            # Fast path: the lane is serving and idle enough; run the dispatcher's decision inline so the
-            # grant does not wait for a turn of the event loop.
-            target = self._target()
-            if target is not None and target[0] == self.active:
-                self._dispatch()
-        self._changed()
+        self._queued_in_inbox += 1
+        self._post(lambda: self._enqueue(ticket, front))
         try:
             async with asyncio.timeout(self.config.queue_timeout_s):
                 return await ticket.future
         except TimeoutError:
-            self._abandon(ticket)
+            self._post(lambda: self._abandon(ticket))
             self.telemetry.rejected.labels(self.name, "queue_timeout").inc()
             waited = time.perf_counter() - ticket.enqueued_at
             raise QueueTimeout(
                 f"waited {waited:.1f}s in the queue of '{self.name}' (limit {self.config.queue_timeout_s:.0f}s); "
-                f"lane state: {self.state}" + (f", last error: {self.last_error}" if self.last_error else ""),
-                extra={"lane_state": self.state},
+                f"lane state: {self.state.value}" + (f", last error: {self.last_error}" if self.last_error else ""),
+                extra={"lane_state": self.state.value},
             ) from None
         except BaseException:
-            self._abandon(ticket)
+            self._post(lambda: self._abandon(ticket))
             raise
 
-    def _abandon(self, ticket: Ticket) -> None:
-        fut = ticket.future
-        if fut.done() and not fut.cancelled() and fut.exception() is None:
-            self.release(ticket)  # it was granted a slot it will not use
-            return
-        fut.cancel()
-        try:
-            self.queue.remove(ticket)
-        except ValueError:
-            pass
-        self._changed()
-
     def release(self, ticket: Ticket, *, upstream_failed: bool = False) -> None:
+        """The request is done with its slot (`upstream_failed`: the engine refused or broke it)."""
         if ticket.released or ticket.granted_at is None:
             return
         ticket.released = True
-        self.in_flight -= 1
-        held = time.perf_counter() - ticket.granted_at
-        self.service_s = held if self.service_s is None else 0.8 * self.service_s + 0.2 * held
-        if upstream_failed and ticket.profile:
-            # The engine refused the connection or broke it: ask the backends again before the next grant.
-            self.upstreams.pop(ticket.profile, None)
-        if self.in_flight == 0:
-            self.idle_since = self.clock()
-        self._changed()
+        self._post(lambda: self._released(ticket, upstream_failed))
 
-    # ------------------------------------------------------------------ control
+    # ------------------------------------------------------------------ control side
     async def force(self, member: str | None, *, timeout_s: float = 600.0) -> None:
         """Force a member (None: back to automatic). Returns once it serves; raises if it fails to start."""
         if member is not None and member not in self.spec.members:
             raise BadRequest(f"'{member}' is not a member of '{self.name}'; members: {', '.join(self.spec.members)}")
-        self.forced = member
-        self._changed()
-        if member is None or (self.active == member and member in self.upstreams):
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((member, fut))
+        fut = self._ask(lambda f: self._force(member, f))
         async with asyncio.timeout(timeout_s):
             await fut
 
+    async def unload(self, profile: str) -> bool:
+        """Stop `profile` now (`llamactl down`), cancelling a load in progress; returns once it is stopped.
+        Requests queued for it fail; a later request loads it again. True if it was loaded or loading."""
+        return await self._ask(lambda f: self._unload(profile, f))
+
     def engine_down(self, profile: str) -> None:
-        """The service saw `profile`'s engine die or hang: the next grant asks the backends again
-        (which restart it, after their backoff)."""
-        self._forget_warm(profile)
-        if self.upstreams.pop(profile, None) is not None:
-            self._changed()
+        """The engine of `profile` died or hung: the next grant asks the backends again (they restart it)."""
+        self._post(lambda: self._engine_down(profile))
 
     def mark_failed(self, profile: str, error: Exception) -> None:
-        """The service gave up on `profile` (a crash loop): fail what waits for it, with the reason."""
-        self._forget_warm(profile)
-        self._not_warm.add(profile)
-        self.upstreams.pop(profile, None)
-        if profile == self.active or self.forced == profile:
-            self._fail_start(profile, error)
-        else:
-            self._changed()
+        """The engine of `profile` was given up on (a crash loop): fail what waits for it, with the reason."""
+        self._post(lambda: self._failed(profile, error))
 
-    async def unload(self, profile: str) -> None:
-        """Stop `profile` now (`llamactl down` on a daemon); a later request loads it again."""
-        if self.forced == profile:
-            self.forced = None
-        self._not_warm.add(profile)  # stopped on purpose: not loaded again in the background
-        await self._stop(profile, "down")
-        if profile == self.active:
-            self.state = "unloaded"
-        self._changed()
+    async def shutdown(self) -> None:
+        """Cancel loads and stop every member (the router's shutdown; the dispatcher must be running)."""
+        await self._ask(lambda f: self._unload_all("shutdown", f))
 
     def status(self) -> dict[str, Any]:
         d = self.last_decision
@@ -215,9 +216,10 @@ class Lane:
             "slots": dict(self.spec.slots),
             "active": self.active,
             "loaded": sorted(self.upstreams),
-            "state": self.state,
+            "loading": sorted(self._loads),
+            "state": self.state.value,
             "forced": self.forced,
-            "queue_depth": sum(1 for t in self.queue if t.waiting),
+            "queue_depth": self.waiting(),
             "in_flight": self.in_flight,
             "switch_cost_s": self.switch_cost_s,
             "keep_both_warm": self.keep_both_warm,
@@ -231,27 +233,66 @@ class Lane:
             "last_error": self.last_error,
         }
 
-    # ------------------------------------------------------------------ dispatcher
-    def _changed(self) -> None:
-        self._update_gauges()
-        self._wake.set()
+    # ------------------------------------------------------------------ the dispatcher
+    async def run(self) -> None:
+        """The dispatcher loop; runs until cancelled. Cancelling it cancels its loads (and so the engine
+        starts behind them); stopping the engines is `shutdown`'s job, before."""
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            try:
+                while True:
+                    self._wake.clear()
+                    self.step()
+                    timeout = self._idle_timeout()
+                    try:
+                        async with asyncio.timeout(timeout):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+            finally:
+                self._tasks = None
 
-    def _update_gauges(self) -> None:
-        t = self.telemetry
-        if self._gauges is None:
-            self._gauges = (t.queue_depth.labels(self.name), t.in_flight.labels(self.name))
-        self._gauges[0].set(sum(1 for x in self.queue if x.waiting))
-        self._gauges[1].set(self.in_flight)
-        shape = (self.active, self.state, tuple(sorted(self.upstreams)))
-        if shape == self._gauge_shape:
-            return  # member gauges only change with the lane's state
-        self._gauge_shape = shape
-        for member in self.spec.members:
-            t.active_member.labels(self.name, member).set(1 if member == self.active else 0)
-            state = "ready" if member in self.upstreams else (
-                self.state if member == self.active and self.state in ("loading", "switching", "failed") else "stopped")
-            for s in ("ready", "loading", "switching", "failed", "stopped"):
-                t.profile_state.labels(member, s).set(1 if s == state else 0)
+    def step(self) -> None:
+        """One turn: apply every posted event, then decide. Synchronous: nothing else runs meanwhile."""
+        while self._inbox:
+            self._inbox.popleft()()
+        self._decide()
+        self._update_gauges()
+
+    def _idle_timeout(self) -> float | None:
+        if self._head() is None and self.upstreams and self.in_flight == 0 and self.config.idle_ttl_s > 0:
+            return max(0.0, self.config.idle_ttl_s - (self.clock() - self.idle_since))
+        return None
+
+    def _decide(self) -> None:
+        target = self._target()
+        if target is None:
+            if self._idle_timeout() == 0.0 and not self._loads:
+                self._unload_all("idle", None)
+            return
+        profile, trigger = target
+        if profile == self.active and profile in self.upstreams:
+            self._dispatch()
+            return
+        if profile == self.active and profile in self._loads:
+            return  # it is loading: its outcome comes back as an event
+        if profile != self.active and self.in_flight > 0 and self.active in self.upstreams:
+            self.state = LaneState.DRAINING
+            return
+        self._bring_up(profile, trigger)
+
+    def _dispatch(self) -> None:
+        slots = self.spec.slots.get(self.active, 1)
+        upstream = self.upstreams[self.active]
+        while self.in_flight < slots:
+            head = self._head()
+            if head is None or (head.pin is not None and head.pin != self.active):
+                break
+            self.queue.popleft()
+            self.in_flight += 1
+            head.profile, head.role, head.granted_at = self.active, self.role_of(self.active), time.perf_counter()
+            head.future.set_result(upstream)
+        self.state = LaneState.READY
 
     def _head(self) -> Ticket | None:
         while self.queue and not self.queue[0].waiting:
@@ -265,7 +306,7 @@ class Lane:
                 queued[t.cls] = queued.get(t.cls, 0) + 1
         loaded = self.active in self.upstreams
         others_warm = all(m in self.upstreams for m in self.spec.members)
-        # both members running (keep_both_warm): a switch is only a drain, of what is in flight now
+        # every member running (keep_both_warm): a switch is only a drain, of what is in flight now
         drain_s = self.in_flight * (self.service_s or 0.0) / max(1, self.spec.slots.get(self.active, 1))
         return GroupState(
             active=self.role_of(self.active) if loaded else None,
@@ -292,95 +333,208 @@ class Lane:
         self.last_decision, self.last_decision_at = decision, self.clock()
         return self.spec.member(decision.target) or self.active, "policy"
 
-    async def run(self) -> None:
-        """The dispatcher loop; runs until cancelled (which cancels its warm-ups)."""
-        async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
-            try:
-                await self._loop()
-            finally:
-                self._tasks = None
+    # ------------------------------------------------------------------ events (dispatcher only)
+    def _enqueue(self, ticket: Ticket, front: bool) -> None:
+        self._queued_in_inbox -= 1
+        if not ticket.waiting:
+            return  # gave up before it reached the queue
+        if front:
+            self.queue.appendleft(ticket)
+        else:
+            self.queue.append(ticket)
 
-    async def _loop(self) -> None:
-        while True:
-            self._wake.clear()
-            if self._warmed:
-                self.upstreams.update(self._warmed)
-                self._warmed.clear()
-                self._update_gauges()
-            timeout: float | None = None
-            target = self._target()
-            if target is None:
-                if self.upstreams and self.in_flight == 0 and self.config.idle_ttl_s > 0:
-                    remaining = self.config.idle_ttl_s - (self.clock() - self.idle_since)
-                    if remaining <= 0:
-                        await self._unload_all("idle")
-                        continue
-                    timeout = remaining
-            else:
-                profile, trigger = target
-                if profile != self.active or profile not in self.upstreams:
-                    if profile != self.active and self.in_flight > 0:
-                        self.state = "draining"
-                    else:
-                        await self._bring_up(profile, trigger)
-                        continue
-                else:
-                    self._dispatch()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+    def _abandon(self, ticket: Ticket) -> None:
+        fut = ticket.future
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            if not ticket.released:  # granted a slot it will not use
+                ticket.released = True
+                self._released(ticket, False)
+            return
+        fut.cancel()
+        try:
+            self.queue.remove(ticket)
+        except ValueError:
+            pass
 
-    def _dispatch(self) -> None:
-        slots = self.spec.slots.get(self.active, 1)
-        upstream = self.upstreams[self.active]
-        while self.in_flight < slots:
-            head = self._head()
-            if head is None or (head.pin is not None and head.pin != self.active):
-                break
-            self.queue.popleft()
-            self.in_flight += 1
-            head.profile, head.role, head.granted_at = self.active, self.role_of(self.active), time.perf_counter()
-            head.future.set_result(upstream)
-        self.state = "ready"
-        self._update_gauges()
+    def _released(self, ticket: Ticket, upstream_failed: bool) -> None:
+        self.in_flight -= 1
+        held = time.perf_counter() - (ticket.granted_at or time.perf_counter())
+        self.service_s = held if self.service_s is None else 0.8 * self.service_s + 0.2 * held
+        if upstream_failed and ticket.profile:
+            # The engine refused the connection or broke it: ask the backends again before the next grant.
+            self.upstreams.pop(ticket.profile, None)
+        if self.in_flight == 0:
+            self.idle_since = self.clock()
 
-    async def _bring_up(self, profile: str, trigger: str) -> None:
+    def _force(self, member: str | None, fut: asyncio.Future[None]) -> None:
+        self.forced = member
+        if member is None or (self.active == member and member in self.upstreams):
+            fut.set_result(None)
+        else:
+            self._waiters.append((member, fut))
+
+    def _unload(self, profile: str, fut: asyncio.Future[bool]) -> None:
+        if self.forced == profile:
+            self.forced = None
+        self._not_warm.add(profile)  # stopped on purpose: not loaded again in the background
+        was = profile in self.upstreams or profile in self._loads
+        if profile == self.active:
+            stopped = EngineUnavailable(f"profile '{profile}' was stopped (llamactl down) before it served",
+                                        extra={"profile": profile})
+            self._fail_waiting(profile, stopped)
+            self.state = LaneState.UNLOADED
+        self._stop(profile, "down", fut, result=was)
+
+    def _engine_down(self, profile: str) -> None:
+        self._cancel_load(profile, background_only=True)
+        self.upstreams.pop(profile, None)
+
+    def _failed(self, profile: str, error: Exception) -> None:
+        self._cancel_load(profile, background_only=True)
+        self._not_warm.add(profile)
+        self.upstreams.pop(profile, None)
+        if profile == self.active or self.forced == profile:
+            self._fail_start(profile, error)
+
+    def _loaded(self, profile: str, load: _Load) -> None:
+        """A load task ended (loaded, failed or cancelled)."""
+        if self._loads.get(profile) is not load:
+            return  # superseded (unloaded meanwhile)
+        del self._loads[profile]
+        if load.task.cancelled():
+            return
+        outcome = load.task.result()
+        foreground = profile == self.active
+        if isinstance(outcome, Exception):
+            error = outcome
+            if foreground:
+                self._fail_start(profile, error)
+            else:  # a background warm-up: not fatal, switches go back to stop-then-start
+                self._switch_hard_from_now(profile, self.active, error)
+            return
+        self._not_warm.discard(profile)
+        self.upstreams[profile] = outcome
+        if not foreground:
+            log.info("lane %s: %s loaded beside %s (both warm)", self.name, profile, self.active)
+            return
+        self._served(profile, load.started, load.switch_from, load.trigger)
+
+    # ------------------------------------------------------------------ loading and stopping
+    def _bring_up(self, profile: str, trigger: str) -> None:
         old = self.active if self.active in self.upstreams else None
         switching = old is not None and old != profile
-        self.state = "switching" if switching else "loading"
+        if self.active != profile and self.active in self._loads and not self.keep_both_warm:
+            self._stop(self.active, "switch")  # chosen away from while it loaded: do not keep it
         self.active = profile
-        self._update_gauges()
-        started = self.clock()
-        warm = switching and profile in self.upstreams  # both loaded: a switch is only a drain
-        if switching and not self.keep_both_warm:
-            await self._stop(old, "switch")  # type: ignore[arg-type]
+        if switching and profile in self.upstreams:  # both loaded: a switch is only a drain, done now
+            self._served(profile, self.clock(), old, trigger, warm=True)
+            return
+        self.state = LaneState.SWITCHING if switching else LaneState.LOADING
+        if profile in self._loads:  # a background warm-up of it is under way: it becomes the foreground load
+            load = self._loads[profile]
+            load.started, load.switch_from, load.trigger = self.clock(), old, trigger
+            return
+        stop_first = old if switching and not self.keep_both_warm else None
+        if stop_first is not None:
+            self.upstreams.pop(stop_first, None)
+            self.telemetry.unloads.labels(stop_first, "switch").inc()
+        self._start_load(profile, switch_from=old, trigger=trigger, stop_first=stop_first,
+                         hard_fallback=old if switching and self.keep_both_warm else None)
+
+    def _start_load(self, profile: str, *, switch_from: str | None = None, trigger: str = "",
+                    stop_first: str | None = None, hard_fallback: str | None = None) -> None:
+        assert self._tasks is not None, "the dispatcher is not running"
+        self.telemetry.loads.labels(profile).inc()
+        task = self._tasks.create_task(self._load(profile, stop_first, hard_fallback), name=f"load:{profile}")
+        load = self._loads[profile] = _Load(task, self.clock(), switch_from, trigger)
+        task.add_done_callback(lambda _t: self._post(lambda: self._loaded(profile, load)))
+
+    async def _load(self, profile: str, stop_first: str | None, hard_fallback: str | None) -> Upstream | Exception:
+        """A load task: stop what must make room first, then have the backends make `profile` ready. A failure
+        is returned, not raised (a task that raises would end the dispatcher's TaskGroup)."""
         try:
-            self.telemetry.loads.labels(profile).inc()
-            try:
-                upstream = await self.backends.ensure_ready(profile)
-            except Exception as e:  # noqa: BLE001
-                if not (switching and self.keep_both_warm):
-                    raise
-                # It did not load beside the other member (memory the plan did not foresee, say): switch
-                # the hard way from now on, which frees the other member's memory first.
-                self._switch_hard_from_now(profile, old, e)
-                await self._stop(old, "switch")  # type: ignore[arg-type]
-                upstream = await self.backends.ensure_ready(profile)
+            return await self._load_or_raise(profile, stop_first, hard_fallback)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting requests
-            self._fail_start(profile, e)
+            return e
+
+    async def _load_or_raise(self, profile: str, stop_first: str | None, hard_fallback: str | None) -> Upstream:
+        if stop_first is not None:
+            await self._stop_engine(stop_first)
+        pending_stop = self._stops.get(profile)
+        if pending_stop is not None:
+            await asyncio.wait([pending_stop])
+        try:
+            return await self.backends.ensure_ready(profile)
+        except Exception as e:
+            if hard_fallback is None:
+                raise
+            # It did not load beside the other member (memory the plan did not foresee, say): switch the hard
+            # way from now on, which frees the other member's memory first.
+            self._post(lambda: self._switch_hard_from_now(profile, hard_fallback, e, forget=True))
+            await self._stop_engine(hard_fallback)
+            return await self.backends.ensure_ready(profile)
+
+    def _stop(self, profile: str, reason: str, fut: asyncio.Future[Any] | None = None, result: Any = None) -> None:
+        """Cancel a load of `profile`, forget it, and stop its engine in a task; `fut` gets `result` after."""
+        self._cancel_load(profile)
+        if self.upstreams.pop(profile, None) is not None:
+            self.telemetry.unloads.labels(profile, reason).inc()
+        assert self._tasks is not None, "the dispatcher is not running"
+        previous = self._stops.get(profile)
+        task = self._tasks.create_task(self._stop_after(previous, profile), name=f"stop:{profile}")
+        self._stops[profile] = task
+
+        def done(_t: asyncio.Task[None]) -> None:
+            if self._stops.get(profile) is task:
+                del self._stops[profile]
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+        task.add_done_callback(done)
+
+    async def _stop_after(self, previous: asyncio.Task[None] | None, profile: str) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        await self._stop_engine(profile)
+
+    async def _stop_engine(self, profile: str) -> None:
+        """Stop `profile` in the backends (idempotent; a start in progress is cancelled there)."""
+        try:
+            await self.backends.stop(profile)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.warning("lane %s: stopping %s failed: %s", self.name, profile, e)
+
+    def _cancel_load(self, profile: str, *, background_only: bool = False) -> None:
+        load = self._loads.get(profile)
+        if load is None or (background_only and profile == self.active):
             return
-        self._not_warm.discard(profile)
+        del self._loads[profile]
+        load.task.cancel()
+
+    def _unload_all(self, reason: str, fut: asyncio.Future[None] | None) -> None:
+        pending = []
+        for member in self.spec.members:
+            if member in self.upstreams:
+                log.info("lane %s: unloading %s (%s)", self.name, member, reason)
+            # Every member, loaded or not: a warm-up cut short may be half-way through a start in the backends.
+            stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._stop(member, reason, stopped)
+            pending.append(stopped)
+        self.state = LaneState.UNLOADED
+        if fut is not None:
+            gathered = asyncio.gather(*pending)
+            gathered.add_done_callback(lambda _g: None if fut.done() else fut.set_result(None))
+
+    def _served(self, profile: str, started: float, old: str | None, trigger: str, *, warm: bool = False) -> None:
+        """`profile` now serves as the active member: record the load or switch, wake its waiters."""
         elapsed = self.clock() - started
-        self.upstreams[profile] = upstream
-        self.state = "ready"
+        self.state = LaneState.READY
         self.last_error = None
-        if switching:
-            self.last_switch_at = self.clock()
+        self.last_switch_at = self.clock()
+        if old is not None and old != profile:
             if not warm:  # the cost of a restart: what a switch costs when the other member is not loaded
                 self.switch_cost_s = elapsed if self.switch_cost_s is None else 0.5 * self.switch_cost_s + 0.5 * elapsed
             self.telemetry.switches.labels(self.name, old, profile, trigger).inc()
@@ -391,52 +545,29 @@ class Lane:
             log.info("lane %s: switched %s -> %s in %.2fs (%s)", self.name, old, profile, elapsed, reason)
         else:
             self.load_s[profile] = elapsed
-            self.last_switch_at = self.clock()
             if self.switch_cost_s is None and self.spec.is_group:
                 self.switch_cost_s = elapsed  # a first estimate: a switch costs about one load
         self._resolve_waiters(profile, None)
-        self._changed()
         if self.keep_both_warm:
             self._warm_others()
 
     def _warm_others(self) -> None:
         """Load the members that are not loaded, in the background: the next switch is then a drain."""
-        if self._tasks is None:
-            return
         for member in self.spec.members:
-            if (member not in self.upstreams and member not in self._warming and member not in self._warmed
-                    and member not in self._not_warm):
-                self._warming[member] = self._tasks.create_task(self._warm(member), name=f"warm:{member}")
+            if member not in self.upstreams and member not in self._loads and member not in self._not_warm:
+                self._start_load(member)
 
-    def _switch_hard_from_now(self, profile: str, beside: str | None, error: Exception) -> None:
+    def _switch_hard_from_now(self, profile: str, beside: str | None, error: Exception, *,
+                              forget: bool = False) -> None:
         self.keep_both_warm = False
         self.warm_reason = f"loading {profile} beside {beside} failed: {getattr(error, 'message', error)}"
         log.warning("lane %s: %s; switching hard from now on", self.name, self.warm_reason)
-
-    def _forget_warm(self, profile: str) -> None:
-        warming = self._warming.pop(profile, None)
-        if warming is not None:
-            warming.cancel()
-        self._warmed.pop(profile, None)
-
-    async def _warm(self, profile: str) -> None:
-        try:
-            self.telemetry.loads.labels(profile).inc()
-            upstream = await self.backends.ensure_ready(profile)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - not fatal: switches go back to stop-then-start
-            self._switch_hard_from_now(profile, self.active, e)
-            return
-        finally:
-            if self._warming.get(profile) is asyncio.current_task():
-                del self._warming[profile]
-        log.info("lane %s: %s loaded beside %s (both warm)", self.name, profile, self.active)
-        self._warmed[profile] = upstream
-        self._changed()
+        if forget and beside is not None:
+            self.upstreams.pop(beside, None)
+            self.telemetry.unloads.labels(beside, "switch").inc()
 
     def _fail_start(self, profile: str, error: Exception) -> None:
-        self.state = "failed"
+        self.state = LaneState.FAILED
         self.last_error = f"{profile}: {error}"
         log.error("lane %s: cannot start %s: %s", self.name, profile, error)
         if self.forced == profile:
@@ -445,12 +576,21 @@ class Lane:
             f"profile '{profile}' (lane '{self.name}') could not be started: {getattr(error, 'message', error)}",
             hint=getattr(error, "hint", None), extra={"profile": profile},
         )
+        self._fail_waiting(profile, failure)
+
+    def _fail_waiting(self, profile: str, failure: Exception) -> None:
+        """Fail the queued requests (but those pinned to another member) and the force() waiters for it."""
+        keep: deque[Ticket] = deque()
         while self.queue:
             ticket = self.queue.popleft()
-            if ticket.waiting:
+            if not ticket.waiting:
+                continue
+            if ticket.pin not in (None, profile):
+                keep.append(ticket)
+            else:
                 ticket.future.set_exception(failure)
+        self.queue = keep
         self._resolve_waiters(profile, failure)
-        self._changed()
 
     def _resolve_waiters(self, profile: str, error: Exception | None) -> None:
         keep = []
@@ -463,33 +603,21 @@ class Lane:
                 keep.append((member, fut))
         self._waiters = keep
 
-    async def _stop(self, profile: str, reason: str) -> None:
-        self.upstreams.pop(profile, None)
-        self.telemetry.unloads.labels(profile, reason).inc()
-        await self._stop_engine(profile)
-
-    async def _stop_engine(self, profile: str) -> None:
-        """Stop `profile` in the backends (idempotent), a background warm-up of it included."""
-        self._forget_warm(profile)
-        try:
-            await self.backends.stop(profile)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            log.warning("lane %s: stopping %s failed: %s", self.name, profile, e)
-
-    async def _unload_all(self, reason: str) -> None:
-        loaded = list(self.upstreams)
-        for profile in loaded:
-            log.info("lane %s: unloading %s (%s)", self.name, profile, reason)
-            await self._stop(profile, reason)
-        for profile in self.spec.members:
-            if profile not in loaded:
-                # A background warm-up may be half-way through a start (its task already cancelled, the
-                # start finishing in the backends): stopping is idempotent, so make sure.
-                await self._stop_engine(profile)
-        self.state = "unloaded"
-        self._changed()
-
-    async def shutdown(self) -> None:
-        await self._unload_all("shutdown")
+    # ------------------------------------------------------------------ gauges
+    def _update_gauges(self) -> None:
+        t = self.telemetry
+        if self._gauges is None:
+            self._gauges = (t.queue_depth.labels(self.name), t.in_flight.labels(self.name))
+        self._gauges[0].set(self.waiting())
+        self._gauges[1].set(self.in_flight)
+        shape = (self.active, self.state, tuple(sorted(self.upstreams)))
+        if shape == self._gauge_shape:
+            return  # member gauges only change with the lane's state
+        self._gauge_shape = shape
+        for member in self.spec.members:
+            t.active_member.labels(self.name, member).set(1 if member == self.active else 0)
+            state = "ready" if member in self.upstreams else (
+                self.state.value if member == self.active and self.state in (
+                    LaneState.LOADING, LaneState.SWITCHING, LaneState.FAILED) else "stopped")
+            for s in ("ready", "loading", "switching", "failed", "stopped"):
+                t.profile_state.labels(member, s).set(1 if s == state else 0)

@@ -1,11 +1,67 @@
-"""Following a log file as it grows (for `logs -f` and `up --foreground`)."""
+"""An engine's log file: rotate it, read its last lines, follow it as it grows, relay it to the daemon's log.
+
+One module for every reader and writer of the logs: `llamactl logs [-f]`, `up --foreground`, the start
+error's last lines, and the daemon (which rotates running engines' logs and relays their lines).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 FOLLOW_POLL_S = 0.2
+
+
+def rotate_logs(path: Path, backups: int, *, in_use: bool = False) -> None:
+    """Keep the previous `backups` logs as path.1 (newest) .. path.N.
+
+    At each start the old file is renamed. A log `in_use` by a running child is copied and then
+    truncated instead: the child appends (O_APPEND), so its next line lands at the new start.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    for i in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{i + 1}"))
+    first = path.with_name(f"{path.name}.1")
+    if in_use:
+        if backups > 0:
+            shutil.copyfile(path, first)
+        os.truncate(path, 0)
+    elif backups > 0:
+        path.replace(first)
+    else:
+        path.unlink()
+
+
+def rotate_if_large(path: Path, max_bytes: int, backups: int) -> bool:
+    """Rotate a running child's log once it passes max_bytes; True if it did."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    rotate_logs(path, backups, in_use=True)
+    return True
+
+
+def tail_lines(path: Path, n: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in data.splitlines() if line.strip()][-n:]
 
 
 def follow(path: str, keep_going: Callable[[], bool], *, from_end: bool = False) -> Iterator[str]:
@@ -22,3 +78,32 @@ def follow(path: str, keep_going: Callable[[], bool], *, from_end: bool = False)
                 yield from f.readlines()
                 return
             time.sleep(FOLLOW_POLL_S)
+
+
+async def relay_log(name: str, path: Path, from_end: bool, poll_s: float = 0.5) -> None:
+    """Copy a child's log lines into the daemon's log as `llamactl[NAME]: line` (journald-friendly)."""
+    logger = logging.getLogger(f"llamactl[{name}]")
+    pos: int | None = None
+    pending = b""
+    while True:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if pos is None:
+            pos = size if from_end else 0
+        if size < pos:  # rotated or truncated
+            pos, pending = 0, b""
+        if size > pos:
+            with path.open("rb") as f:
+                f.seek(pos)
+                data = f.read(min(size - pos, 1 << 20))
+            pos += len(data)
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    logger.info("%s", line.decode(errors="replace").rstrip())
+            if len(pending) > 65536:
+                logger.info("%s", pending.decode(errors="replace"))
+                pending = b""
+        await asyncio.sleep(poll_s)

@@ -20,7 +20,6 @@ import enum
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -28,7 +27,7 @@ import psutil
 
 from llamactl.settings import Settings
 from llamactl.supervisor.process import stop_group
-from llamactl.supervisor.state import ServerRecord, StateStore, process_matches, tail_lines
+from llamactl.supervisor.state import ServerRecord, StateStore, process_matches
 
 T = TypeVar("T")
 
@@ -274,10 +273,6 @@ def stop_orphan(settings: Settings, orphan: Orphan, timeout_s: float = 15.0) -> 
         if store.read(orphan.profile) == orphan.record:
             store.remove(orphan.profile)
         return True
-
-
-def orphan_log_tail(orphan: Orphan, n: int = 15) -> list[str]:
-    return tail_lines(Path(orphan.record.log_path), n)
 
 
 # ------------------------------------------------------------------------------------ spawner thread

@@ -1,4 +1,4 @@
-"""What survives the CLI: one JSON record per running server, per-profile locks, log rotation."""
+"""What survives the CLI: one JSON record per running server, per-profile locks, per-start key files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -137,50 +136,3 @@ class StateStore:
             yield
         finally:
             os.close(fd)
-
-
-def rotate_logs(path: Path, backups: int, *, in_use: bool = False) -> None:
-    """Keep the previous `backups` logs as path.1 (newest) .. path.N.
-
-    At each start the old file is renamed. A log `in_use` by a running child is copied and then
-    truncated instead: the child appends (O_APPEND), so its next line lands at the new start.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    for i in range(backups - 1, 0, -1):
-        older = path.with_name(f"{path.name}.{i}")
-        if older.exists():
-            older.replace(path.with_name(f"{path.name}.{i + 1}"))
-    first = path.with_name(f"{path.name}.1")
-    if in_use:
-        if backups > 0:
-            shutil.copyfile(path, first)
-        os.truncate(path, 0)
-    elif backups > 0:
-        path.replace(first)
-    else:
-        path.unlink()
-
-
-def rotate_if_large(path: Path, max_bytes: int, backups: int) -> bool:
-    """Rotate a running child's log once it passes max_bytes; True if it did."""
-    try:
-        if path.stat().st_size <= max_bytes:
-            return False
-    except FileNotFoundError:
-        return False
-    rotate_logs(path, backups, in_use=True)
-    return True
-
-
-def tail_lines(path: Path, n: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return []
-    return [line for line in data.splitlines() if line.strip()][-n:]

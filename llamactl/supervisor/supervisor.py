@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -16,19 +17,13 @@ from llamactl.engines import Capabilities, build_launch, probe
 from llamactl.engines.binaries import find_binary
 from llamactl.engines.common import LaunchInputs
 from llamactl.engines.logs import classify_exit
-from llamactl.errors import NotRunning, ProfileError, StartError
+from llamactl.errors import ProfileError, StartCancelled, StartError
 from llamactl.models import ensure_model
 from llamactl.profiles import Profile
 from llamactl.settings import Settings
 from llamactl.supervisor.process import ManagedProcess, ReadyOutcome, stop_group
-from llamactl.supervisor.state import (
-    ServerRecord,
-    StateStore,
-    process_matches,
-    rotate_if_large,
-    rotate_logs,
-    tail_lines,
-)
+from llamactl.supervisor.logs import rotate_if_large, rotate_logs, tail_lines
+from llamactl.supervisor.state import ServerRecord, StateStore, process_matches
 
 PORT_ATTEMPTS = 3  # a port can be taken between choosing it and the engine binding it
 LOG_TAIL_LINES = 15
@@ -130,54 +125,67 @@ class Supervisor:
         return inputs, caps
 
     def start(self, profile: Profile, *, api_key: str | None = None,
-              on_tick: Callable[[], None] | None = None) -> ServerRecord:
-        """Start `profile` and block until it is ready. Returns the running record if already up."""
+              cancelled: Callable[[], bool] | None = None) -> ServerRecord:
+        """Start `profile` and block until it is ready. Returns the running record if already up.
+
+        `cancelled` is polled while the engine loads: once it says True the engine is stopped and
+        StartCancelled raised. Whatever interrupts a start (that, Ctrl-C, an error) leaves nothing running
+        and no record behind.
+        """
         with self.store.lock(profile.name):
             existing = self.running(profile.name)
-            if existing is not None:
+            if existing is not None and existing.state == "ready":
                 return existing
+            if existing is not None:
+                # Still "starting" although we hold its lock: the llamactl that started it died mid-load.
+                stop_group(existing.pid, profile.stop_timeout_s)
+                self.store.remove_key(profile.name)
             self.store.remove(profile.name)
             inputs, caps = self.prepare(profile)
             for attempt in range(1, PORT_ATTEMPTS + 1):
+                _check_cancelled(profile.name, cancelled)
                 try:
-                    return self._start_once(profile, inputs, caps, api_key, on_tick)
+                    return self._start_once(profile, inputs, caps, api_key, cancelled)
                 except StartError as e:
                     if e.cause != "port in use" or attempt == PORT_ATTEMPTS:
                         raise
         raise AssertionError("unreachable")
 
     def _start_once(self, profile: Profile, inputs: LaunchInputs, caps, api_key: str | None,
-                    on_tick: Callable[[], None] | None) -> ServerRecord:
+                    cancelled: Callable[[], bool] | None) -> ServerRecord:
         port = free_port()
-        inputs = dataclasses.replace(
-            inputs, port=port, api_key_file=self.store.write_key(profile.name, api_key) if api_key else None)
+        try:
+            key_file = self.store.write_key(profile.name, api_key) if api_key else None
+        except OSError as e:
+            raise StartError(f"{profile.name}: cannot write the engine's key file: {e}", cause="state dir unwritable",
+                             log_tail=[], hint=f"check that {self.settings.state_dir} is writable") from None
+        inputs = dataclasses.replace(inputs, port=port, api_key_file=key_file)
         spec = build_launch(profile, caps, inputs, self.environ)
         log_path = self.log_path(profile.name)
         rotate_logs(log_path, self.settings.log_backups)
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         child = ManagedProcess(spec, log_path, cwd=self.settings.state_dir, die_with_parent=self.die_with_parent)
         child.spawn()
-        record = ServerRecord(
-            profile=profile.name, engine=profile.engine, binary=str(inputs.binary), version=caps.version,
-            model=str(inputs.model_path), alias=profile.served_alias, pid=child.pid,
-            create_time=child.create_time(), cmdline=spec.argv, port=port, log_path=str(log_path),
-            started_at=time.time(), api_key=api_key,
-        )
-        self.store.write(record)
+        # From here on the child exists: spawn, record and ready are one step. Any failure or interruption
+        # (a record that cannot be written, Ctrl-C, a cancel, SIGTERM raised as an exception) stops it.
         try:
-            outcome = child.wait_ready(record.url, profile.load_timeout_s, on_tick)
+            record = ServerRecord(
+                profile=profile.name, engine=profile.engine, binary=str(inputs.binary), version=caps.version,
+                model=str(inputs.model_path), alias=profile.served_alias, pid=child.pid,
+                create_time=child.create_time(), cmdline=spec.argv, port=port, log_path=str(log_path),
+                started_at=time.time(), api_key=api_key,
+            )
+            self._write_record(record)
+            outcome = child.wait_ready(record.url, profile.load_timeout_s,
+                                       lambda: _check_cancelled(profile.name, cancelled))
+            if outcome is ReadyOutcome.READY:
+                record = record.with_state("ready", ready_at=time.time())
+                self._write_record(record)
+                return record
         except BaseException:
-            child.stop(profile.stop_timeout_s)  # Ctrl-C while loading: leave nothing behind
-            self.store.remove(profile.name)
-            self.store.remove_key(profile.name)
+            self._discard(child, profile)
             raise
-        if outcome is ReadyOutcome.READY:
-            record = record.with_state("ready", ready_at=time.time())
-            self.store.write(record)
-            return record
-        child.stop(profile.stop_timeout_s)
-        self.store.remove(profile.name)
-        self.store.remove_key(profile.name)
+        self._discard(child, profile)
         lines = tail_lines(log_path, LOG_TAIL_LINES)
         if outcome is ReadyOutcome.TIMED_OUT:
             raise StartError(
@@ -191,6 +199,21 @@ class Supervisor:
             + (f" ({cause.line})" if cause.line else ""),
             cause=cause.cause, log_tail=lines, hint=cause.hint,
         )
+
+    def _write_record(self, record: ServerRecord) -> None:
+        try:
+            self.store.write(record)
+        except OSError as e:
+            raise StartError(
+                f"{record.profile}: cannot write the state record ({e.strerror or e}); stopped the engine, "
+                "since `status` and `down` could not see it", cause="state dir unwritable", log_tail=[],
+                hint=f"free space or fix permissions in {self.settings.state_dir}") from None
+
+    def _discard(self, child: ManagedProcess, profile: Profile) -> None:
+        child.stop(profile.stop_timeout_s)
+        with contextlib.suppress(OSError):
+            self.store.remove(profile.name)
+            self.store.remove_key(profile.name)
 
     # -- stop ------------------------------------------------------------------------------------
 
@@ -213,8 +236,7 @@ class Supervisor:
     def stop_all(self, timeout_s: float = 15.0) -> list[str]:
         return [name for name in self.store.names() if self.stop(name, timeout_s)]
 
-    def require_running(self, name: str) -> ServerRecord:
-        record = self.running(name)
-        if record is None:
-            raise NotRunning(f"profile '{name}' is not running", hint=f"start it with `llamactl up {name}`")
-        return record
+
+def _check_cancelled(name: str, cancelled: Callable[[], bool] | None) -> None:
+    if cancelled is not None and cancelled():
+        raise StartCancelled(f"{name}: start cancelled (llamactl down or shutdown); stopped the engine")

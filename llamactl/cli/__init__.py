@@ -59,7 +59,7 @@ def _age(seconds: float | None) -> str:
 @pass_settings
 def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> None:
     """Start PROFILE's llama-server and wait until it is ready."""
-    from llamactl.control import try_daemon
+    from llamactl.daemon.control import try_daemon
     from llamactl.launch import start_profile
     from llamactl.profiles import load_profile
 
@@ -117,7 +117,7 @@ def down(settings: Settings, profile: str | None, all_: bool) -> None:
     """Stop PROFILE's server (or --all)."""
     if bool(profile) == all_:
         raise click.UsageError("give a PROFILE or --all")
-    from llamactl.control import try_daemon
+    from llamactl.daemon.control import try_daemon
 
     client = try_daemon(settings)
     if client is not None:
@@ -146,7 +146,7 @@ def status(settings: Settings, as_json: bool) -> None:
     """Show running servers: profile, state, pid, port, uptime, model, RSS."""
     import json
 
-    from llamactl.control import try_daemon
+    from llamactl.daemon.control import try_daemon
 
     client = try_daemon(settings)
     if client is not None:
@@ -177,7 +177,7 @@ def _daemon_status(status: dict, as_json: bool) -> None:
     per lane the switch group, active member, last decision and why."""
     import json
 
-    from llamactl.cli_serve import router_status_lines
+    from llamactl.cli.serve import router_status_lines
 
     if as_json:
         click.echo(json.dumps(status, indent=2))
@@ -204,9 +204,9 @@ def _daemon_status(status: dict, as_json: bool) -> None:
 def logs(settings: Settings, profile: str, follow: bool, lines: int) -> None:
     """Show PROFILE's llama-server log."""
     from llamactl.supervisor.logs import follow as follow_file
-    from llamactl.supervisor.state import tail_lines
+    from llamactl.supervisor.logs import tail_lines
 
-    from llamactl.control import try_daemon
+    from llamactl.daemon.control import try_daemon
 
     client = try_daemon(settings)
     path = client.logs_path(profile) if client is not None else _supervisor(settings).log_path(profile)
@@ -307,16 +307,16 @@ def engines_install(settings: Settings, names: tuple[str, ...], cuda: bool | Non
             raise click.BadParameter(f"unknown engine {name!r}; choose from {', '.join(SOURCES)}")
         install(name, settings, cuda=cuda, jobs=jobs, force=force, progress=lambda m: click.echo(m, err=True))
 
-from llamactl.cli_plan import gpus_command, plan_command  # noqa: E402
+from llamactl.cli.plan import gpus_command, plan_command  # noqa: E402
 
 main.add_command(plan_command, "plan")
 main.add_command(gpus_command, "gpus")
 
-from llamactl.cli_serve import serve_command, switch_command  # noqa: E402
+from llamactl.cli.serve import serve_command, switch_command  # noqa: E402
 
 main.add_command(serve_command, "serve")
 main.add_command(switch_command, "switch")
 
-from llamactl.cli_systemd import systemd_command  # noqa: E402
+from llamactl.cli.systemd import systemd_command  # noqa: E402
 
 main.add_command(systemd_command, "systemd")

@@ -24,7 +24,7 @@ def serve_command(settings: Settings, host: str | None, port: int | None, profil
     """Run the daemon: one OpenAI-compatible endpoint in front of the profiles, engines supervised
     (restarted on crash or hang), a control socket for up/down/switch/status/logs, sd_notify.
     Engines load on demand, except --preload ones. SIGTERM drains and stops; SIGHUP reloads profiles."""
-    from llamactl.service import serve
+    from llamactl.daemon.service import serve
 
     sys.exit(serve(settings, host=host, port=port, profiles=profiles, preload=preload, log_level=log_level))
 
@@ -38,7 +38,7 @@ def serve_command(settings: Settings, host: str | None, port: int | None, profil
 def switch_command(settings: Settings, group: str, member: str, url: str | None, timeout_s: float) -> None:
     """Force MEMBER of switch GROUP to serve (MEMBER 'auto' hands it back to the policy)."""
     if url is None:
-        from llamactl.control import try_daemon
+        from llamactl.daemon.control import try_daemon
 
         client = try_daemon(settings)
         if client is not None:

@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
-log = logging.getLogger("llamactl.notify")
+log = logging.getLogger("llamactl.daemon.notify")
 
 
 def _address(raw: str) -> str | bytes:

@@ -3,7 +3,7 @@
 
 Why the unit looks the way it does:
 - Type=notify + WatchdogSec: llamactl sends READY once the configured profiles are up and pings the
-  watchdog (llamactl.notify); a wedged daemon is restarted. ExecReload sends SIGHUP (reload profiles).
+  watchdog (llamactl.daemon.notify); a wedged daemon is restarted. ExecReload sends SIGHUP (reload profiles).
 - KillMode=mixed: SIGTERM goes to llamactl alone so it can drain requests and stop its children in
   order; after TimeoutStopSec everything left in the service's cgroup gets SIGKILL, so no llama-server
   outlives the service even if llamactl itself hangs.

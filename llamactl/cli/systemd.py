@@ -30,7 +30,7 @@ def systemd_command() -> None:
 def install_command(settings: Settings, user_unit: bool, dry_run: bool, system_dirs: bool,
                     service_user: str | None, output: Path | None) -> None:
     """Render the unit for this machine (paths, user, hardening) and write it."""
-    from llamactl.systemd_unit import detect_params, enable_instructions, render_unit, unit_path
+    from llamactl.daemon.systemd_unit import detect_params, enable_instructions, render_unit, unit_path
 
     if user_unit and (system_dirs or service_user):
         raise click.UsageError("--system-dirs and --service-user are for the system unit")

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from llamactl.errors import LlamactlError
 from llamactl.settings import Settings
 
-log = logging.getLogger("llamactl.control")
+log = logging.getLogger("llamactl.daemon.control")
 
 SOCKET_NAME = "llamactl.sock"
 DAEMON_LOCK_NAME = "daemon.lock"

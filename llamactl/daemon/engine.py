@@ -1,0 +1,350 @@
+"""One profile's engine, owned by the daemon for the daemon's whole life.
+
+An `Engine` answers every question about its profile's llama-server (is it running, where, why did it
+fail) and is the only code that changes the answer. Its state moves through TRANSITIONS, one method:
+
+    stopped -> starting -> ready -> (died or hung) backoff -> starting ...   (restart with backoff)
+                        \\-> backoff / failed (a start that failed; failed = a crash loop, `up` clears it)
+    any -> stopping -> stopped                                               (`down`, shutdown)
+
+A stop cancels a start in progress: the start runs in the profile's spawner thread (see SpawnerThread),
+which polls a cancel flag while the engine loads and stops the engine it spawned. Nothing holds a lock
+across a load or a backoff, so `down` acts at once. While the engine runs, a monitor task probes /health,
+rotates its log, and turns a death or a hang into a restart (after the backoff) or `failed`; a relay
+task copies its log lines into the daemon's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from llamactl.daemon import auth
+from llamactl.engines.logs import classify_exit
+from llamactl.errors import LlamactlError, StartCancelled, StartError
+from llamactl.launch import start_profile
+from llamactl.profiles import Profile
+from llamactl.settings import Settings
+from llamactl.supervisor import ServerRecord, Supervisor
+from llamactl.supervisor.logs import relay_log, rotate_if_large, tail_lines
+from llamactl.supervisor.recovery import (
+    Action, HangDetector, Probe, RestartPolicy, RestartTracker, SpawnerThread, Verdict, aprobe_health,
+)
+from llamactl.supervisor.state import process_matches
+
+log = logging.getLogger("llamactl.daemon")
+
+
+class EngineState(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    BACKOFF = "backoff"  # not running; starts again once the backoff delay has passed
+    FAILED = "failed"  # a crash loop: not started again until `llamactl up` clears it
+    STOPPING = "stopping"
+
+
+TRANSITIONS: dict[EngineState, set[EngineState]] = {
+    EngineState.STOPPED: {EngineState.STARTING, EngineState.READY, EngineState.STOPPING},  # READY: adopted
+    EngineState.STARTING: {EngineState.READY, EngineState.BACKOFF, EngineState.FAILED, EngineState.STOPPING},
+    EngineState.READY: {EngineState.BACKOFF, EngineState.FAILED, EngineState.STOPPING},
+    EngineState.BACKOFF: {EngineState.STARTING, EngineState.STOPPING},
+    EngineState.FAILED: {EngineState.STARTING, EngineState.STOPPING},
+    EngineState.STOPPING: {EngineState.STOPPED, EngineState.FAILED},
+}
+
+
+class EngineEvents:
+    """What the engine tells its owner (the daemon forwards both to the lane serving the profile)."""
+
+    def down(self, name: str) -> None:
+        """The engine died or hung; it restarts after its backoff."""
+
+    def failed(self, name: str, error: LlamactlError) -> None:
+        """The engine was given up on (a crash loop)."""
+
+
+class Engine:
+    def __init__(self, name: str, *, supervisor: Supervisor, settings: Settings,
+                 profile_of: Callable[[str], Profile], events: EngineEvents | None = None) -> None:
+        self.name = name
+        self.supervisor = supervisor
+        self.settings = settings
+        self.profile_of = profile_of  # the current profile (a reload changes it for the next start)
+        self.events = events or EngineEvents()
+        self.state = EngineState.STOPPED
+        self.record: ServerRecord | None = None
+        self.tracker = RestartTracker(restart_policy(settings))
+        self.detector = HangDetector(settings.hang_probes)
+        self.not_before = 0.0  # monotonic: no start before this (backoff)
+        self.tasks: asyncio.TaskGroup | None = None  # where monitor and relay run (the daemon's); None: none
+        self._spawner: SpawnerThread | None = None
+        self._start: asyncio.Task[ServerRecord] | None = None
+        self._cancel = threading.Event()
+        self._stop_lock = asyncio.Lock()
+        self._monitor: asyncio.Task[None] | None = None
+        self._relay: asyncio.Task[None] | None = None
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def _move(self, new: EngineState) -> None:
+        if new is not self.state and new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"engine {self.name}: illegal state change {self.state.value} -> {new.value}")
+        self.state = new
+
+    def describe(self) -> dict[str, Any]:
+        failed = self.tracker.failed
+        return {"profile": self.name, "state": self.state.value,
+                "pid": self.record.pid if self.record else None,
+                "url": self.record.url if self.record else None,
+                "reason": failed.reason if failed else None}
+
+    # -- start ---------------------------------------------------------------------------------------
+
+    async def ensure_ready(self) -> ServerRecord:
+        """Start the engine unless it runs, and return its record once it serves. Several callers share one
+        start. Raises StartError (failed, backoff start failed, cancelled by a stop)."""
+        while True:
+            if self._stop_lock.locked():  # a stop is under way: start afresh after it
+                async with self._stop_lock:
+                    pass
+                continue
+            if self.state is EngineState.FAILED:
+                raise self.failed_error()
+            if self.state is EngineState.READY and self.record is not None:
+                if process_matches(self.record) is not None:
+                    return self.record
+                self._lost(self.record, self._death_reason(self.record))  # died before the monitor saw it
+                continue
+            if self._start is None:
+                self._start = asyncio.create_task(self._run_start(), name=f"start:{self.name}")
+            # shield: a caller that gives up (a client gone) does not cancel a start others wait for
+            return await asyncio.shield(self._start)
+
+    async def _run_start(self) -> ServerRecord:
+        self._move(EngineState.STARTING)
+        self._cancel = cancel = threading.Event()
+        try:
+            wait_s = self.not_before - time.monotonic()
+            if wait_s > 0:
+                log.info("%s: restarting in %.1f s (backoff)", self.name, wait_s)
+                await asyncio.sleep(wait_s)  # a stop cancels this task here
+            profile = self.profile_of(self.name)
+            record = await self._spawn(profile, cancel)
+        except asyncio.CancelledError:
+            raise
+        except StartCancelled:
+            raise
+        except StartError as e:
+            error = with_plan(e, self.profile_of(self.name), self.settings) if e.cause == "out of memory" else e
+            self._decided(self.tracker.on_exit(time.monotonic(), uptime_s=0.0, reason=f"start failed: {e.message}",
+                                               log_tail=e.log_tail))
+            raise error from None
+        except LlamactlError as e:  # a profile or engine problem found before spawning: no crash to count
+            self._move(EngineState.BACKOFF)
+            raise e
+        finally:
+            if self._start is asyncio.current_task():
+                self._start = None
+        self.record = record
+        self._move(EngineState.READY)
+        self.detector.reset()
+        self._watch(from_end=False)
+        return record
+
+    async def _spawn(self, profile: Profile, cancel: threading.Event) -> ServerRecord:
+        """The plan-then-start of `llamactl up`, in the spawner thread. Cancelling this coroutine asks the
+        thread to stop the engine it is starting, and waits until it has (so nothing is left running)."""
+        if self._spawner is None:
+            self._spawner = SpawnerThread(f"llamactl-spawn-{self.name}")
+        key = auth.new_child_key()
+        future = self._spawner.submit(start_profile, self.supervisor, profile, api_key=key, cancelled=cancel.is_set)
+        try:
+            record = await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            cancel.set()
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.shield(asyncio.wrap_future(future))
+            raise
+        if record.api_key != key and not record.api_key:
+            raise StartError(
+                f"profile '{self.name}' is already running outside the daemon (pid {record.pid}) without an API "
+                "key, so anything on this machine could use it behind the router's back; the daemon does not "
+                "serve it", cause="unkeyed engine", log_tail=[],
+                hint=f"stop it (`llamactl down {self.name}`, or Ctrl-C the `llamactl up --foreground` that runs "
+                     "it); the daemon then starts its own")
+        return record
+
+    def adopt(self, record: ServerRecord) -> None:
+        """Serve an engine an earlier daemon started (its record holds the key it was started with)."""
+        self.record = record
+        self._move(EngineState.READY)
+        self._watch(from_end=True)
+
+    def clear_failure(self) -> None:
+        """`llamactl up`: forget the crash loop and the backoff."""
+        self.tracker.on_started()
+        self.tracker.crashes.clear()
+        self.tracker.consecutive = 0
+        self.not_before = 0.0
+        if self.state is EngineState.FAILED:
+            self._move(EngineState.STOPPING)
+            self._move(EngineState.STOPPED)
+
+    # -- stop ----------------------------------------------------------------------------------------
+
+    async def stop(self) -> bool:
+        """Stop the engine, cancelling a start in progress; True if one ran or was starting."""
+        async with self._stop_lock:
+            start, was = self._start, self.record is not None or self._start is not None
+            self._cancel.set()
+            self._stop_watching()
+            if start is not None:
+                start.cancel()
+                await asyncio.wait([start])
+            failed = self.state is EngineState.FAILED
+            self._move(EngineState.STOPPING)
+            try:
+                stopped = await asyncio.to_thread(self.supervisor.stop, self.name, self._stop_timeout_s())
+            finally:
+                self.record = None
+                self._move(EngineState.FAILED if failed else EngineState.STOPPED)
+            return was or stopped
+
+    async def close(self) -> None:
+        """Stop, then let the spawner thread go (PDEATHSIG fires when it exits)."""
+        await self.stop()
+        spawner, self._spawner = self._spawner, None
+        if spawner is not None:
+            await asyncio.to_thread(spawner.shutdown)
+
+    def _stop_timeout_s(self) -> float:
+        try:
+            return self.profile_of(self.name).stop_timeout_s
+        except LlamactlError:
+            return 15.0
+
+    # -- watching a running engine -------------------------------------------------------------------
+
+    def _watch(self, *, from_end: bool) -> None:
+        if self.tasks is None or self.record is None:
+            return
+        if self._monitor is None or self._monitor.done():
+            self._monitor = self.tasks.create_task(self._monitor_loop(), name=f"monitor:{self.name}")
+        if self.settings.relay_child_logs:
+            if self._relay is not None:
+                self._relay.cancel()
+            self._relay = self.tasks.create_task(relay_log(self.name, Path(self.record.log_path), from_end),
+                                                 name=f"relay:{self.name}")
+
+    def _stop_watching(self) -> None:
+        current = asyncio.current_task()
+        for task in (self._monitor, self._relay):
+            if task is not None and task is not current:
+                task.cancel()
+        self._monitor = self._relay = None
+
+    async def _monitor_loop(self) -> None:
+        """Probe /health every health_interval_s; a death or a hang is stopped, counted and restarted."""
+        s = self.settings
+        async with httpx.AsyncClient() as client:
+            while True:
+                if self.state is EngineState.BACKOFF:
+                    try:
+                        await self.ensure_ready()  # waits out the backoff
+                    except LlamactlError as e:
+                        log.warning("%s: restart failed: %s", self.name, e.message)
+                    continue
+                if self.state is not EngineState.READY:
+                    return
+                await asyncio.sleep(s.health_interval_s)
+                record = self.record
+                if record is None or self.state is not EngineState.READY:
+                    continue
+                alive = process_matches(record) is not None
+                if alive:  # a log grows while the engine runs: keep it under log_max_bytes (copy, truncate)
+                    try:
+                        await asyncio.to_thread(rotate_if_large, Path(record.log_path), s.log_max_bytes,
+                                                s.log_backups)
+                    except OSError as e:  # a full disk must not take the daemon down
+                        log.warning("%s: rotating %s failed: %s", self.name, record.log_path, e)
+                probe = (await aprobe_health(record.url, timeout_s=s.health_timeout_s, client=client) if alive
+                         else Probe(False, "process gone"))
+                if self.record is not record:
+                    continue
+                verdict = self.detector.observe(probe, alive=alive)
+                if verdict is Verdict.SUSPECT:
+                    log.warning("%s: /health failed (%s)", self.name, probe.detail)
+                if verdict is Verdict.HUNG:
+                    reason = self.detector.reason()
+                    await asyncio.to_thread(self.supervisor.stop, self.name, self._stop_timeout_s())
+                elif verdict is Verdict.DEAD:
+                    reason = self._death_reason(record)
+                    await asyncio.to_thread(self.supervisor.stop, self.name, 1.0)  # drops the stale record
+                else:
+                    continue
+                if self.record is record:  # else a stop came first
+                    self._lost(record, reason)
+
+    def _lost(self, record: ServerRecord, reason: str) -> None:
+        """The running engine died or hung (and is stopped): count it, then restart later or fail."""
+        self.record = None
+        if self._relay is not None and self._relay is not asyncio.current_task():
+            self._relay.cancel()
+        self.detector.reset()
+        uptime = time.time() - (record.ready_at or record.started_at)
+        tail = tail_lines(Path(record.log_path), self.tracker.policy.log_lines)
+        log.error("%s: %s", self.name, reason)
+        decision = self.tracker.on_exit(time.monotonic(), uptime_s=uptime, reason=reason, log_tail=tail)
+        self.events.down(self.name)
+        self._decided(decision)
+
+    def _decided(self, decision) -> None:
+        if decision.action is Action.FAIL:
+            self._move(EngineState.FAILED)
+            log.error("%s: %s; not restarting (`llamactl up %s` tries again)", self.name, decision.reason, self.name)
+            self.events.failed(self.name, self.failed_error())
+        else:
+            self._move(EngineState.BACKOFF)
+            self.not_before = time.monotonic() + decision.delay_s
+            log.warning("%s: restart %d in %.1f s", self.name, decision.attempt, decision.delay_s)
+
+    def failed_error(self) -> StartError:
+        failed = self.tracker.failed
+        reason = failed.reason if failed else "failed"
+        return StartError(f"profile '{self.name}' failed: {reason}", cause="crash loop",
+                          log_tail=list(failed.log_tail) if failed else [],
+                          hint=f"read `llamactl logs {self.name}`; `llamactl up {self.name}` clears the failure "
+                               "and starts it")
+
+    @staticmethod
+    def _death_reason(record: ServerRecord) -> str:
+        cause = classify_exit(tail_lines(Path(record.log_path), 15))
+        return f"llama-server (pid {record.pid}) died: {cause.cause}" + (f" ({cause.line})" if cause.line else "")
+
+
+def restart_policy(settings: Settings) -> RestartPolicy:
+    return RestartPolicy(base_delay_s=settings.restart_base_delay_s, max_delay_s=settings.restart_max_delay_s,
+                         max_crashes=settings.restart_max_crashes, window_s=settings.restart_window_s)
+
+
+def with_plan(error: StartError, profile: Profile, settings: Settings) -> StartError:
+    """An out-of-memory start failure, with the memory plan's numbers (what llamactl expected to fit)."""
+    try:
+        from llamactl.plan import plan_for_launch
+
+        text = plan_for_launch(profile, settings, None, with_argv=False).text()
+    except Exception as e:  # noqa: BLE001 - the plan is extra information; never hide the real error
+        text = f"(no plan: {e})"
+    return StartError(f"{error.message}\nthe memory plan for '{profile.name}' was:\n{text}", cause=error.cause,
+                      log_tail=error.log_tail, hint=error.hint)
