@@ -98,3 +98,22 @@ class Settings(BaseSettings):
         dirs = [Path(p).expanduser() for p in self.profiles_dirs.split(":") if p]
         dirs += [self.config_dir / "profiles", self.etc_profiles_dir, BUNDLED_PROFILES_DIR]
         return dirs
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a bad LLAMACTL_* value is a ConfigError naming the variable."""
+    from pydantic import ValidationError
+
+    from llamactl.errors import ConfigError
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            key = "_".join(str(part) for part in error["loc"]).upper()
+            value = os.environ.get(f"LLAMACTL_{key}", "")
+            problems.append(f"LLAMACTL_{key}={value[:80]!r}: {error['msg']}")
+        raise ConfigError("invalid setting: " + "; ".join(problems),
+                          hint="fix or unset the variable (`llamactl --help` lists the commands; "
+                               "llamactl/settings.py describes each setting)") from None

@@ -7,6 +7,8 @@ import sys
 import click
 import httpx
 
+from llamactl.cli.target import daemon_client
+from llamactl.errors import LlamactlError, NotRunning
 from llamactl.settings import Settings
 
 
@@ -38,9 +40,7 @@ def serve_command(settings: Settings, host: str | None, port: int | None, profil
 def switch_command(settings: Settings, group: str, member: str, url: str | None, timeout_s: float) -> None:
     """Force MEMBER of switch GROUP to serve (MEMBER 'auto' hands it back to the policy)."""
     if url is None:
-        from llamactl.daemon.control import try_daemon
-
-        client = try_daemon(settings)
+        client = daemon_client(settings)
         if client is not None:
             status = client.switch(group, member, timeout_s)
             forced = "automatic" if status["forced"] is None else f"forced to {status['forced']}"
@@ -51,16 +51,14 @@ def switch_command(settings: Settings, group: str, member: str, url: str | None,
         r = httpx.post(f"{base}/llamactl/switch", json={"group": group, "member": member, "timeout_s": timeout_s},
                        timeout=timeout_s + 10)
     except httpx.HTTPError as e:
-        click.echo(f"error: cannot reach llamactl serve at {base}: {e}", err=True)
-        click.echo("  hint: start it with `llamactl serve`, or pass --url", err=True)
-        sys.exit(5)
+        raise NotRunning(f"cannot reach llamactl serve at {base}: {e}",
+                         hint="start it with `llamactl serve`, or pass --url") from None
     if r.status_code != 200:
         try:
-            error = r.json()["error"]
-            click.echo(f"error: {error['message']}", err=True)
+            message = str(r.json()["error"]["message"])
         except (ValueError, KeyError, TypeError):
-            click.echo(f"error: HTTP {r.status_code}: {r.text[:500]}", err=True)
-        sys.exit(1)
+            message = f"HTTP {r.status_code}: {r.text[:500]}"
+        raise LlamactlError(message)
     status = r.json()
     forced = "automatic" if status["forced"] is None else f"forced to {status['forced']}"
     click.echo(f"{status['lane']}: active {status['active']} ({status['state']}, {forced})")

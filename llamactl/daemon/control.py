@@ -43,11 +43,24 @@ OPS = ("up", "down", "switch", "status", "logs-path")
 
 
 class DaemonError(LlamactlError):
-    """The daemon answered with an error (its message and hint are passed through)."""
+    """The daemon answered with an error (its message and hint are passed through). Its exit code is the one
+    the same error has standalone, so `llamactl up nosuch` exits alike with or without a daemon."""
 
     def __init__(self, message: str, *, hint: str | None = None, type_: str = "error") -> None:
         super().__init__(message, hint=hint)
         self.type = type_
+        self.exit_code = exit_code_of(type_)
+
+
+def exit_code_of(type_name: str) -> int:
+    """The exit code of the LlamactlError class named `type_name` (1 for anything else)."""
+    pending: list[type[LlamactlError]] = [LlamactlError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == type_name:
+            return cls.exit_code
+        pending += cls.__subclasses__()
+    return LlamactlError.exit_code
 
 
 class DaemonRunning(LlamactlError):

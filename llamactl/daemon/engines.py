@@ -107,6 +107,11 @@ class Engines:
         engine = self.engines.get(name)
         return engine.record if engine is not None and engine.state is EngineState.READY else None
 
+    def is_running(self, name: str) -> bool:
+        """Running or starting (what `down` would stop)."""
+        engine = self.engines.get(name)
+        return engine is not None and engine.state in (EngineState.STARTING, EngineState.READY)
+
     def failures(self) -> dict[str, dict[str, Any]]:
         return {name: {"reason": e.tracker.failed.reason, "log_tail": list(e.tracker.failed.log_tail)}
                 for name, e in self.engines.items()

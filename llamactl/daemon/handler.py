@@ -35,8 +35,9 @@ class DaemonControl:
 
     async def down(self, profile: str) -> Any:
         lane = lane_of(self.router, profile)
-        was_lane = await lane.unload(profile)
-        return {"profile": profile, "stopped": was_lane}
+        running = self.engines.is_running(profile)
+        loaded = await lane.unload(profile)
+        return {"profile": profile, "stopped": loaded or running}
 
     async def switch(self, group: str, member: str, timeout_s: float) -> Any:
         lane = self.router.lane(group)

@@ -1,0 +1,198 @@
+"""`llamactl up / down / status / logs`: through the daemon when one runs (`cli.target`), standalone otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import click
+
+from llamactl.cli.main import main, pass_settings
+from llamactl.cli.target import daemon_client, supervisor
+from llamactl.errors import LlamactlError
+from llamactl.settings import Settings
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+@main.command()
+@click.argument("profile")
+@click.option("--foreground", is_flag=True, help="Stay attached: show the log, stop the server on Ctrl-C.")
+@click.option("--ignore-fit", is_flag=True, help="Start even if the memory plan says it does not fit.")
+@pass_settings
+def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> None:
+    """Start PROFILE's llama-server and wait until it is ready."""
+    from llamactl.launch import start_profile
+    from llamactl.profiles import load_profile
+
+    client = None if foreground else daemon_client(settings)
+    if client is not None:
+        click.echo(f"asking the llamactl daemon to start {profile} ...", err=True)
+        result = client.up(profile)
+        click.echo(f"{profile} ready (pid {result['pid']}), served by the daemon at {result['router']}/v1")
+        return
+    prof = load_profile(profile, settings)
+    sup = supervisor(settings, die_with_parent=foreground)
+    already = sup.running(prof.name)
+    if already is not None and already.state == "ready":
+        click.echo(f"{prof.name} is already running at {already.url} (pid {already.pid})")
+        return
+    click.echo(f"starting {prof.name} ({prof.engine}){' in the foreground' if foreground else ''} ...", err=True)
+    with interrupted_by_signals():
+        try:
+            record = start_profile(sup, prof, ignore_fit=ignore_fit)
+        except KeyboardInterrupt:
+            # The start stopped the engine it spawned; exit as an interrupted command does.
+            click.echo(f"interrupted: {prof.name} was not started", err=True)
+            raise SystemExit(130) from None
+        click.echo(f"{prof.name} ready at {record.url}  (OpenAI API: {record.url}/v1, pid {record.pid})")
+        if foreground:
+            _follow_until_interrupted(sup, prof, record)
+
+
+@contextlib.contextmanager
+def interrupted_by_signals():
+    """SIGTERM, SIGINT and SIGHUP raise KeyboardInterrupt while inside, so an interrupted start stops the engine
+    it spawned and removes its record (the default SIGTERM would end the process with the engine loading)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _follow_until_interrupted(sup, prof, record) -> None:
+    """`up --foreground`: show the log until Ctrl-C / SIGTERM, then stop the server. The engine also dies if
+    this process is killed (PR_SET_PDEATHSIG)."""
+    from llamactl.supervisor.logs import follow
+
+    try:
+        for line in follow(record.log_path, lambda: sup.running(prof.name) is not None):
+            click.echo(line, nl=False)
+        click.echo(f"{prof.name}: llama-server exited", err=True)
+    except KeyboardInterrupt:
+        click.echo(f"stopping {prof.name} ...", err=True)
+    finally:
+        sup.stop(prof.name, prof.stop_timeout_s)
+
+
+@main.command()
+@click.argument("profile", required=False)
+@click.option("--all", "all_", is_flag=True, help="Stop every running profile.")
+@pass_settings
+def down(settings: Settings, profile: str | None, all_: bool) -> None:
+    """Stop PROFILE's server (or --all)."""
+    if bool(profile) == all_:
+        raise click.UsageError("give a PROFILE or --all")
+    client = daemon_client(settings)
+    if client is not None:
+        names = [profile] if profile else [r["profile"] for r in client.status()["servers"]]
+        stopped = [name for name in names if client.down(name)["stopped"]]
+        if all_:
+            click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+        else:
+            click.echo(f"stopped {profile}" if stopped else f"{profile} was not running")
+        return
+    sup = supervisor(settings)
+    if all_:
+        stopped = sup.stop_all()
+        click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+        return
+    if sup.stop(profile):
+        click.echo(f"stopped {profile}")
+    else:
+        click.echo(f"{profile} was not running")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_settings
+def status(settings: Settings, as_json: bool) -> None:
+    """Show running servers: profile, state, pid, port, uptime, model, RSS."""
+    import json
+
+    client = daemon_client(settings)
+    if client is not None:
+        _daemon_status(client.status(), as_json)
+        return
+    rows = [s.to_json() for s in supervisor(settings).status()]
+    if as_json:
+        # the same shape as with a daemon, so scripts read one format
+        click.echo(json.dumps({"daemon": None, "servers": rows, "failed": {}, "router": None}, indent=2))
+        return
+    if not rows:
+        click.echo("no servers running")
+        return
+    _server_table(rows)
+
+
+def _server_table(rows: list[dict]) -> None:
+    header = f"{'PROFILE':<16} {'STATE':<9} {'PID':>7} {'PORT':>6} {'UPTIME':>8} {'RSS MiB':>8}  MODEL"
+    click.echo(header)
+    for r in rows:
+        rss = f"{r['rss_mib']:.0f}" if r["rss_mib"] is not None else "-"
+        click.echo(f"{r['profile']:<16} {r['state']:<9} {r['pid']:>7} {r['port']:>6} {_age(r['uptime_s']):>8} "
+                   f"{rss:>8}  {r['model']}")
+
+
+def _daemon_status(status: dict, as_json: bool) -> None:
+    """`llamactl status` when a daemon runs: its servers, failed profiles (reason + last log lines), and
+    per lane the switch group, active member, last decision and why."""
+    import json
+
+    from llamactl.cli.serve import router_status_lines
+
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    daemon = status["daemon"]
+    click.echo(f"daemon pid {daemon['pid']} serving {daemon['url']}/v1")
+    if status["servers"]:
+        _server_table(status["servers"])
+    else:
+        click.echo("no servers running (engines load on demand)")
+    for name, failure in sorted(status.get("failed", {}).items()):
+        click.echo(f"{name:<16} failed    {failure['reason']}")
+        for line in failure["log_tail"][-5:]:
+            click.echo(f"    {line}")
+    for line in router_status_lines(status["router"]):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("profile")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "--lines", default=50, show_default=True, help="How many last lines to show first.")
+@pass_settings
+def logs(settings: Settings, profile: str, follow: bool, lines: int) -> None:
+    """Show PROFILE's llama-server log."""
+    from llamactl.supervisor.logs import follow as follow_file
+    from llamactl.supervisor.logs import tail_lines
+
+    client = daemon_client(settings)
+    path = client.logs_path(profile) if client is not None else supervisor(settings).log_path(profile)
+    if not path.exists():
+        raise LlamactlError(f"no log for '{profile}' at {path}", hint=f"has it been started? `llamactl up {profile}`")
+    for line in tail_lines(path, lines, max_bytes=max(64 * 1024, lines * 512)):
+        click.echo(line)
+    if follow:
+        try:
+            for line in follow_file(str(path), lambda: True, from_end=True):
+                click.echo(line, nl=False)
+        except KeyboardInterrupt:
+            pass
+
+
