@@ -1,0 +1,210 @@
+"""The lane on its own: a manual clock, a recording fake engine whose loads finish when the test says, and the
+dispatcher's turns drained between steps (no wall-clock waits). Queue order and slots, a `down` during a load,
+a failed load, draining before a switch, the idle TTL, an engine that died."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from llamactl.policy import PolicyConfig
+from llamactl.router.backends import Upstream
+from llamactl.router.catalog import LaneSpec
+from llamactl.router.errors import EngineUnavailable
+from llamactl.router.lane import Lane, LaneConfig, LaneState, Ticket
+from llamactl.router.telemetry import Telemetry
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingEngines:
+    """Backends whose loads wait for `finish(profile)` (or `fail(profile, error)`); records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.pending: dict[str, asyncio.Future[Upstream]] = {}
+        self.running: set[str] = set()
+
+    async def ensure_ready(self, profile: str) -> Upstream:
+        self.calls.append(("load", profile))
+        if profile in self.running:
+            return Upstream(f"http://{profile}")
+        fut = self.pending.setdefault(profile, asyncio.get_running_loop().create_future())
+        try:
+            upstream = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            self.calls.append(("load-cancelled", profile))
+            raise
+        self.running.add(profile)
+        return upstream
+
+    async def stop(self, profile: str) -> None:
+        self.calls.append(("stop", profile))
+        fut = self.pending.pop(profile, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(RuntimeError("stopped while loading"))
+        self.running.discard(profile)
+
+    def finish(self, profile: str) -> None:
+        self.pending.pop(profile).set_result(Upstream(f"http://{profile}"))
+
+    def fail(self, profile: str, error: Exception) -> None:
+        self.pending.pop(profile).set_exception(error)
+
+
+async def settle() -> None:
+    """Let every ready task run until nothing is left to do (loop turns, not time)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+def lane_test(members: dict[str, str], *, slots: int = 1, idle_ttl_s: float = 0.0,
+              keep_both_warm: bool = False) -> Callable[[Callable[..., Awaitable[None]]], Callable[[], None]]:
+    """Run the test coroutine with a running lane (`test(lane, engines, clock)`)."""
+    def wrap(test):
+        def run() -> None:
+            async def main() -> None:
+                clock = ManualClock()
+                engines = RecordingEngines()
+                spec = LaneSpec("lane", dict(members), {m: slots for m in members}, len(members) > 1)  # type: ignore[arg-type]
+                config = LaneConfig(idle_ttl_s=idle_ttl_s, keep_both_warm=keep_both_warm,
+                                    policy=PolicyConfig(min_dwell_s=0))
+                lane = Lane(spec, engines, Telemetry(clock=clock), config, clock=clock)
+                dispatcher = asyncio.create_task(lane.run())
+                try:
+                    await test(lane, engines, clock)
+                finally:
+                    dispatcher.cancel()
+                    await asyncio.gather(dispatcher, return_exceptions=True)
+            asyncio.run(main())
+        run.__name__ = test.__name__
+        return run
+    return wrap
+
+
+def request(lane: Lane, cls: str = "chat", pin: str | None = None) -> tuple[Ticket, asyncio.Task[Upstream]]:
+    ticket = Ticket(cls=cls, pin=pin)
+    return ticket, asyncio.create_task(lane.acquire(ticket))
+
+
+@lane_test({"solo": "plain"}, slots=2)
+async def test_requests_are_granted_in_order_up_to_the_slots(lane, engines, clock):
+    asks = [request(lane) for _ in range(4)]
+    await settle()
+    assert engines.calls == [("load", "solo")] and lane.state is LaneState.LOADING
+    assert not any(task.done() for _, task in asks)
+    engines.finish("solo")
+    await settle()
+    assert [task.done() for _, task in asks] == [True, True, False, False]
+    assert lane.in_flight == 2 and lane.waiting() == 2
+    lane.release(asks[1][0])
+    await settle()
+    assert [task.done() for _, task in asks] == [True, True, True, False]  # the third came next, not the fourth
+    assert engines.calls == [("load", "solo")]
+
+
+@lane_test({"solo": "plain"})
+async def test_down_during_a_load_stops_it_and_fails_what_waited(lane, engines, clock):
+    _, waiting = request(lane)
+    await settle()
+    assert lane.state is LaneState.LOADING
+    unloaded = asyncio.create_task(lane.unload("solo"))
+    await settle()
+    assert unloaded.done() and unloaded.result() is True  # it was loading: that counts
+    assert ("stop", "solo") in engines.calls and ("load-cancelled", "solo") in engines.calls
+    with pytest.raises(EngineUnavailable, match="stopped"):
+        await waiting
+    assert lane.state is LaneState.UNLOADED and lane.upstreams == {} and lane.status()["loading"] == []
+    await settle()
+    assert engines.calls.count(("load", "solo")) == 1  # not loaded again behind the user's back
+
+
+@lane_test({"solo": "plain"})
+async def test_a_failed_load_fails_the_queue_with_the_reason(lane, engines, clock):
+    asks = [request(lane) for _ in range(3)]
+    await settle()
+    engines.fail("solo", RuntimeError("out of memory"))
+    await settle()
+    for _, task in asks:
+        with pytest.raises(EngineUnavailable, match="out of memory"):
+            await task
+    assert lane.state is LaneState.FAILED and "out of memory" in lane.last_error
+
+
+@lane_test({"fast": "spec", "plain": "plain"})
+async def test_a_forced_switch_drains_then_stops_one_and_loads_the_other(lane, engines, clock):
+    ticket, first = request(lane, pin="fast")
+    await settle()
+    engines.finish("fast")
+    await first
+    forced = asyncio.create_task(lane.force("plain"))
+    await settle()
+    assert lane.state is LaneState.DRAINING and ("stop", "fast") not in engines.calls  # one in flight
+    clock.now += 3
+    lane.release(ticket)
+    await settle()
+    assert engines.calls[-2:] == [("stop", "fast"), ("load", "plain")] and lane.state is LaneState.SWITCHING
+    engines.finish("plain")
+    await settle()
+    assert forced.done() and lane.active == "plain" and lane.state is LaneState.READY
+    assert lane.switches[-1]["from"] == "fast" and lane.switches[-1]["trigger"] == "forced"
+
+
+@lane_test({"solo": "plain"}, idle_ttl_s=60)
+async def test_the_idle_ttl_unloads_by_the_lanes_clock(lane, engines, clock):
+    ticket, task = request(lane)
+    await settle()
+    engines.finish("solo")
+    await task
+    lane.release(ticket)
+    await settle()
+    clock.now += 59
+    lane._wake.set()  # a turn of the dispatcher at 59 s: too early
+    await settle()
+    assert ("stop", "solo") not in engines.calls
+    clock.now += 2
+    lane._wake.set()
+    await settle()
+    assert ("stop", "solo") in engines.calls and lane.state is LaneState.UNLOADED
+
+
+@lane_test({"solo": "plain"})
+async def test_an_engine_that_died_is_asked_for_again_on_the_next_request(lane, engines, clock):
+    ticket, task = request(lane)
+    await settle()
+    engines.finish("solo")
+    await task
+    lane.release(ticket)
+    engines.running.discard("solo")
+    lane.engine_down("solo")
+    await settle()
+    assert lane.upstreams == {}
+    _, again = request(lane)
+    await settle()
+    assert engines.calls.count(("load", "solo")) == 2
+    engines.finish("solo")
+    assert (await again).base_url == "http://solo"
+
+
+@lane_test({"fast": "spec", "plain": "plain"}, keep_both_warm=True)
+async def test_with_both_warm_the_other_member_loads_in_the_background_and_a_switch_is_a_drain(lane, engines, clock):
+    ticket, first = request(lane, pin="fast")
+    await settle()
+    engines.finish("fast")
+    await first
+    await settle()
+    assert ("load", "plain") in engines.calls and lane.active == "fast"  # warming in the background
+    engines.finish("plain")
+    await settle()
+    assert sorted(lane.upstreams) == ["fast", "plain"]
+    lane.release(ticket)
+    await lane.force("plain")
+    assert lane.active == "plain" and ("stop", "fast") not in engines.calls
