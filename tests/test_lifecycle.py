@@ -186,7 +186,7 @@ def test_reload_skips_a_broken_profile_it_does_not_serve_and_a_fifo(own_home, fa
         fake_profile("fake", stop_timeout_s=7, LLAMACTL_TEST_HOME=str(settings.home))  # a change to a served profile
         start = len(daemon.lines)
         daemon.proc.send_signal(signal.SIGHUP)
-        daemon.wait_line(r"reloaded profiles; changed \(used from their next start\): fake", start=start)
+        daemon.wait_line(r"reloaded profiles: changed \(restarted\): fake", start=start)
         assert any("pipe.toml: not a regular file" in line for line in daemon.lines[start:])
         assert httpx.get(f"{daemon.url}/health", timeout=5).status_code == 200
         assert daemon.stop() == 0
@@ -220,3 +220,39 @@ def test_exit_codes_match_with_and_without_the_daemon(own_home, fake_profile, tm
     finally:
         daemon.stop(signal.SIGKILL)
     assert standalone.exit_code == through.exit_code == 2, (standalone.output, through.output)
+
+
+def test_a_reload_that_changes_routing_takes_effect(own_home, fake_profile, write_profile, model_file, tmp_path):
+    """alias, parallel and group changes, and an added profile, without restarting the daemon: the changed
+    lane drains, its engine restarts with the new profile, the router answers by the new names."""
+    settings = own_home
+    fake_profile("fake", LLAMACTL_TEST_HOME=str(settings.home))
+    daemon = Daemon(tmp_path)
+    try:
+        daemon.wait_notify(r"READY=1")
+        assert httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake"}, timeout=30).status_code == 200
+        first_pid = ours(settings)[0].pid
+        from tests.conftest import FAKE_SERVER
+        common = f"""
+            binary = "{FAKE_SERVER}"
+            model = "{model_file}"
+            [env]
+            LLAMACTL_TEST_HOME = "{settings.home}"
+        """
+        write_profile("fake", 'alias = "renamed"\nparallel = 3\ngroup = "pair"\n' + common)
+        write_profile("twin", 'group = "pair"\n' + common + '[speculation]\ntype = "ngram-mod"\n')
+        start = len(daemon.lines)
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_line(r"reloaded profiles: added: twin; changed \(restarted\): fake", start=start)
+        assert gone(first_pid, 10), "the changed profile's engine kept running as it was"
+        lanes = {lane["lane"]: lane for lane in httpx.get(f"{daemon.url}/llamactl/status", timeout=5).json()["lanes"]}
+        assert "pair" in lanes and "fake" not in lanes and lanes["pair"]["group"] is True
+        assert lanes["pair"]["slots"]["fake"] == 3 and set(lanes["pair"]["members"]) == {"fake", "twin"}
+        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "renamed"}, timeout=30)
+        assert r.status_code == 200 and r.headers["x-llamactl-profile"] == "fake", r.text
+        engine = [p for p in ours(settings)]
+        assert len(engine) == 1 and "3" == engine[0].cmdline()[engine[0].cmdline().index("-np") + 1]
+        assert httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "twin"}, timeout=30).status_code == 200
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop(signal.SIGKILL)

@@ -17,9 +17,9 @@ Signals are handled here only, and a handler only sets an event:
 - SIGTERM / SIGINT: STOPPING=1, stop accepting, drain requests in flight up to `drain_timeout_s`,
   stop the engines (loads in progress are cancelled), exit 0.
 - SIGHUP: RELOADING=1, re-read the profiles (off the event loop, regular files only); if a served profile
-  is invalid the old configuration stays and the reason is logged; READY=1 again either way. A reload
-  changes how profiles start from then on (a running engine keeps running as it was started); adding or
-  removing profiles needs a restart of the daemon (the router's lanes are fixed at start).
+  is invalid the old configuration stays and the reason is logged; READY=1 again either way. Profiles
+  added, removed or changed rebuild their lanes: a changed lane drains (up to `drain_timeout_s`) and stops
+  its engines, and new requests wait for the new lane, which starts members with the new profiles.
 
 READY=1 is sent once the router listens and every profile in `LLAMACTL_PRELOAD` / `serve --preload`
 has been loaded (one that fails to load is reported in STATUS= and `llamactl status`; the daemon is
@@ -41,7 +41,7 @@ from llamactl.daemon import auth
 from llamactl.daemon.engine import EngineEvents
 from llamactl.daemon.engines import Engines
 from llamactl.daemon.handler import DaemonControl
-from llamactl.daemon.wiring import build_router, choose_profiles, lane_of, load_profiles
+from llamactl.daemon.wiring import build_router, choose_profiles, lane_of, load_profiles, plan_warm_lanes
 from llamactl.errors import ConfigError, LlamactlError
 from llamactl.profiles import Profile, load_all
 from llamactl.router import Router, create_app
@@ -136,6 +136,7 @@ class Service:
                                   hint="served: " + ", ".join(sorted(self.profiles)))
         self.notifier = Notifier(environ)
         self.signals: asyncio.Queue[str] | None = None  # "stop" / "reload", put by the signal handlers
+        self.router: Router | None = None
 
     def run(self) -> int:
         """Run on uvloop where it is installed (a faster loop for the relay), else asyncio's own."""
@@ -165,7 +166,7 @@ class Service:
         settings = self.settings
         events = LaneEvents(self.notifier)
         engines = Engines(Supervisor(settings, die_with_parent=True), self.profiles, settings, events=events)
-        router = events.router = build_router(settings, self.profiles, engines)
+        router = self.router = events.router = build_router(settings, self.profiles, engines)
         router.config.stop_on_shutdown = True
         control = DaemonControl(router, engines, url=f"http://{self.host}:{self.port}")
         app = create_app(router, middleware=auth.middleware(settings, self.keys))
@@ -267,14 +268,17 @@ class Service:
             return False
         added = sorted(set(new) - set(self.profiles))
         removed = sorted(set(self.profiles) - set(new))
-        if added or removed:
-            log.warning("reload: profiles added (%s) or removed (%s) take effect when the daemon restarts",
-                        ", ".join(added) or "-", ", ".join(removed) or "-")
         changed = sorted(n for n in self.profiles if n in new and new[n] != self.profiles[n])
-        for name in changed:
-            self.profiles[name] = new[name]  # the engines share this dict: the next start uses it
-        log.info("reloaded profiles%s", f"; changed (used from their next start): {', '.join(changed)}"
-                 if changed else ": nothing changed")
+        if self.router is not None and (added or removed or changed):
+            # Lanes whose profiles changed drain and stop their engines; their next start uses the new profile.
+            await self.router.reconfigure(
+                new.values(), drain_timeout_s=self.settings.drain_timeout_s,
+                prepare=lambda lanes: plan_warm_lanes(lanes, new, self.settings))
+        self.profiles.clear()
+        self.profiles.update(new)  # the engines share this dict
+        log.info("reloaded profiles: %s", "; ".join(
+            f"{what}: {', '.join(names)}" for what, names in
+            (("added", added), ("removed", removed), ("changed (restarted)", changed)) if names) or "nothing changed")
         return True
 
 

@@ -75,11 +75,15 @@ def build_router(settings: Settings, profiles: dict[str, Profile], backends: Bac
 
 
 def plan_warm(router: Router, profiles: dict[str, Profile], settings: Settings) -> None:
+    plan_warm_lanes(router.lanes, profiles, settings)
+
+
+def plan_warm_lanes(lanes: dict[str, Lane], profiles: dict[str, Profile], settings: Settings) -> None:
     """With ROUTER_KEEP_BOTH_WARM=auto, ask the memory plan which switch groups keep both members loaded."""
     if settings.router_keep_both_warm != "auto":
         return
     inventory, warm = None, []
-    for lane in router.lanes.values():
+    for lane in lanes.values():
         if lane.spec.is_group:
             inventory = decide_warm(lane, [profiles[m] for m in lane.spec.members], settings, inventory, warm)
             if lane.keep_both_warm:

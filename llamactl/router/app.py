@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,10 +74,12 @@ class Router:
             log.warning("%s", problem)
         self.backends = backends
         self.telemetry = telemetry or Telemetry()
+        self.profiles = {p.name: p for p in profiles}
         self.lanes = {name: Lane(spec, backends, self.telemetry, self.config.lane)
                       for name, spec in self.catalog.lanes.items()}
         self.pool: UpstreamPool | None = None
         self._tasks: asyncio.TaskGroup | None = None
+        self._dispatchers: dict[Lane, asyncio.Task[None]] = {}
         self._engine_metrics: dict[str, tuple[float, dict[str, float]]] = {}  # profile -> (when, values)
         self._log_claimed: dict[str, int] = {}  # engine log -> end of the last acceptance line used
         self._background: set[asyncio.Task[None]] = set()
@@ -92,7 +94,8 @@ class Router:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
-                dispatchers = [tg.create_task(lane.run(), name=f"lane:{lane.name}") for lane in self.lanes.values()]
+                for lane in self.lanes.values():
+                    self._start_dispatcher(lane)
                 try:
                     yield self
                 finally:
@@ -101,11 +104,59 @@ class Router:
                             await asyncio.gather(*(lane.shutdown() for lane in self.lanes.values()))
                     finally:
                         self._tasks = None
-                        for task in [*dispatchers, *self._background]:
+                        for task in [*self._dispatchers.values(), *self._background]:
                             task.cancel()
         finally:
             await self.pool.aclose()
             self.pool = None
+
+    def _start_dispatcher(self, lane: Lane) -> None:
+        assert self._tasks is not None
+        task = self._dispatchers[lane] = self._tasks.create_task(lane.run(), name=f"lane:{lane.name}")
+        task.add_done_callback(lambda _t: self._dispatchers.pop(lane, None))
+
+    async def reconfigure(self, profiles: Iterable[Profile], *, drain_timeout_s: float,
+                          prepare: Callable[[dict[str, Lane]], None] | None = None) -> list[str]:
+        """A reload: rebuild the catalog and the lanes. A lane whose members or their profiles changed is
+        replaced: new requests wait in the new lane's queue while the old one drains what it holds (up to
+        `drain_timeout_s`) and stops its engines; then the new lane runs (and starts members with the new
+        profiles on demand). Unchanged lanes keep running untouched. `prepare` sees the new lanes before they
+        run (the daemon's warm planning). Returns the names of the lanes replaced, added or removed."""
+        profiles = {p.name: p for p in profiles}
+        catalog = Catalog.from_profiles(profiles.values())
+        for problem in catalog.problems:
+            log.warning("%s", problem)
+        kept: dict[str, Lane] = {}
+        for name, spec in catalog.lanes.items():
+            old = self.lanes.get(name)
+            if old is not None and old.spec == spec and all(self.profiles.get(m) == profiles[m] for m in spec.members):
+                kept[name] = old
+        retired = [lane for name, lane in self.lanes.items() if kept.get(name) is not lane]
+        fresh = {name: Lane(spec, self.backends, self.telemetry, self.config.lane)
+                 for name, spec in catalog.lanes.items() if name not in kept}
+        if prepare is not None:
+            prepare(fresh)
+        self.catalog, self.profiles = catalog, profiles
+        self.lanes = {name: kept.get(name) or fresh[name] for name in catalog.lanes}
+        await asyncio.gather(*(self._retire(lane, drain_timeout_s) for lane in retired))
+        if self._tasks is not None:
+            for lane in fresh.values():
+                self._start_dispatcher(lane)
+        changed = sorted({lane.name for lane in retired} | set(fresh))
+        if changed:
+            log.info("reload: lanes rebuilt: %s", ", ".join(changed))
+        return changed
+
+    async def _retire(self, lane: Lane, drain_timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(drain_timeout_s):
+                await lane.drained()
+        except TimeoutError:
+            log.warning("lane %s: %d requests still running after %.0f s; stopping its engines anyway",
+                        lane.name, lane.in_flight, drain_timeout_s)
+        if lane in self._dispatchers:
+            await lane.shutdown()
+            self._dispatchers[lane].cancel()
 
     def _spawn(self, coro, name: str) -> None:
         """A telemetry task of the router's own (cancelled at shutdown)."""

@@ -113,6 +113,7 @@ class Lane:
         self._queued_in_inbox = 0  # tickets posted but not yet in the queue (counted against max_queue)
         self._wake = asyncio.Event()
         self._waiters: list[tuple[str, asyncio.Future[None]]] = []  # force(): member -> serving
+        self._drain_waiters: list[asyncio.Future[None]] = []  # drained(): woken at each turn
         self._loads: dict[str, _Load] = {}
         self._stops: dict[str, asyncio.Task[None]] = {}
         self._not_warm: set[str] = set()  # stopped by `down` or failed: loaded only when chosen again
@@ -207,6 +208,13 @@ class Lane:
         """Cancel loads and stop every member (the router's shutdown; the dispatcher must be running)."""
         await self._ask(lambda f: self._unload_all("shutdown", f))
 
+    async def drained(self) -> None:
+        """Returns once nothing is queued or in flight (a reload retiring this lane waits for it)."""
+        while self.in_flight or self.waiting() or self._queued_in_inbox:
+            self._drain_waiters.append(fut := asyncio.get_running_loop().create_future())
+            self._wake.set()
+            await fut
+
     def status(self) -> dict[str, Any]:
         d = self.last_decision
         return {
@@ -258,6 +266,10 @@ class Lane:
             self._inbox.popleft()()
         self._decide()
         self._update_gauges()
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def _idle_timeout(self) -> float | None:
         if self._head() is None and self.upstreams and self.in_flight == 0 and self.config.idle_ttl_s > 0:
