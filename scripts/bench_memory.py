@@ -77,8 +77,9 @@ class Case:
 
 def run_engine(argv: list[str], n_models: int, timeout_s: float = 120) -> tuple[list[ActualMemory], str]:
     """Start llama-server, read its log until every model's compute buffer is reported (or it exits)."""
+    # cwd: llama-server writes llama.log into its working directory; keep it out of the repository.
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, cwd=tempfile.gettempdir())
     lines: list[str] = []
     deadline = time.monotonic() + timeout_s
     try:
