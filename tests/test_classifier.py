@@ -33,10 +33,20 @@ def test_classify_from_the_request(body, expected):
 
 def test_header_then_alias_win():
     body = chat(CODE, temperature=0)
-    assert classify(body, header="batch-refactor") == "batch-refactor"
+    configured = frozenset({"batch-refactor", "batch"})
+    assert classify(body, header="batch-refactor", extra_classes=configured) == "batch-refactor"
+    assert classify(body, header="creative") == "creative"  # a built-in class
     assert classify(body, alias="poet") == "poet"
-    assert classify(body, header="batch", alias="poet") == "batch"
+    assert classify(body, header="batch", alias="poet", extra_classes=configured) == "batch"
     assert classify(body, header="bad value with spaces") == "code"  # invalid header ignored
+
+
+def test_a_class_header_a_client_makes_up_is_not_a_new_label():
+    """Every class is a Prometheus label: a client-chosen name would be a new series each time, without bound."""
+    body = chat(CODE, temperature=0)
+    assert classify(body, header="batch-refactor") == "code"
+    assert classify(body, header="x" * 60, alias="poet") == "poet"
+    assert {classify(body, header=f"client-{i}") for i in range(1000)} == {"code"}
 
 
 def test_code_likeness_ranges():
