@@ -360,7 +360,7 @@ def upstream_of(record) -> Upstream:
 def with_plan(error: StartError, profile: Profile, settings: Settings) -> StartError:
     """An out-of-memory start failure, with the memory plan's numbers (what llamactl expected to fit)."""
     try:
-        from llamactl.plan import plan_for_launch
+        from llamactl.planning import plan_for_launch
 
         plan = plan_for_launch(profile, settings, None, with_argv=False)
         text = plan.text()
@@ -458,7 +458,7 @@ def decide_warm(lane: Lane, members: list[Profile], settings: Settings, inventor
     """Keep a switch group's members both running when the memory plan says they fit together, beside the
     groups already kept warm (a switch is then a drain, not a restart); otherwise a switch stops one
     member before starting the other. Returns the inventory left for the next group (None: probe)."""
-    from llamactl.plan import KnownInventory, fit_together
+    from llamactl.planning import KnownInventory, fit_together
 
     try:
         probe = KnownInventory(inventory) if inventory is not None else None

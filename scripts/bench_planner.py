@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from llamactl.gguf import clear_header_cache  # noqa: E402
 from llamactl.gpus import Gpu, GpuInventory  # noqa: E402
-from llamactl.plan import load_spec, plan_profile  # noqa: E402
+from llamactl.plan import plan_profile  # noqa: E402
+from llamactl.planning import load_spec  # noqa: E402
 from llamactl.profiles import Profile  # noqa: E402
 
 
