@@ -338,7 +338,8 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
     dctx = resolve_ctx(profile, draft, draft=True) if draft is not None else None
     if knobs.n_ctx is not None:
         ctx = replace(ctx, n_ctx=knobs.n_ctx)
-        dctx = replace(dctx, n_ctx=knobs.n_ctx) if dctx is not None else None
+    if dctx is not None:
+        dctx = replace(dctx, n_ctx=ctx.n_ctx)  # the draft's context is the target's (mainline has no -cd)
     cpu_moe = cpu_moe_layers(profile, target.n_layer) if knobs.cpu_moe is None else knobs.cpu_moe
     tload = ModelLoad.build(target, ctx, cpu_extra_weights=target.cpu_repack_bytes, cpu_moe_layers=cpu_moe)
     dload = ModelLoad.build(draft, dctx, cpu_extra_weights=draft.cpu_repack_bytes) if draft and dctx else None
