@@ -164,11 +164,19 @@ def _search(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invent
         return _place(profile, target, draft, inventory, margin_mib, knobs)
 
     best = _best_at(place, profile, target, draft, None)
-    full = place(_full_knobs(profile, target, draft))
+    knobs = _full_knobs(profile, target, draft)
+    full = best if knobs == _as_given(profile, target, draft) else place(knobs)
     if profile.ctx_size == 0 and not _complete(best, full):
         best = _lower_ctx(place, profile, target, draft, best, full, ctx_floor)
     best.cost = _cost_words(best, full, profile)
     return best
+
+
+def _as_given(profile: Profile, target: ModelSpec, draft: ModelSpec | None) -> Knobs:
+    """The knobs of an explicit profile (the first placement tried is then everything on the GPUs)."""
+    return Knobs(n_gpu_layers=_layer_count(profile.n_gpu_layers, target.n_layer),
+                 draft_n_gpu_layers=None if draft is None else
+                 _layer_count(profile.speculation.draft_n_gpu_layers, draft.n_layer))
 
 
 def _full_knobs(profile: Profile, target: ModelSpec, draft: ModelSpec | None) -> Knobs:
@@ -438,15 +446,17 @@ def _choose_order(tload: ModelLoad, gpus: list[DeviceSlot], caps: list[int], ngl
         for order in orders:
             if layers_fit(tload, [caps[i] for i in order], ngl_req):
                 return order, ngl_req
+    if ngl_req is not None:  # does not fit: report it with the output layer on the roomiest card
+        return max(orders, key=lambda order: caps[order[-1]]), ngl_req
     best: tuple[list[int], int] | None = None
-    for order in orders:  # the most layers (auto), or the closest to fitting (for the report)
+    for order in orders:
         ngl = most_layers(tload, [caps[i] for i in order])
         if best is None or ngl > best[1]:
             best = (order, ngl)
         if ngl == tload.n_layer + 1:
             break
     assert best is not None
-    return (best[0], best[1]) if ngl_req is None else (best[0], ngl_req)
+    return best
 
 
 def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, cands: list[DeviceSlot],
