@@ -109,8 +109,12 @@ def main() -> int:
             f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with builds while measured), "
             f"Python {platform.python_version()}, no GPU (boxes are described, as with `--gpus FILE`).",
             "- Model: a header-only GGUF (tests/synth_gguf.py `write_header_only`, 118 layers of a 70B-wide "
-            "llama, Q8_0) whose tensor table describes ~100 GiB; the data section is a sparse hole. The "
-            "planner reads the same header it would read from a real file of that size.",
+            "llama, Q8_0, trained for 524288 tokens) whose tensor table describes ~100 GiB; the data section is a "
+            "sparse hole. The planner reads the same header it would read from a real file of that size. The MoE "
+            "rows: 40 layers of 128 experts (8 used), Q8_0, the same way.",
+            "- Boxes: every GPU has 600 MiB taken; the host has 1 TiB free. `n_gpu_layers` / `ctx_size` unset "
+            "is the automatic placement (the most on the GPUs that fits; the context lowered in steps of 256 when "
+            "that keeps more there); `all` is judged as given, with the suggestions' exact searches.",
             f"- Each row: median and max of {args.repeat} runs, wall clock (`time.perf_counter`).",
             "- `plan` rows are the pure planner (the placement search, context lowering and suggestions, each "
             "suggestion replanned), without the file read. `ctx` is the context planned.",
