@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llamactl.errors import LlamactlError
-
-MIB = 1024 * 1024
+from llamactl.units import MIB
 
 
 class GpuProbeError(LlamactlError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,17 +11,23 @@ from llamactl.profiles import Profile
 from llamactl.settings import Settings
 from llamactl.supervisor import ServerRecord, Supervisor
 
+log = logging.getLogger(__name__)
+
 
 def planned_profile(profile: Profile, settings: Settings, *, gpus_file: Path | None = None,
                     ignore_fit: bool = False) -> Profile:
-    """The profile with the planner's placement applied; refuses one that does not fit."""
-    from llamactl.plan import plan_for_launch
+    """The profile with the planner's placement applied; refuses one that does not fit. What an automatic
+    placement gives up (layers on the CPU, a shorter context) is logged as a warning: `llamactl up`
+    prints it, the daemon's log keeps it."""
+    from llamactl.planning import plan_for_launch
 
     plan = plan_for_launch(profile, settings, gpus_file, with_argv=False)
     if not plan.fits and not ignore_fit:
         raise DoesNotFit(f"profile '{profile.name}' does not fit; nothing was started.\n{plan.text()}",
                          hint=f"apply a suggestion above, or `llamactl up {profile.name} --ignore-fit` "
                               "to start anyway")
+    if plan.cost:
+        log.warning("%s: %s", profile.name, plan.cost)
     return profile.model_copy(update=plan.launch_overrides())
 
 

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
         default=None, description="JSON file describing the GPUs (`llamactl gpus --json`); replaces the NVML probe."
     )
     log_max_bytes: int = 20 * 1024 * 1024
+    fit_ctx_min: int = Field(default=4096, ge=256, description="The least context the planner lowers an unset "
+                                                                "ctx_size to when the model's own does not fit.")
     # Router (`llamactl serve`)
     router_host: str = Field(default="127.0.0.1", description="Address `llamactl serve` binds.")
     router_port: int = Field(default=8080, ge=0, le=65535, description="Port `llamactl serve` binds.")

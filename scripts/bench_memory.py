@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from llamactl.plan import load_spec, plan_profile  # noqa: E402
+from llamactl.plan import plan_profile  # noqa: E402
+from llamactl.planning import load_spec  # noqa: E402
 from llamactl.plan.actual import ActualMemory, parse_memory_log  # noqa: E402
 from llamactl.gpus import GpuInventory  # noqa: E402
 from llamactl.profiles import Profile, Speculation  # noqa: E402

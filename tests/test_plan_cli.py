@@ -52,7 +52,7 @@ def test_bundled_profiles_on_described_boxes(home, builtin_model, box: str, name
 
 def test_profile_that_cannot_fit_is_refused_with_shortfall_and_suggestions(home, write_profile, tmp_path) -> None:
     big = write_header_only(tmp_path / "big.gguf")
-    write_profile("big", f'model = "{big}"\nctx_size = 131072\n')
+    write_profile("big", f'model = "{big}"\nctx_size = 131072\nn_gpu_layers = "all"\n')
     out = run("plan", "big", "--gpus", str(FAKES / "gpus_1x24.json"))
     assert out.exit_code == 7, out.output
     assert "fits: NO" in out.output

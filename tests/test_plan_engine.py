@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llamactl.plan import plan_for_launch
+from llamactl.planning import plan_for_launch
 from llamactl.profiles import Profile, Speculation
 from tests.conftest import require_engine
 from tests.synth_gguf import write_deepseek2, write_gemma3, write_granitehybrid, write_llama

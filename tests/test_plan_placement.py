@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llamactl.gpus import FileProbe, Gpu, GpuInventory
-from llamactl.plan import load_spec, plan_profile
+from llamactl.plan import plan_profile
+from llamactl.planning import load_spec
 from llamactl.plan.placement import counts_to_assign, layer_devices
 from llamactl.profiles import Profile, Speculation
 from tests.synth_gguf import write_header_only, write_llama
@@ -87,7 +88,7 @@ def test_tensor_split_as_layer_counts_lands_exactly(counts: list[int]) -> None:
 
 def test_70b_q8_does_not_fit_one_24g_card_and_says_what_would(models) -> None:
     target = load_spec(models["70b_q8"])
-    plan = plan_profile(prof(models["70b_q8"]), target, box("1x24"))
+    plan = plan_profile(prof(models["70b_q8"], n_gpu_layers="all"), target, box("1x24"))
     check_consistent(plan)
     assert not plan.fits
     gpu = plan.uses[0]
@@ -98,7 +99,8 @@ def test_70b_q8_does_not_fit_one_24g_card_and_says_what_would(models) -> None:
     for s in plan.suggestions:  # every suggestion that claims to fit does fit when applied
         assert s.needs_mib
         if s.fits:
-            again = plan_profile(prof(models["70b_q8"]).model_copy(update=_update(s.update)), target, box("1x24"))
+            again = plan_profile(prof(models["70b_q8"], n_gpu_layers="all").model_copy(update=_update(s.update)),
+                                 target, box("1x24"))
             assert again.fits, s.change
 
 
@@ -133,7 +135,8 @@ def test_mixed_24_12_gives_the_bigger_card_more_layers(models) -> None:
                         load_spec(models["70b_q4"]), box("24_12"))
     check_consistent(plan)
     assert plan.fits
-    big, small = plan.tensor_split
+    layers_on = dict(zip(plan.gpus, plan.tensor_split))
+    big, small = layers_on[0], layers_on[1]
     assert big > small > 0
     assert plan.n_gpu_layers < plan.target.n_layer + 1  # 37 GiB on 36 GiB of cards: some layers stay on the CPU
     cpu = plan.uses[-1]
@@ -225,8 +228,9 @@ def test_explicit_draft_gpu_outside_gpus_is_a_problem(models) -> None:
 def test_draft_counts_against_the_fit(models) -> None:
     target, draft = load_spec(models["30b_q4"]), load_spec(models["30b_q4"])
     alone = plan_profile(prof(models["30b_q4"], ctx_size=65536), target, box("1x24"))
-    both = plan_profile(prof(models["30b_q4"], ctx_size=65536,
-                             speculation=Speculation(type="draft", draft_model=str(models["30b_q4"]))),
+    both = plan_profile(prof(models["30b_q4"], ctx_size=65536, n_gpu_layers="all",
+                             speculation=Speculation(type="draft", draft_model=str(models["30b_q4"]),
+                                                     draft_n_gpu_layers="all")),
                         target, box("1x24"), draft)
     assert alone.fits and not both.fits
     assert any("no draft model" in s.change for s in both.suggestions)
@@ -236,7 +240,7 @@ def test_draft_counts_against_the_fit(models) -> None:
 
 def test_long_context_suggestions_name_ctx_and_kv_type(models) -> None:
     target = load_spec(models["30b_q4"])
-    plan = plan_profile(prof(models["30b_q4"], ctx_size=131072), target, box("1x24"))
+    plan = plan_profile(prof(models["30b_q4"], ctx_size=131072, n_gpu_layers="all"), target, box("1x24"))
     assert not plan.fits
     changes = " | ".join(s.change for s in plan.suggestions)
     assert "ctx_size = " in changes and "cache_type_k = cache_type_v = " in changes
@@ -251,7 +255,7 @@ def test_moe_expert_offload_is_suggested(models) -> None:
     assert target.n_expert == 64 and sum(target.layer_expert_bytes) > 0
     small_box = GpuInventory(gpus=(Gpu(index=0, name="8G card", total_mib=8192, free_mib=8000),), source="t",
                              host_total_mib=65536, host_free_mib=60000)
-    plan = plan_profile(prof(models["moe"], ctx_size=8192), target, small_box)
+    plan = plan_profile(prof(models["moe"], ctx_size=8192, n_gpu_layers="all"), target, small_box)
     assert not plan.fits
     moe = [s for s in plan.suggestions if "--n-cpu-moe" in s.change]
     assert moe and moe[0].fits
@@ -274,7 +278,7 @@ def test_json_has_the_contract_fields(models) -> None:
 
 def test_when_no_single_change_fits_a_combination_is_offered(models) -> None:
     target = load_spec(models["70b_q8"])
-    base = prof(models["70b_q8"], ctx_size=131072)
+    base = prof(models["70b_q8"], ctx_size=131072, n_gpu_layers="all")
     plan = plan_profile(base, target, box("24_12"))
     assert not plan.fits
     assert len(plan.suggestions) == 1 and plan.suggestions[0].fits
@@ -297,10 +301,11 @@ def test_remaining_takes_each_device_use_out_of_its_free_memory(models) -> None:
 
 
 def test_two_members_fit_together_only_where_there_is_room_for_both(models, settings) -> None:
-    from llamactl.plan import fit_together
+    from llamactl.planning import fit_together
 
-    spec = prof(models["30b_q4"], name="m-spec", group="m", speculation=Speculation(type="ngram-mod"))
-    plain = prof(models["30b_q4"], name="m-plain", group="m")
+    spec = prof(models["30b_q4"], name="m-spec", group="m", speculation=Speculation(type="ngram-mod"),
+                n_gpu_layers="all")
+    plain = prof(models["30b_q4"], name="m-plain", group="m", n_gpu_layers="all")
     fits, why, left = fit_together([spec, plain], settings, probe=FileProbe(FAKES / "gpus_2x24.json"))
     assert fits, why
     assert sum(g.free_mib for g in left.gpus) < sum(g.free_mib for g in box("2x24").gpus) - 2 * 14 * 1024
@@ -330,7 +335,7 @@ def test_auto_split_balances_the_free_memory_left_on_each_card(models, name, gpu
 def test_a_member_that_would_spill_layers_to_the_cpu_beside_the_other_does_not_fit_together(models, settings) -> None:
     """With n_gpu_layers = "auto" the second member would still 'fit', with layers moved to the CPU: slower
     than alone, so not a warm pair."""
-    from llamactl.plan import fit_together
+    from llamactl.planning import fit_together
 
     spec = prof(models["30b_q4"], name="m-spec", speculation=Speculation(type="ngram-mod"), n_gpu_layers="auto")
     plain = prof(models["30b_q4"], name="m-plain", n_gpu_layers="auto")

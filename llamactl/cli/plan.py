@@ -30,7 +30,8 @@ def plan_command(settings: Settings, profile_name: str, gpus_file: Path | None, 
     fits, what would make it fit, and the exact engine argv. Starts nothing.
 
     Exits 0 when it fits, 7 when it does not."""
-    from llamactl.plan import DEFAULT_MARGIN_MIB, plan_for_launch
+    from llamactl.plan import DEFAULT_MARGIN_MIB
+    from llamactl.planning import plan_for_launch
     from llamactl.profiles import load_profile
 
     profile = load_profile(profile_name, settings)

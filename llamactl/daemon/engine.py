@@ -341,7 +341,7 @@ def restart_policy(settings: Settings) -> RestartPolicy:
 def with_plan(error: StartError, profile: Profile, settings: Settings) -> StartError:
     """An out-of-memory start failure, with the memory plan's numbers (what llamactl expected to fit)."""
     try:
-        from llamactl.plan import plan_for_launch
+        from llamactl.planning import plan_for_launch
 
         text = plan_for_launch(profile, settings, None, with_argv=False).text()
     except Exception as e:  # noqa: BLE001 - the plan is extra information; never hide the real error

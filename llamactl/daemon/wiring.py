@@ -95,7 +95,7 @@ def decide_warm(lane: Lane, members: list[Profile], settings: Settings, inventor
     """Keep a switch group's members both running when the memory plan says they fit together, beside the
     groups already kept warm (a switch is then a drain, not a restart); otherwise a switch stops one
     member before starting the other. Returns the inventory left for the next group (None: probe)."""
-    from llamactl.plan import KnownInventory, fit_together
+    from llamactl.planning import KnownInventory, fit_together
 
     try:
         probe = KnownInventory(inventory) if inventory is not None else None

@@ -1,20 +1,25 @@
-"""The planner: profile + model specs + GPU inventory -> Plan (pure, no I/O)."""
+"""The planner: profile + model specs + GPU inventory -> Plan (pure, no I/O).
+
+An explicit placement (n_gpu_layers "all" or a number, a tensor_split list) is placed as given and judged.
+Otherwise the planner searches, as llama.cpp's --fit would: the most work on the GPUs that fits (layers,
+the output layer, MoE experts moved to the CPU first, the draft's layers), the tensor split balanced on
+what each card has free, and an unset ctx_size lowered (never below a floor) when that keeps more on the
+GPUs. Suggestions replan through `plan_profile` itself, handed to them as a function.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from llamactl.gpus import GpuInventory
-from llamactl.plan.estimate import MIB, ContextParams
+from llamactl.plan.estimate import ContextParams
 from llamactl.plan.model import ModelSpec
 from llamactl.plan.placement import (
     CPU,
     DEFAULT_MARGIN_MIB,
-    GPU_OVERHEAD_MIB,
     DeviceSlot,
-    DeviceUse,
     ModelLoad,
     apply_draft,
     apply_target,
@@ -23,8 +28,21 @@ from llamactl.plan.placement import (
     counts_to_assign,
     fresh_uses,
     layer_devices,
+    layers_fit,
+    most_layers,
 )
-from llamactl.profiles import QUANTISED_KV, Profile
+from llamactl.plan.result import Plan, Suggestion
+from llamactl.plan.suggestions import SuggestionInput, suggest_changes
+from llamactl.profiles import Profile
+from llamactl.units import mib_ceil
+
+# The least context an unset ctx_size is lowered to (llama.cpp's --fit-ctx default).
+DEFAULT_CTX_FLOOR = 4096
+# The engine pads the context to this many cells: lowered contexts are multiples of it.
+CTX_STEP = 256
+
+__all__ = ["DEFAULT_CTX_FLOOR", "Plan", "Suggestion", "cpu_moe_layers", "plan_profile", "resolve_ctx"]
+
 
 # Default number of drafted tokens per step, by speculation type and engine (sizes the output rows).
 SPEC_N_MAX = {"draft": 3, "mtp": 3, "ngram-mod": 64, "ngram-simple": 48, "ngram-map-k": 48,
@@ -64,6 +82,10 @@ def resolve_ctx(profile: Profile, spec: ModelSpec, *, draft: bool = False) -> Co
     )
 
 
+def has_cpu_moe_flag(profile: Profile) -> bool:
+    return _has_flag(profile, "-cmoe", "--cpu-moe", "-ncmoe", "--n-cpu-moe")
+
+
 def cpu_moe_layers(profile: Profile, n_layer: int) -> int:
     """Layers whose MoE experts extra_args keeps on the CPU (-cmoe / --n-cpu-moe N)."""
     args = profile.extra_args
@@ -82,242 +104,16 @@ def cpu_moe_layers(profile: Profile, n_layer: int) -> int:
 
 
 @dataclass(frozen=True)
-class Suggestion:
-    change: str  # human words, e.g. "ctx_size = 65536"
-    update: dict[str, Any]  # profile fields to change (extra_args as the full new list)
-    fits: bool
-    needs_mib: dict[str, int]  # device key -> planned total MiB after the change
-    free_mib: dict[str, int | None]
+class Knobs:
+    """What the search sets in place of the profile's own value (None: the profile's)."""
 
-    def text(self) -> str:
-        needs = ", ".join(
-            f"{k} {v} MiB" + (f" of {self.free_mib[k]} free" if self.free_mib.get(k) is not None else "")
-            for k, v in self.needs_mib.items() if v
-        )
-        return f"{self.change}: needs {needs}" + ("" if self.fits else " (still does not fit)")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"change": self.change, "update": self.update, "fits": self.fits, "needs_mib": self.needs_mib}
+    n_ctx: int | None = None
+    n_gpu_layers: int | None = None
+    cpu_moe: int | None = None
+    draft_n_gpu_layers: int | None = None
 
 
-@dataclass
-class Plan:
-    profile: Profile
-    target: ModelSpec
-    draft: ModelSpec | None
-    ctx: ContextParams
-    draft_ctx: ContextParams | None
-    uses: list[DeviceUse]
-    margin_mib: int
-    n_gpu_layers: int
-    gpus: list[int]  # NVML indices the engine will see (CUDA_VISIBLE_DEVICES order)
-    tensor_split: list[int] | None  # whole layers per GPU in `gpus` order (output layer included)
-    draft_gpus: list[int] | None
-    draft_n_gpu_layers: int | None
-    inventory: GpuInventory
-    problems: list[str] = field(default_factory=list)  # explicit choices that cannot work
-    notes: list[str] = field(default_factory=list)
-    suggestions: list[Suggestion] = field(default_factory=list)
-    argv: list[str] | None = None
-    env: dict[str, str] = field(default_factory=dict)  # GPU selection the engine child gets
-
-    # -------------------------------------------------------------------------------------------
-    @property
-    def fits(self) -> bool:
-        return not self.problems and all(self.shortfall(u) == 0 for u in self.uses)
-
-    def shortfall(self, use: DeviceUse) -> int:
-        room = use.room(self.margin_mib)
-        return 0 if room is None or room >= 0 else -room
-
-    def device_totals_mib(self) -> dict[str, int]:
-        return {u.device.key: _mib(u.total) for u in self.uses}
-
-    def launch_overrides(self) -> dict[str, Any]:
-        """Profile field updates for `profile.model_copy(update=...)` before building argv."""
-        over: dict[str, Any] = {"gpus": list(self.gpus), "n_gpu_layers": self.n_gpu_layers}
-        if self.profile.ctx_size == 0:
-            over["ctx_size"] = self.ctx.n_ctx
-        if len(self.gpus) > 1:
-            if self.profile.split_mode in (None, "layer"):
-                over["tensor_split"] = [float(c) for c in (self.tensor_split or [])]
-        else:
-            over["tensor_split"] = None
-        if self.profile.main_gpu is not None and self.profile.main_gpu not in range(len(self.gpus)):
-            over["main_gpu"] = None
-        if self.draft is not None:
-            over["speculation"] = self.profile.speculation.model_copy(update={
-                "draft_gpus": list(self.draft_gpus or []) if self.gpus else None,
-                "draft_n_gpu_layers": self.draft_n_gpu_layers if self.gpus else 0,
-            })
-        return over
-
-    def remaining(self) -> GpuInventory:
-        """The inventory as it would be with this plan running: each device's free memory less its use."""
-        used = self.device_totals_mib()
-        inv = self.inventory
-        gpus = tuple(replace(g, free_mib=max(0, g.free_mib - used.get(f"CUDA{g.index}", 0))) for g in inv.gpus)
-        host_free = None if inv.host_free_mib is None else max(0, inv.host_free_mib - used.get(CPU, 0))
-        return replace(inv, gpus=gpus, host_free_mib=host_free)
-
-    # -------------------------------------------------------------------------------------------
-    def to_json(self) -> dict[str, Any]:
-        devices = []
-        for u in self.uses:
-            free = u.device.free_mib
-            devices.append({
-                "key": u.device.key,
-                "name": u.device.name,
-                "gpu_index": u.device.gpu_index,
-                "layers": _ranges(u.layers, self.target.n_layer),
-                "n_layers": len([i for i in u.layers if i < self.target.n_layer]),
-                "weights_mib": _mib(u.weights),
-                "kv_mib": _mib(u.kv),
-                "compute_mib": _mib(u.compute),
-                "output_mib": _mib(u.output),
-                "overhead_mib": _mib(u.overhead),
-                "draft_mib": _mib(u.draft_weights + u.draft_kv + u.draft_compute),
-                "draft_weights_mib": _mib(u.draft_weights),
-                "draft_kv_mib": _mib(u.draft_kv),
-                "draft_compute_mib": _mib(u.draft_compute),
-                "total_mib": _mib(u.total),
-                "free_mib": free,
-                "free_after_mib": None if free is None else free - _mib(u.total),
-                "shortfall_mib": _mib(self.shortfall(u)),
-            })
-        c = self.ctx
-        return {
-            "profile": self.profile.name,
-            "engine": self.profile.engine,
-            "fits": self.fits,
-            "model": {"name": self.target.name, "architecture": self.target.architecture,
-                      "n_layer": self.target.n_layer, "file_mib": _mib(self.target.file_size_bytes)},
-            "draft_model": None if self.draft is None else {
-                "name": self.draft.name, "architecture": self.draft.architecture,
-                "n_layer": self.draft.n_layer, "file_mib": _mib(self.draft.file_size_bytes)},
-            "context": {"n_ctx": c.n_ctx, "n_seq": c.n_seq, "unified": c.unified, "cells": c.cells,
-                        "type_k": c.type_k, "type_v": c.type_v, "flash_attn": c.flash_attn,
-                        "n_ubatch": c.n_ubatch},
-            "margin_mib": self.margin_mib,
-            "gpu_overhead_mib": GPU_OVERHEAD_MIB,
-            "devices": devices,
-            "gpus": self.gpus,
-            "n_gpu_layers": self.n_gpu_layers,
-            "tensor_split": self.tensor_split,
-            "draft_gpus": self.draft_gpus,
-            "draft_n_gpu_layers": self.draft_n_gpu_layers,
-            "problems": self.problems,
-            "notes": self.notes,
-            "suggestions": [s.to_json() for s in self.suggestions],
-            "overrides": _jsonable(self.launch_overrides()),
-            "gpu_source": self.inventory.source,
-            "argv": self.argv,
-            "env": self.env,
-        }
-
-    def text(self) -> str:
-        t, c = self.target, self.ctx
-        lines = [f"plan for profile '{self.profile.name}' ({self.profile.engine}), GPUs from {self.inventory.source}"]
-        lines.append(f"  model: {t.name} ({t.architecture}, {t.n_layer} layers, {_mib(t.file_size_bytes)} MiB)")
-        if self.draft is not None:
-            lines.append(f"  draft: {self.draft.name} ({self.draft.architecture}, {self.draft.n_layer} layers, "
-                         f"{_mib(self.draft.file_size_bytes)} MiB)")
-        slots = f"{c.n_seq} slots, " + ("unified KV" if c.unified else "KV split per slot")
-        lines.append(f"  context: {c.n_ctx} tokens ({slots}), KV {c.type_k}/{c.type_v}, "
-                     f"flash attention {'on' if c.flash_attn else 'off'}, ubatch {c.n_ubatch}")
-        header = ("device", "layers", "weights", "KV", "compute", "draft", "other", "total", "free", "free after")
-        rows = [header]
-        for u in self.uses:
-            free = u.device.free_mib
-            label = u.device.key if not u.device.is_gpu else f"{u.device.key} {u.device.name}"
-            rows.append((
-                label[:40],
-                _ranges(u.layers, t.n_layer) or "-",
-                f"{_mib(u.weights)}", f"{_mib(u.kv)}", f"{_mib(u.compute)}",
-                f"{_mib(u.draft_weights + u.draft_kv + u.draft_compute)}",
-                f"{_mib(u.output + u.overhead)}",
-                f"{_mib(u.total)}",
-                "?" if free is None else f"{free}",
-                "?" if free is None else f"{free - _mib(u.total)}",
-            ))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        for i, r in enumerate(rows):
-            cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [x.rjust(w) for x, w in zip(r[2:], widths[2:])]
-            lines.append("  " + "  ".join(cells))
-            if i == 0:
-                lines.append("  " + "  ".join("-" * w for w in widths))
-        lines.append("  (MiB; 'other' = output buffer + per-GPU overhead "
-                     f"{GPU_OVERHEAD_MIB} MiB; each GPU keeps a {self.margin_mib} MiB margin)")
-        if self.gpus:
-            split = f", tensor split {self.tensor_split}" if self.tensor_split and len(self.gpus) > 1 else ""
-            lines.append(f"  GPUs {self.gpus}, n_gpu_layers {self.n_gpu_layers}{split}")
-            if self.draft is not None:
-                lines.append(f"  draft on GPUs {self.draft_gpus}, draft n_gpu_layers {self.draft_n_gpu_layers}")
-        else:
-            lines.append("  CPU only (n_gpu_layers 0)")
-        for n in self.notes:
-            lines.append(f"  note: {n}")
-        if self.fits:
-            lines.append("fits: yes")
-        else:
-            lines.append("fits: NO")
-            for p in self.problems:
-                lines.append(f"  problem: {p}")
-            for u in self.uses:
-                short = self.shortfall(u)
-                if short:
-                    lines.append(f"  {u.device.key}: short by {_mib(short)} MiB "
-                                 f"(needs {_mib(u.total)} MiB"
-                                 + (f" + {self.margin_mib} MiB margin" if u.device.is_gpu else "")
-                                 + f", {u.device.free_mib} MiB free)")
-            if self.suggestions:
-                lines.append("  changes that would make it fit:" if any(s.fits for s in self.suggestions)
-                             else "  no single change makes it fit; closest:")
-                for s in self.suggestions:
-                    lines.append(f"    - {s.text()}")
-        if self.argv:
-            env = " ".join(f"{k}={v}" for k, v in self.env.items())
-            lines.append("engine argv: " + (env + " " if env else "") + " ".join(_quote(a) for a in self.argv))
-        return "\n".join(lines)
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
-
-
-def _mib(b: int) -> int:
-    return math.ceil(b / MIB) if b > 0 else 0
-
-
-def _ranges(layers: list[int], n_layer: int) -> str:
-    xs = sorted(i for i in layers if i < n_layer)
-    parts = []
-    i = 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        parts.append(f"{xs[i]}" if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    if n_layer in layers:
-        parts.append("out")
-    return ",".join(parts)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "model_dump"):
-        return value.model_dump(mode="json")
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-# =============================================================================================
-# Placement search
+Place = Callable[[Knobs], Plan]
 
 
 def _slots(inventory: GpuInventory) -> tuple[list[DeviceSlot], DeviceSlot]:
@@ -329,34 +125,231 @@ def _slots(inventory: GpuInventory) -> tuple[list[DeviceSlot], DeviceSlot]:
 
 
 def _layer_count(value: Any, n_layer: int) -> int | None:
-    """Profile n_gpu_layers -> int, or None for 'auto' (search)."""
-    if value == "auto":
+    """Profile n_gpu_layers -> int, or None for unset / 'auto' (search)."""
+    if value is None or value == "auto":
         return None
-    if value is None or value == "all":
+    if value == "all":
         return n_layer + 1
     return max(0, min(int(value), n_layer + 1))
 
 
-def plan_profile(profile: Profile, target: ModelSpec, inventory: GpuInventory, draft: ModelSpec | None = None,
-                 *, margin_mib: int = DEFAULT_MARGIN_MIB, suggest: bool = True) -> Plan:
-    """Plan one profile on one box. Pure: everything comes in as data."""
-    plan = _place(profile, target, draft, inventory, margin_mib)
-    if suggest and not plan.fits:
-        from llamactl.plan.suggestions import suggest_changes
+def places_automatically(profile: Profile) -> bool:
+    """Whether the planner chooses the layers (n_gpu_layers unset or "auto", no explicit tensor_split)."""
+    return profile.n_gpu_layers in (None, "auto") and not isinstance(profile.tensor_split, list)
 
-        plan.suggestions = suggest_changes(profile, target, draft, inventory, plan, margin_mib)
+
+def plan_profile(profile: Profile, target: ModelSpec, inventory: GpuInventory, draft: ModelSpec | None = None,
+                 *, margin_mib: int = DEFAULT_MARGIN_MIB, suggest: bool = True,
+                 ctx_floor: int = DEFAULT_CTX_FLOOR) -> Plan:
+    """Plan one profile on one box. Pure: everything comes in as data."""
+    plan = _search(profile, target, draft, inventory, margin_mib, ctx_floor)
+    if suggest and not plan.fits:
+        def replan(changed: Profile, box: GpuInventory) -> Plan:
+            return plan_profile(changed, target, box, draft if changed.speculation.uses_draft_model else None,
+                                margin_mib=margin_mib, suggest=False, ctx_floor=ctx_floor)
+
+        plan.suggestions = suggest_changes(
+            SuggestionInput(profile=profile, target=target, draft=draft, inventory=inventory, plan=plan,
+                            ctx_floor=ctx_floor), replan)
     return plan
 
 
+# =============================================================================================
+# The search (automatic placement)
+
+
+def _search(profile: Profile, target: ModelSpec, draft: ModelSpec | None, inventory: GpuInventory,
+            margin_mib: int, ctx_floor: int) -> Plan:
+    def place(knobs: Knobs) -> Plan:
+        return _place(profile, target, draft, inventory, margin_mib, knobs)
+
+    best = _best_at(place, profile, target, draft, None)
+    knobs = _full_knobs(profile, target, draft)
+    full = best if knobs == _as_given(profile, target, draft) else place(knobs)
+    if profile.ctx_size == 0 and not _complete(best, full):
+        best = _lower_ctx(place, profile, target, draft, best, full, ctx_floor)
+    best.cost = _cost_words(best, full, profile)
+    return best
+
+
+def _as_given(profile: Profile, target: ModelSpec, draft: ModelSpec | None) -> Knobs:
+    """The knobs of an explicit profile (the first placement tried is then everything on the GPUs)."""
+    return Knobs(n_gpu_layers=_layer_count(profile.n_gpu_layers, target.n_layer),
+                 draft_n_gpu_layers=None if draft is None else
+                 _layer_count(profile.speculation.draft_n_gpu_layers, draft.n_layer))
+
+
+def _full_knobs(profile: Profile, target: ModelSpec, draft: ModelSpec | None) -> Knobs:
+    """Everything on the GPUs: all layers, the profile's own expert setting, all the draft's layers."""
+    explicit = _layer_count(profile.n_gpu_layers, target.n_layer)
+    d_explicit = _layer_count(profile.speculation.draft_n_gpu_layers, draft.n_layer) if draft else None
+    return Knobs(n_gpu_layers=target.n_layer + 1 if explicit is None else explicit,
+                 draft_n_gpu_layers=None if draft is None or d_explicit is not None else draft.n_layer + 1)
+
+
+def _complete(plan: Plan, full: Plan) -> bool:
+    """It fits with as much on the GPUs as the profile could have."""
+    return plan.fits and plan.work >= full.work
+
+
+def _better(a: Plan, b: Plan) -> bool:
+    """a fits where b does not, or both fit and a keeps more on the GPUs."""
+    return a.fits and (not b.fits or a.work > b.work)
+
+
+def _best_at(place: Place, profile: Profile, target: ModelSpec, draft: ModelSpec | None,
+             n_ctx: int | None) -> Plan:
+    """The placement with the most work on the GPUs at this context: layers (inside _place), then MoE
+    experts moved to the CPU first, then the draft's layers."""
+    plan = place(Knobs(n_ctx=n_ctx))
+    if not places_automatically(profile) or not plan.inventory.gpus or profile.gpus == []:
+        return plan
+    if plan.fits and plan.n_gpu_layers == target.n_layer + 1 and plan.draft_n_gpu_layers in (
+            None, (draft.n_layer + 1) if draft else None):
+        return plan
+    plan = _experts_to_cpu(place, profile, target, n_ctx, plan)
+    if draft is not None and profile.speculation.draft_n_gpu_layers in (None, "auto"):
+        plan = _draft_layers(place, draft, n_ctx, plan)
+    return plan
+
+
+def _experts_to_cpu(place: Place, profile: Profile, target: ModelSpec, n_ctx: int | None, plan: Plan) -> Plan:
+    """The fewest layers whose MoE experts go to the CPU (--n-cpu-moe) for the most layers on the GPUs."""
+    if profile.engine != "llama.cpp" or has_cpu_moe_flag(profile) or not any(target.layer_expert_bytes):
+        return plan
+    n = target.n_layer
+    all_out = place(Knobs(n_ctx=n_ctx, cpu_moe=n))
+    if not _better(all_out, plan):
+        return plan
+    level = all_out.n_gpu_layers
+
+    def enough(m: int) -> Plan | None:
+        p = place(Knobs(n_ctx=n_ctx, cpu_moe=m))
+        return p if p.fits and p.n_gpu_layers >= level else None
+
+    m = _smallest(0, n, enough)
+    return enough(m) or all_out
+
+
+def _draft_layers(place: Place, draft: ModelSpec, n_ctx: int | None, plan: Plan) -> Plan:
+    """The most draft layers on the GPUs that keep the target's placement, when fewer give the target more."""
+    moe = plan.cpu_moe if plan.cpu_moe_chosen else None
+    none_on_gpu = place(Knobs(n_ctx=n_ctx, cpu_moe=moe, draft_n_gpu_layers=0))
+    if not (none_on_gpu.fits and (not plan.fits or none_on_gpu.work[:2] > plan.work[:2])):
+        return plan
+    level = none_on_gpu.work[:2]
+
+    def keeps(d: int) -> Plan | None:
+        p = place(Knobs(n_ctx=n_ctx, cpu_moe=moe, draft_n_gpu_layers=d))
+        return p if p.fits and p.work[:2] >= level else None
+
+    d = _largest(0, draft.n_layer + 1, keeps)
+    return keeps(d) or none_on_gpu
+
+
+def _lower_ctx(place: Place, profile: Profile, target: ModelSpec, draft: ModelSpec | None, best: Plan,
+               full: Plan, ctx_floor: int) -> Plan:
+    """An unset ctx_size: the largest context (in the engine's steps, not below the floor) that keeps the
+    most on the GPUs, when a shorter context keeps more than the model's own."""
+    n_ctx = best.ctx.n_ctx
+    floor = min(ctx_floor, n_ctx)
+    if floor >= n_ctx:
+        return best
+    at_floor = _best_at(place, profile, target, draft, floor)
+    if not _better(at_floor, best):
+        return best
+    steps = [floor] + [k * CTX_STEP for k in range(floor // CTX_STEP + 1, -(-n_ctx // CTX_STEP))]
+
+    def keeps(i: int) -> Plan | None:
+        p = at_floor if i == 0 else _best_at(place, profile, target, draft, steps[i])
+        return p if p.fits and p.work >= at_floor.work else None
+
+    chosen = keeps(_largest(0, len(steps) - 1, keeps)) or at_floor
+    chosen.ctx_lowered_from = n_ctx
+    chosen.notes.append(f"ctx_size is unset: {chosen.ctx.n_ctx} tokens instead of the model's {n_ctx}, "
+                        f"to keep {'everything' if chosen.work >= full.work else 'more'} on the GPUs "
+                        f"(never below {floor})")
+    return chosen
+
+
+def _largest(lo: int, hi: int, ok: Callable[[int], Any]) -> int:
+    """The largest i in lo..hi with ok(i), given ok(lo) and that ok is monotone (true, then false)."""
+    if ok(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _smallest(lo: int, hi: int, ok: Callable[[int], Any]) -> int:
+    """The smallest i in lo..hi with ok(i), given ok(hi) and that ok is monotone (false, then true)."""
+    if ok(lo):
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _cost_words(plan: Plan, full: Plan, profile: Profile) -> str | None:
+    """What an automatic placement gives up, and the free memory that would put everything on the GPUs."""
+    n = plan.target.n_layer
+    parts = []
+    slower = False
+    if places_automatically(profile) and plan.inventory.gpus and profile.gpus != []:
+        gpu_uses = [u for u in plan.uses if u.device.is_gpu]
+        on_gpu = sum(1 for u in gpu_uses for il in u.layers if il < n)
+        output = any(n in u.layers for u in gpu_uses)
+        keys = ", ".join(u.device.key for u in gpu_uses if u.layers) or "the GPUs"
+        if on_gpu == 0 and not output:
+            parts.append(f"all {n} layers and the output on the CPU")
+            slower = True
+        elif plan.n_gpu_layers < n + 1:
+            parts.append(f"{on_gpu} of {n} layers{' and the output' if output else ''} on {keys}, "
+                         f"{n - on_gpu} on the CPU")
+            slower = True
+        if plan.cpu_moe_chosen and plan.cpu_moe:
+            parts.append(f"the MoE experts of {plan.cpu_moe} of {n} layers on the CPU (--n-cpu-moe {plan.cpu_moe})")
+            slower = True
+    if (plan.draft is not None and profile.speculation.draft_n_gpu_layers in (None, "auto") and plan.gpus
+            and (plan.draft_n_gpu_layers or 0) < plan.draft.n_layer + 1):
+        parts.append(f"{plan.draft_n_gpu_layers} of {plan.draft.n_layer + 1} draft layers on the GPUs")
+        slower = True
+    if plan.ctx_lowered_from:
+        parts.append(f"context {plan.ctx.n_ctx} tokens, not the model's {plan.ctx_lowered_from}")
+    if not parts:
+        return None
+    short = [(u.device.key, mib_ceil(full.shortfall(u))) for u in full.uses if u.device.is_gpu and full.shortfall(u)]
+    words = "; ".join(parts) + (": slower" if slower else "")
+    if short:
+        words += "; free " + " and ".join(f"{m} MiB on {k}" for k, m in short) + " for all"
+    return words
+
+
+# =============================================================================================
+# One placement
+
+
 def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, inventory: GpuInventory,
-           margin_mib: int) -> Plan:
+           margin_mib: int, knobs: Knobs = Knobs()) -> Plan:
     all_gpus, host = _slots(inventory)
     problems: list[str] = []
     notes: list[str] = []
     ctx = resolve_ctx(profile, target)
     dctx = resolve_ctx(profile, draft, draft=True) if draft is not None else None
-    tload = ModelLoad.build(target, ctx, cpu_extra_weights=target.cpu_repack_bytes,
-                            cpu_moe_layers=cpu_moe_layers(profile, target.n_layer))
+    if knobs.n_ctx is not None:
+        ctx = replace(ctx, n_ctx=knobs.n_ctx)
+    if dctx is not None:
+        dctx = replace(dctx, n_ctx=ctx.n_ctx)  # the draft's context is the target's (mainline has no -cd)
+    cpu_moe = cpu_moe_layers(profile, target.n_layer) if knobs.cpu_moe is None else knobs.cpu_moe
+    tload = ModelLoad.build(target, ctx, cpu_extra_weights=target.cpu_repack_bytes, cpu_moe_layers=cpu_moe)
     dload = ModelLoad.build(draft, dctx, cpu_extra_weights=draft.cpu_repack_bytes) if draft and dctx else None
     if inventory.note:
         notes.append(inventory.note)
@@ -381,7 +374,9 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
                      "per-device numbers approximate)")
 
     n = target.n_layer
-    ngl_req = _layer_count(profile.n_gpu_layers, n) if cands else 0
+    ngl_req = knobs.n_gpu_layers if knobs.n_gpu_layers is not None else _layer_count(profile.n_gpu_layers, n)
+    if ngl_req is None and isinstance(profile.tensor_split, list):
+        ngl_req = n + 1  # an explicit split is placed as given
     if not cands:
         ngl_req = 0
 
@@ -389,7 +384,8 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
     draft_options: list[list[DeviceSlot]] = [[]]
     dngl = 0
     if dload is not None and cands:
-        dngl_req = _layer_count(profile.speculation.draft_n_gpu_layers, draft.n_layer)
+        dngl_req = (knobs.draft_n_gpu_layers if knobs.draft_n_gpu_layers is not None
+                    else _layer_count(profile.speculation.draft_n_gpu_layers, draft.n_layer))
         dngl = draft.n_layer + 1 if dngl_req is None else dngl_req
         if profile.speculation.draft_gpus is not None:
             by_index = {g.gpu_index: g for g in all_gpus}
@@ -405,15 +401,17 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
 
     best: Plan | None = None
     for dgpus in draft_options:
-        candidate = _place_target(profile, tload, dload, cands, dgpus, dngl, ngl_req, host, margin_mib,
-                                  explicit_gpus, inventory, ctx, dctx)
+        candidate = _place_target(profile, tload, dload, cands, dgpus, dngl if dgpus else 0, ngl_req, host,
+                                  margin_mib, explicit_gpus, inventory, ctx, dctx)
         candidate.problems[:0] = problems
         candidate.notes[:0] = notes
-        if best is None or (candidate.fits and not best.fits):
+        if best is None or _better(candidate, best):
             best = candidate
-        if candidate.fits:
+        if candidate.fits and candidate.n_gpu_layers == n + 1:
             break
     assert best is not None
+    best.cpu_moe = cpu_moe if best.gpus else 0
+    best.cpu_moe_chosen = knobs.cpu_moe is not None and bool(best.gpus)
     return best
 
 
@@ -431,13 +429,45 @@ def _draft_reserved(dload: ModelLoad | None, dgpus: list[DeviceSlot], dngl: int,
             for g in dgpus}, assign
 
 
+def _orders(gpus: list[DeviceSlot], caps: list[int]) -> list[list[int]]:
+    """Device orders to try (positions into gpus): as listed, then each other GPU moved last, the roomiest
+    first (the last device holds the output layer, usually the largest single piece)."""
+    orders = [list(range(len(gpus)))]
+    for last in sorted(range(len(gpus) - 1), key=lambda i: -caps[i]):
+        orders.append([i for i in range(len(gpus)) if i != last] + [last])
+    return orders
+
+
+def _choose_order(tload: ModelLoad, gpus: list[DeviceSlot], caps: list[int], ngl_req: int | None
+                  ) -> tuple[list[int], int]:
+    """(device order, n_gpu_layers): the order that holds the most layers (auto) or that fits ngl_req."""
+    orders = _orders(gpus, caps)
+    if ngl_req is not None:
+        for order in orders:
+            if layers_fit(tload, [caps[i] for i in order], ngl_req):
+                return order, ngl_req
+    if ngl_req is not None:  # does not fit: report it with the output layer on the roomiest card
+        return max(orders, key=lambda order: caps[order[-1]]), ngl_req
+    best: tuple[list[int], int] | None = None
+    for order in orders:
+        ngl = most_layers(tload, [caps[i] for i in order])
+        if best is None or ngl > best[1]:
+            best = (order, ngl)
+        if ngl == tload.n_layer + 1:
+            break
+    assert best is not None
+    return best
+
+
 def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, cands: list[DeviceSlot],
                   dgpus: list[DeviceSlot], dngl: int, ngl_req: int | None, host: DeviceSlot, margin_mib: int,
                   explicit_gpus: bool, inventory: GpuInventory, ctx: ContextParams,
                   dctx: ContextParams | None) -> Plan:
     n = tload.n_layer
+    auto = places_automatically(profile)
+    if not dngl:
+        dgpus = []  # the draft all on the CPU needs no GPU of its own
     reserved, dassign_local = _draft_reserved(dload, dgpus, dngl, host)
-    notes: list[str] = []
     gpus = list(cands)
     counts: list[int] | None = None
     explicit_split = isinstance(profile.tensor_split, list)
@@ -453,22 +483,8 @@ def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, c
         assign = layer_devices(n, ngl, shares)
     else:
         caps = capacities(gpus, reserved, margin_mib)
-        if ngl_req is None:  # "auto": the most layers that fit, the rest on the CPU
-            lo, hi = 0, n + 1
-            if auto_counts(tload, gpus, caps, hi) is not None:
-                lo = hi
-            else:
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    if auto_counts(tload, gpus, caps, mid) is not None:
-                        lo = mid
-                    else:
-                        hi = mid
-            ngl = lo
-            if ngl < n + 1:
-                notes.append(f"n_gpu_layers = 'auto': {n + 1 - ngl} of {n + 1} layers stay on the CPU")
-        else:
-            ngl = ngl_req
+        order, ngl = _choose_order(tload, gpus, caps, ngl_req)
+        gpus, caps = [gpus[i] for i in order], [caps[i] for i in order]
         # Prefer one GPU when the whole thing fits on it and the user did not list GPUs.
         single = None
         if not explicit_gpus and len(gpus) > 1:
@@ -492,21 +508,17 @@ def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, c
         counts = counts or [0] * len(gpus)
         assign = counts_to_assign(n, counts, ngl)
 
-    # Drop auto-chosen GPUs that hold nothing (keeps CUDA_VISIBLE_DEVICES minimal).
-    if gpus and not explicit_gpus:
+    # Drop GPUs that hold nothing (keeps CUDA_VISIBLE_DEVICES minimal): the ones chosen automatically, and
+    # any of the listed ones when the planner chooses the layers.
+    if gpus and (not explicit_gpus or auto):
         used_pos = {a for a in assign if a is not None}
-        keep = [i for i, g in enumerate(gpus) if i in used_pos or g in dgpus]
+        keep = [i for i, g in enumerate(gpus) if i in used_pos or (g in dgpus and dngl)]
         if len(keep) < len(gpus):
             remap = {old: new for new, old in enumerate(keep)}
             assign = [None if a is None else remap[a] for a in assign]
             gpus = [gpus[i] for i in keep]
-    # The draft's GPUs must be visible to the engine too.
-    missing = [g for g in dgpus if g not in gpus]
-    if missing:
-        merged = sorted([*gpus, *missing], key=lambda g: g.gpu_index if g.gpu_index is not None else -1)
-        remap = {i: merged.index(g) for i, g in enumerate(gpus)}
-        assign = [None if a is None else remap[a] for a in assign]
-        gpus = merged
+    # The draft's GPUs must be visible to the engine too (after the target's: the output stays where it is).
+    gpus += [g for g in dgpus if g not in gpus]
     if gpus:
         counts = [sum(1 for a in assign if a == d) for d in range(len(gpus))]
 
@@ -520,13 +532,15 @@ def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, c
         draft_gpu_ids = [g.gpu_index for g in dgpus if g.gpu_index is not None]
     uses = [uses_map[g.key] for g in gpus] + [uses_map[CPU]]
     if host.free_mib is None and (not gpus or ngl < n + 1):
-        notes.append("host RAM is unknown for this box: the CPU part is not checked")
+        notes = ["host RAM is unknown for this box: the CPU part is not checked"]
+    else:
+        notes = []
 
     return Plan(
         profile=profile, target=tload.spec, draft=None if dload is None else dload.spec, ctx=ctx, draft_ctx=dctx,
-        uses=uses, margin_mib=margin_mib, n_gpu_layers=ngl,
+        uses=uses, margin_mib=margin_mib, n_gpu_layers=ngl if gpus else 0,
         gpus=[g.gpu_index for g in gpus if g.gpu_index is not None],
         tensor_split=counts if gpus and len(gpus) > 1 else None,
-        draft_gpus=draft_gpu_ids, draft_n_gpu_layers=(dngl if gpus else 0) if dload is not None else None,
+        draft_gpus=draft_gpu_ids, draft_n_gpu_layers=(dngl if gpus and dgpus else 0) if dload is not None else None,
         inventory=inventory, notes=notes,
     )

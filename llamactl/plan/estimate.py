@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llamactl.plan.model import ModelSpec
-
-MIB = 1024 * 1024
+from llamactl.units import MIB
 
 # Bytes per element of a KV row, by cache type (ggml block size / type size).
 KV_TYPE_BYTES: dict[str, float] = {

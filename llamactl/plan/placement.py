@@ -200,44 +200,77 @@ def capacities(gpus: list[DeviceSlot], reserved: dict[str, int], margin_mib: int
             for g in gpus]
 
 
+def _gpu_costs(load: ModelLoad, ngl: int) -> tuple[list[int], int]:
+    """Cost of each of the last `ngl` layers (the output layer last, with its logits) and the compute every
+    GPU holding layers pays."""
+    n = load.n_layer
+    first = max(n + 1 - ngl, 0)
+    costs = [load.layer_cost[il] for il in range(first, n)] + [load.spec.output_bytes + load.compute_output]
+    return costs, load.compute_base + load.compute_gpu_extra
+
+
+def _fill(costs: list[int], base: int, caps: list[int], r: float) -> list[int] | None:
+    """Fill each GPU in order up to r * its capacity with whole layers; the last takes the rest (the output
+    layer is always on the last). None when the rest does not fit the last."""
+    counts = []
+    i = 0
+    for d, cap in enumerate(caps):
+        if d == len(caps) - 1:
+            rest = costs[i:]
+            if sum(rest) + base > r * cap:
+                return None
+            counts.append(len(rest))
+            return counts
+        used = base
+        c = 0
+        limit = r * cap
+        while i < len(costs) - 1 and used + costs[i] <= limit:
+            used += costs[i]
+            i += 1
+            c += 1
+        counts.append(c)
+    return None
+
+
+def layers_fit(load: ModelLoad, caps: list[int], ngl: int) -> bool:
+    """Whether the last `ngl` layers fit these GPUs' capacities, in this order, in whole layers."""
+    if ngl <= 0:
+        return True
+    if not caps:
+        return False
+    costs, base = _gpu_costs(load, ngl)
+    return _fill(costs, base, caps, 1.0) is not None
+
+
+def most_layers(load: ModelLoad, caps: list[int]) -> int:
+    """The largest n_gpu_layers (0..n_layer + 1) that fits these GPUs in this order (fitting is monotone:
+    one layer less never needs more memory on any GPU)."""
+    lo, hi = 0, load.n_layer + 1
+    if layers_fit(load, caps, hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if layers_fit(load, caps, mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def auto_counts(load: ModelLoad, gpus: list[DeviceSlot], caps: list[int], ngl: int) -> list[int] | None:
     """Whole-layer counts per GPU for the last `ngl` layers (output included), balancing headroom:
     the smallest fill ratio r such that filling each GPU in order up to r * capacity leaves a rest
     that also fits in r * capacity of the last one. None if even r = 1 does not fit."""
-    n = load.n_layer
-    first = max(n + 1 - ngl, 0)
-    costs = [load.layer_cost[il] for il in range(first, n)] + [load.spec.output_bytes + load.compute_output]
-    base = load.compute_base + load.compute_gpu_extra
     if not gpus:
         return None
-
-    def greedy(r: float) -> list[int] | None:
-        counts = []
-        i = 0
-        for d, cap in enumerate(caps):
-            if d == len(caps) - 1:
-                rest = costs[i:]
-                if sum(rest) + base > r * cap:
-                    return None
-                counts.append(len(rest))
-                return counts
-            used = base
-            c = 0
-            limit = r * cap
-            while i < len(costs) - 1 and used + costs[i] <= limit:
-                used += costs[i]
-                i += 1
-                c += 1
-            counts.append(c)
-        return None
-
-    if greedy(1.0) is None:
+    costs, base = _gpu_costs(load, ngl)
+    if _fill(costs, base, caps, 1.0) is None:
         return None
     lo, hi = 0.0, 1.0
     for _ in range(24):
         mid = (lo + hi) / 2
-        if greedy(mid) is None:
+        if _fill(costs, base, caps, mid) is None:
             lo = mid
         else:
             hi = mid
-    return greedy(hi)
+    return _fill(costs, base, caps, hi)
