@@ -47,16 +47,22 @@ def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> 
         click.echo(f"{prof.name} is already running at {already.url} (pid {already.pid})")
         return
     click.echo(f"starting {prof.name} ({prof.engine}){' in the foreground' if foreground else ''} ...", err=True)
-    with interrupted_by_signals():
-        try:
+    record = None
+    try:
+        with interrupted_by_signals():
             record = start_profile(sup, prof, ignore_fit=ignore_fit)
-        except KeyboardInterrupt:
-            # The start stopped the engine it spawned; exit as an interrupted command does.
+            click.echo(f"{prof.name} ready at {record.url}  (OpenAI API: {record.url}/v1, pid {record.pid})")
+            if foreground:
+                _follow_log(sup, prof, record)
+    except KeyboardInterrupt:
+        if record is None:  # the start stopped the engine it spawned and removed its record
             click.echo(f"interrupted: {prof.name} was not started", err=True)
             raise SystemExit(130) from None
-        click.echo(f"{prof.name} ready at {record.url}  (OpenAI API: {record.url}/v1, pid {record.pid})")
         if foreground:
-            _follow_until_interrupted(sup, prof, record)
+            click.echo(f"stopping {prof.name} ...", err=True)
+    finally:
+        if foreground and record is not None:
+            sup.stop(prof.name, prof.stop_timeout_s)
 
 
 @contextlib.contextmanager
@@ -74,19 +80,14 @@ def interrupted_by_signals():
             signal.signal(sig, handler)
 
 
-def _follow_until_interrupted(sup, prof, record) -> None:
-    """`up --foreground`: show the log until Ctrl-C / SIGTERM, then stop the server. The engine also dies if
-    this process is killed (PR_SET_PDEATHSIG)."""
+def _follow_log(sup, prof, record) -> None:
+    """`up --foreground`: show the log until the server exits (a signal ends it first; the caller stops the
+    server). The engine also dies if this process is killed (PR_SET_PDEATHSIG)."""
     from llamactl.supervisor.logs import follow
 
-    try:
-        for line in follow(record.log_path, lambda: sup.running(prof.name) is not None):
-            click.echo(line, nl=False)
-        click.echo(f"{prof.name}: llama-server exited", err=True)
-    except KeyboardInterrupt:
-        click.echo(f"stopping {prof.name} ...", err=True)
-    finally:
-        sup.stop(prof.name, prof.stop_timeout_s)
+    for line in follow(record.log_path, lambda: sup.running(prof.name) is not None):
+        click.echo(line, nl=False)
+    click.echo(f"{prof.name}: llama-server exited", err=True)
 
 
 @main.command()
