@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         default="auto", description="Switch without stopping the other member: auto = when the memory plan says "
                                     "both members fit together; true / false = always / never.")
     router_min_dwell_s: float = Field(default=10.0, ge=0, description="Least time on a member before a switch.")
+    default_model: str = Field(default="", description="Profile, alias or group for requests without `model` "
+                                                       "when more than one is served.")
+    route_default_models: str = Field(default="", description="Per-route defaults for requests without `model`: "
+                                                              "'/infill=coder,/tokenize=coder'.")
+    model_map: str = Field(default="", description="Client model names (globs) to served names, first match "
+                                                   "wins: 'claude-*=coding,gpt-*=chat'.")
     log_backups: int = 5
     # Security (`llamactl serve`): see llamactl/auth.py
     api_keys: str = Field(default="", repr=False, description="Comma-separated API keys the router accepts.")
