@@ -13,6 +13,9 @@ follows the same speed-up model as llamactl.policy, so policy tests see the work
 Counters (requests, cancelled, max_concurrent) let tests check that a disconnect cancelled upstream.
 
 Run standalone: python tests/fakes/fast_backend.py --port 0   (prints "PORT <n>" once listening)
+As a llama-server binary for llamactl (the proxy benchmark runs `llamactl serve` over it):
+  python tests/fakes/fast_backend.py --llama-server [llama-server flags]  (--help / --version / --port, the
+  rest ignored; requests are not checked for the per-start key)
 """
 
 from __future__ import annotations
@@ -362,18 +365,35 @@ class ServerThread:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    as_engine = "--llama-server" in argv
+    if as_engine:
+        from fake_llama_server import HELP  # this directory is sys.path[0] when run as a script
+
+        if "--help" in argv:
+            print(HELP)
+            return 0
+        if "--version" in argv:
+            print("version: 9999 (fast fake)", file=sys.stderr)
+            return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--name", default="fake")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--name", "-a", "--alias", default="fake")
     parser.add_argument("--spec", action="store_true")
     parser.add_argument("--delay-s", type=float, default=0.0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--llama-server", action="store_true")
+    parser.add_argument("--embedding-dim", type=int, default=768)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not as_engine:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", args.port))
+    sock.bind((args.host, args.port))
     sock.listen(1024)
     print(f"PORT {sock.getsockname()[1]}", flush=True)
-    app = FakeBackend(FakeConfig(name=args.name, spec=args.spec, delay_s=args.delay_s))
+    app = FakeBackend(FakeConfig(name=args.name, spec=args.spec, delay_s=args.delay_s,
+                                 embedding_dim=args.embedding_dim))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
     server.run(sockets=[sock])
     return 0
