@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -94,7 +95,8 @@ def start_llamactl(tmp: Path) -> tuple[subprocess.Popen, str, dict[str, int]]:
     profiles = home / "config" / "profiles"
     profiles.mkdir(parents=True)
     engine = tmp / "fast-llama-server"
-    engine.write_text(f"#!/bin/sh\nexec '{sys.executable}' '{ROOT / 'tests/fakes/fast_backend.py'}' --llama-server \"$@\"\n")
+    # Not `exec`: llamactl checks that the pid it started still runs the command line it started.
+    engine.write_text(f"#!/bin/sh\n'{sys.executable}' '{ROOT / 'tests/fakes/fast_backend.py'}' --llama-server \"$@\"\n")
     engine.chmod(0o755)
     model = write_tiny_gguf(tmp / "model.gguf")
     common = f'binary = "{engine}"\nmodel = "{model}"\ngpus = []\nparallel = 256\nload_timeout_s = 60\n'
@@ -105,7 +107,9 @@ def start_llamactl(tmp: Path) -> tuple[subprocess.Popen, str, dict[str, int]]:
                LLAMACTL_ETC_PROFILES_DIR=str(tmp / "no-etc"), LLAMACTL_ROUTER_MAX_QUEUE="4096",
                LLAMACTL_RELAY_CHILD_LOGS="false")
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "llamactl"), "serve", "--port", str(port), "--log-level",
+    profile_to = os.environ.get("BENCH_CPROFILE")  # a file: run the daemon under cProfile (slower; to look)
+    wrap = [sys.executable, "-m", "cProfile", "-o", profile_to] if profile_to else []
+    proc = subprocess.Popen([*wrap, str(Path(sys.executable).parent / "llamactl"), "serve", "--port", str(port), "--log-level",
                              os.environ.get("BENCH_LOG_LEVEL", "warning"), "--profile", "fake", "--profile", "fake-embed", "--preload", "fake",
                              "--preload", "fake-embed"], cwd=tmp, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -248,7 +252,8 @@ def main() -> int:
     args = parser.parse_args()
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
                      "requests": args.requests, "chunks_per_stream": args.chunks}
-    with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmp_name:
+    keep = os.environ.get("BENCH_KEEP_DIR")  # a directory to keep the daemon's state and logs in (to look)
+    with (contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="llamactl-bench-")) as tmp_name:
         tmp = Path(tmp_name)
         serve, via, ports = start_llamactl(tmp)
         nginx = None

@@ -28,6 +28,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.routing import Router as StarletteRouter
 from starlette.types import Receive, Scope, Send
 
 from llamactl.errors import LlamactlError
@@ -491,6 +492,7 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
         return JSONResponse({"object": "list", "data": router.model_entries()})
 
     async def metrics(_: Request) -> Response:
+        router.telemetry.refresh_gauges()
         return Response(generate_latest(router.telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def status(_: Request) -> Response:
@@ -540,5 +542,25 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
         Route("/llamactl/status", status, methods=["GET"]),
         Route("/llamactl/switch", switch, methods=["POST"]),
     ]
-    return Starlette(routes=routes, middleware=list(middleware), lifespan=lifespan,
-                     exception_handlers={404: not_found})
+    app = Starlette(routes=routes, middleware=list(middleware), lifespan=lifespan,
+                    exception_handlers={404: not_found})
+    relays = {route.path: route.app for route in routes if isinstance(route.app, Relay)}
+    app.router = _RelayFirst(routes=routes, lifespan=lifespan, relays=relays)
+    return app
+
+
+class _RelayFirst(StarletteRouter):
+    """Starlette's router with one dict lookup first for the relayed POST routes (the hot path): no walk
+    through the route list, no per-route regex match."""
+
+    def __init__(self, *args: Any, relays: dict[str, Relay], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relays = relays
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            relay = self.relays.get(scope["path"])
+            if relay is not None:
+                await relay(scope, receive, send)
+                return
+        await super().app(scope, receive, send)

@@ -287,6 +287,7 @@ class Telemetry:
         self.windows: dict[tuple[str, str, Role], Window] = {}
         self.arrivals: dict[str, deque[tuple[float, str]]] = {}
         self._child_cache: dict[tuple[str, str, str], tuple] = {}
+        self._request_children: dict[tuple[str, str, str, str, int], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llamactl_requests", "Finished requests", ["lane", "profile", "class", "endpoint", "status"], registry=r)
@@ -330,7 +331,11 @@ class Telemetry:
         sample.finish_wall_clock()
         labels = (sample.lane, sample.cls, sample.profile)
         wait, ttft, tok_s, prompt_tok_s, completion, drafted, accepted = self._children(*labels)
-        self.requests.labels(sample.lane, sample.profile, sample.cls, sample.endpoint, str(sample.status)).inc()
+        key = (sample.lane, sample.profile, sample.cls, sample.endpoint, sample.status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(*key[:4], str(sample.status))
+        counter.inc()
         wait.observe(sample.queue_wait_s)
         if sample.status >= 400:
             return
@@ -348,15 +353,23 @@ class Telemetry:
             drafted.inc(sample.draft_n)
             accepted.inc(max(0, sample.draft_accepted or 0))
         sample.at = self.clock()
-        window = self.windows.setdefault((sample.lane, sample.cls, sample.role), Window(self.window_n, self.window_s))
-        window.add(sample)
-        current = window.current(sample.at)
-        speeds = [s.gen_tok_s for s in current if s.gen_tok_s]
-        if speeds:
-            self.rolling_tok_s.labels(*labels).set(sum(speeds) / len(speeds))
-        drafted = sum(s.draft_n or 0 for s in current)
-        if drafted:
-            self.acceptance.labels(*labels).set(sum(s.draft_accepted or 0 for s in current) / drafted)
+        self.windows.setdefault((sample.lane, sample.cls, sample.role), Window(self.window_n, self.window_s)).add(sample)
+
+    def refresh_gauges(self) -> None:
+        """The rolling gauges (mean decode speed, acceptance) from the windows as they are now: computed when
+        /metrics is scraped rather than on every request (the windows are what the policy reads)."""
+        now = self.clock()
+        for (lane, cls, _role), window in self.windows.items():
+            current = window.current(now)
+            if not current:
+                continue
+            labels = (lane, cls, current[-1].profile)
+            speeds = [s.gen_tok_s for s in current if s.gen_tok_s]
+            if speeds:
+                self.rolling_tok_s.labels(*labels).set(sum(speeds) / len(speeds))
+            drafted = sum(s.draft_n or 0 for s in current)
+            if drafted:
+                self.acceptance.labels(*labels).set(sum(s.draft_accepted or 0 for s in current) / drafted)
 
     # -- reading
     def recent(self, lane: str) -> dict[str, int]:
