@@ -3,8 +3,9 @@
 Route paths are string literals in the server (`ctx_http.post("/v1/messages", ...)`), so they are in the
 executable's read-only data. A file without the "/health" literal is not a llama-server executable (a
 wrapper script, a launcher): nothing is concluded from it. A path found may still be something else's
-string, so the probe can say "served" wrongly: the router also reads a 404 from the engine for a relayed
-route as "this build lacks it".
+string or the tail of a longer one (linkers merge "/responses" into "/v1/responses"), so the probe can
+say "served" wrongly, never "missing": the router also reads a 404 from the engine for a relayed route as
+"this build lacks it".
 """
 
 from __future__ import annotations

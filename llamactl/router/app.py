@@ -33,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from llamactl.errors import LlamactlError
 from llamactl.profiles import Profile
-from llamactl.router.asgi import read_body, send_error, send_json
+from llamactl.router.asgi import DisconnectWatch, read_body, send_error, send_json
 from llamactl.router.backends import Backends, Upstream
 from llamactl.router.catalog import Catalog, Routing
 from llamactl.router.config_from_settings import EngineFacts, EngineFactsProbe, routing_from_settings
@@ -59,6 +59,7 @@ log = logging.getLogger("llamactl.router")
 LOG_ACCEPTANCE_WAIT_S = 0.25
 
 CLASS_HEADER = "x-llamactl-class"
+WANTED_HEADERS = frozenset({b"content-type", b"accept", CLASS_HEADER.encode()})  # ASGI names are lower-case
 
 
 @dataclass
@@ -300,37 +301,20 @@ class Relay:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrived = time.perf_counter()
-        task = asyncio.current_task()
-        assert task is not None
-        disconnected = asyncio.Event()
-        finished = False
-
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not finished:
-                        disconnected.set()
-                        task.cancel()
-                    return
-
         try:
             body = await read_body(receive, self.router.config.max_body_bytes)
         except RouterError as e:
             await self._error(send, e)
             return
-        watcher = asyncio.create_task(watch())
+        watch = DisconnectWatch(receive)
         try:
             await self._handle(scope, body, send, arrived)
         except asyncio.CancelledError:
-            if not disconnected.is_set():
-                raise
-            task.uncancel()
+            watch.absorb()
         except OSError:
             pass  # the client went away while we were sending
         finally:
-            finished = True
-            watcher.cancel()
+            watch.close()
 
     async def _error(self, send: Send, error: RouterError) -> None:
         await send_error(send, error, anthropic=self.info.api == "anthropic")
@@ -351,7 +335,7 @@ class Relay:
 
     async def _handle(self, scope: Scope, body: bytes, send: Send, arrived: float) -> None:
         router = self.router
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = {name.decode(): value.decode("latin-1") for name, value in scope["headers"] if name in WANTED_HEADERS}
         try:
             model, payload = self._model_and_payload(body, headers)
             route = router.catalog.resolve(model, self.path)

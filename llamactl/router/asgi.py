@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -43,3 +44,42 @@ async def read_body(receive: Receive, max_bytes: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+class DisconnectWatch:
+    """Cancels the request's task when the client disconnects (which closes the engine's connection: that
+    cancels the generation). The watching task starts only once the request has run `after_s`: a request
+    answered sooner costs no task (most non-generating ones), and a disconnect before then is seen at once
+    when it starts (the server queues it)."""
+
+    def __init__(self, receive: Receive, after_s: float = 0.02) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._receive, self._task = receive, task
+        self.disconnected = False
+        self._finished = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(after_s, self._start)
+
+    def _start(self) -> None:
+        if not self._finished:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self._finished:
+            self.disconnected = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        self._finished = True
+        self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def absorb(self) -> None:
+        """In `except CancelledError`: swallow a cancel that this watch caused (re-raise any other)."""
+        if not self.disconnected:
+            raise
+        self._task.uncancel()

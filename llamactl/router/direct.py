@@ -18,7 +18,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from llamactl.errors import LlamactlError
-from llamactl.router.asgi import read_body, send_error
+from llamactl.router.asgi import DisconnectWatch, read_body, send_error
 from llamactl.router.errors import EngineUnavailable, ModelNotFound, RouterError, UpstreamError
 from llamactl.router.upstream import UpstreamBroken, UpstreamConnectError, UpstreamTimeout
 
@@ -48,19 +48,7 @@ async def _relay(router: "Router", profile: str, method: str, target: str, scope
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
     assert router.pool is not None, "Router.running() is not active"
-    task = asyncio.current_task()
-    assert task is not None
-    done = False
-    disconnected = asyncio.Event()
-
-    async def watch() -> None:  # a client that leaves closes the engine's connection (cancels its work)
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not done:
-            disconnected.set()
-            task.cancel()
-
-    watcher = asyncio.create_task(watch())
+    watch = DisconnectWatch(receive)
     try:
         try:
             response = await router.pool.request(upstream.base_url, method, target, headers, body)
@@ -81,14 +69,11 @@ async def _relay(router: "Router", profile: str, method: str, target: str, scope
         finally:
             await response.aclose()
     except asyncio.CancelledError:
-        if not disconnected.is_set():
-            raise
-        task.uncancel()
+        watch.absorb()
     except OSError:
         pass  # the client went away while we were sending
     finally:
-        done = True
-        watcher.cancel()
+        watch.close()
 
 
 class Passthrough:
