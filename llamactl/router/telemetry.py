@@ -45,7 +45,7 @@ class Sample:
     draft_n: int | None = None
     draft_accepted: int | None = None
     at: float = field(default_factory=time.monotonic)
-    _timed: bool = field(default=False, repr=False)  # token counts came from the engine's timings
+    _timed: frozenset[str] = field(default=frozenset(), repr=False)  # counts that came from the timings
 
     @property
     def acceptance(self) -> float | None:
@@ -60,9 +60,10 @@ class Sample:
 
         if (n := num("predicted_n")) is not None:
             self.completion_tokens = int(n)
-            self._timed = True
+            self._timed |= {"completion"}
         if (n := num("prompt_n")) is not None:
             self.prompt_tokens = int(n)
+            self._timed |= {"prompt"}
         if (v := num("predicted_per_second")) is not None and v > 0:
             self.gen_tok_s = v
         if (v := num("prompt_per_second")) is not None and v > 0:
@@ -82,9 +83,9 @@ class Sample:
 
         completion = count("completion_tokens") if "completion_tokens" in usage else count("output_tokens")
         prompt = count("prompt_tokens") if "prompt_tokens" in usage else count("input_tokens", "cache_read_input_tokens")
-        if completion is not None and not self._timed:
+        if completion is not None and "completion" not in self._timed:
             self.completion_tokens = completion
-        if prompt is not None and not self._timed:
+        if prompt is not None and "prompt" not in self._timed:
             self.prompt_tokens = prompt
 
     def finish_wall_clock(self) -> None:
