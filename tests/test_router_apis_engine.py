@@ -98,14 +98,18 @@ def test_openai_responses_embeddings_tokenize_and_audio(gemma, write_profile, se
     assert "llama-server (gem) answered" in error["message"]
     models = {m["id"]: m["llamactl"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
     assert models["gem"]["state"] == "ready" and models["demo-embed"]["serves"] == "embeddings"
+    assert models["gem"]["ctx_size"] == 1024 and models["gem"]["engine"] == "llama.cpp"
+    assert models["demo-embed"]["ctx_size"] == 2048
     assert models["claude-*"] == {"kind": "mapped", "maps_to": "gem", "glob": True}
 
 
 def test_infill_on_a_model_with_fim_tokens_and_the_engines_error_without(gemma, write_profile, home, serve):
     fim = write_llama(home / "fim.gguf", n_layer=1, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_vocab=512,
                       ctx_train=2048, fim=True)
-    write_profile("coder", f'model = "{fim}"\nctx_size = 512\n' + CPU)
+    write_profile("coder", f'model = "{fim}"\n' + CPU)  # ctx_size 0: the model's own 2048
     url = serve("coder", "gem")
+    models = {m["id"]: m["llamactl"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    assert models["coder"]["ctx_size"] == 2048 and models["coder"]["state"] == "unloaded"
     r = httpx.post(f"{url}/infill", timeout=120, json={
         "model": "coder", "input_prefix": "def add(a, b):\n    return ", "input_suffix": "\n", "n_predict": 3})
     assert r.status_code == 200, r.text

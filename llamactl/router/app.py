@@ -253,13 +253,24 @@ class Router:
                     "kind": "group" if is_group else "profile", "is_group": is_group, "lane": lane.name,
                     "profile": None if is_group else profile_name, "members": dict(lane.spec.members),
                     "state": member_state(lane, profile_name), "engine": profile.engine,
-                    "ctx_size": profile.ctx_size or None, "serves": serves(profile),
+                    "ctx_size": profile.ctx_size or self._train_ctx(profile), "serves": serves(profile),
                 },
             })
         for glob, target in self.catalog.routing.model_map:
             data.append({"id": glob, "object": "model", "created": int(self.started_at), "owned_by": "llamactl",
                          "llamactl": {"kind": "mapped", "maps_to": target, "glob": any(c in glob for c in "*?[")}})
         return data
+
+
+    def _train_ctx(self, profile: Profile) -> int | None:
+        facts = self.engine_facts.cached(profile) if self.engine_facts else None
+        return facts.train_ctx if facts else None
+
+    async def probe_all(self) -> None:
+        """Engine facts of every profile whose context size comes from its model (for /v1/models)."""
+        for profile in self.catalog.profiles.values():
+            if not profile.ctx_size:
+                await self.facts(profile.name)
 
 
 def member_state(lane: Lane, profile: str) -> str:
@@ -473,6 +484,7 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
         return JSONResponse({"status": "ok"})
 
     async def models(_: Request) -> Response:
+        await router.probe_all()
         return JSONResponse({"object": "list", "data": router.model_entries()})
 
     async def metrics(_: Request) -> Response:

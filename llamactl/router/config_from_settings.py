@@ -43,6 +43,7 @@ class EngineFacts:
     engine: str
     version: str
     routes: frozenset[str] | None  # None: not probed (binary not found or unreadable)
+    train_ctx: int | None = None  # the model's training context (what ctx_size = 0 gives), from its GGUF
 
 
 class EngineFactsProbe:
@@ -71,6 +72,15 @@ class EngineFactsProbe:
         except LlamactlError as e:
             log.warning("profile %s: cannot probe its engine's routes: %s", profile.name, e)
             binary, version, routes = None, "unknown", None
-        facts = EngineFacts(profile.engine, version, routes)
+        facts = EngineFacts(profile.engine, version, routes, self._train_ctx(profile))
         self._known[profile.name] = facts
         return facts
+
+    def _train_ctx(self, profile: Profile) -> int | None:
+        from llamactl.gguf import read_model_info
+        from llamactl.models import resolve_model_path
+
+        try:
+            return read_model_info(resolve_model_path(profile.model, self.settings)).context_length
+        except (LlamactlError, OSError):
+            return None  # not there yet (a builtin model not assembled): shown as unknown
