@@ -15,6 +15,7 @@ from llamactl.service import build_router, load_profiles
 from llamactl.settings import Settings
 from tests.conftest import ENGINE_ENV, require_engine
 from tests.fakes.fast_backend import ServerThread
+from tests.router_harness import wait_for
 from tests.synth_gguf import write_llama
 
 pytestmark = pytest.mark.engine
@@ -143,3 +144,29 @@ def test_a_route_the_pinned_ik_lacks_is_a_clear_error(write_profile, gemma_path,
     r = httpx.post(f"{url}/v1/messages", timeout=120, json={
         "model": "ik", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.json()["type"] == "message"
+
+
+CODE_PROMPT = (
+    "Repeat this code exactly:\n"
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+    "def mul(a, b):\n    return a * b\n\nHere it is again:\n"
+)
+
+
+def test_anthropic_stream_on_a_speculative_profile_records_acceptance(monkeypatch, write_profile, gemma_path, home,
+                                                                      serve):
+    """Anthropic events carry no drafting counts: they are read from the engine's log, as for ik's timings."""
+    monkeypatch.setenv(ENGINE_ENV["llama.cpp"], str(require_engine("llama.cpp")))
+    write_profile("spec", f'model = "{gemma_path}"\nctx_size = 1024\n' + CPU + '[speculation]\ntype = "ngram-mod"\n')
+    url = serve("spec")
+    with httpx.stream("POST", f"{url}/v1/messages", timeout=300, json={
+            "model": "spec", "max_tokens": 100, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": CODE_PROMPT}]}) as r:
+        assert r.status_code == 200 and r.headers["x-llamactl-class"] == "code"
+        assert "message_stop" in "".join(r.iter_text())
+    line = 'llamactl_draft_tokens_total{class="code",lane="spec",profile="spec"}'
+    wait_for(lambda: line in httpx.get(f"{url}/metrics").text, what="drafting counts")
+    metrics = httpx.get(f"{url}/metrics").text
+    assert float(metrics.split(line)[1].split()[0]) > 0, metrics
+    completion = 'llamactl_completion_tokens_total{class="code",lane="spec",profile="spec"}'
+    assert float(metrics.split(completion)[1].split()[0]) > 0
