@@ -116,6 +116,10 @@ class Profile(_Strict):
     tensor_split: list[float] | Literal["auto"] | None = None
     main_gpu: int | None = Field(default=None, ge=0)
     speculation: Speculation = Speculation()
+    embeddings: bool = Field(default=False, description="Serve embeddings (/v1/embeddings) instead of generation")
+    pooling: Literal["none", "mean", "cls", "last", "rank"] | None = Field(
+        default=None, description="How token embeddings are pooled (default: the model's own)")
+    reranking: bool = Field(default=False, description="Serve reranking (/v1/rerank); needs a reranker model")
     env: dict[str, str] = {}
     extra_args: list[str] = []
     load_timeout_s: float = Field(default=900, gt=0)
@@ -142,6 +146,16 @@ class Profile(_Strict):
                 f"tensor_split has {len(self.tensor_split)} entries but gpus lists {len(self.gpus)} GPUs; "
                 "give one share per GPU or tensor_split = 'auto'"
             )
+        if self.pooling is not None and not (self.embeddings or self.reranking):
+            raise ValueError(f"pooling = '{self.pooling}' applies to embeddings; set embeddings = true or remove it")
+        if self.embeddings or self.reranking:
+            key = "embeddings" if self.embeddings else "reranking"
+            if self.speculation.enabled:
+                raise ValueError(f"{key} = true serves no generation, so speculation has nothing to speed up; "
+                                 "set speculation.type = 'none'")
+            if self.group:
+                raise ValueError(f"{key} = true: a switch group pairs a speculative and a plain generation "
+                                 "profile; remove `group` (the profile is a routable name of its own)")
         if self.gpus is not None and len(set(self.gpus)) != len(self.gpus):
             raise ValueError(f"gpus lists a GPU twice: {self.gpus}")
         return self

@@ -53,13 +53,19 @@ class Settings(BaseSettings):
         description="Extra traffic classes clients may name in X-Llamactl-Class, comma-separated (each one becomes "
                     "a metrics label; other names are ignored).")
     router_min_dwell_s: float = Field(default=10.0, ge=0, description="Least time on a member before a switch.")
+    default_model: str = Field(default="", description="Profile, alias or group for requests without `model` "
+                                                       "when more than one is served.")
+    route_default_models: str = Field(default="", description="Per-route defaults for requests without `model`: "
+                                                              "'/infill=coder,/tokenize=coder'.")
+    model_map: str = Field(default="", description="Client model names (globs) to served names, first match "
+                                                   "wins: 'claude-*=coding,gpt-*=chat'.")
     log_backups: int = 5
     # Security (`llamactl serve`): see llamactl/auth.py
     api_keys: str = Field(default="", repr=False, description="Comma-separated API keys the router accepts.")
     api_key_file: Path | None = Field(default=None, description="File with one API key per line (# comments).")
     allow_insecure_bind: bool = Field(default=False, description="Allow a non-loopback bind without API keys.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
-    # Daemon (`llamactl serve`): see llamactl/service.py
+    # Daemon (`llamactl serve`): see llamactl/daemon/service.py
     preload: str = Field(default="", description="Comma-separated profiles loaded before READY=1 (`serve --preload`).")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="On SIGTERM, wait this long for requests in flight.")
     health_interval_s: float = Field(default=5.0, gt=0, description="How often a served child's /health is probed.")

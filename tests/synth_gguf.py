@@ -22,11 +22,15 @@ F16 = np.float16
 F32 = np.float32
 
 
-def _vocab(w: GGUFWriter, n_vocab: int) -> None:
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]  # found by name, as llama.cpp does for Qwen
+
+
+def _vocab(w: GGUFWriter, n_vocab: int, fim: bool = False) -> None:
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + (FIM_TOKENS if fim else [])
+    types = [2, 3, 3] + [6] * 256 + ([3] * len(FIM_TOKENS) if fim else [])
+    types += [1] * max(0, n_vocab - len(types))
     tokens += [f"t{i}" for i in range(n_vocab - len(tokens))]
     tokens = tokens[:n_vocab]
-    types = [2, 3, 3] + [6] * 256 + [1] * max(0, n_vocab - 259)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -70,8 +74,8 @@ class _Model:
         self.t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
         self.t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
 
-    def write(self, n_vocab: int) -> None:
-        _vocab(self.w, n_vocab)
+    def write(self, n_vocab: int, fim: bool = False) -> None:
+        _vocab(self.w, n_vocab, fim)
         for name, ne, dtype in self.tensors:
             self.w.add_tensor(name, np.zeros(tuple(reversed(ne)), dtype=dtype))
         self.w.write_header_to_file()
@@ -82,7 +86,8 @@ class _Model:
 
 def write_llama(path: Path, *, n_layer: int = 4, n_embd: int = 256, n_head: int = 8,
                 n_head_kv: int | list[int] = 2, n_ff: int = 512, n_vocab: int = 4096, ctx_train: int = 524288,
-                tied: bool = False, wtype: Any = F16) -> Path:
+                tied: bool = False, wtype: Any = F16, fim: bool = False) -> Path:
+    """`fim`: FIM prefix / suffix / middle tokens in the vocabulary, so llama-server serves /infill."""
     m = _Model(path, "llama", "synthetic llama GQA", wtype)
     head = n_embd // n_head
     m.kv("context_length", ctx_train)
@@ -107,7 +112,7 @@ def write_llama(path: Path, *, n_layer: int = 4, n_embd: int = 256, n_head: int 
         m.t(f"blk.{i}.attn_output.weight", n_embd, n_embd)
         m.t(f"blk.{i}.ffn_norm.weight", n_embd)
         m.swiglu_ffn(i, n_embd, n_ff)
-    m.write(n_vocab)
+    m.write(n_vocab, fim)
     return path
 
 

@@ -3,7 +3,7 @@ sd_notify + signals.
 
 What runs, in one asyncio loop (every task owned by a TaskGroup):
 - uvicorn serving the router app (API keys and a body limit in front, llamactl/auth.py);
-- the control socket (llamactl/control.py) that `llamactl up/down/switch/status/logs` talk to;
+- the control socket (llamactl/daemon/control.py) that `llamactl up/down/switch/status/logs` talk to;
 - one Engine per served profile (llamactl/daemon/engine.py): its process, record, restarts with backoff,
   hang detection, and a log relay that copies its lines into the daemon's log as `llamactl[PROFILE]: ...`;
 - the sd_notify watchdog.

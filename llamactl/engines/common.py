@@ -139,6 +139,14 @@ def add_common_model_args(b: ArgvBuilder, inputs: LaunchInputs) -> None:
         b.add("split_mode", ("-sm", "--split-mode"), p.split_mode)
     if isinstance(p.tensor_split, list):
         b.add("tensor_split", ("-ts", "--tensor-split"), ",".join(f"{x:g}" for x in p.tensor_split))
+    if p.embeddings:
+        b.add("embeddings", ("--embeddings", "--embedding"))
+    if p.reranking:
+        b.add("reranking", ("--reranking", "--rerank"))
+    if p.pooling is not None:
+        if not b.value_documented("--pooling", p.pooling):
+            b.refuse(f"pooling = '{p.pooling}'", ("--pooling",), " with that value")
+        b.add("pooling", ("--pooling",), p.pooling)
     if b.caps.accepts("--metrics"):
         b.argv.append("--metrics")
 

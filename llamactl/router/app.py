@@ -1,10 +1,14 @@
-"""The OpenAI-compatible ASGI app: routes, the streaming relay, and the Router that owns the lanes.
+"""The ASGI app: every llama-server inference route by `model`, the streaming relay, and the Router that
+owns the lanes.
 
-POST /v1/chat/completions, /v1/completions, /completion (llama.cpp's own) are relayed to the engine the
-request's `model` resolves to, after a slot in that lane's queue. Streams are relayed chunk by chunk as
-the engine sends them (no re-encoding, nothing held back); a client that disconnects cancels the
-upstream request (its connection is closed, which llama-server treats as a cancel).
-GET /v1/models, /health, /metrics (Prometheus), /llamactl/status; POST /llamactl/switch.
+Every route in routes.RELAYED (OpenAI chat / completions / responses / embeddings / audio, Anthropic
+Messages, llama.cpp's /completion, /infill, /rerank, /tokenize, ...) is relayed to the engine the request's
+`model` resolves to (profile, alias, switch group, or a client name through the model map), after a slot in
+that lane's queue. Streams are relayed chunk by chunk as the engine sends them (no re-encoding, nothing
+held back); a client that disconnects cancels the upstream request (its connection is closed, which
+llama-server treats as a cancel). GET /props and /slots take ?model=; /upstream/PROFILE/ANY reaches
+everything else an engine serves (its web UI included). GET /v1/models, /health, /metrics (Prometheus),
+/llamactl/status; POST /llamactl/switch.
 """
 
 from __future__ import annotations
@@ -24,20 +28,26 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.routing import Router as StarletteRouter
 from starlette.types import Receive, Scope, Send
 
 from llamactl.errors import LlamactlError
 from llamactl.profiles import Profile
+from llamactl.router.asgi import DisconnectWatch, read_body, send_error, send_json
 from llamactl.router.backends import Backends, Upstream
-from llamactl.router.catalog import Catalog
+from llamactl.router.catalog import Catalog, Routing
+from llamactl.router.config_from_settings import EngineFacts, EngineFactsProbe, routing_from_settings
+from llamactl.router.direct import EngineGet, Passthrough, redirect_to_slash
 from llamactl.router.classifier import classify
 from llamactl.router.errors import (
-    BadRequest, EngineUnavailable, ModelNotFound, RouterError, UpstreamError, error_body, upstream_error_body,
+    BadRequest, EngineUnavailable, ModelNotFound, RouteNotServed, RouterError, UpstreamError, error_body,
+    upstream_error_body,
 )
 from llamactl.router.lane import Lane, LaneConfig, Ticket
+from llamactl.router.routes import ENGINE_GETS, RELAYED, RouteInfo, multipart_field
 from llamactl.router.telemetry import (
-    Sample, SSEScanner, Telemetry, acceptance_from_log, apply_response, log_size, mean_accepted_length,
-    parse_engine_metrics,
+    Sample, SSEScanner, Telemetry, acceptance_from_log, log_size, mean_accepted_length, parse_engine_metrics,
+    scan_body,
 )
 from llamactl.router.upstream import (
     UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse, UpstreamTimeout,
@@ -48,9 +58,8 @@ log = logging.getLogger("llamactl.router")
 # 0.1 ms after the last byte); a short wait covers a slow disk without reaching into the next request.
 LOG_ACCEPTANCE_WAIT_S = 0.25
 
-PROXIED = ("/v1/chat/completions", "/v1/completions", "/completion")
-OPENAI_STREAM_END = b"data: [DONE]\n\n"
 CLASS_HEADER = "x-llamactl-class"
+WANTED_HEADERS = frozenset({b"content-type", b"accept", CLASS_HEADER.encode()})  # ASGI names are lower-case
 
 
 @dataclass
@@ -61,6 +70,7 @@ class RouterConfig:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 600.0  # longest silence from an engine mid-request
     stop_on_shutdown: bool = True
+    routing: Routing | None = None  # None: from the Backends' settings (the daemon's), else none
 
 
 class Router:
@@ -69,7 +79,13 @@ class Router:
     def __init__(self, profiles: Iterable[Profile], backends: Backends, config: RouterConfig | None = None,
                  telemetry: Telemetry | None = None) -> None:
         self.config = config or RouterConfig()
-        self.catalog = Catalog.from_profiles(profiles)
+        profiles = list(profiles)
+        # The daemon's Backends carries its Settings: the model map and defaults, and where binaries are.
+        settings = getattr(backends, "settings", None)
+        routing = self.config.routing or (routing_from_settings(settings) if settings is not None else None)
+        self.routing = routing
+        self.catalog = Catalog.from_profiles(profiles, routing)
+        self.engine_facts = EngineFactsProbe(settings) if settings is not None else None
         for problem in self.catalog.problems:
             log.warning("%s", problem)
         self.backends = backends
@@ -123,7 +139,7 @@ class Router:
         profiles on demand). Unchanged lanes keep running untouched. `prepare` sees the new lanes before they
         run (the daemon's warm planning). Returns the names of the lanes replaced, added or removed."""
         profiles = {p.name: p for p in profiles}
-        catalog = Catalog.from_profiles(profiles.values())
+        catalog = Catalog.from_profiles(profiles.values(), self.routing)
         for problem in catalog.problems:
             log.warning("%s", problem)
         kept: dict[str, Lane] = {}
@@ -234,8 +250,103 @@ class Router:
             raise ModelNotFound(f"no lane '{name}'; valid: {', '.join(self.lanes)}") from None
 
     def status(self) -> dict[str, Any]:
+        routing = self.catalog.routing
         return {"lanes": [lane.status() for lane in self.lanes.values()], "problems": self.catalog.problems,
+                "model_map": dict(routing.model_map), "default_model": routing.default_model,
+                "route_default_models": dict(routing.route_defaults),
                 "uptime_s": round(time.time() - self.started_at, 1)}
+
+    def lane_of_profile(self, profile: str) -> Lane:
+        return next(lane for lane in self.lanes.values() if profile in lane.spec.members)
+
+    async def facts(self, profile: str) -> EngineFacts:
+        p = self.catalog.profiles[profile]
+        if self.engine_facts is None:
+            return EngineFacts(p.engine, "unknown", None)
+        return self.engine_facts.cached(p) or await asyncio.to_thread(self.engine_facts.facts, p)
+
+    async def check_route(self, lane: Lane, pin: str | None, info: RouteInfo) -> None:
+        """Refuse, before queueing or loading anything, a route no member that could serve it offers."""
+        members = [pin] if pin else list(lane.spec.members)
+        profiles = [self.catalog.profiles[m] for m in members]
+        for kind, key, flags in (("embed", "embeddings", ("--embedding", "--embeddings")),
+                                 ("rerank", "reranking", ("--rerank", "--reranking"))):
+            if info.kind == kind and not any(getattr(p, key) or set(flags) & set(p.extra_args) for p in profiles):
+                raise BadRequest(f"profile '{members[0]}' does not serve {key} ({info.path})",
+                                 hint=f"set `{key} = true` in a profile for a model made for it and send its name "
+                                      "as `model`", extra={"profile": members[0]})
+        facts = [await self.facts(m) for m in members]
+        if all(f.routes is not None and info.path not in f.routes for f in facts):
+            raise await self.missing_route(members[0], info.path)
+
+    async def missing_route(self, profile: str, path: str) -> RouteNotServed:
+        facts = await self.facts(profile)
+        return RouteNotServed(
+            f"profile '{profile}' runs {facts.engine} (version {facts.version}), which does not serve POST {path}",
+            hint=f"send {path} to a profile on an engine that has it (the pinned llama.cpp serves every relayed "
+                 f"route), or use a newer {facts.engine} build; /upstream/{profile}/... reaches the routes this "
+                 "engine does have",
+            extra={"profile": profile, "engine": facts.engine, "engine_version": facts.version, "route": path})
+
+    async def upstream_for(self, profile: str) -> Upstream:
+        """A profile's engine for a request outside the queue (monitoring, /upstream): the running one at
+        once, else loaded through its lane's queue like any request (and the slot handed straight back)."""
+        lane = self.lane_of_profile(profile)
+        upstream = lane.upstreams.get(profile)
+        if upstream is not None:
+            return upstream
+        ticket = Ticket(cls="utility", pin=profile)
+        upstream = await lane.acquire(ticket)
+        lane.release(ticket)
+        return upstream
+
+    def model_entries(self) -> list[dict[str, Any]]:
+        """/v1/models: every routable name with what serves it, its state, context size and engine."""
+        data = []
+        for name, route in sorted(self.catalog.names.items()):
+            lane = self.lanes[route.lane]
+            is_group = lane.spec.is_group and route.pin is None
+            profile_name = route.pin or lane.active
+            profile = self.catalog.profiles[profile_name]
+            data.append({
+                "id": name, "object": "model", "created": int(self.started_at), "owned_by": "llamactl",
+                "llamactl": {
+                    "kind": "group" if is_group else "profile", "is_group": is_group, "lane": lane.name,
+                    "profile": None if is_group else profile_name, "members": dict(lane.spec.members),
+                    "state": member_state(lane, profile_name), "engine": profile.engine,
+                    "ctx_size": profile.ctx_size or self._train_ctx(profile), "serves": serves(profile),
+                },
+            })
+        for glob, target in self.catalog.routing.model_map:
+            data.append({"id": glob, "object": "model", "created": int(self.started_at), "owned_by": "llamactl",
+                         "llamactl": {"kind": "mapped", "maps_to": target, "glob": any(c in glob for c in "*?[")}})
+        return data
+
+
+    def _train_ctx(self, profile: Profile) -> int | None:
+        facts = self.engine_facts.cached(profile) if self.engine_facts else None
+        return facts.train_ctx if facts else None
+
+    async def probe_all(self) -> None:
+        """Engine facts of every profile whose context size comes from its model (for /v1/models)."""
+        for profile in self.catalog.profiles.values():
+            if not profile.ctx_size:
+                await self.facts(profile.name)
+
+
+def member_state(lane: Lane, profile: str) -> str:
+    """unloaded / loading / ready / failed, as /v1/models shows a profile."""
+    if profile in lane.upstreams:
+        return "ready"
+    if profile == lane.active and lane.state in ("loading", "switching"):
+        return "loading"
+    if profile == lane.active and lane.state == "failed":
+        return "failed"
+    return "unloaded"
+
+
+def serves(profile: Profile) -> str:
+    return "embeddings" if profile.embeddings else "reranking" if profile.reranking else "generation"
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -249,113 +360,81 @@ def error_response(error: RouterError | LlamactlError) -> JSONResponse:
     return JSONResponse(body, status_code=500, headers={"x-llamactl-error-source": "llamactl"})
 
 
-async def _send_json(send: Send, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(payload).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_error(send: Send, error: RouterError) -> None:
-    await _send_json(send, error.status, error.body(), {"x-llamactl-error-source": error.source, **error.headers})
-
-
 # ---------------------------------------------------------------------------------------------- the relay
 
 
 class Relay:
-    """The ASGI endpoint for one proxied path."""
+    """The ASGI endpoint for one relayed path (see routes.RELAYED)."""
 
-    def __init__(self, router: Router, path: str) -> None:
+    def __init__(self, router: Router, info: RouteInfo) -> None:
         self.router = router
-        self.path = path
-        self.openai = path.startswith("/v1/")
+        self.info = info
+        self.path = info.path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrived = time.perf_counter()
-        task = asyncio.current_task()
-        assert task is not None
-        disconnected = asyncio.Event()
-        finished = False
-
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not finished:
-                        disconnected.set()
-                        task.cancel()
-                    return
-
         try:
-            body = await self._read_body(receive)
+            body = await read_body(receive, self.router.config.max_body_bytes)
         except RouterError as e:
-            await _send_error(send, e)
+            await self._error(send, e)
             return
-        watcher = asyncio.create_task(watch())
+        watch = DisconnectWatch(receive)
         try:
             await self._handle(scope, body, send, arrived)
         except asyncio.CancelledError:
-            if not disconnected.is_set():
-                raise
-            task.uncancel()
+            watch.absorb()
         except OSError:
             pass  # the client went away while we were sending
         finally:
-            finished = True
-            watcher.cancel()
+            watch.close()
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        chunks = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise BadRequest("client disconnected while sending the body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.router.config.max_body_bytes:
-                e = BadRequest(f"request body over {self.router.config.max_body_bytes} bytes")
-                e.status = 413
-                raise e
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+    async def _error(self, send: Send, error: RouterError) -> None:
+        await send_error(send, error, anthropic=self.info.api == "anthropic")
 
-    async def _handle(self, scope: Scope, body: bytes, send: Send, arrived: float) -> None:
-        router = self.router
+    def _model_and_payload(self, body: bytes, headers: dict[str, str]) -> tuple[object, dict[str, Any]]:
+        if self.info.multipart:
+            content_type = headers.get("content-type", "")
+            if not content_type.startswith("multipart/form-data"):
+                raise BadRequest(f"{self.path} takes a multipart/form-data body (file, model, ...)")
+            return multipart_field(body, content_type, "model"), {}
         try:
             payload = json.loads(body) if body else {}
         except ValueError as e:
-            await _send_error(send, BadRequest(f"request body is not valid JSON: {e}"))
-            return
+            raise BadRequest(f"request body is not valid JSON: {e}") from None
         if not isinstance(payload, dict):
-            await _send_error(send, BadRequest("request body must be a JSON object"))
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            raise BadRequest("request body must be a JSON object")
+        return payload.get("model"), payload
+
+    async def _handle(self, scope: Scope, body: bytes, send: Send, arrived: float) -> None:
+        router = self.router
+        headers = {name.decode(): value.decode("latin-1") for name, value in scope["headers"] if name in WANTED_HEADERS}
         try:
-            route = router.catalog.resolve(payload.get("model"))
+            model, payload = self._model_and_payload(body, headers)
+            route = router.catalog.resolve(model, self.path)
+            lane = router.lanes[route.lane]
+            await router.check_route(lane, route.pin, self.info)
         except RouterError as e:
-            await _send_error(send, e)
+            await self._error(send, e)
             return
-        lane = router.lanes[route.lane]
-        cls = classify(payload, header=headers.get(CLASS_HEADER), alias=route.alias,
-                       extra_classes=router.config.extra_classes)
+        cls = self.info.fixed_class or classify(payload, header=headers.get(CLASS_HEADER), alias=route.alias,
+                                                extra_classes=router.config.extra_classes)
+        # Work that is not generation goes to whichever member serves now: it is no evidence for switching.
+        pin = route.pin or (lane.active if self.info.kind != "generate" and lane.spec.is_group else None)
         stream = bool(payload.get("stream"))
-        ticket = Ticket(cls=cls, pin=route.pin, enqueued_at=arrived)
+        ticket = Ticket(cls=cls, pin=pin, enqueued_at=arrived)
         sample: Sample | None = None
         retried = False
         while True:
             try:
                 upstream = await lane.acquire(ticket, front=retried)
             except RouterError as e:
-                router.telemetry.requests.labels(lane.name, route.pin or "", cls, self.path, str(e.status)).inc()
-                await _send_error(send, e)
+                router.telemetry.requests.labels(lane.name, pin or "", cls, self.path, str(e.status)).inc()
+                await self._error(send, e)
                 return
             assert ticket.profile is not None and ticket.role is not None
             single_slot = lane.spec.slots.get(ticket.profile, 1) == 1
-            log_offset = log_size(upstream.log_path) if ticket.role == "spec" and single_slot else None
+            measured = self.info.kind == "generate"
+            log_offset = log_size(upstream.log_path) if measured and ticket.role == "spec" and single_slot else None
             sample = Sample(lane=lane.name, profile=ticket.profile, role=ticket.role, cls=cls, endpoint=self.path,
                             status=0, queue_wait_s=(ticket.granted_at or arrived) - arrived)
             try:
@@ -370,13 +449,13 @@ class Relay:
                 # The engine was not there (crashed / restarting): back to the head of the queue, once.
                 lane.release(ticket, upstream_failed=True)
                 retried = True
-                ticket = Ticket(cls=cls, pin=route.pin, enqueued_at=arrived)
+                ticket = Ticket(cls=cls, pin=pin, enqueued_at=arrived)
                 continue
             lane.release(ticket, upstream_failed=outcome in ("retry", "broken"))
             if outcome == "retry":
                 err = EngineUnavailable(f"llama-server for '{sample.profile}' refused the connection twice")
                 sample.status = err.status
-                await _send_error(send, err)
+                await self._error(send, err)
             sample.total_s = time.perf_counter() - arrived
             router.finish(lane, sample, upstream, log_offset)
             return
@@ -397,7 +476,7 @@ class Relay:
             err = UpstreamError(f"llama-server for '{sample.profile}' failed before answering: {e}",
                                 extra={"profile": sample.profile})
             sample.status = err.status
-            await _send_error(send, err)
+            await self._error(send, err)
             return "broken"
         try:
             extra = [(b"x-llamactl-profile", sample.profile.encode()), (b"x-llamactl-class", sample.cls.encode()),
@@ -406,17 +485,22 @@ class Relay:
             if response.status >= 400:
                 raw = await response.read()
                 sample.status = response.status
+                if response.status == 404 and b"File Not Found" in raw[:1000]:
+                    err = await self.router.missing_route(sample.profile, self.path)
+                    sample.status = err.status
+                    await self._error(send, err)
+                    return "ok"
                 payload = upstream_error_body(response.status, raw, sample.profile)
-                await _send_json(send, response.status, payload,
+                if self.info.api == "anthropic":
+                    payload = {"type": "error", **payload}
+                await send_json(send, response.status, payload,
                                  {"x-llamactl-error-source": "upstream", "x-llamactl-profile": sample.profile})
                 return "ok"
             sample.status = response.status
             if not content_type.startswith("text/event-stream"):
                 raw = await response.read()
-                try:
-                    apply_response(sample, json.loads(raw))
-                except ValueError:
-                    pass
+                if self.info.kind == "generate" or self.info.kind == "embed":
+                    scan_body(sample, raw)
                 await send({"type": "http.response.start", "status": response.status, "headers": [
                     (b"content-type", content_type.encode()), (b"content-length", str(len(raw)).encode()), *extra]})
                 await send({"type": "http.response.body", "body": raw})
@@ -439,7 +523,10 @@ class Relay:
             # The engine died or broke the stream: tell the client in-band, then end the stream cleanly.
             err = error_body(f"llama-server for '{sample.profile}' broke the stream: {e}",
                              "upstream_error", "upstream_stream_broken", "upstream", profile=sample.profile)
-            tail = b"data: " + json.dumps(err).encode() + b"\n\n" + (OPENAI_STREAM_END if self.openai else b"")
+            if self.info.api == "anthropic":
+                tail = b"event: error\ndata: " + json.dumps({"type": "error", **err}).encode() + b"\n\n"
+            else:
+                tail = b"data: " + json.dumps(err).encode() + b"\n\n" + self.info.stream_end
             sample.status = 502
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             return "broken"
@@ -459,18 +546,11 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
         return JSONResponse({"status": "ok"})
 
     async def models(_: Request) -> Response:
-        data = []
-        for name, route in sorted(router.catalog.names.items()):
-            lane = router.lanes[route.lane]
-            data.append({
-                "id": name, "object": "model", "created": int(router.started_at), "owned_by": "llamactl",
-                "llamactl": {"kind": "group" if lane.spec.is_group and route.pin is None else "profile",
-                             "lane": lane.name, "profile": route.pin or (None if lane.spec.is_group else lane.active),
-                             "members": dict(lane.spec.members)},
-            })
-        return JSONResponse({"object": "list", "data": data})
+        await router.probe_all()
+        return JSONResponse({"object": "list", "data": router.model_entries()})
 
     async def metrics(_: Request) -> Response:
+        router.telemetry.refresh_gauges()
         return Response(generate_latest(router.telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def status(_: Request) -> Response:
@@ -505,7 +585,12 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
         async with router.running():
             yield
 
-    routes = [Route(path, Relay(router, path), methods=["POST"]) for path in PROXIED]
+    routes = [Route(path, Relay(router, info), methods=["POST"]) for path, info in RELAYED.items()]
+    routes += [Route(path, EngineGet(router, path), methods=["GET"]) for path in ENGINE_GETS]
+    routes += [
+        Route("/upstream/{profile}", redirect_to_slash),
+        Route("/upstream/{profile}/{rest:path}", Passthrough(router)),
+    ]
     routes += [
         Route("/health", health, methods=["GET"]),
         Route("/v1/health", health, methods=["GET"]),
@@ -515,5 +600,25 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
         Route("/llamactl/status", status, methods=["GET"]),
         Route("/llamactl/switch", switch, methods=["POST"]),
     ]
-    return Starlette(routes=routes, middleware=list(middleware), lifespan=lifespan,
-                     exception_handlers={404: not_found})
+    app = Starlette(routes=routes, middleware=list(middleware), lifespan=lifespan,
+                    exception_handlers={404: not_found})
+    relays = {route.path: route.app for route in routes if isinstance(route.app, Relay)}
+    app.router = _RelayFirst(routes=routes, lifespan=lifespan, relays=relays)
+    return app
+
+
+class _RelayFirst(StarletteRouter):
+    """Starlette's router with one dict lookup first for the relayed POST routes (the hot path): no walk
+    through the route list, no per-route regex match."""
+
+    def __init__(self, *args: Any, relays: dict[str, Relay], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relays = relays
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            relay = self.relays.get(scope["path"])
+            if relay is not None:
+                await relay(scope, receive, send)
+                return
+        await super().app(scope, receive, send)

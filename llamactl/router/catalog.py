@@ -8,14 +8,16 @@ name the group, any profile or alias: naming a member of a group pins the reques
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 from llamactl.policy import Role
 from llamactl.profiles import Profile
 from llamactl.router.errors import BadRequest, ModelNotFound
 
 ENGINE_DEFAULT_SLOTS = {"llama.cpp": 4, "ik_llama.cpp": 1}
+MAX_SHOWN_NAME = 80  # an unknown name is echoed in the error at most this long
 
 
 def slots_of(profile: Profile) -> int:
@@ -40,18 +42,32 @@ class Route:
     alias: str | None  # the profile alias named, used as a traffic class hint
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How names a client sends reach a profile when they are not a profile's own: `model_map` (glob ->
+    profile, alias or group; first match wins, e.g. "claude-*" -> "coding"), and what a request without
+    `model` gets: `route_defaults` (path -> name, e.g. "/infill" -> "coder"), then `default_model`."""
+
+    model_map: tuple[tuple[str, str], ...] = ()
+    default_model: str | None = None
+    route_defaults: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class Catalog:
     lanes: dict[str, LaneSpec] = field(default_factory=dict)
     names: dict[str, Route] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    routing: Routing = field(default_factory=Routing)
+    profiles: dict[str, Profile] = field(default_factory=dict)
 
     @classmethod
-    def from_profiles(cls, profiles: Iterable[Profile]) -> "Catalog":
+    def from_profiles(cls, profiles: Iterable[Profile], routing: Routing | None = None) -> "Catalog":
         catalog = cls()
         groups: dict[str, list[Profile]] = {}
         singles: list[Profile] = []
         for profile in sorted(profiles, key=lambda p: p.name):
+            catalog.profiles[profile.name] = profile
             (groups.setdefault(profile.group, []) if profile.group else singles).append(profile)
         for group, members in groups.items():
             roles: dict[str, Role] = {p.name: ("spec" if p.speculation.enabled else "plain") for p in members}
@@ -71,7 +87,23 @@ class Catalog:
             role: Role = "spec" if profile.speculation.enabled else "plain"
             catalog._add_lane(LaneSpec(profile.name, {profile.name: role}, {profile.name: slots_of(profile)}, False),
                               [profile])
+        catalog.routing = catalog._checked(routing or Routing())
         return catalog
+
+    def _checked(self, routing: Routing) -> Routing:
+        """Drop map entries and defaults that name nothing served, each with a problem saying so."""
+        def known(target: str, where: str) -> bool:
+            if target in self.names:
+                return True
+            self.problems.append(f"{where} names '{target}', which is not a served profile, alias or group; ignored")
+            return False
+
+        model_map = tuple((glob, target) for glob, target in routing.model_map if known(target, f"model map '{glob}'"))
+        default = routing.default_model if routing.default_model and known(
+            routing.default_model, "the default model") else None
+        route_defaults = {path: name for path, name in routing.route_defaults.items()
+                          if known(name, f"the default model for {path}")}
+        return Routing(model_map, default, route_defaults)
 
     def _add_lane(self, spec: LaneSpec, members: list[Profile]) -> None:
         if spec.name in self.names:
@@ -90,12 +122,20 @@ class Catalog:
     def valid_names(self) -> list[str]:
         return sorted(self.names)
 
-    def resolve(self, model: object) -> Route:
+    def mapped(self, model: str) -> str | None:
+        """The served name a client's own model name is mapped to, or None."""
+        return next((target for glob, target in self.routing.model_map if fnmatchcase(model, glob)), None)
+
+    def resolve(self, model: object, path: str | None = None) -> Route:
         if model is None or model == "":
             if len(self.lanes) == 1:
                 return Route(next(iter(self.lanes)), None, None)
+            fallback = self.routing.route_defaults.get(path or "") or self.routing.default_model
+            if fallback:
+                return self.names[fallback]
             raise BadRequest(
                 "the request has no 'model'; name a profile, alias or switch group",
+                hint="or set LLAMACTL_DEFAULT_MODEL (LLAMACTL_ROUTE_DEFAULT_MODELS per route)",
                 extra={"valid_models": self.valid_names()},
             )
         if not isinstance(model, str):
@@ -103,10 +143,15 @@ class Catalog:
                              extra={"valid_models": self.valid_names()})
         route = self.names.get(model)
         if route is None:
-            close = difflib.get_close_matches(model, self.valid_names(), n=3)
+            target = self.mapped(model)
+            if target is not None:
+                return self.names[target]
+            shown = model if len(model) <= MAX_SHOWN_NAME else model[:MAX_SHOWN_NAME] + "..."
+            close = difflib.get_close_matches(shown, self.valid_names(), n=3)
             raise ModelNotFound(
-                f"unknown model '{model}'; valid: {', '.join(self.valid_names()) or '(no profiles)'}",
-                hint=f"did you mean {', '.join(repr(c) for c in close)}?" if close else None,
+                f"unknown model '{shown}'; valid: {', '.join(self.valid_names()) or '(no profiles)'}",
+                hint=f"did you mean {', '.join(repr(c) for c in close)}?" if close else (
+                    "map client model names to profiles with LLAMACTL_MODEL_MAP (e.g. 'claude-*=coding')"),
                 extra={"valid_models": self.valid_names()},
             )
         return route

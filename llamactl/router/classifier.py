@@ -1,7 +1,11 @@
 """Traffic classes: which kind of work a request is. A small pure function over the request body.
 
+Every API's shape is read the same way: OpenAI chat and completions, Anthropic Messages (`system`, content
+blocks), Responses (`input`, `instructions`, `max_output_tokens`), llama.cpp's /completion and /infill.
+
 Order: an explicit class (header X-Llamactl-Class: one of CLASSES or the classes configured with
-LLAMACTL_ROUTER_CLASSES; any other value is ignored, since every class is a metrics label) wins, then the profile alias the client named, then
+LLAMACTL_ROUTER_CLASSES; any other value is ignored, since every class is a metrics label) wins, then the
+profile alias the client named, then
 the request itself: grammar / JSON schema -> "structured"; max_tokens <= 16 -> "short"; temperature
 >= 0.9 (or top_p sampling wide at temperature >= 0.7) -> "creative"; greedy-ish (temperature <= 0.3 or
 top_k == 1) and a code-like prompt -> "code", greedy-ish otherwise -> "deterministic"; anything else
@@ -41,22 +45,41 @@ def code_likeness(text: str) -> float:
     return hits / len(lines)
 
 
+def _texts(content: Any) -> list[str]:
+    """Text of a message content in any API's shape: a string, or a list of blocks / parts carrying `text`
+    (OpenAI parts, Anthropic content blocks, Responses input_text items)."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return []
+
+
 def prompt_text(body: dict[str, Any]) -> str:
-    """The text a request asks about: chat message contents or a completion prompt."""
+    """The text a request asks about: chat messages (OpenAI, Anthropic with its `system`), a Responses
+    `input` and `instructions`, a completion `prompt`, an infill's prefix and suffix."""
     parts: list[str] = []
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):
-                parts += [p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    parts += _texts(body.get("system"))
+    if isinstance(body.get("instructions"), str):
+        parts.append(body["instructions"])
+    for key in ("messages", "input"):
+        items = body.get(key)
+        if isinstance(items, str):
+            parts.append(items)
+        elif isinstance(items, list):
+            for item in items:
+                if isinstance(item, dict):
+                    parts += _texts(item.get("content"))
+                elif isinstance(item, str):
+                    parts.append(item)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         parts.append(prompt)
     elif isinstance(prompt, list):
         parts += [p for p in prompt if isinstance(p, str)]
+    for key in ("input_prefix", "input_suffix"):
+        if isinstance(body.get(key), str):
+            parts.append(body[key])
     return "\n".join(parts)
 
 
@@ -79,7 +102,8 @@ def classify(body: dict[str, Any], *, header: str | None = None, alias: str | No
         or (isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"))
     ):
         return "structured"
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", body.get("n_predict")))
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens",
+                                                  body.get("max_output_tokens", body.get("n_predict"))))
     if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 0 < max_tokens <= 16:
         return "short"
     temperature = _number(body.get("temperature"), ENGINE_DEFAULT_TEMPERATURE)

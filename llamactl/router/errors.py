@@ -52,6 +52,12 @@ class EngineUnavailable(RouterError):
     status, type, code, source = 503, "server_error", "engine_unavailable", "engine"
 
 
+class RouteNotServed(RouterError):
+    """The engine behind a profile has no such route (an older or forked llama-server)."""
+
+    status, type, code = 501, "not_supported_error", "route_not_served"
+
+
 class UpstreamError(RouterError):
     status, type, code, source = 502, "upstream_error", "upstream_error", "upstream"
 

@@ -45,6 +45,7 @@ class Sample:
     draft_n: int | None = None
     draft_accepted: int | None = None
     at: float = field(default_factory=time.monotonic)
+    _timed: frozenset[str] = field(default=frozenset(), repr=False)  # counts that came from the timings
 
     @property
     def acceptance(self) -> float | None:
@@ -59,8 +60,10 @@ class Sample:
 
         if (n := num("predicted_n")) is not None:
             self.completion_tokens = int(n)
+            self._timed |= {"completion"}
         if (n := num("prompt_n")) is not None:
             self.prompt_tokens = int(n)
+            self._timed |= {"prompt"}
         if (v := num("predicted_per_second")) is not None and v > 0:
             self.gen_tok_s = v
         if (v := num("prompt_per_second")) is not None and v > 0:
@@ -70,10 +73,20 @@ class Sample:
             self.draft_accepted = int(num("draft_n_accepted") or 0)
 
     def apply_usage(self, usage: Mapping[str, Any]) -> None:
-        if self.completion_tokens is None and isinstance(usage.get("completion_tokens"), int):
-            self.completion_tokens = usage["completion_tokens"]
-        if self.prompt_tokens is None and isinstance(usage.get("prompt_tokens"), int):
-            self.prompt_tokens = usage["prompt_tokens"]
+        """Token counts from a `usage` object in any API's shape (OpenAI prompt/completion_tokens, Anthropic
+        and Responses input/output_tokens). Counts from `timings` win; among usages the last one seen wins
+        (an Anthropic stream says output_tokens 0 at its start and the real count at its end)."""
+        def count(*keys: str) -> int | None:
+            values = [usage.get(k) for k in keys]
+            ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+            return sum(ints) if ints else None
+
+        completion = count("completion_tokens") if "completion_tokens" in usage else count("output_tokens")
+        prompt = count("prompt_tokens") if "prompt_tokens" in usage else count("input_tokens", "cache_read_input_tokens")
+        if completion is not None and "completion" not in self._timed:
+            self.completion_tokens = completion
+        if prompt is not None and "prompt" not in self._timed:
+            self.prompt_tokens = prompt
 
     def finish_wall_clock(self) -> None:
         """Fallback decode speed when the engine sent no timings."""
@@ -92,8 +105,51 @@ def apply_response(sample: Sample, payload: Any) -> None:
         sample.apply_timings(payload["timings"])
     if isinstance(payload.get("usage"), dict):
         sample.apply_usage(payload["usage"])
+    inner = payload.get("response")  # a Responses API event: response.completed carries the response
+    if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+        sample.apply_usage(inner["usage"])
     if sample.completion_tokens is None and isinstance(payload.get("tokens_predicted"), int):
         sample.completion_tokens = payload["tokens_predicted"]
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _last_object(raw: bytes, key: bytes) -> Any:
+    """The JSON value of the last `"key":` in a JSON document, decoded alone (None if absent or broken).
+    llama-server writes keys in sorted order, so `timings` and `usage` come after the generated text; an
+    occurrence inside a string is escaped (\\") and skipped."""
+    at = raw.rfind(key)
+    while at > 0 and raw[at - 1:at] == b"\\":
+        at = raw.rfind(key, 0, at)
+    if at < 0:
+        return None
+    colon = raw.find(b":", at + len(key))
+    if colon < 0:
+        return None
+    try:
+        text = raw[colon + 1:colon + 1 + 65536].decode("utf-8", "replace").lstrip()
+        return _DECODER.raw_decode(text)[0]
+    except ValueError:
+        return None
+
+
+def scan_body(sample: "Sample", raw: bytes) -> None:
+    """Timings and usage of a non-streamed answer without parsing the whole body (an embeddings answer is
+    megabytes of floats; a chat answer is mostly text): only the objects after their keys are decoded."""
+    timings = _last_object(raw, b'"timings"') if b'"timings"' in raw else None
+    usage = _last_object(raw, b'"usage"') if b'"usage"' in raw else None
+    payload: dict[str, Any] = {}
+    if isinstance(timings, dict):
+        payload["timings"] = timings
+    if isinstance(usage, dict):
+        payload["usage"] = usage
+    if b'"tokens_predicted"' in raw:
+        predicted = _last_object(raw, b'"tokens_predicted"')
+        if isinstance(predicted, int):
+            payload["tokens_predicted"] = predicted
+    if payload:
+        apply_response(sample, payload)
 
 
 class SSEScanner:
@@ -232,6 +288,7 @@ class Telemetry:
         self.windows: dict[tuple[str, str, Role], Window] = {}
         self.arrivals: dict[str, deque[tuple[float, str]]] = {}
         self._child_cache: dict[tuple[str, str, str], tuple] = {}
+        self._request_children: dict[tuple[str, str, str, str, int], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llamactl_requests", "Finished requests", ["lane", "profile", "class", "endpoint", "status"], registry=r)
@@ -275,7 +332,11 @@ class Telemetry:
         sample.finish_wall_clock()
         labels = (sample.lane, sample.cls, sample.profile)
         wait, ttft, tok_s, prompt_tok_s, completion, drafted, accepted = self._children(*labels)
-        self.requests.labels(sample.lane, sample.profile, sample.cls, sample.endpoint, str(sample.status)).inc()
+        key = (sample.lane, sample.profile, sample.cls, sample.endpoint, sample.status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(*key[:4], str(sample.status))
+        counter.inc()
         wait.observe(sample.queue_wait_s)
         if sample.status >= 400:
             return
@@ -293,15 +354,23 @@ class Telemetry:
             drafted.inc(sample.draft_n)
             accepted.inc(max(0, sample.draft_accepted or 0))
         sample.at = self.clock()
-        window = self.windows.setdefault((sample.lane, sample.cls, sample.role), Window(self.window_n, self.window_s))
-        window.add(sample)
-        current = window.current(sample.at)
-        speeds = [s.gen_tok_s for s in current if s.gen_tok_s]
-        if speeds:
-            self.rolling_tok_s.labels(*labels).set(sum(speeds) / len(speeds))
-        drafted = sum(s.draft_n or 0 for s in current)
-        if drafted:
-            self.acceptance.labels(*labels).set(sum(s.draft_accepted or 0 for s in current) / drafted)
+        self.windows.setdefault((sample.lane, sample.cls, sample.role), Window(self.window_n, self.window_s)).add(sample)
+
+    def refresh_gauges(self) -> None:
+        """The rolling gauges (mean decode speed, acceptance) from the windows as they are now: computed when
+        /metrics is scraped rather than on every request (the windows are what the policy reads)."""
+        now = self.clock()
+        for (lane, cls, _role), window in self.windows.items():
+            current = window.current(now)
+            if not current:
+                continue
+            labels = (lane, cls, current[-1].profile)
+            speeds = [s.gen_tok_s for s in current if s.gen_tok_s]
+            if speeds:
+                self.rolling_tok_s.labels(*labels).set(sum(speeds) / len(speeds))
+            drafted = sum(s.draft_n or 0 for s in current)
+            if drafted:
+                self.acceptance.labels(*labels).set(sum(s.draft_accepted or 0 for s in current) / drafted)
 
     # -- reading
     def recent(self, lane: str) -> dict[str, int]:

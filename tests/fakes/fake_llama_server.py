@@ -50,6 +50,9 @@ HELP = """usage: llama-server [options]
 -ts,   --tensor-split N0,N1
 --spec-type [none|draft-simple|ngram-mod]
 --metrics                      enable prometheus compatible metrics endpoint
+--embedding, --embeddings      restrict to only support embedding use case
+--pooling {none,mean,cls,last,rank}
+--rerank, --reranking          enable reranking endpoint on server
 """
 
 

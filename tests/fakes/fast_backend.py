@@ -13,6 +13,9 @@ follows the same speed-up model as llamactl.policy, so policy tests see the work
 Counters (requests, cancelled, max_concurrent) let tests check that a disconnect cancelled upstream.
 
 Run standalone: python tests/fakes/fast_backend.py --port 0   (prints "PORT <n>" once listening)
+As a llama-server binary for llamactl (the proxy benchmark runs `llamactl serve` over it):
+  python tests/fakes/fast_backend.py --llama-server [llama-server flags]  (--help / --version / --port, the
+  rest ignored; requests are not checked for the per-start key)
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class FakeConfig:
     delay_s: float = 0.0
     default_tokens: int = 8
     n_ctx: int = 4096  # like llama-server, generation stops at the context (and -1 means "until then")
+    missing_routes: tuple[str, ...] = ()  # POST routes this "build" lacks: 404 File Not Found, as llama-server
+    embedding_dim: int = 8
 
 
 @dataclass
@@ -97,7 +102,17 @@ class FakeBackend:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if scope["method"] == "GET":
+            if path == "/props" or path == "/slots":
+                return await self._json(send, 200, {"fake": path, "name": self.config.name, "n_ctx": self.config.n_ctx,
+                                                    "query": scope.get("query_string", b"").decode(),
+                                                    "authorization": headers.get("authorization")})
+            if path == "/":
+                body = b"<!doctype html><title>fake llama-server ui</title>"
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"text/html"), (b"content-length", str(len(body)).encode())]})
+                return await send({"type": "http.response.body", "body": body})
             if path in ("/health", "/v1/health"):
                 return await self._json(send, 200, {"status": "ok"})
             if path in ("/v1/models", "/models"):
@@ -113,6 +128,13 @@ class FakeBackend:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        if path in self.config.missing_routes:
+            return await self._json(send, 404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+        if headers.get("content-type", "").startswith("multipart/form-data"):
+            with self._lock:
+                self.counters.requests += 1
+                self.counters.completed += 1
+            return await self._json(send, 200, {"text": "fake transcript", "bytes": len(body), "name": self.config.name})
         try:
             request = json.loads(body or b"{}")
         except ValueError:
@@ -146,6 +168,22 @@ class FakeBackend:
             return await self._json(send, 400, {"error": {"code": 400, "message": f"bad request: {e}", "type": "invalid_request_error"}})
         model = self.config.name
         timings = self.timings(n, temperature)
+        if path in ("/v1/embeddings", "/embedding", "/embeddings"):
+            items = request.get("input", request.get("content", ""))
+            count = len(items) if isinstance(items, list) else 1
+            with self._lock:
+                self.counters.completed += 1
+            return await self._json(send, 200, {
+                "object": "list", "model": model, "usage": {"prompt_tokens": 3 * count, "total_tokens": 3 * count},
+                "data": [{"object": "embedding", "index": i, "embedding": [0.125] * self.config.embedding_dim}
+                         for i in range(count)]})
+        if path in ("/tokenize", "/detokenize", "/apply-template", "/v1/messages/count_tokens") or \
+                path.endswith("/input_tokens") or "rerank" in path:
+            with self._lock:
+                self.counters.completed += 1
+            return await self._json(send, 200, {"fake": path, "tokens": [1, 2, 3], "input_tokens": 3})
+        if path == "/v1/messages":
+            return await self._anthropic(request, n, delay, crash_after, receive, send)
         if not request.get("stream"):
             if delay:
                 await asyncio.sleep(delay * n)
@@ -212,6 +250,65 @@ class FakeBackend:
         finally:
             watcher.cancel()
 
+    async def _anthropic(self, request: dict[str, Any], n: int, delay: float, crash_after, receive, send) -> None:
+        """llama-server's Anthropic Messages shapes (server-task.cpp to_json_anthropic*): usage in
+        message_start (output_tokens 0) and message_delta (the real count), no [DONE]."""
+        model = self.config.name
+        usage = {"cache_read_input_tokens": 0, "input_tokens": 12, "output_tokens": n}
+        if not request.get("stream"):
+            if delay:
+                await asyncio.sleep(delay * n)
+            with self._lock:
+                self.counters.completed += 1
+            return await self._json(send, 200, {
+                "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": "".join(f"tok{i} " for i in range(n))}],
+                "stop_reason": "max_tokens", "stop_sequence": None, "usage": usage})
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            if (await receive())["type"] == "http.disconnect":
+                disconnected.set()
+
+        def event(name: str, data: dict[str, Any]) -> bytes:
+            return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+        watcher = asyncio.create_task(watch())
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        try:
+            start = {"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant",
+                     "content": [], "model": model, "stop_reason": None, "stop_sequence": None,
+                     "usage": {**usage, "output_tokens": 0}}}
+            head = event("message_start", start) + event("content_block_start", {
+                "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+            await send({"type": "http.response.body", "body": head, "more_body": True})
+            for i in range(n):
+                if crash_after is not None and i >= int(crash_after):
+                    with self._lock:
+                        self.counters.crashed += 1
+                    raise RuntimeError("fake backend crashed mid-stream")
+                if disconnected.is_set():
+                    with self._lock:
+                        self.counters.cancelled += 1
+                    return
+                await send({"type": "http.response.body", "more_body": True, "body": event("content_block_delta", {
+                    "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"tok{i} "}})})
+                if delay:
+                    try:
+                        await asyncio.wait_for(disconnected.wait(), delay)
+                    except TimeoutError:
+                        pass
+            tail = event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            tail += event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens",
+                                                                              "stop_sequence": None},
+                                            "usage": {"output_tokens": n}})
+            tail += event("message_stop", {"type": "message_stop"})
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            with self._lock:
+                self.counters.completed += 1
+        finally:
+            watcher.cancel()
+
     @staticmethod
     async def _json(send, status: int, payload: Any) -> None:
         body = json.dumps(payload).encode()
@@ -268,18 +365,35 @@ class ServerThread:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    as_engine = "--llama-server" in argv
+    if as_engine:
+        from fake_llama_server import HELP  # this directory is sys.path[0] when run as a script
+
+        if "--help" in argv:
+            print(HELP)
+            return 0
+        if "--version" in argv:
+            print("version: 9999 (fast fake)", file=sys.stderr)
+            return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--name", default="fake")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--name", "-a", "--alias", default="fake")
     parser.add_argument("--spec", action="store_true")
     parser.add_argument("--delay-s", type=float, default=0.0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--llama-server", action="store_true")
+    parser.add_argument("--embedding-dim", type=int, default=768)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not as_engine:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", args.port))
+    sock.bind((args.host, args.port))
     sock.listen(1024)
     print(f"PORT {sock.getsockname()[1]}", flush=True)
-    app = FakeBackend(FakeConfig(name=args.name, spec=args.spec, delay_s=args.delay_s))
+    app = FakeBackend(FakeConfig(name=args.name, spec=args.spec, delay_s=args.delay_s,
+                                 embedding_dim=args.embedding_dim))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
     server.run(sockets=[sock])
     return 0
@@ -297,8 +411,9 @@ class FakeBackends:
     servers that were up at once (1 for a hard switch)."""
 
     def __init__(self, configs: dict[str, FakeConfig], *, fail: set[str] | None = None,
-                 room: int | None = None) -> None:
+                 room: int | None = None, api_key: str | None = None) -> None:
         self.room = room
+        self.api_key = api_key
         self.backends = {name: FakeBackend(cfg) for name, cfg in configs.items()}
         self.servers: dict[str, ServerThread] = {}
         self.fail = set(fail or ())
@@ -317,7 +432,7 @@ class FakeBackends:
             self.servers[profile_name] = await asyncio.to_thread(ServerThread, self.backends[profile_name])
             self.events.append(("start", profile_name))
             self.max_running = max(self.max_running, len(self.servers))
-        return Upstream(self.servers[profile_name].url)
+        return Upstream(self.servers[profile_name].url, api_key=self.api_key)
 
     async def stop(self, profile_name: str) -> None:
         server = self.servers.pop(profile_name, None)

@@ -1,0 +1,122 @@
+"""Requests that reach one engine outside the lanes' queues: GET /props and /slots by ?model=, and
+/upstream/PROFILE/ANY PATH (any method: the engine's web UI, /lora-adapters, /slots/N actions, ...).
+
+The profile is loaded on demand (through its lane, like any request); a running engine is reached at
+once, so monitoring never waits behind generation. The router's own auth applies (the middleware runs
+before these); the client's credentials are dropped and the engine's per-start key is added here, never
+shown to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from llamactl.errors import LlamactlError
+from llamactl.router.asgi import DisconnectWatch, read_body, send_error
+from llamactl.router.errors import EngineUnavailable, ModelNotFound, RouterError, UpstreamError
+from llamactl.router.upstream import UpstreamBroken, UpstreamConnectError, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from llamactl.router.app import Router
+
+# Not forwarded either way: per-connection headers, and the client's own credentials for the router.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+                        "proxy-authorization", "proxy-authenticate", "host", "content-length"})
+CLIENT_CREDENTIALS = frozenset({"authorization", "x-api-key", "cookie"})
+
+
+async def _relay(router: "Router", profile: str, method: str, target: str, scope: Scope, receive: Receive,
+                 send: Send) -> None:
+    """Send one request to `profile`'s engine and stream its answer back, headers and status as they are."""
+    try:
+        body = await read_body(receive, router.config.max_body_bytes)
+        upstream = await router.upstream_for(profile)
+    except RouterError as e:
+        await send_error(send, e)
+        return
+    except LlamactlError as e:
+        await send_error(send, EngineUnavailable(str(e), extra={"profile": profile}))
+        return
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+               if k.decode("latin-1").lower() not in HOP_BY_HOP | CLIENT_CREDENTIALS}
+    if upstream.api_key:
+        headers["Authorization"] = f"Bearer {upstream.api_key}"
+    assert router.pool is not None, "Router.running() is not active"
+    watch = DisconnectWatch(receive)
+    try:
+        try:
+            response = await router.pool.request(upstream.base_url, method, target, headers, body)
+        except (UpstreamConnectError, UpstreamBroken, UpstreamTimeout) as e:
+            await send_error(send, UpstreamError(f"llama-server for '{profile}' did not answer: {e}",
+                                                 extra={"profile": profile}))
+            return
+        try:
+            out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()
+                   if k not in HOP_BY_HOP or k == "content-length"]
+            out.append((b"x-llamactl-profile", profile.encode()))
+            await send({"type": "http.response.start", "status": response.status, "headers": out})
+            async for chunk in response.aiter_body():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (UpstreamBroken, UpstreamTimeout):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+    except asyncio.CancelledError:
+        watch.absorb()
+    except OSError:
+        pass  # the client went away while we were sending
+    finally:
+        watch.close()
+
+
+class Passthrough:
+    """/upstream/PROFILE/REST -> PROFILE's engine, REST (with the query string) as the path."""
+
+    def __init__(self, router: "Router") -> None:
+        self.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        profile = scope["path_params"]["profile"]
+        if profile not in self.router.catalog.profiles:
+            names = sorted(self.router.catalog.profiles)
+            shown = profile if len(profile) <= 80 else profile[:80] + "..."
+            await send_error(send, ModelNotFound(f"no profile '{shown}' behind /upstream/; profiles: {', '.join(names)}",
+                                                 extra={"valid_profiles": names}))
+            return
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        prefix = b"/upstream/" + profile.encode()
+        rest = raw_path[raw_path.find(prefix) + len(prefix):] if prefix in raw_path else b"/"
+        target = (rest or b"/").decode("latin-1")
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        await _relay(self.router, profile, scope["method"], target, scope, receive, send)
+
+
+class EngineGet:
+    """GET /props or /slots of the engine `?model=` names (the default rules when it names none)."""
+
+    def __init__(self, router: "Router", path: str) -> None:
+        self.router, self.path = router, path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        try:
+            route = self.router.catalog.resolve((query.get("model") or [None])[0], self.path)
+        except RouterError as e:
+            await send_error(send, e)
+            return
+        profile = route.pin or self.router.lanes[route.lane].active
+        target = self.path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
+        await _relay(self.router, profile, "GET", target, scope, receive, send)
+
+
+async def redirect_to_slash(request: Request) -> Response:
+    """The engine's web UI loads its assets relative to the page: /upstream/P must be /upstream/P/."""
+    return RedirectResponse(request.url.path + "/", status_code=307)
