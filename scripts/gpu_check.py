@@ -85,6 +85,7 @@ def write_models(directory: Path, quick: bool) -> dict[str, Path]:
     import synth_gguf as s
 
     d = directory
+    d.mkdir(parents=True, exist_ok=True)
     if quick:
         return {
             "dense": s.write_header_only(d / "dense.gguf", n_layer=4, n_embd=256, n_head=8, n_head_kv=2, n_ff=512,
@@ -324,7 +325,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if life:
         lines += ["", "## `llamactl up` -> /health -> chat -> `down`", ""]
         for step in life.get("steps", []):
-            lines.append(f"- {'ok' if step['ok'] else 'FAIL'}: {step['step']} ({step['seconds']:.1f} s): {step['detail']}")
+            detail = " / ".join(x.strip() for x in str(step["detail"]).splitlines() if x.strip())
+            lines.append(f"- {'ok' if step['ok'] else 'FAIL'}: {step['step']} ({step['seconds']:.1f} s): {detail}")
     return "\n".join(lines) + "\n"
 
 
@@ -416,7 +418,7 @@ def stop(proc: subprocess.Popen[Any], timeout_s: float = 20) -> int | None:
     return proc.returncode
 
 
-def run_case(env: Env, case: Case, models: dict[str, Path]) -> dict[str, Any]:
+def run_case(env: Env, case: Case, models: dict[str, Path], plan_only: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {"label": case.label, **{k: v for k, v in asdict(case).items() if k != "label"}}
     env.write_profile(case.name, case.profile_toml(models, env.binary))
     t0 = time.monotonic()
@@ -429,6 +431,9 @@ def run_case(env: Env, case: Case, models: dict[str, Path]) -> dict[str, Any]:
     result["plan"] = plan
     if not plan["fits"] or not plan.get("argv"):
         result["error"] = "the plan does not fit" if not plan["fits"] else "the plan has no argv: " + "; ".join(plan["notes"])
+        return result
+    if plan_only:
+        result["error"] = "planned only: " + ", ".join(f"{d['key']} {d['total_mib']} MiB" for d in plan["devices"])
         return result
     port = free_port()
     argv = [str(port) if a == "<port>" else a for a in plan["argv"]] + ["-lv", "4"]
@@ -504,9 +509,11 @@ def check_gpus(env: Env) -> dict[str, Any]:
     ours = json.loads(done.stdout)
     smi_bin = shutil.which("nvidia-smi")
     if smi_bin is None:
-        ok = env.cpu and ours == []
-        return {"llamactl": ours, "skipped": "no nvidia-smi on this machine",
-                "checks": [{"check": "no GPU: llamactl gpus --json is []", "ok": ok, "detail": json.dumps(ours)[:200]}]}
+        if env.cpu:
+            return {"llamactl": ours, "skipped": "no nvidia-smi on this machine (CPU rehearsal)",
+                    "checks": [{"check": "no GPU: llamactl gpus --json is []", "ok": ours == [],
+                                "detail": json.dumps(ours)[:200]}]}
+        return {"llamactl": ours, "checks": [{"check": "nvidia-smi on PATH", "ok": False, "detail": "not found"}]}
     smi = subprocess.run([smi_bin, f"--query-gpu={SMI_QUERY}", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, timeout=60)
     rows = parse_smi_csv(smi.stdout)
@@ -587,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="toy models and small contexts")
     ap.add_argument("--budget-s", type=float, default=480, help="stop starting cases after this many seconds")
     ap.add_argument("--keep-work", action="store_true", help="keep the models, profiles and engine logs")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="plan every case (with LLAMACTL_GPUS_FILE describing the card, say) and start nothing")
     ap.add_argument("--command", default=None, help="the command line to record in the report")
     args = ap.parse_args(argv)
     t_start = time.monotonic()
@@ -610,14 +619,16 @@ def main(argv: list[str] | None = None) -> int:
         env.report["meta"]["gpus"] = ", ".join(f"{g['name']} ({g['total_mib']} MiB)" for g in gpus) or "none"
         env.save()
         print("gpus check:", "ok" if all(c["ok"] for c in env.report["gpus_check"]["checks"]) else "FAILED", flush=True)
-        env.report["lifecycle"] = check_lifecycle(env, models["swa"])
-        env.save()
-        print("lifecycle:", "ok" if all(s["ok"] for s in env.report["lifecycle"]["steps"]) else "FAILED", flush=True)
+        if not args.plan_only:
+            env.report["lifecycle"] = check_lifecycle(env, models["swa"])
+            env.save()
+            print("lifecycle:", "ok" if all(s["ok"] for s in env.report["lifecycle"]["steps"]) else "FAILED",
+                  flush=True)
         for case in matrix(args.quick):
             if env.left_s() < CASE_RESERVE_S:
                 env.report["meta"]["stopped_early"] = f"time budget: '{case.label}' and later cases not run"
                 break
-            res = run_case(env, case, models)
+            res = run_case(env, case, models, args.plan_only)
             env.report["cases"].append(res)
             env.report["meta"]["elapsed_s"] = time.monotonic() - t_start
             env.save()
@@ -636,7 +647,16 @@ def main(argv: list[str] | None = None) -> int:
     s = env.report["summary"]
     print(f"{s['within_target']} of {s['device_rows']} device rows within the target; underestimates "
           f"{s['underestimates']}; {time.monotonic() - t_start:.0f} s; report in {args.out}")
-    return 0
+    return 0 if all_passed(env.report) else 1
+
+
+def all_passed(report: dict[str, Any]) -> bool:
+    """Every check passed, every case loaded, and no device row is out of the target."""
+    checks = [c["ok"] for c in (report.get("gpus_check") or {}).get("checks", [])]
+    checks += [s["ok"] for s in (report.get("lifecycle") or {}).get("steps", [])]
+    rows = [r for c in report.get("cases", []) for r in c.get("devices", [])]
+    loaded = all(c.get("engine", {}).get("loaded") for c in report.get("cases", []))
+    return all(checks) and loaded and all(r["within_target"] for r in rows) and not report["meta"].get("stopped_early")
 
 
 if __name__ == "__main__":
