@@ -314,6 +314,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_num(r['err_pct'], '+.1f')} | {ok} | "
                 + (f"{_num(loaded)} / {_num(after)}" if r["device"] != "CPU" else "-")
                 + f" | {_num(r.get('context_overhead_mib'))} | {_num(unacc)} |")
+    named = [c for c in report.get("cases", []) if c.get("engine_buffers")]
+    if named:
+        names = ["CUDA0", "CUDA_Host", "CPU_Mapped", "CPU", "CPU_REPACK"]
+        names += sorted({n for c in named for n in c["engine_buffers"]} - set(names))
+        lines += ["", "## The engine's buffers by name (MiB, target + draft, all components)", "",
+                  "| case | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for c in named:
+            lines.append(f"| {c['label']} | " + " | ".join(
+                _num(c["engine_buffers"].get(n), ".1f") for n in names) + " |")
     g = report.get("gpus_check")
     if g:
         lines += ["", "## `llamactl gpus --json` vs nvidia-smi", ""]
@@ -464,7 +473,9 @@ def run_case(env: Env, case: Case, models: dict[str, Path], plan_only: bool = Fa
     result["engine"] = engine
     result["nvml"] = {"before": before, "loaded": loaded, "after_request": after}
     actual = parse_memory_log(lines)
-    breakdown = parse_memory_breakdown(lines)
+    # the table printed at exit, after the buffers: --fit's probes print projections before the load
+    last_compute = max((i for i, line in enumerate(lines) if "compute buffer size" in line), default=len(lines))
+    breakdown = parse_memory_breakdown(lines[last_compute:])
     result["engine_buffers"] = engine_buffers_by_name(actual)
     result["engine_breakdown"] = [asdict(r) for r in breakdown]
     result["devices"] = compare_devices(plan, actual, breakdown, nvml_by_device(before, loaded, after)) if actual else []

@@ -85,6 +85,15 @@ print(" ".join(COMMON_CMAKE_ARGS + SOURCES["llama.cpp"].cmake_args))') || exit 3
     say "built $BINARY in ${GPU_CHECK_BUILD_S}s"
 fi
 [ -x "$BINARY" ] || { echo "no llama-server at $BINARY" >&2; exit 3; }
+# A CUDA build links libcudart / libcublas dynamically: find them if the loader does not.
+if command -v ldd >/dev/null && ldd "$BINARY" | grep -q "not found"; then
+    for lib in $(ldd "$BINARY" | awk '/not found/ {print $1}'); do
+        dir=$(find /usr/local /opt /usr/lib -name "$lib" -print -quit 2>/dev/null | xargs -r dirname)
+        [ -n "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    done
+    say "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    ldd "$BINARY" | grep "not found" && { echo "llama-server misses libraries (above)" >&2; exit 4; }
+fi
 
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1

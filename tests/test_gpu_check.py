@@ -134,6 +134,9 @@ def test_the_markdown_report_has_one_row_per_device_and_the_summary() -> None:
     assert text.count("| dense 32768 f16 | ") == 2 and "| dense 32768 f16 | CUDA0 |" in text
     assert "| dense 131072 q8_0 | CUDA0 |" in text and "UNDER" in text
     assert "| moe 32768 f16 | - | the engine reported no buffers" in text
+    good["engine_buffers"] = gc.engine_buffers_by_name(engine())
+    text = gc.render_markdown(report)
+    assert "| dense 32768 f16 | 13907.4 | 62.5 | 798.5 | - | - |" in text  # CUDA0, CUDA_Host, CPU_Mapped, ...
     summary = gc.summarize(report["cases"])
     assert (summary["cases"], summary["cases_loaded"], summary["underestimates"]) == (3, 2, 1)
     assert "- ok: GPU count: 1 vs 1" in text
