@@ -463,7 +463,7 @@ def run_case(env: Env, case: Case, models: dict[str, Path], plan_only: bool = Fa
             loaded = {} if env.cpu else nvml_reading(proc.pid)
             after: dict[str, Any] = {}
             if ready:
-                engine["request"] = one_request(url)
+                engine["request"] = one_request(url, timeout_s=min(60.0, max(5.0, env.left_s() - 10)))
                 after = {} if env.cpu else nvml_reading(proc.pid)
         finally:
             engine_exit = stop(proc)
@@ -500,12 +500,12 @@ def nvml_by_device(before: dict[str, Any], loaded: dict[str, Any], after: dict[s
     return out
 
 
-def one_request(url: str) -> dict[str, Any]:
+def one_request(url: str, timeout_s: float = 60) -> dict[str, Any]:
     import httpx
 
     t0 = time.monotonic()
     try:
-        r = httpx.post(url + "/completion", json={"prompt": "The memory plan says", "n_predict": 8}, timeout=60)
+        r = httpx.post(url + "/completion", json={"prompt": "The memory plan says", "n_predict": 8}, timeout=timeout_s)
         timings = r.json().get("timings", {}) if r.status_code == 200 else {}
         return {"status": r.status_code, "seconds": round(time.monotonic() - t0, 2),
                 "tokens_per_s": timings.get("predicted_per_second")}
