@@ -48,9 +48,10 @@ DROPPED_GLOBS = ("convert_*.py", "build-xcframework.sh")
 
 # llamactl's runtime dependencies the GPU machine's Python does not have (device KINDS.md package list),
 # with what they need in turn. click, httpx, psutil, nvidia-ml-py, numpy, prometheus-client, pyyaml, tqdm,
-# typing-extensions, anyio, h11 and uvloop are there already.
-MISSING_ON_DEVICE = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "pydantic-settings",
-                     "python-dotenv", "gguf", "uvicorn", "starlette", "httptools")
+# requests, anyio, h11 and uvloop are there already. typing-extensions is there too, but pydantic needs a
+# recent one (>= 4.16): the carried copy comes first on PYTHONPATH.
+MISSING_ON_DEVICE = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
+                     "pydantic-settings", "python-dotenv", "gguf", "uvicorn", "starlette", "httptools")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "any")
 
