@@ -60,7 +60,13 @@ if [ -z "$BINARY" ]; then
         echo "no .gpu-check/llama.cpp: run scripts/gpu_check_prepare.py here first and carry it" >&2; exit 3; }
     if [ $CPU = 0 ] && ! command -v nvcc >/dev/null; then
         for d in /usr/local/cuda/bin /usr/local/cuda-*/bin; do [ -x "$d/nvcc" ] && export PATH="$d:$PATH" && break; done
+        if ! command -v nvcc >/dev/null; then  # a pip-installed toolkit, say
+            found=$(find /usr/local /opt -name nvcc -type f -perm -u+x -print -quit 2>/dev/null)
+            [ -n "$found" ] && export PATH="$(dirname "$found"):$PATH"
+        fi
     fi
+    [ $CPU = 1 ] || command -v nvcc >/dev/null || { echo "no nvcc found: cannot build with CUDA" >&2; exit 4; }
+    [ $CPU = 1 ] || export CUDACXX="$(command -v nvcc)"
     FLAGS=$("$PY" -c 'from llamactl.engines.install import COMMON_CMAKE_ARGS, SOURCES
 print(" ".join(COMMON_CMAKE_ARGS + SOURCES["llama.cpp"].cmake_args))') || exit 3
     if [ $CPU = 1 ]; then
