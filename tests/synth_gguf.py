@@ -247,9 +247,11 @@ def write_header_only(path: Path, *, arch: str = "llama", n_layer: int = 80, n_e
                       n_head_kv: int = 8, n_ff: int = 28672, n_vocab: int = 128256, ctx_train: int = 131072,
                       qtype: GGMLQuantizationType = GGMLQuantizationType.Q8_0,
                       n_expert: int = 0, n_expert_used: int = 0, head_dim: int | None = None,
-                      extra_kv: dict[str, int] | None = None, tied: bool = False) -> Path:
+                      extra_kv: dict[str, int] | None = None, tied: bool = False, loadable: bool = False) -> Path:
     """A GGUF whose tensor table describes a big model; the data section is a sparse hole.
-    Good for the planner (which never reads weights), not for llama-server."""
+    Good for the planner (which never reads weights). With `loadable` (llama architecture) it also carries
+    a tokenizer and the keys llama-server requires, so the engine loads it with all-zero weights: a real
+    load of a big model (on a GPU, say) without writing its gigabytes."""
     from gguf import GGML_QUANT_SIZES
 
     w = GGUFWriter(str(path), arch)
@@ -264,8 +266,14 @@ def write_header_only(path: Path, *, arch: str = "llama", n_layer: int = 80, n_e
         w.add_uint32(p + "expert_used_count", n_expert_used)
     for key, value in (extra_kv or {}).items():
         w.add_uint32(p + key, value)
-    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(n_vocab)])
     head = head_dim or n_embd // n_head
+    if loadable:
+        _vocab(w, n_vocab)
+        w.add_float32(p + "attention.layer_norm_rms_epsilon", 1e-5)
+        w.add_uint32(p + "rope.dimension_count", head)
+        w.add_float32(p + "rope.freq_base", 500000.0)
+    else:
+        w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(n_vocab)])
     if head_dim:
         w.add_uint32(p + "attention.key_length", head_dim)
         w.add_uint32(p + "attention.value_length", head_dim)

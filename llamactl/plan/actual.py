@@ -7,7 +7,14 @@ Lines (src/llama-model.cpp, llama-kv-cache.cpp, llama-memory-recurrent.cpp, llam
   llama_memory_recurrent:        CPU RS buffer size =     1.50 MiB
   llama_context:        CPU  output buffer size =     4.00 MiB
   sched_reserve:        CPU compute buffer size =    28.27 MiB
-The draft model repeats the set after the target's.
+The draft model repeats the set after the target's. On a CUDA build the same lines name CUDA0, CUDA1, ...
+and CUDA_Host (pinned host memory: the output buffer, the host side of the compute graph).
+
+At exit (and during --fit's probes) common_memory_breakdown_print adds a table (common/fit.cpp):
+  | memory breakdown [MiB] | total   free    self   model   context   compute    unaccounted |
+  |   - CUDA0 (NVIDIA H200)  | 143771 = 134112 + ( 9127 =  8137 +    512 +     478) +         532 |
+  |   - Host               |                   20 =     8 +       4 +       8                |
+where unaccounted = total - free - self: the CUDA context, cuBLAS workspace, pools and other processes.
 """
 
 from __future__ import annotations
@@ -58,3 +65,55 @@ def parse_memory_log(lines: list[str]) -> list[ActualMemory]:
         bucket = getattr(current, kind)
         bucket[dev] = bucket.get(dev, 0.0) + float(m.group("mib"))
     return models
+
+
+_BREAKDOWN_DEVICE = re.compile(
+    r"\|\s*-\s+(?P<name>\S+)(?:\s+\((?P<desc>[^|]*)\))?\s*\|\s*(?P<total>-?\d+)\s*=\s*(?P<free>-?\d+)\s*\+\s*"
+    r"\(\s*(?P<self>-?\d+)\s*=\s*(?P<model>-?\d+)\s*\+\s*(?P<context>-?\d+)\s*\+\s*(?P<compute>-?\d+)\s*\)"
+    r"\s*\+\s*(?P<unaccounted>-?\d+)\s*\|"
+)
+_BREAKDOWN_HOST = re.compile(
+    r"\|\s*-\s+(?P<name>\S+)\s*\|\s*(?P<self>-?\d+)\s*=\s*(?P<model>-?\d+)\s*\+\s*(?P<context>-?\d+)\s*\+\s*"
+    r"(?P<compute>-?\d+)\s*\|"
+)
+
+
+@dataclass(frozen=True)
+class BreakdownRow:
+    """One device (or the host) of the engine's memory breakdown table, MiB. total / free / unaccounted are
+    None for the host row, which the engine prints without them."""
+
+    name: str
+    description: str | None
+    self_mib: int
+    model_mib: int
+    context_mib: int
+    compute_mib: int
+    total_mib: int | None = None
+    free_mib: int | None = None
+    unaccounted_mib: int | None = None
+
+
+def parse_memory_breakdown(lines: list[str]) -> list[BreakdownRow]:
+    """The rows of the LAST memory breakdown table in the log (the one printed at exit, after the load),
+    or [] when the engine printed none."""
+    tables: list[list[BreakdownRow]] = []
+    for line in lines:
+        if "memory breakdown [MiB]" in line:
+            tables.append([])
+            continue
+        if not tables:
+            continue
+        if m := _BREAKDOWN_DEVICE.search(line):
+            tables[-1].append(BreakdownRow(
+                name=m.group("name"), description=(m.group("desc") or "").strip() or None,
+                self_mib=int(m.group("self")), model_mib=int(m.group("model")),
+                context_mib=int(m.group("context")), compute_mib=int(m.group("compute")),
+                total_mib=int(m.group("total")), free_mib=int(m.group("free")),
+                unaccounted_mib=int(m.group("unaccounted"))))
+        elif m := _BREAKDOWN_HOST.search(line):
+            tables[-1].append(BreakdownRow(
+                name=m.group("name"), description=None, self_mib=int(m.group("self")),
+                model_mib=int(m.group("model")), context_mib=int(m.group("context")),
+                compute_mib=int(m.group("compute"))))
+    return tables[-1] if tables else []
