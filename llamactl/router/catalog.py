@@ -11,15 +11,13 @@ import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from llamactl.engines import facts as engine_facts
 from llamactl.policy import Role
 from llamactl.profiles import Profile
 from llamactl.router.errors import BadRequest, ModelNotFound
 
-ENGINE_DEFAULT_SLOTS = {"llama.cpp": 4, "ik_llama.cpp": 1}
-
-
 def slots_of(profile: Profile) -> int:
-    return profile.parallel or ENGINE_DEFAULT_SLOTS.get(profile.engine, 1)
+    return engine_facts.slots(profile.engine, profile.parallel)
 
 
 @dataclass(frozen=True)
