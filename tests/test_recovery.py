@@ -19,8 +19,8 @@ from llamactl.profiles import load_profile
 from llamactl.settings import Settings
 from llamactl.supervisor import Supervisor, free_port
 from llamactl.supervisor.recovery import (
-    Action, HangDetector, Probe, RestartPolicy, RestartTracker, Verdict, exit_reason,
-    find_orphans, plan_sweep, probe_health, stop_orphan,
+    Action, HangDetector, HealthCheck, RestartPolicy, RestartTracker, Verdict, exit_reason,
+    find_orphans, plan_sweep, check_health, stop_orphan,
 )
 from llamactl.supervisor.state import StateStore
 from tests.conftest import FAKE_SERVER
@@ -122,26 +122,26 @@ def test_a_live_but_unresponsive_server_is_declared_hung():
     proc, url = _spawn_fake("hang")
     try:
         detector = HangDetector(threshold=3)
-        verdicts = [detector.observe(probe_health(url, timeout_s=0.3), alive=proc.poll() is None)
+        verdicts = [detector.observe(check_health(url, timeout_s=0.3), alive=proc.poll() is None)
                     for _ in range(3)]
         assert verdicts == [Verdict.SUSPECT, Verdict.SUSPECT, Verdict.HUNG]
         assert detector.reason().startswith("hung: /health failed 3 times in a row")
     finally:
         proc.kill()
         proc.wait()
-    assert detector.observe(probe_health(url, timeout_s=0.3), alive=proc.poll() is None) is Verdict.DEAD
+    assert detector.observe(check_health(url, timeout_s=0.3), alive=proc.poll() is None) is Verdict.DEAD
 
 
 def test_a_healthy_answer_resets_the_count():
     proc, url = _spawn_fake("normal")
     try:
         detector = HangDetector(threshold=2)
-        assert detector.observe(Probe(False, "timeout"), alive=True) is Verdict.SUSPECT
+        assert detector.observe(HealthCheck(False, "timeout"), alive=True) is Verdict.SUSPECT
         deadline = time.monotonic() + 10
-        probe = probe_health(url, timeout_s=1)
+        probe = check_health(url, timeout_s=1)
         while not probe.ok and time.monotonic() < deadline:  # until the fake's listener is up
-            probe = probe_health(url, timeout_s=1)
-        assert probe == Probe(True, "200")
+            probe = check_health(url, timeout_s=1)
+        assert probe == HealthCheck(True, "200")
         assert detector.observe(probe, alive=True) is Verdict.OK and detector.failures == 0
     finally:
         proc.kill()
