@@ -2,7 +2,7 @@
 
 - `RestartTracker` (pure; time is passed in): exponential backoff with a cap, and crash-loop detection
   that ends in `failed` with the reason and the child's last log lines.
-- `check_health` / `acheck_health` + `HangDetector`: a process that lives but does not answer /health
+- `acheck_health` + `HangDetector`: a process that lives but does not answer /health
   for `threshold` consecutive probes is "hung" (restart it).
 - `find_orphans` / `plan_sweep` / `stop_orphan`: at daemon start, the llama-servers an earlier llamactl
   started (records in <state_dir>/servers, verified by pid + create time + cmdline) are found and either
@@ -96,19 +96,6 @@ class RestartTracker:
         return RestartDecision(Action.RESTART, delay, reason, self.consecutive, tail)
 
 
-def exit_reason(exit_code: int | None) -> str:
-    if exit_code is None:
-        return "exited"
-    if exit_code < 0:
-        import signal
-
-        try:
-            return f"killed by {signal.Signals(-exit_code).name}"
-        except ValueError:
-            return f"killed by signal {-exit_code}"
-    return f"exited with code {exit_code}"
-
-
 # ---------------------------------------------------------------------------------- hang detection
 
 HEALTH_CHECK_TIMEOUT_S = 3.0
@@ -125,18 +112,6 @@ def _health_result(status: int | None, error: Exception | None) -> HealthCheck:
         kind = "timeout" if isinstance(error, httpx.TimeoutException) else type(error).__name__
         return HealthCheck(False, f"{kind}: {error}" if str(error) else kind)
     return HealthCheck(status == 200, str(status))
-
-
-def check_health(url: str, *, timeout_s: float = HEALTH_CHECK_TIMEOUT_S, client: httpx.Client | None = None) -> HealthCheck:
-    """GET url/health with a short timeout. /health needs no API key in llama-server."""
-    try:
-        if client is not None:
-            r = client.get(f"{url}/health", timeout=timeout_s)
-        else:
-            r = httpx.get(f"{url}/health", timeout=timeout_s)
-        return _health_result(r.status_code, None)
-    except httpx.HTTPError as e:
-        return _health_result(None, e)
 
 
 async def acheck_health(url: str, *, timeout_s: float = HEALTH_CHECK_TIMEOUT_S,
