@@ -1,7 +1,7 @@
 """Routable names: which lane (a switch group or a single profile) a request's `model` goes to.
 
-A lane is what owns a queue. A switch group `g` (profiles with group = "g") is one lane with a
-speculative member and a plain member; a profile without a group is a lane of its own. A request may
+A lane is what owns a queue. A switch group `g` (profiles with group = "g") is one lane with at most one
+plain member and any number of speculative ones (drafters, depths, n-gram kinds, MTP); a profile without a group is a lane of its own. A request may
 name the group, any profile or alias: naming a member of a group pins the request to that member.
 """
 
@@ -56,11 +56,11 @@ class Catalog:
             if len(members) == 1:  # a group of one: a lane named after the group, nothing to switch
                 catalog._add_lane(LaneSpec(group, roles, {members[0].name: slots_of(members[0])}, False), members)
                 continue
-            if len(members) != 2 or sorted(roles.values()) != ["plain", "spec"]:
+            if list(roles.values()).count("plain") > 1:
                 desc = ", ".join(f"{n} ({r})" for n, r in roles.items())
                 catalog.problems.append(
-                    f"switch group '{group}' needs exactly one speculative and one plain profile, has: {desc}; "
-                    "its profiles are served on their own"
+                    f"switch group '{group}' may have one plain profile and any number of speculative ones, has: "
+                    f"{desc}; its profiles are served on their own"
                 )
                 singles += members
                 continue
