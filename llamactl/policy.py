@@ -1,27 +1,34 @@
-"""Which member of a switch group should serve: the speculative one or the plain one. Pure, no I/O.
+"""Which member of a switch group should serve: the plain one or one of its speculative ones (different
+drafters, depths, n-gram kinds, MTP). Pure, no I/O.
 
 The router hands `decide()` a snapshot of one group (what is queued, what arrived recently, what each
 workload class measured on each member, what a switch costs) and gets back a `Decision`. Everything
 the decision depends on is in the snapshot, so a trace of snapshots replays exactly (tests/test_policy.py).
 
 Model of the work: a class c has an expected completion length tokens_c and a decode speed on each
-member, speed(c, spec) and speed(c, plain), in tokens/s. The expected time of the demand on a member is
+member m, speed(c, m), in tokens/s. The expected time of the demand on a member is
     W(member) = sum_c weight_c * tokens_c / speed(c, member)
 where weight_c is the demand of class c: every queued request, and when fewer than `horizon` requests are
 queued, the rest of the horizon filled in the proportions of the recent arrivals (with a sequential client
 the queue is nearly always empty, and the recent mix is the best guess of what comes next; with a queued
 burst the queue itself is the truth).
-A switch happens when the other member saves more than the switch's measured cost (restart time) times
-`cost_factor`, AND is at least `hysteresis` faster on that work, AND the current member has served for
-`min_dwell_s`. A mixed queue whose classes balance out never clears the hysteresis band, so it does not
+A switch happens when the fastest other member saves more than the cost of switching to it (a drain when
+it is loaded, its measured restart time otherwise) times `cost_factor`, AND is at least `hysteresis` faster
+on that work, AND the current member has served for `min_dwell_s`. A mixed queue whose classes balance out never clears the hysteresis band, so it does not
 flap.
 A cheap switch (both members loaded: a drain, at most `cheap_switch_s`) needs no amortising: the demand is
 the queue alone, with no horizon of guessed future work, and no dwell applies, so the first request of a
 new phase already goes to the member that suits it. Hysteresis still applies.
 
 Speeds come from measurements when a class has `min_samples` of them on that member; otherwise from the
-other member's measured speed and the class's acceptance rate (measured on the speculative member, or
-a prior per class) through a linear speed-up model speedup(a) = intercept + slope * a. The default
+plain speed of the class (measured on the plain member, or derived from a measured speculative one) and
+the class's acceptance rate on the member (measured there, or a prior per class) through a linear
+speed-up model speedup(a) = intercept + slope * a.
+Exploration: when a class is due one (the lane keeps its share of that class's requests at most
+`explore_share`) and has a member with fewer than `min_samples` measurements, its next `min_samples`
+requests go there, if that member is loaded (a switch is a drain) or its reload costs at most
+`explore_share` of the work waiting: evidence for every member, and a reload only where finding out could change the choice (a drafter accepting `explore_acceptance_hope`
+more than its estimate, or the plain member `explore_optimism` times faster, would win the work queued). Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
 model is fitted to llama-server's n-gram speculation on a CPU (reference: 79 vs 63 tok/s at acceptance
 0.65, 54 vs 68 tok/s at acceptance 0.10), break-even near acceptance 0.35.
 """
@@ -29,11 +36,13 @@ model is fitted to llama-server's n-gram speculation on a CPU (reference: 79 vs 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Role = Literal["spec", "plain"]
 ROLES: tuple[Role, Role] = ("spec", "plain")
+GOOD_ACCEPTANCE = 0.5  # at or above it, speculation is taken not to be slower than plain decoding
+PAIR: Mapping[str, bool] = {"spec": True, "plain": False}  # a group of two named by role (the tests' shorthand)
 
 DEFAULT_PRIOR_ACCEPTANCE: dict[str, float] = {
     "code": 0.65,
@@ -49,6 +58,7 @@ DEFAULT_PRIOR_ACCEPTANCE: dict[str, float] = {
 class PolicyConfig:
     min_samples: int = 2
     hysteresis: float = 0.12
+    run_hysteresis: float = 0.05  # for a run of one class at the queue's head, whose round trip is paid too
     min_dwell_s: float = 10.0
     horizon: float = 4.0  # requests of demand to plan for; the recent mix fills what the queue lacks
     cheap_switch_s: float = 0.5  # a switch this cheap (both members warm) plans on the queue alone, no dwell
@@ -60,6 +70,10 @@ class PolicyConfig:
     speedup_slope: float = 0.84
     prior_acceptance: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_PRIOR_ACCEPTANCE))
     unknown_class_acceptance: float = 0.3
+    explore_share: float = 0.1  # at most this share of a class's requests go to an under-measured member
+    explore_optimism: float = 1.2  # a reload to find out the plain member is paid if this much faster would pay
+    explore_acceptance_hope: float = 0.2  # ... and a drafter's if this much more acceptance would
+    explore_memory_s: float = 3600.0  # a (class, member) explored by a reload is not explored so again sooner
 
     def speedup(self, acceptance: float) -> float:
         return max(0.05, self.speedup_intercept + self.speedup_slope * acceptance)
@@ -67,81 +81,108 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class ClassEvidence:
-    """What one workload class measured in the rolling window."""
+    """What one workload class measured in the rolling window, per member."""
 
-    spec_tok_s: float | None = None
-    spec_n: int = 0
-    plain_tok_s: float | None = None
-    plain_n: int = 0
-    acceptance: float | None = None  # draft_n_accepted / draft_n on the speculative member
-    acceptance_n: int = 0
+    tok_s: Mapping[str, float] = field(default_factory=dict)  # member -> mean decode tokens/s
+    n: Mapping[str, int] = field(default_factory=dict)  # member -> samples behind tok_s
+    acceptance: Mapping[str, float] = field(default_factory=dict)  # speculative member -> accepted / drafted
+    acceptance_n: Mapping[str, int] = field(default_factory=dict)
     mean_tokens: float | None = None  # mean completion tokens
 
 
 @dataclass(frozen=True)
 class GroupState:
-    active: Role | None  # None: no member loaded
+    active: str | None  # the member serving; None: no member loaded
     seconds_since_switch: float
-    switch_cost_s: float | None  # measured restart time; None = not measured yet
+    switch_cost_s: float | Mapping[str, float] | None  # to switch to each member; None: not measured yet
     queued: Mapping[str, int]  # class -> requests waiting
     recent: Mapping[str, int] = field(default_factory=dict)  # class -> arrivals in the recent window
     evidence: Mapping[str, ClassEvidence] = field(default_factory=dict)
+    members: Mapping[str, bool] = field(default_factory=lambda: dict(PAIR))  # member -> speculative
+    head_class: str | None = None  # the class of the request at the head of the queue
+    explore_due: Mapping[str, bool] = field(default_factory=dict)  # class -> below its exploration share
+    loaded: frozenset[str] = frozenset()  # members running now (a switch to one is a drain, not a reload)
+    head_run: tuple[str, int] | None = None  # (class, n): the n requests of one class the queue serves next
+    hopeful: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (class, member) -> tok/s to assume
+    explored: frozenset[tuple[str, str]] = frozenset()  # (class, member) explored within explore_memory_s
 
 
 @dataclass(frozen=True)
 class Decision:
-    target: Role
+    target: str
     switch: bool
     reason: str
     seconds: Mapping[str, float]  # expected seconds of the demand on each member
+    explore: bool = False
 
 
-def _other(role: Role) -> Role:
-    return "plain" if role == "spec" else "spec"
+def _measured(ev: ClassEvidence, member: str, config: PolicyConfig) -> float | None:
+    value = ev.tok_s.get(member)
+    return value if value and ev.n.get(member, 0) >= config.min_samples else None
 
 
-def acceptance_for(cls: str, ev: ClassEvidence, config: PolicyConfig) -> float:
-    if ev.acceptance is not None and ev.acceptance_n >= config.min_samples:
-        return ev.acceptance
+def acceptance_for(cls: str, ev: ClassEvidence, config: PolicyConfig, member: str | None = None) -> float:
+    """Acceptance of class `cls` on a speculative member: measured there, else the class's prior."""
+    members = [member] if member is not None else list(ev.acceptance)
+    for m in members:
+        if m in ev.acceptance and ev.acceptance_n.get(m, 0) >= config.min_samples:
+            return ev.acceptance[m]
     return config.prior_acceptance.get(cls, config.unknown_class_acceptance)
 
 
-def _base_speed(evidence: Mapping[str, ClassEvidence], config: PolicyConfig) -> float:
-    """A plain-member speed to use for classes with no measurement at all (mean over measured ones)."""
-    speeds = []
-    for cls, ev in evidence.items():
-        if ev.plain_tok_s and ev.plain_n >= config.min_samples:
-            speeds.append(ev.plain_tok_s)
-        elif ev.spec_tok_s and ev.spec_n >= config.min_samples:
-            speeds.append(ev.spec_tok_s / config.speedup(acceptance_for(cls, ev, config)))
+def _plain_speed(cls: str, evidence: Mapping[str, ClassEvidence], members: Mapping[str, bool],
+                 config: PolicyConfig) -> float | None:
+    """The class's speed without speculation: measured on the plain member for this class, else for other
+    classes (without speculation, decode speed hardly depends on the content), else derived from a measured
+    speculative member and the speed-up model."""
+    plain = [m for m, is_spec in members.items() if not is_spec]
+    ev = evidence.get(cls, ClassEvidence())
+    for m in plain:
+        if (v := _measured(ev, m, config)) is not None:
+            return v
+    others = [v for other in evidence.values() for m in plain if (v := _measured(other, m, config)) is not None]
+    if others:
+        return sum(others) / len(others)
+    for m, is_spec in members.items():
+        if is_spec and (v := _measured(ev, m, config)) is not None:
+            return v / config.speedup(acceptance_for(cls, ev, config, m))
+    return None
+
+
+def _base_speed(evidence: Mapping[str, ClassEvidence], members: Mapping[str, bool], config: PolicyConfig) -> float:
+    """A plain speed for classes with no measurement at all (mean over the measured ones)."""
+    speeds = [v for cls in evidence if (v := _plain_speed(cls, evidence, members, config)) is not None]
     return sum(speeds) / len(speeds) if speeds else config.default_tok_s
 
 
-def speed(cls: str, role: Role, evidence: Mapping[str, ClassEvidence], config: PolicyConfig) -> float:
-    """Expected decode tokens/s of class `cls` on member `role`."""
+def speed(cls: str, member: str, evidence: Mapping[str, ClassEvidence], config: PolicyConfig,
+          members: Mapping[str, bool] = PAIR) -> float:
+    """Expected decode tokens/s of class `cls` on `member`."""
     ev = evidence.get(cls, ClassEvidence())
-    spec_known = ev.spec_tok_s is not None and ev.spec_n >= config.min_samples and ev.spec_tok_s > 0
-    plain_known = ev.plain_tok_s is not None and ev.plain_n >= config.min_samples and ev.plain_tok_s > 0
-    factor = config.speedup(acceptance_for(cls, ev, config))
-    if role == "spec":
-        if spec_known:
-            return ev.spec_tok_s  # type: ignore[return-value]
-        plain = ev.plain_tok_s if plain_known else _base_speed(evidence, config)
-        return plain * factor  # type: ignore[operator]
-    if plain_known:
-        return ev.plain_tok_s  # type: ignore[return-value]
-    if spec_known:
-        return ev.spec_tok_s / factor  # type: ignore[operator]
-    return _base_speed(evidence, config)
+    measured = _measured(ev, member, config)
+    if measured is not None:
+        return measured
+    plain = _plain_speed(cls, evidence, members, config)
+    if plain is None:
+        plain = _base_speed(evidence, members, config)
+    if members.get(member, False):
+        return plain * config.speedup(acceptance_for(cls, ev, config, member))
+    return plain
 
 
-def switch_cost(state: GroupState, config: PolicyConfig) -> float:
-    return state.switch_cost_s if state.switch_cost_s is not None else config.default_switch_cost_s
+def switch_cost(state: GroupState, config: PolicyConfig, member: str | None = None) -> float:
+    """The cost of switching to `member` (None: the dearest switch in the group)."""
+    cost = state.switch_cost_s
+    if isinstance(cost, Mapping):
+        values = [cost[member]] if member is not None and member in cost else list(cost.values())
+        known = [v for v in values if v is not None]
+        return max(known) if known else config.default_switch_cost_s
+    return cost if cost is not None else config.default_switch_cost_s
 
 
 def demand(state: GroupState, config: PolicyConfig) -> dict[str, float]:
-    """Requests per class to plan for: the queue, topped up to `horizon` with the recent mix (unless a switch
-    is cheap: then the queue alone)."""
+    """Requests per class to plan for: the queue, topped up to `horizon` with the recent mix (unless every
+    switch is cheap: then the queue alone)."""
     weights = {cls: float(n) for cls, n in state.queued.items() if n > 0}
     if switch_cost(state, config) <= config.cheap_switch_s:
         return weights
@@ -154,36 +195,102 @@ def demand(state: GroupState, config: PolicyConfig) -> dict[str, float]:
     return weights
 
 
-def expected_seconds(state: GroupState, role: Role, config: PolicyConfig) -> float:
+def expected_seconds(state: GroupState, member: str, config: PolicyConfig) -> float:
     total = 0.0
     for cls, weight in demand(state, config).items():
         if weight <= 0:
             continue
         ev = state.evidence.get(cls, ClassEvidence())
         tokens = ev.mean_tokens if ev.mean_tokens else config.default_tokens
-        total += weight * tokens / speed(cls, role, state.evidence, config)
+        total += weight * tokens / _speed_in(state, cls, member, config)
     return total
 
 
+def _speed_in(state: GroupState, cls: str, member: str, config: PolicyConfig) -> float:
+    hopeful = state.hopeful.get((cls, member))
+    return hopeful if hopeful is not None else speed(cls, member, state.evidence, config, state.members)
+
+
+def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, float]) -> Decision | None:
+    """Send the head request's class to a member with too few samples for it, when the class is due one (the
+    lane keeps explorations under `explore_share` of its requests). Where the member is loaded that is only
+    a drain; a reload is paid only when finding out could change the choice: if the member were
+    `explore_optimism` times faster than estimated for this class, the policy would switch to it."""
+    cls = state.head_class
+    if cls is None or not state.explore_due.get(cls) or config.explore_share <= 0 or state.active is None:
+        return None
+    ev = state.evidence.get(cls, ClassEvidence())
+    for member in state.members:
+        if ev.n.get(member, 0) >= config.min_samples:
+            continue
+        loaded = member == state.active or member in state.loaded
+        # A reload to find out: only for a member never tried on this class in the window, and only when the
+        # next `min_samples` requests are of this class (the samples come in one visit, not one per reload).
+        run = state.head_run[1] if state.head_run is not None and state.head_run[0] == cls else 0
+        reload_ok = (ev.n.get(member, 0) == 0 and run >= config.min_samples
+                     and (cls, member) not in state.explored)
+        if loaded or (reload_ok and _worth_finding_out(state, config, cls, member)):
+            return Decision(member, member != state.active,
+                            f"explore: {cls} has {ev.n.get(member, 0)} samples on {member}", seconds, explore=True)
+    return None
+
+
+def _worth_finding_out(state: GroupState, config: PolicyConfig, cls: str, member: str) -> bool:
+    ev = state.evidence.get(cls, ClassEvidence())
+    if state.members.get(member, False):  # a drafter's acceptance on this class may beat its estimate
+        plain = _plain_speed(cls, state.evidence, state.members, config) or _base_speed(state.evidence, state.members,
+                                                                                        config)
+        acceptance = min(1.0, acceptance_for(cls, ev, config, member) + config.explore_acceptance_hope)
+        hopeful = plain * config.speedup(acceptance)
+    else:
+        hopeful = speed(cls, member, state.evidence, config, state.members) * config.explore_optimism
+        # Speculation that accepts most of its drafts is not slower than decoding without it: the plain
+        # member is no hope for a class a speculative member serves well.
+        good = [v for m, v in ev.tok_s.items() if state.members.get(m) and ev.n.get(m, 0) >= config.min_samples
+                and acceptance_for(cls, ev, config, m) >= GOOD_ACCEPTANCE]
+        if good:
+            hopeful = min(hopeful, max(good))
+    hopeful_state = replace(state, hopeful={(cls, member): hopeful}, explore_due={},
+                            seconds_since_switch=float("inf"))
+    decision = decide(hopeful_state, config)
+    return decision.switch and decision.target == member
+
+
 def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision:
-    seconds = {role: expected_seconds(state, role, config) for role in ROLES}
+    members = list(state.members)
+    seconds = {m: expected_seconds(state, m, config) for m in members}
     mix = ", ".join(f"{c}={n}" for c, n in sorted(state.queued.items()) if n) or "empty"
     if state.active is None:
-        target: Role = "plain" if seconds["plain"] < seconds["spec"] else "spec"
+        target = min(members, key=lambda m: (seconds[m], members.index(m)))
         return Decision(target, True, f"nothing loaded; queue [{mix}] is expected faster on {target}", seconds)
-    current, other = state.active, _other(state.active)
+    current = state.active
     if not any(state.queued.values()):
         return Decision(current, False, "queue empty; stay", seconds)
-    cost = switch_cost(state, config)
-    saving = seconds[current] - seconds[other]
-    detail = (
-        f"queue [{mix}]: {current} {seconds[current]:.1f}s vs {other} {seconds[other]:.1f}s expected, "
-        f"switch cost {cost:.1f}s"
-    )
+    explore = _exploration(state, config, seconds)
+    if explore is not None:
+        return explore
+    others = [m for m in members if m != current]
+    if not others:
+        return Decision(current, False, "the only member", seconds)
+    by_run = _head_run_decision(state, config, seconds)
+    if by_run is not None:
+        return by_run
+    best = min(others, key=lambda m: (seconds[m] + config.cost_factor * switch_cost(state, config, m), members.index(m)))
+    return _judge(state, config, seconds, current, best, seconds, f"queue [{mix}]")
+
+
+def _judge(state: GroupState, config: PolicyConfig, seconds: Mapping[str, float], current: str, best: str,
+           work: Mapping[str, float], what: str, round_trip: bool = False) -> Decision:
+    """Switch from `current` to `best` if it saves more than its cost, clears the hysteresis and the dwell.
+    `work` is the expected seconds on each member of the work that decides; `round_trip`: pay the way back."""
+    cost = switch_cost(state, config, best) + (switch_cost(state, config, current) if round_trip else 0.0)
+    saving = work[current] - work[best]
+    detail = f"{what}: {current} {work[current]:.1f}s vs {best} {work[best]:.1f}s expected, switch cost {cost:.1f}s"
     if saving <= 0:
         return Decision(current, False, f"{current} is faster; {detail}", seconds)
-    if seconds[other] > (1 - config.hysteresis) * seconds[current]:
-        return Decision(current, False, f"gain under hysteresis {config.hysteresis:.0%}; {detail}", seconds)
+    hysteresis = config.run_hysteresis if round_trip else config.hysteresis
+    if work[best] > (1 - hysteresis) * work[current]:
+        return Decision(current, False, f"gain under hysteresis {hysteresis:.0%}; {detail}", seconds)
     if saving <= config.cost_factor * cost:
         return Decision(current, False, f"gain {saving:.1f}s does not pay the switch; {detail}", seconds)
     if state.seconds_since_switch < config.min_dwell_s and cost > config.cheap_switch_s:
@@ -192,4 +299,22 @@ def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision
             f"min dwell {config.min_dwell_s:.0f}s not reached ({state.seconds_since_switch:.1f}s); {detail}",
             seconds,
         )
-    return Decision(other, True, f"switch to {other}, saves {saving:.1f}s; {detail}", seconds)
+    return Decision(best, True, f"switch to {best}, saves {saving:.1f}s; {detail}", seconds)
+
+
+def _head_run_decision(state: GroupState, config: PolicyConfig, seconds: Mapping[str, float]) -> Decision | None:
+    """The queue is served in order: a run of one class at its head is served before anything behind it. When
+    that run is faster elsewhere by more than the round trip, switch for it (phases of work); when it is
+    fastest where it is, stay for it. Otherwise (a short run not worth a round trip) the whole queue decides."""
+    if state.head_run is None or state.active is None:
+        return None
+    cls, n = state.head_run
+    ev = state.evidence.get(cls, ClassEvidence())
+    tokens = ev.mean_tokens if ev.mean_tokens else config.default_tokens
+    run = {m: n * tokens / _speed_in(state, cls, m, config) for m in state.members}
+    current = state.active
+    best = min(run, key=lambda m: (run[m], list(state.members).index(m)))
+    if best == current:
+        return Decision(current, False, f"the next {n} {cls} requests are fastest on {current}; stay", seconds)
+    decision = _judge(state, config, seconds, current, best, run, f"next {n} {cls}", round_trip=True)
+    return decision if decision.switch else None

@@ -208,3 +208,21 @@ async def test_with_both_warm_the_other_member_loads_in_the_background_and_a_swi
     lane.release(ticket)
     await lane.force("plain")
     assert lane.active == "plain" and ("stop", "fast") not in engines.calls
+
+
+@lane_test({"fast": "spec", "plain": "plain"}, keep_both_warm=True)
+async def test_a_warm_switch_grants_the_waiting_request_in_the_same_turn(lane, engines, clock):
+    """Found by the simulator: a switch to a member already loaded served nobody until some other event woke
+    the dispatcher."""
+    ticket, first = request(lane, pin="fast")
+    await settle()
+    engines.finish("fast")
+    await first
+    await settle()
+    engines.finish("plain")
+    await settle()
+    lane.release(ticket)
+    await settle()
+    _, pinned = request(lane, pin="plain")
+    await settle()
+    assert pinned.done() and lane.active == "plain"

@@ -3,6 +3,8 @@ real hung server, the orphan sweep with real processes, and children dying with 
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 import signal
 import subprocess
@@ -19,8 +21,8 @@ from llamactl.profiles import load_profile
 from llamactl.settings import Settings
 from llamactl.supervisor import Supervisor, free_port
 from llamactl.supervisor.recovery import (
-    Action, HangDetector, Probe, RestartPolicy, RestartTracker, Verdict, exit_reason,
-    find_orphans, plan_sweep, probe_health, stop_orphan,
+    Action, HangDetector, HealthCheck, RestartPolicy, RestartTracker, Verdict,
+    acheck_health, find_orphans, plan_sweep, stop_orphan,
 )
 from llamactl.supervisor.state import StateStore
 from tests.conftest import FAKE_SERVER
@@ -75,12 +77,6 @@ def test_crashes_outside_the_window_do_not_count_and_a_stable_run_resets_the_bac
     assert d.action is Action.RESTART and d.attempt == 1 and d.delay_s == 1
 
 
-def test_exit_reason():
-    assert exit_reason(1) == "exited with code 1"
-    assert exit_reason(-9) == "killed by SIGKILL"
-    assert exit_reason(None) == "exited"
-
-
 def test_a_real_crash_loop_is_detected(settings: Settings, fake_profile):
     """A child that crashes after becoming ready, restarted by the policy until it gives up."""
     name = fake_profile("crashy", mode="crash_later", FAKE_CRASH_AFTER_S="0.2")
@@ -96,7 +92,7 @@ def test_a_real_crash_loop_is_detected(settings: Settings, fake_profile):
         exit_code = psutil.Process(record.pid).wait(timeout=10) if psutil.pid_exists(record.pid) else None
         lines = (Path(record.log_path).read_text().splitlines())
         d = tracker.on_exit(time.monotonic(), uptime_s=time.time() - record.started_at,
-                            reason=exit_reason(exit_code), log_tail=lines)
+                            reason=f"exited with code {exit_code}", log_tail=lines)
         decisions.append(d.action)
         if d.action is Action.FAIL:
             break
@@ -122,26 +118,26 @@ def test_a_live_but_unresponsive_server_is_declared_hung():
     proc, url = _spawn_fake("hang")
     try:
         detector = HangDetector(threshold=3)
-        verdicts = [detector.observe(probe_health(url, timeout_s=0.3), alive=proc.poll() is None)
+        verdicts = [detector.observe(asyncio.run(acheck_health(url, timeout_s=0.3)), alive=proc.poll() is None)
                     for _ in range(3)]
         assert verdicts == [Verdict.SUSPECT, Verdict.SUSPECT, Verdict.HUNG]
         assert detector.reason().startswith("hung: /health failed 3 times in a row")
     finally:
         proc.kill()
         proc.wait()
-    assert detector.observe(probe_health(url, timeout_s=0.3), alive=proc.poll() is None) is Verdict.DEAD
+    assert detector.observe(asyncio.run(acheck_health(url, timeout_s=0.3)), alive=proc.poll() is None) is Verdict.DEAD
 
 
 def test_a_healthy_answer_resets_the_count():
     proc, url = _spawn_fake("normal")
     try:
         detector = HangDetector(threshold=2)
-        assert detector.observe(Probe(False, "timeout"), alive=True) is Verdict.SUSPECT
+        assert detector.observe(HealthCheck(False, "timeout"), alive=True) is Verdict.SUSPECT
         deadline = time.monotonic() + 10
-        probe = probe_health(url, timeout_s=1)
+        probe = asyncio.run(acheck_health(url, timeout_s=1))
         while not probe.ok and time.monotonic() < deadline:  # until the fake's listener is up
-            probe = probe_health(url, timeout_s=1)
-        assert probe == Probe(True, "200")
+            probe = asyncio.run(acheck_health(url, timeout_s=1))
+        assert probe == HealthCheck(True, "200")
         assert detector.observe(probe, alive=True) is Verdict.OK and detector.failures == 0
     finally:
         proc.kill()

@@ -47,8 +47,9 @@ def test_evidence_is_a_rolling_window_per_class_and_member():
         t.record(sample(gen_tok_s=speed, completion_tokens=100, draft_n=10, draft_accepted=5))
     t.record(sample(role="plain", profile="g-plain", gen_tok_s=50, completion_tokens=50))
     ev = t.evidence("g")["code"]
-    assert ev.spec_tok_s == 30 and ev.spec_n == 3  # the oldest of four fell out of the window
-    assert ev.plain_tok_s == 50 and ev.acceptance == 0.5
+    assert ev.tok_s["g-spec"] == 30 and ev.n["g-spec"] == 3  # the oldest of four fell out of the window
+    assert ev.tok_s["g-plain"] == 50 and ev.acceptance == {"g-spec": 0.5}
+    assert ev.n["g-plain"] == 1 and ev.mean_tokens == (3 * 100 + 50) / 4
     now[0] += 61
     assert t.evidence("g") == {}  # aged out
     t.record(sample(status=500, gen_tok_s=99))

@@ -64,16 +64,6 @@ def switch_command(settings: Settings, group: str, member: str, url: str | None,
     click.echo(f"{status['lane']}: active {status['active']} ({status['state']}, {forced})")
 
 
-def router_status(settings: Settings, url: str | None = None, timeout_s: float = 2.0) -> dict | None:
-    """The running serve's /llamactl/status, or None when no serve answers (for `llamactl status`)."""
-    base = url or f"http://127.0.0.1:{settings.router_port}"
-    try:
-        r = httpx.get(f"{base}/llamactl/status", timeout=timeout_s)
-    except httpx.HTTPError:
-        return None
-    return r.json() if r.status_code == 200 else None
-
-
 def router_status_lines(status: dict) -> list[str]:
     """Human lines per lane: the group, its active member, the last decision and why."""
     lines = []

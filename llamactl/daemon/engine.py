@@ -37,7 +37,7 @@ from llamactl.settings import Settings
 from llamactl.supervisor import ServerRecord, Supervisor
 from llamactl.supervisor.logs import relay_log, rotate_if_large, tail_lines
 from llamactl.supervisor.recovery import (
-    Action, HangDetector, Probe, RestartPolicy, RestartTracker, SpawnerThread, Verdict, aprobe_health,
+    Action, HangDetector, HealthCheck, RestartPolicy, RestartTracker, SpawnerThread, Verdict, acheck_health,
 )
 from llamactl.supervisor.state import process_matches
 
@@ -255,7 +255,7 @@ class Engine:
         self._monitor = self._relay = None
 
     async def _monitor_loop(self) -> None:
-        """Probe /health every health_interval_s; a death or a hang is stopped, counted and restarted."""
+        """Check /health every health_interval_s; a death or a hang is stopped, counted and restarted."""
         s = self.settings
         async with httpx.AsyncClient() as client:
             while True:
@@ -278,8 +278,8 @@ class Engine:
                                                 s.log_backups)
                     except OSError as e:  # a full disk must not take the daemon down
                         log.warning("%s: rotating %s failed: %s", self.name, record.log_path, e)
-                probe = (await aprobe_health(record.url, timeout_s=s.health_timeout_s, client=client) if alive
-                         else Probe(False, "process gone"))
+                probe = (await acheck_health(record.url, timeout_s=s.health_timeout_s, client=client) if alive
+                         else HealthCheck(False, "process gone"))
                 if self.record is not record:
                     continue
                 verdict = self.detector.observe(probe, alive=alive)

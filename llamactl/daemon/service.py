@@ -224,6 +224,7 @@ class Service:
         """Load the --preload profiles, then tell systemd READY (a failure is reported, not fatal)."""
         for name in self.preload:
             self.notifier.status(f"loading {name}")
+            self.notifier.extend_timeout(self.profiles[name].load_timeout_s + 60)  # systemd's start timeout
             log.info("preloading %s", name)
             lane = lane_of(router, name)
             try:

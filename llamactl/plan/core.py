@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from llamactl.engines import facts as engine_facts
 from llamactl.gpus import GpuInventory
 from llamactl.plan.estimate import ContextParams
 from llamactl.plan.model import ModelSpec
@@ -58,7 +59,7 @@ def resolve_ctx(profile: Profile, spec: ModelSpec, *, draft: bool = False) -> Co
     mainline = profile.engine == "llama.cpp"
     n_ctx = profile.ctx_size or spec.context_length or 4096
     if profile.parallel is None:
-        n_seq, unified = (4, True) if mainline else (1, False)
+        n_seq, unified = engine_facts.slots(profile.engine, None), engine_facts.unified_kv_by_default(profile.engine)
     else:
         n_seq = profile.parallel
         unified = mainline and (_has_flag(profile, "-kvu", "--kv-unified") or n_seq == 1)

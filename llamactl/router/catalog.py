@@ -1,7 +1,7 @@
 """Routable names: which lane (a switch group or a single profile) a request's `model` goes to.
 
-A lane is what owns a queue. A switch group `g` (profiles with group = "g") is one lane with a
-speculative member and a plain member; a profile without a group is a lane of its own. A request may
+A lane is what owns a queue. A switch group `g` (profiles with group = "g") is one lane with at most one
+plain member and any number of speculative ones (drafters, depths, n-gram kinds, MTP); a profile without a group is a lane of its own. A request may
 name the group, any profile or alias: naming a member of a group pins the request to that member.
 """
 
@@ -12,16 +12,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from llamactl.engines import facts as engine_facts
 from llamactl.policy import Role
 from llamactl.profiles import Profile
 from llamactl.router.errors import BadRequest, ModelNotFound
 
+<<<<<<< HEAD
 ENGINE_DEFAULT_SLOTS = {"llama.cpp": 4, "ik_llama.cpp": 1}
 MAX_SHOWN_NAME = 80  # an unknown name is echoed in the error at most this long
 
 
+=======
+>>>>>>> core8
 def slots_of(profile: Profile) -> int:
-    return profile.parallel or ENGINE_DEFAULT_SLOTS.get(profile.engine, 1)
+    return engine_facts.slots(profile.engine, profile.parallel)
 
 
 @dataclass(frozen=True)
@@ -74,11 +78,11 @@ class Catalog:
             if len(members) == 1:  # a group of one: a lane named after the group, nothing to switch
                 catalog._add_lane(LaneSpec(group, roles, {members[0].name: slots_of(members[0])}, False), members)
                 continue
-            if len(members) != 2 or sorted(roles.values()) != ["plain", "spec"]:
+            if list(roles.values()).count("plain") > 1:
                 desc = ", ".join(f"{n} ({r})" for n, r in roles.items())
                 catalog.problems.append(
-                    f"switch group '{group}' needs exactly one speculative and one plain profile, has: {desc}; "
-                    "its profiles are served on their own"
+                    f"switch group '{group}' may have one plain profile and any number of speculative ones, has: "
+                    f"{desc}; its profiles are served on their own"
                 )
                 singles += members
                 continue

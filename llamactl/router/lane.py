@@ -65,7 +65,8 @@ class Ticket:
     future: asyncio.Future[Upstream] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     profile: str | None = None  # the member that granted it
     role: Role | None = None
-    granted_at: float | None = None
+    granted_at: float | None = None  # perf_counter, for the request's queue wait
+    held_since: float | None = None  # the lane's clock, for its service time
     released: bool = False
 
     @property
@@ -117,6 +118,10 @@ class Lane:
         self._loads: dict[str, _Load] = {}
         self._stops: dict[str, asyncio.Task[None]] = {}
         self._not_warm: set[str] = set()  # stopped by `down` or failed: loaded only when chosen again
+        self._granted: dict[str, int] = {}  # class -> unpinned requests served (exploration's budget)
+        self._explored: dict[str, int] = {}  # class -> of those, sent to an under-measured member
+        self._exploring: tuple[str, str, int] | None = None  # (class, member, requests left) being explored
+        self._explored_at: dict[tuple[str, str], float] = {}  # (class, member) -> when last explored
         self._tasks: asyncio.TaskGroup | None = None  # the dispatcher's: loads and stops
         self._gauges: tuple | None = None
         self._gauge_shape: tuple | None = None
@@ -233,7 +238,8 @@ class Lane:
             "keep_both_warm": self.keep_both_warm,
             "warm_reason": self.warm_reason,
             "last_decision": None if d is None else {
-                "target": self.spec.member(d.target), "role": d.target, "switch": d.switch, "reason": d.reason,
+                "target": d.target, "role": self.spec.members.get(d.target), "switch": d.switch,
+                "explore": d.explore, "reason": d.reason,
                 "expected_seconds": dict(d.seconds),
                 "age_s": round(self.clock() - (self.last_decision_at or self.clock()), 3),
             },
@@ -302,7 +308,14 @@ class Lane:
                 break
             self.queue.popleft()
             self.in_flight += 1
-            head.profile, head.role, head.granted_at = self.active, self.role_of(self.active), time.perf_counter()
+            if head.pin is None:
+                self._granted[head.cls] = self._granted.get(head.cls, 0) + 1
+                exploring = self._exploring
+                if exploring is not None and exploring[:2] == (head.cls, self.active):
+                    self._explored[head.cls] = self._explored.get(head.cls, 0) + 1
+                    self._exploring = (head.cls, self.active, exploring[2] - 1) if exploring[2] > 1 else None
+            head.profile, head.role = self.active, self.role_of(self.active)
+            head.granted_at, head.held_since = time.perf_counter(), self.clock()
             head.future.set_result(upstream)
         self.state = LaneState.READY
 
@@ -317,17 +330,43 @@ class Lane:
             if t.waiting and t.pin is None:
                 queued[t.cls] = queued.get(t.cls, 0) + 1
         loaded = self.active in self.upstreams
-        others_warm = all(m in self.upstreams for m in self.spec.members)
-        # every member running (keep_both_warm): a switch is only a drain, of what is in flight now
+        # a switch to a member that is loaded is only a drain, of what is in flight now; else a restart
         drain_s = self.in_flight * (self.service_s or 0.0) / max(1, self.spec.slots.get(self.active, 1))
+        costs = {m: WARM_SWITCH_COST_S + drain_s if m in self.upstreams else self.switch_cost_s
+                 for m in self.spec.members if m != self.active}
+        head = self._head()
+        share = self.config.policy.explore_share
         return GroupState(
-            active=self.role_of(self.active) if loaded else None,
+            active=self.active if loaded else None,
             seconds_since_switch=self.clock() - self.last_switch_at,
-            switch_cost_s=WARM_SWITCH_COST_S + drain_s if others_warm else self.switch_cost_s,
+            switch_cost_s=costs or self.switch_cost_s,
             queued=queued,
             recent=self.telemetry.recent(self.name),
             evidence=self.telemetry.evidence(self.name),
+            members={m: role == "spec" for m, role in self.spec.members.items()},
+            head_class=head.cls if head is not None and head.pin is None else None,
+            explore_due=self._explore_due(),
+            loaded=frozenset(self.upstreams),
+            head_run=self._head_run(),
+            explored=frozenset(k for k, at in self._explored_at.items()
+                               if self.clock() - at < self.config.policy.explore_memory_s),
         )
+
+    def _explore_due(self) -> dict[str, bool]:
+        """Per class: may its next request explore? Only within `explore_share` of its requests."""
+        share = self.config.policy.explore_share
+        return {c: self._explored.get(c, 0) + 1 <= share * (n + 1) for c, n in self._granted.items()}
+
+    def _head_run(self) -> tuple[str, int] | None:
+        """The class of the unpinned requests at the head of the queue, and how many come in a row."""
+        cls, n = None, 0
+        for t in self.queue:
+            if not t.waiting:
+                continue
+            if t.pin is not None or (cls is not None and t.cls != cls):
+                break
+            cls, n = t.cls, n + 1
+        return (cls, n) if cls is not None else None
 
     def _target(self) -> tuple[str, str] | None:
         if self.forced is not None:
@@ -339,11 +378,18 @@ class Lane:
             return head.pin, "pinned"
         if not self.spec.is_group:
             return self.active, "only"
+        if self._exploring is not None and self._exploring[0] == head.cls:
+            return self._exploring[1], "explore"
+        if self.active in self._loads and self.active not in self.upstreams:
+            return self.active, "loading"  # decided already: let the load finish before deciding again
         decision = decide(self.policy_state(), self.config.policy)
         if self.last_decision is None or decision.target != self.last_decision.target or decision.switch:
             log.info("lane %s: %s", self.name, decision.reason)
         self.last_decision, self.last_decision_at = decision, self.clock()
-        return self.spec.member(decision.target) or self.active, "policy"
+        if decision.explore:
+            self._exploring = (head.cls, decision.target, self.config.policy.min_samples)
+            self._explored_at[(head.cls, decision.target)] = self.clock()
+        return decision.target, "explore" if decision.explore else "policy"
 
     # ------------------------------------------------------------------ events (dispatcher only)
     def _enqueue(self, ticket: Ticket, front: bool) -> None:
@@ -370,7 +416,7 @@ class Lane:
 
     def _released(self, ticket: Ticket, upstream_failed: bool) -> None:
         self.in_flight -= 1
-        held = time.perf_counter() - (ticket.granted_at or time.perf_counter())
+        held = self.clock() - (ticket.held_since if ticket.held_since is not None else self.clock())
         self.service_s = held if self.service_s is None else 0.8 * self.service_s + 0.2 * held
         if upstream_failed and ticket.profile:
             # The engine refused the connection or broke it: ask the backends again before the next grant.
@@ -440,6 +486,7 @@ class Lane:
         self.active = profile
         if switching and profile in self.upstreams:  # both loaded: a switch is only a drain, done now
             self._served(profile, self.clock(), old, trigger, warm=True)
+            self._dispatch()
             return
         self.state = LaneState.SWITCHING if switching else LaneState.LOADING
         if profile in self._loads:  # a background warm-up of it is under way: it becomes the foreground load
@@ -542,6 +589,8 @@ class Lane:
 
     def _served(self, profile: str, started: float, old: str | None, trigger: str, *, warm: bool = False) -> None:
         """`profile` now serves as the active member: record the load or switch, wake its waiters."""
+        if self._exploring is not None and self._exploring[1] != profile:
+            self._exploring = None  # switched away from the member being explored: that exploration is over
         elapsed = self.clock() - started
         self.state = LaneState.READY
         self.last_error = None
@@ -551,7 +600,7 @@ class Lane:
                 self.switch_cost_s = elapsed if self.switch_cost_s is None else 0.5 * self.switch_cost_s + 0.5 * elapsed
             self.telemetry.switches.labels(self.name, old, profile, trigger).inc()
             self.telemetry.switch_seconds.labels(self.name).observe(elapsed)
-            reason = self.last_decision.reason if trigger == "policy" and self.last_decision else trigger
+            reason = self.last_decision.reason if trigger in ("policy", "explore") and self.last_decision else trigger
             self.switches.append({"from": old, "to": profile, "trigger": trigger, "seconds": round(elapsed, 3),
                                   "reason": reason, "at_unix": round(time.time(), 3)})
             log.info("lane %s: switched %s -> %s in %.2fs (%s)", self.name, old, profile, elapsed, reason)

@@ -285,7 +285,7 @@ class Telemetry:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.window_n, self.window_s, self.recent_n, self.recent_s = window_n, window_s, recent_n, recent_s
         self.clock = clock
-        self.windows: dict[tuple[str, str, Role], Window] = {}
+        self.windows: dict[tuple[str, str, str], Window] = {}  # (lane, class, member profile)
         self.arrivals: dict[str, deque[tuple[float, str]]] = {}
         self._child_cache: dict[tuple[str, str, str], tuple] = {}
         self._request_children: dict[tuple[str, str, str, str, int], Any] = {}
@@ -354,17 +354,17 @@ class Telemetry:
             drafted.inc(sample.draft_n)
             accepted.inc(max(0, sample.draft_accepted or 0))
         sample.at = self.clock()
-        self.windows.setdefault((sample.lane, sample.cls, sample.role), Window(self.window_n, self.window_s)).add(sample)
+        self.windows.setdefault((sample.lane, sample.cls, sample.profile), Window(self.window_n, self.window_s)).add(sample)
 
     def refresh_gauges(self) -> None:
         """The rolling gauges (mean decode speed, acceptance) from the windows as they are now: computed when
         /metrics is scraped rather than on every request (the windows are what the policy reads)."""
         now = self.clock()
-        for (lane, cls, _role), window in self.windows.items():
+        for (lane, cls, member), window in self.windows.items():
             current = window.current(now)
             if not current:
                 continue
-            labels = (lane, cls, current[-1].profile)
+            labels = (lane, cls, member)
             speeds = [s.gen_tok_s for s in current if s.gen_tok_s]
             if speeds:
                 self.rolling_tok_s.labels(*labels).set(sum(speeds) / len(speeds))
@@ -387,30 +387,27 @@ class Telemetry:
         return counts
 
     def evidence(self, lane: str) -> dict[str, ClassEvidence]:
+        """Per class of `lane`: each member's rolling decode speed and, where it drafts, its acceptance."""
         now = self.clock()
         per_class: dict[str, dict[str, Any]] = {}
-        for (lane_name, cls, role), window in self.windows.items():
+        for (lane_name, cls, member), window in self.windows.items():
             if lane_name != lane:
                 continue
             samples = window.current(now)
             if not samples:
                 continue
-            entry = per_class.setdefault(cls, {"tokens": []})
+            entry = per_class.setdefault(cls, {"tokens": [], "tok_s": {}, "n": {}, "acc": {}, "acc_n": {}})
             speeds = [s.gen_tok_s for s in samples if s.gen_tok_s]
-            entry[f"{role}_tok_s"] = _mean(speeds)
-            entry[f"{role}_n"] = len(speeds)
+            if speeds:
+                entry["tok_s"][member] = _mean(speeds)
+                entry["n"][member] = len(speeds)
             entry["tokens"] += [s.completion_tokens for s in samples if s.completion_tokens]
-            if role == "spec":
-                drafted = [s for s in samples if s.draft_n]
-                if drafted:
-                    entry["acceptance"] = sum(s.draft_accepted or 0 for s in drafted) / sum(s.draft_n or 0 for s in drafted)
-                    entry["acceptance_n"] = len(drafted)
+            drafted = [s for s in samples if s.draft_n]
+            if drafted:
+                entry["acc"][member] = sum(s.draft_accepted or 0 for s in drafted) / sum(s.draft_n or 0 for s in drafted)
+                entry["acc_n"][member] = len(drafted)
         return {
-            cls: ClassEvidence(
-                spec_tok_s=e.get("spec_tok_s"), spec_n=e.get("spec_n", 0),
-                plain_tok_s=e.get("plain_tok_s"), plain_n=e.get("plain_n", 0),
-                acceptance=e.get("acceptance"), acceptance_n=e.get("acceptance_n", 0),
-                mean_tokens=_mean([float(t) for t in e["tokens"]]),
-            )
+            cls: ClassEvidence(tok_s=e["tok_s"], n=e["n"], acceptance=e["acc"], acceptance_n=e["acc_n"],
+                               mean_tokens=_mean([float(t) for t in e["tokens"]]))
             for cls, e in per_class.items()
         }

@@ -2,7 +2,7 @@
 
 - `RestartTracker` (pure; time is passed in): exponential backoff with a cap, and crash-loop detection
   that ends in `failed` with the reason and the child's last log lines.
-- `probe_health` / `aprobe_health` + `HangDetector`: a process that lives but does not answer /health
+- `acheck_health` + `HangDetector`: a process that lives but does not answer /health
   for `threshold` consecutive probes is "hung" (restart it).
 - `find_orphans` / `plan_sweep` / `stop_orphan`: at daemon start, the llama-servers an earlier llamactl
   started (records in <state_dir>/servers, verified by pid + create time + cmdline) are found and either
@@ -51,7 +51,7 @@ class Action(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Decision:
+class RestartDecision:
     action: Action
     delay_s: float  # wait this long before restarting (0 for FAIL)
     reason: str
@@ -70,13 +70,13 @@ class RestartTracker:
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     crashes: deque[float] = field(default_factory=deque)
     consecutive: int = 0
-    failed: Decision | None = None
+    failed: RestartDecision | None = None
 
     def on_started(self) -> None:
         """A manual (re)start clears a failed state."""
         self.failed = None
 
-    def on_exit(self, now: float, *, uptime_s: float, reason: str, log_tail: Iterable[str] = ()) -> Decision:
+    def on_exit(self, now: float, *, uptime_s: float, reason: str, log_tail: Iterable[str] = ()) -> RestartDecision:
         """The child exited (or was killed as hung) at `now` after running `uptime_s` seconds."""
         p = self.policy
         if uptime_s >= p.stable_after_s:
@@ -87,69 +87,44 @@ class RestartTracker:
             self.crashes.popleft()
         tail = tuple(log_tail)[-p.log_lines:]
         if len(self.crashes) >= p.max_crashes:
-            self.failed = Decision(
+            self.failed = RestartDecision(
                 Action.FAIL, 0.0,
                 f"crash loop: {len(self.crashes)} crashes in {p.window_s:g} s; last: {reason}",
                 self.consecutive, tail)
             return self.failed
         delay = min(p.max_delay_s, p.base_delay_s * p.factor ** (self.consecutive - 1))
-        return Decision(Action.RESTART, delay, reason, self.consecutive, tail)
-
-
-def exit_reason(exit_code: int | None) -> str:
-    if exit_code is None:
-        return "exited"
-    if exit_code < 0:
-        import signal
-
-        try:
-            return f"killed by {signal.Signals(-exit_code).name}"
-        except ValueError:
-            return f"killed by signal {-exit_code}"
-    return f"exited with code {exit_code}"
+        return RestartDecision(Action.RESTART, delay, reason, self.consecutive, tail)
 
 
 # ---------------------------------------------------------------------------------- hang detection
 
-PROBE_TIMEOUT_S = 3.0
+HEALTH_CHECK_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
-class Probe:
+class HealthCheck:
     ok: bool
     detail: str  # "200", "503", "timeout", "refused: ..."
 
 
-def _probe_result(status: int | None, error: Exception | None) -> Probe:
+def _health_result(status: int | None, error: Exception | None) -> HealthCheck:
     if error is not None:
         kind = "timeout" if isinstance(error, httpx.TimeoutException) else type(error).__name__
-        return Probe(False, f"{kind}: {error}" if str(error) else kind)
-    return Probe(status == 200, str(status))
+        return HealthCheck(False, f"{kind}: {error}" if str(error) else kind)
+    return HealthCheck(status == 200, str(status))
 
 
-def probe_health(url: str, *, timeout_s: float = PROBE_TIMEOUT_S, client: httpx.Client | None = None) -> Probe:
-    """GET url/health with a short timeout. /health needs no API key in llama-server."""
-    try:
-        if client is not None:
-            r = client.get(f"{url}/health", timeout=timeout_s)
-        else:
-            r = httpx.get(f"{url}/health", timeout=timeout_s)
-        return _probe_result(r.status_code, None)
-    except httpx.HTTPError as e:
-        return _probe_result(None, e)
-
-
-async def aprobe_health(url: str, *, timeout_s: float = PROBE_TIMEOUT_S,
-                        client: httpx.AsyncClient | None = None) -> Probe:
+async def acheck_health(url: str, *, timeout_s: float = HEALTH_CHECK_TIMEOUT_S,
+                        client: httpx.AsyncClient | None = None) -> HealthCheck:
     try:
         if client is not None:
             r = await client.get(f"{url}/health", timeout=timeout_s)
         else:
             async with httpx.AsyncClient() as c:
                 r = await c.get(f"{url}/health", timeout=timeout_s)
-        return _probe_result(r.status_code, None)
+        return _health_result(r.status_code, None)
     except httpx.HTTPError as e:
-        return _probe_result(None, e)
+        return _health_result(None, e)
 
 
 class Verdict(enum.Enum):
@@ -170,9 +145,9 @@ class HangDetector:
 
     threshold: int = 3
     failures: int = 0
-    last: Probe | None = None
+    last: HealthCheck | None = None
 
-    def observe(self, probe: Probe, *, alive: bool) -> Verdict:
+    def observe(self, probe: HealthCheck, *, alive: bool) -> Verdict:
         self.last = probe
         if not alive:
             return Verdict.DEAD

@@ -1,0 +1,269 @@
+"""A switching simulator that runs the real code: the router's Lane and the policy, on a virtual clock, in
+front of simulated engines (each member decodes each class at a given tok/s and loads in a given time).
+
+The scenario format (docs/switching-sim.md documents it; keep it stable):
+    {"slots": 1, "fit_together": false,
+     "members": {"plain": {"spec": false, "load_s": 12}, "d1b": {"spec": true, "load_s": 13}},
+     "classes": {"code": {"plain": 26, "d1b": 154, "acceptance": {"d1b": 0.85}}, ...},
+     "requests": [{"t": 0.0, "class": "code", "tokens": 300}, ...]}
+
+Policies compared: `auto` (the real policy), `always-<member>` (a lane of that member alone) and
+`clairvoyant` (every request pinned to its fastest member, every member loaded, loads free: the upper
+bound). Time is virtual: an event loop whose clock jumps to the next timer instead of sleeping, so an hour
+of traffic runs in a second or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import selectors
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamactl.policy import PolicyConfig
+from llamactl.router.backends import Upstream
+from llamactl.router.catalog import LaneSpec
+from llamactl.router.lane import Lane, LaneConfig, Ticket
+from llamactl.router.telemetry import Sample, Telemetry
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Scenario:
+    slots: int
+    fit_together: bool
+    members: dict[str, dict[str, Any]]  # name -> {"spec": bool, "load_s": float}
+    classes: dict[str, dict[str, Any]]  # class -> {member: tok/s, "acceptance": {member: a}}
+    requests: list[dict[str, Any]]  # {"t", "class", "tokens"}, sorted by t
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str = "scenario") -> "Scenario":
+        try:
+            members = {str(m): {"spec": bool(v.get("spec", False)), "load_s": float(v.get("load_s", 0.0))}
+                       for m, v in dict(data["members"]).items()}
+            classes = {str(c): dict(v) for c, v in dict(data["classes"]).items()}
+            requests = sorted(({"t": float(r["t"]), "class": str(r["class"]), "tokens": int(r["tokens"])}
+                               for r in data["requests"]), key=lambda r: r["t"])
+            slots = int(data.get("slots", 1))
+            fit = bool(data.get("fit_together", False))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ScenarioError(f"{where}: {type(e).__name__}: {e} (see docs/switching-sim.md for the format)") from None
+        if not members or sum(1 for m in members.values() if not m["spec"]) > 1:
+            raise ScenarioError(f"{where}: members: one plain member at most, and at least one member")
+        for c, speeds in classes.items():
+            missing = [m for m in members if not isinstance(speeds.get(m), (int, float)) or speeds[m] <= 0]
+            if missing:
+                raise ScenarioError(f"{where}: classes.{c}: no positive tok/s for {', '.join(missing)}")
+        unknown = sorted({r["class"] for r in requests} - set(classes))
+        if unknown:
+            raise ScenarioError(f"{where}: requests name classes not in 'classes': {', '.join(unknown)}")
+        if slots < 1:
+            raise ScenarioError(f"{where}: slots must be >= 1")
+        return cls(slots, fit, members, classes, requests)
+
+    def tok_s(self, cls: str, member: str) -> float:
+        return float(self.classes[cls][member])
+
+    def acceptance(self, cls: str, member: str) -> float | None:
+        value = self.classes[cls].get("acceptance", {}).get(member)
+        return float(value) if value is not None else None
+
+    def best_member(self, cls: str) -> str:
+        return max(self.members, key=lambda m: self.tok_s(cls, m))
+
+
+# ------------------------------------------------------------------------------------------ virtual time
+
+
+class _VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _JumpingSelector(selectors.SelectSelector):
+    """Nothing real is waited on: "wait up to `timeout`" moves the clock forward by `timeout` instead."""
+
+    def __init__(self, clock: _VirtualClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def select(self, timeout: float | None = None):
+        if timeout is None:
+            raise RuntimeError("the simulation stalled: nothing scheduled and nothing ready")
+        self.clock.now += max(0.0, timeout)
+        return []
+
+
+class _VirtualLoop(asyncio.SelectorEventLoop):
+    def __init__(self, clock: _VirtualClock) -> None:
+        super().__init__(_JumpingSelector(clock))
+        self._virtual = clock
+
+    def time(self) -> float:
+        return self._virtual.now
+
+
+# ------------------------------------------------------------------------------------------ engines
+
+
+class SimulatedEngines:
+    """The router's Backends: a member loads in its load_s; without fit_together the lane stops one first."""
+
+    def __init__(self, scenario: Scenario, *, free_loads: bool = False) -> None:
+        self.scenario = scenario
+        self.free_loads = free_loads
+        self.loaded: set[str] = set()
+        self.loads = 0
+
+    async def ensure_ready(self, profile: str) -> Upstream:
+        if profile not in self.loaded:
+            if not self.scenario.fit_together and not self.free_loads and self.loaded - {profile}:
+                raise RuntimeError(f"out of memory: {profile} beside {', '.join(sorted(self.loaded))}")
+            self.loads += 1
+            if not self.free_loads:
+                await asyncio.sleep(self.scenario.members[profile]["load_s"])
+            self.loaded.add(profile)
+        return Upstream(f"sim://{profile}")
+
+    async def stop(self, profile: str) -> None:
+        self.loaded.discard(profile)
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class Outcome:
+    tokens: int = 0
+    first_arrival: float | None = None
+    last_finish: float = 0.0
+    switches: int = 0
+    per_member: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tok_s(self) -> float:
+        span = self.last_finish - (self.first_arrival or 0.0)
+        return self.tokens / span if span > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tok_s": round(self.tok_s, 3), "switches": self.switches, "requests_per_member": self.per_member}
+
+
+def run(scenario: Scenario, mode: str, policy: PolicyConfig | None = None) -> Outcome:
+    """Simulate `mode` ("auto", "always-<member>", "clairvoyant") over the scenario's requests."""
+    clock = _VirtualClock()
+    loop = _VirtualLoop(clock)
+    try:
+        return loop.run_until_complete(_run(scenario, mode, policy or PolicyConfig(), clock))
+    finally:
+        loop.close()
+
+
+async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _VirtualClock) -> Outcome:
+    if mode == "auto" or mode == "clairvoyant":
+        members = list(scenario.members)
+    elif mode.startswith("always-") and mode[len("always-"):] in scenario.members:
+        members = [mode[len("always-"):]]
+    else:
+        raise ScenarioError(f"unknown mode {mode!r}: auto, clairvoyant or always-<member>")
+    clairvoyant = mode == "clairvoyant"
+    spec = LaneSpec("sim", {m: "spec" if scenario.members[m]["spec"] else "plain" for m in members},
+                    {m: scenario.slots for m in members}, len(members) > 1)
+    config = LaneConfig(max_queue=10**9, queue_timeout_s=10**6, policy=policy,
+                        keep_both_warm=scenario.fit_together or clairvoyant)
+    telemetry = Telemetry(clock=clock)
+    engines = SimulatedEngines(scenario, free_loads=clairvoyant)
+    lane = Lane(spec, engines, telemetry, config, clock=clock)
+    outcome = Outcome()
+    dispatcher = asyncio.get_running_loop().create_task(lane.run())
+
+    async def one(request: dict[str, Any]) -> None:
+        await asyncio.sleep(max(0.0, request["t"] - clock.now))
+        cls, tokens = request["class"], request["tokens"]
+        if outcome.first_arrival is None:
+            outcome.first_arrival = clock.now
+        ticket = Ticket(cls=cls, pin=scenario.best_member(cls) if clairvoyant else None)
+        await lane.acquire(ticket)
+        member = ticket.profile
+        assert member is not None
+        tok_s = scenario.tok_s(cls, member)
+        await asyncio.sleep(tokens / tok_s)
+        acceptance = scenario.acceptance(cls, member)
+        drafted = tokens if scenario.members[member]["spec"] and acceptance is not None else None
+        telemetry.record(Sample(lane="sim", profile=member, role=ticket.role or "plain", cls=cls, endpoint="sim",
+                                status=200, gen_tok_s=tok_s, completion_tokens=tokens, draft_n=drafted,
+                                draft_accepted=round(drafted * acceptance) if drafted else None, at=clock.now))
+        lane.release(ticket)
+        outcome.tokens += tokens
+        outcome.last_finish = max(outcome.last_finish, clock.now)
+        outcome.per_member[member] = outcome.per_member.get(member, 0) + 1
+
+    try:
+        await asyncio.gather(*(one(r) for r in scenario.requests))
+    finally:
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+    outcome.switches = sum(1 for s in _switch_counts(telemetry))
+    return outcome
+
+
+def _switch_counts(telemetry: Telemetry):
+    for metric in telemetry.switches.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                for _ in range(int(sample.value)):
+                    yield sample
+
+
+def compare(scenario: Scenario, policy: PolicyConfig | None = None) -> dict[str, dict[str, Any]]:
+    """auto, every always-<member>, clairvoyant: {mode: {"tok_s", "switches", ...}}."""
+    modes = ["auto", *(f"always-{m}" for m in scenario.members), "clairvoyant"]
+    return {mode: run(scenario, mode, policy).to_json() for mode in modes}
+
+
+# ------------------------------------------------------------------------------------------ workloads
+
+
+def generate(kind: str, classes: list[str], *, n: int = 400, phase: int = 100, gap_s: float = 2.0,
+             tokens: int = 300, seed: int = 1) -> list[dict[str, Any]]:
+    """Requests for a workload, one every `gap_s`:
+    - `phased`: runs of `phase` requests of one class, cycling through the classes;
+    - `mixed`: a stationary random mix, class by class;
+    - `drifting`: bursts of random length (mean `phase` / 10) whose class is the first one with a share that
+      slides from 90% to 10% and back."""
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    burst_cls, burst_left = classes[0], 0
+    for i in range(n):
+        if kind == "phased":
+            cls = classes[(i // phase) % len(classes)]
+        elif kind == "mixed":
+            cls = rng.choice(classes)
+        elif kind == "drifting":
+            if burst_left == 0:
+                share = 0.1 + 0.8 * abs(1 - 2 * i / max(1, n - 1))
+                burst_cls = classes[0] if rng.random() < share else rng.choice(classes[1:] or classes)
+                burst_left = 1 + int(rng.expovariate(1 / max(1.0, phase / 10)))
+            cls, burst_left = burst_cls, burst_left - 1
+        else:
+            raise ScenarioError(f"unknown workload {kind!r}: phased, mixed or drifting")
+        out.append({"t": round(i * gap_s, 3), "class": cls, "tokens": tokens})
+    return out
+
+
+def load_scenario(path: Path) -> Scenario:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ScenarioError(f"{path}: {e}") from None
+    return Scenario.from_json(data, str(path))

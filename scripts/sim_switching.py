@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Simulate a switch group's policy on a scenario: the real Lane and policy (llamactl/sim.py), virtual time.
+
+    .venv/bin/python scripts/sim_switching.py --scenario FILE.json [--json]
+        FILE holds "requests", or give --workload phased|mixed|drifting (with --n, --phase, --seed) to make
+        them (the file's "gap_s" spaces them); --write OUT.json saves the scenario with its requests.
+    .venv/bin/python scripts/sim_switching.py --table docs/sim --out docs/switching-sim.md
+        every scenario in the folder under every workload, as Markdown tables, with the targets checked.
+
+Prints total tok/s and switches for auto, each always-<member>, and clairvoyant (every request on its fastest
+member, switches free: the upper bound). The format is documented in docs/switching-sim.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llamactl.sim import Scenario, ScenarioError, compare, generate  # noqa: E402
+
+WORKLOADS = ("phased", "mixed", "drifting")
+TOLERANCE = 0.02  # auto may trail the best fixed member by this much
+CAPTURE = 0.80  # on phased and drifting work, auto's share of clairvoyant's gain over the best fixed member
+
+
+def scenario_from(path: Path, workload: str | None, n: int, phase: int, seed: int) -> Scenario:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ScenarioError(f"{path}: {e}") from None
+    if workload is not None or "requests" not in data:
+        classes = list(data.get("classes", {}))
+        data["requests"] = generate(workload or "phased", classes, n=n, phase=phase,
+                                    gap_s=float(data.get("gap_s", 2.0)), seed=seed)
+    return Scenario.from_json(data, str(path))
+
+
+def verdict(result: dict, workload: str) -> tuple[float, float | None, bool]:
+    """(auto / best fixed, share of the clairvoyant's gain captured, targets met)."""
+    fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
+    auto, best = result["auto"]["tok_s"], result["clairvoyant"]["tok_s"]
+    ratio = auto / fixed
+    capture = (auto - fixed) / (best - fixed) if best - fixed > 1e-9 else None
+    ok = ratio >= 1 - TOLERANCE and (workload == "mixed" or capture is None or capture >= CAPTURE)
+    return ratio, capture, ok
+
+
+def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
+    lines, all_ok = [], True
+    for path in sorted(folder.glob("*.json")):
+        about = json.loads(path.read_text()).get("about", "")
+        lines += [f"### {path.stem}", "", about, "",
+                  "| workload | auto tok/s (switches) | " + "fixed members | clairvoyant | auto / best fixed | "
+                  "gain captured | targets |", "|---|---|---|---|---|---|---|"]
+        for workload in WORKLOADS:
+            result = compare(scenario_from(path, workload, n, phase, seed))
+            ratio, capture, ok = verdict(result, workload)
+            all_ok &= ok
+            fixed = ", ".join(f"{k[7:]} {v['tok_s']:.1f}" for k, v in result.items() if k.startswith("always-"))
+            lines.append(f"| {workload} | {result['auto']['tok_s']:.1f} ({result['auto']['switches']}) | {fixed} | "
+                         f"{result['clairvoyant']['tok_s']:.1f} ({result['clairvoyant']['switches']}) | "
+                         f"{ratio:.3f} | {'-' if capture is None else f'{capture:.0%}'} | "
+                         f"{'met' if ok else 'MISSED'} |")
+        lines.append("")
+    return "\n".join(lines), all_ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", type=Path)
+    ap.add_argument("--table", type=Path, help="a folder of scenarios: write every one under every workload")
+    ap.add_argument("--out", type=Path, help="with --table: the Markdown file to write")
+    ap.add_argument("--workload", choices=WORKLOADS)
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--phase", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--write", type=Path, help="save the scenario with its requests")
+    args = ap.parse_args()
+    try:
+        if args.table:
+            text, ok = table(args.table, args.n, args.phase, args.seed)
+            command = (f".venv/bin/python scripts/sim_switching.py --table {args.table} --out {args.out} "
+                       f"--n {args.n} --phase {args.phase} --seed {args.seed}")
+            doc = (f"Command: `{command}` (virtual time; {platform.machine()}, Python "
+                   f"{platform.python_version()}). Targets: auto within {TOLERANCE:.0%} of the best fixed member "
+                   f"everywhere; at least {CAPTURE:.0%} of the clairvoyant's gain on phased and drifting work.\n\n"
+                   + text)
+            if args.out:
+                args.out.write_text(doc)
+            print(doc)
+            return 0 if ok else 1
+        if args.scenario is None:
+            ap.error("give --scenario FILE or --table FOLDER")
+        scenario = scenario_from(args.scenario, args.workload, args.n, args.phase, args.seed)
+        if args.write:
+            args.write.write_text(json.dumps({"slots": scenario.slots, "fit_together": scenario.fit_together,
+                                              "members": scenario.members, "classes": scenario.classes,
+                                              "requests": scenario.requests}, indent=1))
+        result = compare(scenario)
+    except ScenarioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: {"tok_s": v["tok_s"], "switches": v["switches"]} for k, v in result.items()}))
+    else:
+        for mode, r in result.items():
+            print(f"{mode:<20} {r['tok_s']:>9.2f} tok/s  {r['switches']:>4} switches  {r['requests_per_member']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

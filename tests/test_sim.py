@@ -1,0 +1,116 @@
+"""The switching simulator (the real Lane and policy on virtual time) and groups of several members."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llamactl.policy import ClassEvidence, GroupState, PolicyConfig, decide
+from llamactl.router.catalog import Catalog
+from llamactl.sim import Scenario, ScenarioError, compare, generate, run
+from tests.router_harness import profile
+
+REPO = Path(__file__).resolve().parent.parent
+
+WARM = {"slots": 1, "fit_together": True,
+        "members": {"plain": {"spec": False, "load_s": 2}, "fast": {"spec": True, "load_s": 2}},
+        "classes": {"code": {"plain": 20, "fast": 60, "acceptance": {"fast": 0.9}},
+                    "creative": {"plain": 20, "fast": 12, "acceptance": {"fast": 0.2}}}}
+
+
+def scenario(requests, **changes) -> Scenario:
+    return Scenario.from_json({**WARM, **changes, "requests": requests})
+
+
+def test_virtual_time_gives_the_exact_makespan():
+    """Three 100-token requests at t=0 on a 10 tok/s member that loads in 5 s: done at 35 s, 300 / 35 tok/s.
+    An hour of simulated traffic takes no wall-clock time to speak of, so this is exact, not timed."""
+    s = scenario([{"t": 0, "class": "code", "tokens": 100}] * 3,
+                 members={"plain": {"spec": False, "load_s": 5}}, classes={"code": {"plain": 10}})
+    outcome = run(s, "always-plain")
+    assert outcome.tok_s == pytest.approx(300 / 35)
+    assert outcome.per_member == {"plain": 3} and outcome.switches == 0
+
+
+def test_auto_follows_phases_where_switches_are_drains():
+    s = scenario(generate("phased", ["code", "creative"], n=120, phase=30, gap_s=4.0))
+    result = compare(s)
+    fixed = max(result["always-plain"]["tok_s"], result["always-fast"]["tok_s"])
+    assert result["auto"]["tok_s"] > 1.1 * fixed  # both classes on their own member
+    assert result["auto"]["switches"] >= 3
+    assert result["clairvoyant"]["tok_s"] >= result["auto"]["tok_s"]  # the bound bounds
+
+
+def test_a_stationary_mix_with_reloads_does_not_flap():
+    s = scenario(generate("mixed", ["code", "creative"], n=200, gap_s=2.0), fit_together=False,
+                 members={"plain": {"spec": False, "load_s": 30}, "fast": {"spec": True, "load_s": 30}})
+    result = compare(s)
+    assert result["auto"]["switches"] <= 4
+    fixed = max(result["always-plain"]["tok_s"], result["always-fast"]["tok_s"])
+    assert result["auto"]["tok_s"] >= 0.97 * fixed
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"members": {}}, "at least one member"),
+    ({"members": {"a": {"spec": False}, "b": {"spec": False}}}, "one plain member at most"),
+    ({"classes": {"code": {"plain": 20}}}, "classes.code: no positive tok/s for fast"),
+    ({"requests": [{"t": 0, "class": "poetry", "tokens": 10}]}, "not in 'classes': poetry"),
+    ({"requests": [{"t": "soon", "class": "code", "tokens": 10}]}, "ValueError"),
+    ({"slots": 0}, "slots must be >= 1"),
+])
+def test_a_bad_scenario_is_a_clear_error(change, message):
+    with pytest.raises(ScenarioError, match=message):
+        Scenario.from_json({**WARM, "requests": [], **change})
+
+
+def test_the_script_prints_one_json_object(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({**WARM, "requests": generate("phased", ["code", "creative"], n=40, phase=10)}))
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "sim_switching.py"), "--scenario", str(path),
+                          "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result) == {"auto", "always-plain", "always-fast", "clairvoyant"}
+    assert all(set(v) == {"tok_s", "switches"} for v in result.values())
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "sim_switching.py"), "--scenario",
+                          str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "missing.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_group_may_have_several_drafters():
+    members = [profile("g-plain", group="g"), profile("g-d1b", group="g", spec=True),
+               profile("g-d8b", group="g", spec=True)]
+    catalog = Catalog.from_profiles(members)
+    assert not catalog.problems
+    assert catalog.lanes["g"].members == {"g-d1b": "spec", "g-d8b": "spec", "g-plain": "plain"}
+    two_plain = Catalog.from_profiles([profile("h-a", group="h"), profile("h-b", group="h")])
+    assert any("one plain profile" in p for p in two_plain.problems)
+
+
+def test_the_policy_picks_the_fastest_of_several_members():
+    three = {"plain": False, "d1b": True, "d8b": True}
+    ev = {"code": ClassEvidence(tok_s={"plain": 10, "d1b": 23.1, "d8b": 20.8}, n={"plain": 3, "d1b": 3, "d8b": 3},
+                                mean_tokens=300)}
+    state = GroupState(active="plain", seconds_since_switch=100, switch_cost_s={"d1b": 40, "d8b": 45},
+                       queued={"code": 20}, evidence=ev, members=three)
+    decision = decide(state, PolicyConfig())
+    assert decision.switch and decision.target == "d1b"
+    assert set(decision.seconds) == set(three)
+
+
+def test_exploring_never_reloads_when_finding_out_cannot_change_the_choice():
+    """Creative on a drafter already measured slow: the plain member is not loaded, and even 20% faster than
+    estimated it would not pay a 60 s round trip for two requests. Loaded, it is tried (a drain)."""
+    members = {"plain": False, "fast": True}
+    ev = {"creative": ClassEvidence(tok_s={"fast": 12}, n={"fast": 9}, acceptance={"fast": 0.2},
+                                    acceptance_n={"fast": 9}, mean_tokens=100)}
+    base = dict(active="fast", seconds_since_switch=100, switch_cost_s={"plain": 30}, queued={"creative": 2},
+                evidence=ev, members=members, head_class="creative", explore_due={"creative": True},
+                head_run=("creative", 2))
+    assert not decide(GroupState(**base), PolicyConfig()).explore
+    loaded = decide(GroupState(**base, loaded=frozenset({"plain", "fast"})), PolicyConfig())
+    assert loaded.explore and loaded.target == "plain"
