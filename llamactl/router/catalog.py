@@ -17,13 +17,9 @@ from llamactl.policy import Role
 from llamactl.profiles import Profile
 from llamactl.router.errors import BadRequest, ModelNotFound
 
-<<<<<<< HEAD
-ENGINE_DEFAULT_SLOTS = {"llama.cpp": 4, "ik_llama.cpp": 1}
 MAX_SHOWN_NAME = 80  # an unknown name is echoed in the error at most this long
 
 
-=======
->>>>>>> core8
 def slots_of(profile: Profile) -> int:
     return engine_facts.slots(profile.engine, profile.parallel)
 
