@@ -133,8 +133,9 @@ def acceptance_for(cls: str, ev: ClassEvidence, config: PolicyConfig, member: st
 def _plain_speed(cls: str, evidence: Mapping[str, ClassEvidence], members: Mapping[str, bool],
                  config: PolicyConfig) -> float | None:
     """The class's speed without speculation: measured on the plain member for this class, else for other
-    classes (without speculation, decode speed hardly depends on the content), else derived from a measured
-    speculative member and the speed-up model."""
+    classes (without speculation, decode speed hardly depends on the content), else derived from measured
+    speculative members through the speed-up model, taking the lowest such figure over all classes: the model
+    is least wrong where acceptance is low, and a strong drafter's speed-up is far above it."""
     plain = [m for m, is_spec in members.items() if not is_spec]
     ev = evidence.get(cls, ClassEvidence())
     for m in plain:
@@ -143,10 +144,10 @@ def _plain_speed(cls: str, evidence: Mapping[str, ClassEvidence], members: Mappi
     others = [v for other in evidence.values() for m in plain if (v := _measured(other, m, config)) is not None]
     if others:
         return sum(others) / len(others)
-    for m, is_spec in members.items():
-        if is_spec and (v := _measured(ev, m, config)) is not None:
-            return v / config.speedup(acceptance_for(cls, ev, config, m))
-    return None
+    derived = [v / config.speedup(acceptance_for(c, e, config, m))
+               for c, e in evidence.items() for m, is_spec in members.items()
+               if is_spec and (v := _measured(e, m, config)) is not None]
+    return min(derived) if derived else None
 
 
 def _base_speed(evidence: Mapping[str, ClassEvidence], members: Mapping[str, bool], config: PolicyConfig) -> float:
@@ -215,7 +216,8 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
     """Send the head request's class to a member with too few samples for it, when the class is due one (the
     lane keeps explorations under `explore_share` of its requests). Where the member is loaded that is only
     a drain; a reload is paid only when finding out could change the choice: if the member were
-    `explore_optimism` times faster than estimated for this class, the policy would switch to it."""
+    `explore_optimism` times faster than estimated for this class (a drafter: `explore_acceptance_hope` more
+    acceptance), the policy would switch to it for the run of this class at the queue's head."""
     cls = state.head_class
     if cls is None or not state.explore_due.get(cls) or config.explore_share <= 0 or state.active is None:
         return None
@@ -250,10 +252,12 @@ def _worth_finding_out(state: GroupState, config: PolicyConfig, cls: str, member
                 and acceptance_for(cls, ev, config, m) >= GOOD_ACCEPTANCE]
         if good:
             hopeful = min(hopeful, max(good))
+    # Judged on the run of this class at the queue's head only: what the finding would be used for next.
     hopeful_state = replace(state, hopeful={(cls, member): hopeful}, explore_due={},
                             seconds_since_switch=float("inf"))
-    decision = decide(hopeful_state, config)
-    return decision.switch and decision.target == member
+    seconds = {m: expected_seconds(hopeful_state, m, config) for m in state.members}
+    decision = _head_run_decision(hopeful_state, config, seconds)
+    return decision is not None and decision.switch and decision.target == member
 
 
 def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision:
