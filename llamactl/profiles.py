@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llamactl.errors import ProfileError, ProfileNotFound
+from llamactl.names import check_profile_name
 from llamactl.settings import Settings
 
 MAX_CTX = 524288
@@ -171,6 +172,7 @@ def profile_files(settings: Settings) -> dict[str, Path]:
 
 
 def find_profile_file(name: str, settings: Settings) -> Path:
+    check_profile_name(name)
     files = profile_files(settings)
     if name in files:
         return files[name]

@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from llamactl.cli.main import main, pass_settings
+from llamactl.cli.main import main, pass_settings, profile_argument
 from llamactl.cli.target import daemon_client, supervisor
 from llamactl.errors import LlamactlError
 from llamactl.settings import Settings
@@ -25,7 +25,7 @@ def _age(seconds: float | None) -> str:
 
 
 @main.command()
-@click.argument("profile")
+@profile_argument()
 @click.option("--foreground", is_flag=True, help="Stay attached: show the log, stop the server on Ctrl-C.")
 @click.option("--ignore-fit", is_flag=True, help="Start even if the memory plan says it does not fit.")
 @pass_settings
@@ -91,7 +91,7 @@ def _follow_log(sup, prof, record) -> None:
 
 
 @main.command()
-@click.argument("profile", required=False)
+@profile_argument(required=False)
 @click.option("--all", "all_", is_flag=True, help="Stop every running profile.")
 @pass_settings
 def down(settings: Settings, profile: str | None, all_: bool) -> None:
@@ -174,7 +174,7 @@ def _daemon_status(status: dict, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("profile")
+@profile_argument()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "--lines", default=50, show_default=True, help="How many last lines to show first.")
 @pass_settings

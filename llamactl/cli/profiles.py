@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from llamactl.cli.main import main, pass_settings
+from llamactl.cli.main import main, pass_settings, profile_argument
 from llamactl.errors import ProfileError
 from llamactl.settings import Settings
 
@@ -30,7 +30,7 @@ def profiles(ctx: click.Context) -> None:
 
 
 @profiles.command("validate")
-@click.argument("names", nargs=-1)
+@profile_argument("names", nargs=-1)
 @click.option("--no-files", is_flag=True, help="Skip checks that read model files (existence, context).")
 @pass_settings
 def profiles_validate(settings: Settings, names: tuple[str, ...], no_files: bool) -> None:

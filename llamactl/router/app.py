@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from llamactl.errors import LlamactlError
+from llamactl.inputs import parse_json_object, switch_request
 from llamactl.profiles import Profile
 from llamactl.router.backends import Backends, Upstream
 from llamactl.router.catalog import Catalog
@@ -326,12 +327,9 @@ class Relay:
     async def _handle(self, scope: Scope, body: bytes, send: Send, arrived: float) -> None:
         router = self.router
         try:
-            payload = json.loads(body) if body else {}
+            payload = parse_json_object(body) if body else {}
         except ValueError as e:
-            await _send_error(send, BadRequest(f"request body is not valid JSON: {e}"))
-            return
-        if not isinstance(payload, dict):
-            await _send_error(send, BadRequest("request body must be a JSON object"))
+            await _send_error(send, BadRequest(str(e)))
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
@@ -478,16 +476,13 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
 
     async def switch(request: Request) -> Response:
         try:
-            payload = await request.json()
-        except ValueError:
-            return error_response(BadRequest("body must be JSON: {\"group\": ..., \"member\": ...}"))
-        group, member = payload.get("group"), payload.get("member")
-        if not isinstance(group, str) or not isinstance(member, str):
-            return error_response(BadRequest("'group' and 'member' must be strings"))
+            group, member, timeout_s = switch_request(parse_json_object(await request.body()),
+                                                      router.config.lane.queue_timeout_s)
+        except ValueError as e:
+            return error_response(BadRequest(f"{e}; send {{\"group\": ..., \"member\": ...}}"))
         try:
             lane = router.lane(group)
-            await lane.force(None if member == "auto" else member,
-                             timeout_s=float(payload.get("timeout_s", router.config.lane.queue_timeout_s)))
+            await lane.force(None if member == "auto" else member, timeout_s=timeout_s)
         except RouterError as e:
             return error_response(e)
         except LlamactlError as e:

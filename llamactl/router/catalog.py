@@ -11,6 +11,7 @@ import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from llamactl.names import shown
 from llamactl.policy import Role
 from llamactl.profiles import Profile
 from llamactl.router.errors import BadRequest, ModelNotFound
@@ -103,9 +104,10 @@ class Catalog:
                              extra={"valid_models": self.valid_names()})
         route = self.names.get(model)
         if route is None:
-            close = difflib.get_close_matches(model, self.valid_names(), n=3)
+            # The name is the client's: bounded and escaped in the message, and no fuzzy match on a huge one.
+            close = difflib.get_close_matches(model, self.valid_names(), n=3) if len(model) <= 128 else []
             raise ModelNotFound(
-                f"unknown model '{model}'; valid: {', '.join(self.valid_names()) or '(no profiles)'}",
+                f"unknown model {shown(model)}; valid: {', '.join(self.valid_names()) or '(no profiles)'}",
                 hint=f"did you mean {', '.join(repr(c) for c in close)}?" if close else None,
                 extra={"valid_models": self.valid_names()},
             )

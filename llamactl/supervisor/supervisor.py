@@ -19,6 +19,7 @@ from llamactl.engines.common import LaunchInputs
 from llamactl.engines.logs import classify_exit
 from llamactl.errors import ProfileError, StartCancelled, StartError
 from llamactl.models import ensure_model
+from llamactl.names import check_profile_name
 from llamactl.profiles import Profile
 from llamactl.settings import Settings
 from llamactl.supervisor.process import ManagedProcess, ReadyOutcome, stop_group
@@ -105,7 +106,7 @@ class Supervisor:
         return out
 
     def log_path(self, name: str) -> Path:
-        return self.settings.log_dir / f"{name}.log"
+        return self.settings.log_dir / f"{check_profile_name(name)}.log"
 
     # -- start -----------------------------------------------------------------------------------
 
