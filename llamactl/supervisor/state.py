@@ -125,8 +125,9 @@ class StateStore:
     @contextlib.contextmanager
     def lock(self, profile: str, timeout_s: float | None = None) -> Iterator[None]:
         """Exclusive per-profile lock, so two CLIs never start or stop the same profile at once."""
+        path = self.locks_dir / f"{check_profile_name(profile)}.lock"
         self.locks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.locks_dir / f"{check_profile_name(profile)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             while True:
