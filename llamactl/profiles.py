@@ -31,8 +31,40 @@ SpecType = Literal[
 QUANTISED_KV = {"q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q6_0", "q8_KV"}
 LayerCount = int | Literal["auto", "all"]
 
-# Flags llamactl owns: a profile may not set them through extra_args.
-MANAGED_FLAGS = {"--port", "--host", "-m", "--model", "--api-key", "--api-key-file", "--log-file"}
+# Flags llamactl owns or plans with: a profile may not set them through extra_args. Each says why, and the
+# profile key to use instead where there is one (the memory plan reads the keys, not extra_args).
+_MANAGED = "llamactl manages it"
+OWNED_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("--port", "--host", "--reuse-port"), f"{_MANAGED} (engines listen on 127.0.0.1 on a free "
+                                                          "port it checks is theirs)"),
+    **dict.fromkeys(("--api-key", "--api-key-file"), f"{_MANAGED} (a per-start key in the state dir)"),
+    **dict.fromkeys(("--api-prefix", "--path", "--ssl-key-file", "--ssl-cert-file", "--log-file"),
+                    f"{_MANAGED} (it talks to the engine at http://127.0.0.1:PORT/ and reads its log)"),
+    **dict.fromkeys(("-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"),
+                    "use the `model` key"),
+    **dict.fromkeys(("-a", "--alias"), "use the `alias` key"),
+    **dict.fromkeys(("-c", "--ctx-size"), "use the `ctx_size` key (the memory plan sizes the KV cache from it)"),
+    **dict.fromkeys(("-np", "--parallel"), "use the `parallel` key (the plan and the router count slots)"),
+    **dict.fromkeys(("-ngl", "--gpu-layers", "--n-gpu-layers"), "use the `n_gpu_layers` key (the plan places layers)"),
+    **dict.fromkeys(("-ts", "--tensor-split"), "use the `tensor_split` key"),
+    **dict.fromkeys(("-sm", "--split-mode"), "use the `split_mode` key"),
+    **dict.fromkeys(("-mg", "--main-gpu"), "use the `main_gpu` key"),
+    **dict.fromkeys(("-ctk", "--cache-type-k"), "use the `cache_type_k` key (the plan sizes the KV cache)"),
+    **dict.fromkeys(("-ctv", "--cache-type-v"), "use the `cache_type_v` key (the plan sizes the KV cache)"),
+    **dict.fromkeys(("-md", "--model-draft"), "use the `speculation.draft_model` key"),
+    **dict.fromkeys(("-b", "--batch-size"), "use the `batch_size` key (the plan sizes compute buffers from it)"),
+    **dict.fromkeys(("-ub", "--ubatch-size"), "use the `ubatch_size` key (the plan sizes compute buffers from it)"),
+}
+MANAGED_FLAGS = frozenset(OWNED_FLAGS)
+
+
+def owned_flag_problem(args: list[str]) -> str | None:
+    """Why `args` (a profile's extra_args) may not be passed as they are, or None."""
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in OWNED_FLAGS:
+            return f"extra_args sets {flag}, which llamactl manages: {OWNED_FLAGS[flag]}; remove it from extra_args"
+    return None
 # Keys whose values are paths, relative to the profile file that sets them.
 PATH_KEYS = (("model",), ("binary",), ("speculation", "draft_model"))
 
@@ -129,10 +161,9 @@ class Profile(_Strict):
                 f"cache_type_v = '{self.cache_type_v}' needs flash attention; set flash_attn = 'on' "
                 "or use cache_type_v = 'f16'"
             )
-        for arg in self.extra_args:
-            flag = arg.split("=", 1)[0]
-            if flag in MANAGED_FLAGS:
-                raise ValueError(f"extra_args sets {flag}, which llamactl manages; remove it")
+        problem = owned_flag_problem(self.extra_args)
+        if problem:
+            raise ValueError(problem)
         for key in self.env:
             if key.startswith("LLAMA_ARG_") or key == "LLAMA_API_KEY":
                 raise ValueError(

@@ -41,6 +41,7 @@ class ServerStatus:
     record: ServerRecord
     alive: bool
     rss_bytes: int | None
+    key_file: Path | None = None  # where the engine's API key is (None: started without one)
 
     def to_json(self) -> dict[str, object]:
         r = self.record
@@ -49,7 +50,7 @@ class ServerStatus:
             "url": r.url, "uptime_s": round(time.time() - r.started_at, 1) if self.alive else None,
             "model": r.model, "alias": r.alias, "engine": r.engine, "version": r.version,
             "rss_mib": round(self.rss_bytes / 2**20, 1) if self.rss_bytes is not None else None,
-            "log": r.log_path,
+            "log": r.log_path, "key_file": str(self.key_file) if self.key_file else None,
         }
 
 
@@ -102,7 +103,8 @@ class Supervisor:
                     proc = None
             if proc is not None:
                 rotate_if_large(Path(record.log_path), self.settings.log_max_bytes, self.settings.log_backups)
-            out.append(ServerStatus(record, proc is not None, rss))
+            out.append(ServerStatus(record, proc is not None, rss,
+                                    self.store.key_path(name) if record.api_key else None))
         return out
 
     def log_path(self, name: str) -> Path:
