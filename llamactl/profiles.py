@@ -202,8 +202,19 @@ def profile_files(settings: Settings) -> dict[str, Path]:
     return found
 
 
-def find_profile_file(name: str, settings: Settings) -> Path:
+def find_profile_file(name: str, settings: Settings, *, after: Path | None = None) -> Path:
+    """The file that wins for `name`; with `after`, the next one in the search order after that file (a
+    user's profiles/demo.toml with `extends = "demo"` extends the bundled demo, not itself)."""
     check_profile_name(name)
+    if after is not None:
+        dirs = settings.profile_search_path()
+        later = [d / f"{name}.toml" for d in dirs[_dir_position(after.parent, dirs) + 1:]]
+        for candidate in later:
+            if candidate.exists():
+                return candidate
+        raise ProfileNotFound(f"no other profile named '{name}' after {after} in the search path",
+                              hint=f"`extends = \"{name}\"` in {name}.toml means the next {name}.toml in the search "
+                                   "path (LLAMACTL_PROFILES_DIRS, the config dir, /etc, the bundled profiles)")
     files = profile_files(settings)
     if name in files:
         return files[name]
@@ -213,6 +224,13 @@ def find_profile_file(name: str, settings: Settings) -> Path:
         f"create {settings.config_dir / 'profiles' / (name + '.toml')} or set LLAMACTL_PROFILES_DIRS"
     )
     raise ProfileNotFound(f"no profile named '{name}' (searched: {searched})", hint=hint)
+
+
+def _dir_position(directory: Path, dirs: list[Path]) -> int:
+    for i, d in enumerate(dirs):
+        if d == directory or (d.exists() and directory.exists() and d.samefile(directory)):
+            return i
+    return len(dirs)
 
 
 MAX_PROFILE_BYTES = 1 << 20  # a profile is a few hundred bytes; this bounds what a wrong path can cost
@@ -273,11 +291,12 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def _raw_with_parents(name: str, settings: Settings, chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
-    if name in chain:
-        cycle = " -> ".join(chain + (name,))
-        raise ProfileError(f"profile '{chain[0]}': extends forms a cycle: {cycle}", hint="remove one extends")
-    path = find_profile_file(name, settings)
+def _raw_with_parents(name: str, settings: Settings, chain: tuple[tuple[str, Path], ...] = (),
+                      after: Path | None = None) -> tuple[dict[str, Any], Path]:
+    path = find_profile_file(name, settings, after=after)
+    if path in (p for _, p in chain):
+        cycle = " -> ".join([n for n, _ in chain] + [name])
+        raise ProfileError(f"profile '{chain[0][0]}': extends forms a cycle: {cycle}", hint="remove one extends")
     data = _read_toml(path)
     _absolutise_paths(data, path.parent)
     parent_name = data.get("extends")
@@ -286,7 +305,9 @@ def _raw_with_parents(name: str, settings: Settings, chain: tuple[str, ...] = ()
     if not isinstance(parent_name, str):
         raise ProfileError(f"{path}: extends: must be a profile name (a string)")
     try:
-        parent, _ = _raw_with_parents(parent_name, settings, chain + (name,))
+        # A profile extending its own name extends the next file of that name in the search order.
+        parent, _ = _raw_with_parents(parent_name, settings, chain + ((name, path),),
+                                      after=path if parent_name == name else None)
     except ProfileNotFound as e:
         raise ProfileError(f"{path}: extends: {e.message}", hint=e.hint) from e
     parent.pop("description", None)

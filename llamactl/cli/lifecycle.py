@@ -180,6 +180,8 @@ def _daemon_status(status: dict, as_json: bool) -> None:
             click.echo(f"    {line}")
     for line in router_status_lines(status["router"]):
         click.echo(line)
+    for problem in (status.get("router") or {}).get("problems", []):
+        click.echo(f"warning: {problem}")
 
 
 @main.command()

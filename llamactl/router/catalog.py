@@ -63,7 +63,8 @@ class Catalog:
                 desc = ", ".join(f"{n} ({r})" for n, r in roles.items())
                 catalog.problems.append(
                     f"switch group '{group}' needs exactly one speculative and one plain profile, has: {desc}; "
-                    "its profiles are served on their own"
+                    "its profiles are served on their own (a profile with `extends` copies its parent's group: give "
+                    "a variant its own `group`)"
                 )
                 singles += members
                 continue
