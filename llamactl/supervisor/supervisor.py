@@ -26,7 +26,7 @@ from llamactl.supervisor.process import ManagedProcess, ReadyOutcome, stop_group
 from llamactl.supervisor.logs import rotate_if_large, rotate_logs, tail_lines
 from llamactl.supervisor.state import ServerRecord, StateStore, process_matches
 
-PORT_ATTEMPTS = 3  # a port can be taken between choosing it and the engine binding it
+PORT_ATTEMPTS = 5  # a port can be taken between choosing it and the engine binding it (or squatted)
 LOG_TAIL_LINES = 15
 
 
@@ -180,7 +180,7 @@ class Supervisor:
             )
             self._write_record(record)
             outcome = child.wait_ready(record.url, profile.load_timeout_s,
-                                       lambda: _check_cancelled(profile.name, cancelled))
+                                       lambda: _check_cancelled(profile.name, cancelled), port=port)
             if outcome is ReadyOutcome.READY:
                 record = record.with_state("ready", ready_at=time.time())
                 self._write_record(record)
@@ -190,6 +190,11 @@ class Supervisor:
             raise
         self._discard(child, profile)
         lines = tail_lines(log_path, LOG_TAIL_LINES)
+        if outcome is ReadyOutcome.PORT_TAKEN:
+            raise StartError(
+                f"{profile.name}: another process answered on port {port} before llama-server could listen there; "
+                "stopped the engine", cause="port in use", log_tail=lines,
+                hint="something on this machine takes the ports llamactl picks; `ss -ltnp` shows who")
         if outcome is ReadyOutcome.TIMED_OUT:
             raise StartError(
                 f"{profile.name}: not ready after {profile.load_timeout_s:g} s (load_timeout_s); stopped it",
