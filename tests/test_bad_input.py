@@ -77,3 +77,24 @@ def test_every_settings_object_the_product_builds_reports_a_bad_variable(monkeyp
     assert install.main(["llama.cpp"]) == 2
     err = capsys.readouterr().err
     assert "LLAMACTL_LOG_MAX_BYTES" in err and "Traceback" not in err
+
+
+def test_a_client_chosen_model_name_is_bounded_and_escaped_in_the_error(router_url):
+    hostile = "x" * 200_000 + "\n\x1b[31mFAKE LOG LINE"
+    r = httpx.post(f"{router_url}/v1/chat/completions", json={"model": hostile, "messages": []}, timeout=30)
+    assert r.status_code == 404
+    message = r.json()["error"]["message"]
+    assert len(message) < 1000 and "\n" not in message and "\x1b" not in message
+    assert message.startswith("unknown model 'xxx") and "valid: coding" in message
+
+
+def test_a_gpu_file_with_an_overflowing_number_names_the_key(tmp_path):
+    from llamactl.gpus import FileProbe, GpuProbeError
+
+    path = tmp_path / "gpus.json"
+    path.write_text('[{"index": 0, "name": "g", "total_mib": 1e400, "free_mib": 10}]')
+    with pytest.raises(GpuProbeError, match="total_mib: expected a whole number"):
+        FileProbe(path).probe()
+    path.write_text('{"gpus": [], "host": {"total_mib": "lots"}}')
+    with pytest.raises(GpuProbeError, match="host.total_mib"):
+        FileProbe(path).probe()
