@@ -9,6 +9,7 @@ Large arrays (the tokenizer's tokens, scores, merges) are skipped and only their
 from __future__ import annotations
 
 import functools
+import stat
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -108,6 +109,11 @@ class GGUFFile:
             return len(tokens)
         embd = self.tensor("token_embd.weight")
         return embd.shape[1] if embd and len(embd.shape) > 1 else 0
+
+    @property
+    def data_end(self) -> int:
+        """Where the last tensor's data ends: a file shorter than this is truncated."""
+        return self.data_offset + max((t.offset + t.n_bytes for t in self.tensors), default=0)
 
     @property
     def tensor_bytes(self) -> int:
@@ -213,6 +219,9 @@ def read_gguf(path: Path) -> GGUFFile:
     path = Path(path)
     try:
         st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a directory, a device (/dev/zero) or a FIFO (opening it would block)
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ProfileError(f"{path}: {kind}, not a model file", hint="point `model` at a .gguf file")
         return _read_cached(path, st.st_mtime_ns, st.st_size)
     except OSError as e:
         raise ProfileError(f"{path}: cannot read model file: {e.strerror}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,23 +59,53 @@ class Gpu:
         if missing:
             raise GpuProbeError(f"{where}: missing {', '.join(missing)}",
                                 hint="write the file with `llamactl gpus --json > FILE` and edit it")
-        try:
-            procs = tuple(
-                GpuProcess(pid=int(p["pid"]), used_mib=p.get("used_mib"), ours=bool(p.get("ours", False)))
-                for p in data.get("processes") or ()
-            )
-            gpu = cls(
-                index=int(data["index"]), name=str(data["name"]), total_mib=int(data["total_mib"]),
-                free_mib=int(data["free_mib"]),
-                used_mib=None if data.get("used_mib") is None else int(data["used_mib"]),
-                uuid=data.get("uuid"), pci_bus_id=data.get("pci_bus_id"), processes=procs,
-                utilization_pct=data.get("utilization_pct"), temperature_c=data.get("temperature_c"),
-            )
-        except (TypeError, ValueError, KeyError) as e:
-            raise GpuProbeError(f"{where}: bad value: {e}") from e
+        processes = data.get("processes") or []
+        if not isinstance(processes, list) or not all(isinstance(p, dict) for p in processes):
+            raise GpuProbeError(f"{where}: processes must be a list of objects with pid, used_mib")
+        procs = tuple(
+            GpuProcess(pid=_count(p.get("pid"), f"{where}: processes[{i}].pid"),
+                       used_mib=_count(p.get("used_mib"), f"{where}: processes[{i}].used_mib", optional=True),
+                       ours=bool(p.get("ours", False)))
+            for i, p in enumerate(processes)
+        )
+        gpu = cls(
+            index=_count(data["index"], f"{where}: index"), name=_short_text(data["name"], f"{where}: name"),
+            total_mib=_count(data["total_mib"], f"{where}: total_mib"),
+            free_mib=_count(data["free_mib"], f"{where}: free_mib"),
+            used_mib=_count(data.get("used_mib"), f"{where}: used_mib", optional=True),
+            uuid=_short_text(data.get("uuid"), f"{where}: uuid", optional=True),
+            pci_bus_id=_short_text(data.get("pci_bus_id"), f"{where}: pci_bus_id", optional=True), processes=procs,
+            utilization_pct=_count(data.get("utilization_pct"), f"{where}: utilization_pct", optional=True),
+            temperature_c=_count(data.get("temperature_c"), f"{where}: temperature_c", optional=True),
+        )
         if gpu.free_mib > gpu.total_mib or gpu.free_mib < 0:
             raise GpuProbeError(f"{where}: free_mib {gpu.free_mib} is outside 0..total_mib {gpu.total_mib}")
         return gpu
+
+
+MAX_MIB = 1 << 40  # a petabyte per device: anything larger is a typo, not a GPU
+MAX_GPU_FILE_BYTES = 1 << 20
+
+
+def _count(value: Any, where: str, *, optional: bool = False) -> int | None:
+    """A whole, non-negative, bounded number from a GPU file: 1e400, 2.5, "8" or true are refused by name."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise GpuProbeError(f"{where}: expected a whole number, got {value!r:.60}")
+    if isinstance(value, float) and not value.is_integer():
+        raise GpuProbeError(f"{where}: expected a whole number, got {value!r:.60}")
+    if not 0 <= value <= MAX_MIB:
+        raise GpuProbeError(f"{where}: {value!r:.60} is outside 0..{MAX_MIB}")
+    return int(value)
+
+
+def _short_text(value: Any, where: str, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > 256:
+        raise GpuProbeError(f"{where}: expected a short string, got {value!r:.60}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -110,19 +141,31 @@ class FileProbe:
     path: Path
 
     def probe(self) -> GpuInventory:
+        from llamactl.inputs import parse_json
+
         try:
-            data = json.loads(Path(self.path).read_text())
+            # O_NONBLOCK: a FIFO must not block the open; only a regular file is read, and only so much of it.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise GpuProbeError(f"{self.path}: not a regular file", hint="check --gpus / LLAMACTL_GPUS_FILE")
+                raw = f.read(MAX_GPU_FILE_BYTES + 1)
         except OSError as e:
             raise GpuProbeError(f"{self.path}: cannot read GPU file: {e.strerror}",
                                 hint="check --gpus / LLAMACTL_GPUS_FILE") from e
-        except json.JSONDecodeError as e:
-            raise GpuProbeError(f"{self.path}: not valid JSON: {e}") from e
+        if len(raw) > MAX_GPU_FILE_BYTES:
+            raise GpuProbeError(f"{self.path}: larger than {MAX_GPU_FILE_BYTES // 1024} KiB; not a GPU description")
+        try:
+            data = parse_json(raw, f"{self.path}")
+        except ValueError as e:
+            raise GpuProbeError(str(e), hint="write it with `llamactl gpus --json > FILE`") from None
         host_total = host_free = None
         if isinstance(data, dict):
             host = data.get("host") or {}
             if not isinstance(host, dict):
                 raise GpuProbeError(f"{self.path}: host must be an object with total_mib, free_mib")
-            host_total, host_free = host.get("total_mib"), host.get("free_mib", host.get("total_mib"))
+            host_total = _count(host.get("total_mib"), f"{self.path}: host.total_mib", optional=True)
+            host_free = _count(host.get("free_mib", host_total), f"{self.path}: host.free_mib", optional=True)
             data = data.get("gpus")
         if not isinstance(data, list):
             raise GpuProbeError(f"{self.path}: expected a list of GPUs (or {{\"gpus\": [...]}})")

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llamactl.errors import ProfileError, ProfileNotFound
+from llamactl.names import check_profile_name
 from llamactl.settings import Settings
 
 MAX_CTX = 524288
@@ -30,8 +31,40 @@ SpecType = Literal[
 QUANTISED_KV = {"q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q6_0", "q8_KV"}
 LayerCount = int | Literal["auto", "all"]
 
-# Flags llamactl owns: a profile may not set them through extra_args.
-MANAGED_FLAGS = {"--port", "--host", "-m", "--model", "--api-key", "--api-key-file", "--log-file"}
+# Flags llamactl owns or plans with: a profile may not set them through extra_args. Each says why, and the
+# profile key to use instead where there is one (the memory plan reads the keys, not extra_args).
+_MANAGED = "llamactl manages it"
+OWNED_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("--port", "--host", "--reuse-port"), f"{_MANAGED} (engines listen on 127.0.0.1 on a free "
+                                                          "port it checks is theirs)"),
+    **dict.fromkeys(("--api-key", "--api-key-file"), f"{_MANAGED} (a per-start key in the state dir)"),
+    **dict.fromkeys(("--api-prefix", "--path", "--ssl-key-file", "--ssl-cert-file", "--log-file"),
+                    f"{_MANAGED} (it talks to the engine at http://127.0.0.1:PORT/ and reads its log)"),
+    **dict.fromkeys(("-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"),
+                    "use the `model` key"),
+    **dict.fromkeys(("-a", "--alias"), "use the `alias` key"),
+    **dict.fromkeys(("-c", "--ctx-size"), "use the `ctx_size` key (the memory plan sizes the KV cache from it)"),
+    **dict.fromkeys(("-np", "--parallel"), "use the `parallel` key (the plan and the router count slots)"),
+    **dict.fromkeys(("-ngl", "--gpu-layers", "--n-gpu-layers"), "use the `n_gpu_layers` key (the plan places layers)"),
+    **dict.fromkeys(("-ts", "--tensor-split"), "use the `tensor_split` key"),
+    **dict.fromkeys(("-sm", "--split-mode"), "use the `split_mode` key"),
+    **dict.fromkeys(("-mg", "--main-gpu"), "use the `main_gpu` key"),
+    **dict.fromkeys(("-ctk", "--cache-type-k"), "use the `cache_type_k` key (the plan sizes the KV cache)"),
+    **dict.fromkeys(("-ctv", "--cache-type-v"), "use the `cache_type_v` key (the plan sizes the KV cache)"),
+    **dict.fromkeys(("-md", "--model-draft"), "use the `speculation.draft_model` key"),
+    **dict.fromkeys(("-b", "--batch-size"), "use the `batch_size` key (the plan sizes compute buffers from it)"),
+    **dict.fromkeys(("-ub", "--ubatch-size"), "use the `ubatch_size` key (the plan sizes compute buffers from it)"),
+}
+MANAGED_FLAGS = frozenset(OWNED_FLAGS)
+
+
+def owned_flag_problem(args: list[str]) -> str | None:
+    """Why `args` (a profile's extra_args) may not be passed as they are, or None."""
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in OWNED_FLAGS:
+            return f"extra_args sets {flag}, which llamactl manages: {OWNED_FLAGS[flag]}; remove it from extra_args"
+    return None
 # Keys whose values are paths, relative to the profile file that sets them.
 PATH_KEYS = (("model",), ("binary",), ("speculation", "draft_model"))
 
@@ -132,10 +165,9 @@ class Profile(_Strict):
                 f"cache_type_v = '{self.cache_type_v}' needs flash attention; set flash_attn = 'on' "
                 "or use cache_type_v = 'f16'"
             )
-        for arg in self.extra_args:
-            flag = arg.split("=", 1)[0]
-            if flag in MANAGED_FLAGS:
-                raise ValueError(f"extra_args sets {flag}, which llamactl manages; remove it")
+        problem = owned_flag_problem(self.extra_args)
+        if problem:
+            raise ValueError(problem)
         for key in self.env:
             if key.startswith("LLAMA_ARG_") or key == "LLAMA_API_KEY":
                 raise ValueError(
@@ -184,7 +216,19 @@ def profile_files(settings: Settings) -> dict[str, Path]:
     return found
 
 
-def find_profile_file(name: str, settings: Settings) -> Path:
+def find_profile_file(name: str, settings: Settings, *, after: Path | None = None) -> Path:
+    """The file that wins for `name`; with `after`, the next one in the search order after that file (a
+    user's profiles/demo.toml with `extends = "demo"` extends the bundled demo, not itself)."""
+    check_profile_name(name)
+    if after is not None:
+        dirs = settings.profile_search_path()
+        later = [d / f"{name}.toml" for d in dirs[_dir_position(after.parent, dirs) + 1:]]
+        for candidate in later:
+            if candidate.exists():
+                return candidate
+        raise ProfileNotFound(f"no other profile named '{name}' after {after} in the search path",
+                              hint=f"`extends = \"{name}\"` in {name}.toml means the next {name}.toml in the search "
+                                   "path (LLAMACTL_PROFILES_DIRS, the config dir, /etc, the bundled profiles)")
     files = profile_files(settings)
     if name in files:
         return files[name]
@@ -194,6 +238,13 @@ def find_profile_file(name: str, settings: Settings) -> Path:
         f"create {settings.config_dir / 'profiles' / (name + '.toml')} or set LLAMACTL_PROFILES_DIRS"
     )
     raise ProfileNotFound(f"no profile named '{name}' (searched: {searched})", hint=hint)
+
+
+def _dir_position(directory: Path, dirs: list[Path]) -> int:
+    for i, d in enumerate(dirs):
+        if d == directory or (d.exists() and directory.exists() and d.samefile(directory)):
+            return i
+    return len(dirs)
 
 
 MAX_PROFILE_BYTES = 1 << 20  # a profile is a few hundred bytes; this bounds what a wrong path can cost
@@ -254,11 +305,12 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def _raw_with_parents(name: str, settings: Settings, chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
-    if name in chain:
-        cycle = " -> ".join(chain + (name,))
-        raise ProfileError(f"profile '{chain[0]}': extends forms a cycle: {cycle}", hint="remove one extends")
-    path = find_profile_file(name, settings)
+def _raw_with_parents(name: str, settings: Settings, chain: tuple[tuple[str, Path], ...] = (),
+                      after: Path | None = None) -> tuple[dict[str, Any], Path]:
+    path = find_profile_file(name, settings, after=after)
+    if path in (p for _, p in chain):
+        cycle = " -> ".join([n for n, _ in chain] + [name])
+        raise ProfileError(f"profile '{chain[0][0]}': extends forms a cycle: {cycle}", hint="remove one extends")
     data = _read_toml(path)
     _absolutise_paths(data, path.parent)
     parent_name = data.get("extends")
@@ -267,7 +319,9 @@ def _raw_with_parents(name: str, settings: Settings, chain: tuple[str, ...] = ()
     if not isinstance(parent_name, str):
         raise ProfileError(f"{path}: extends: must be a profile name (a string)")
     try:
-        parent, _ = _raw_with_parents(parent_name, settings, chain + (name,))
+        # A profile extending its own name extends the next file of that name in the search order.
+        parent, _ = _raw_with_parents(parent_name, settings, chain + ((name, path),),
+                                      after=path if parent_name == name else None)
     except ProfileNotFound as e:
         raise ProfileError(f"{path}: extends: {e.message}", hint=e.hint) from e
     parent.pop("description", None)

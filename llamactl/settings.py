@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     api_keys: str = Field(default="", repr=False, description="Comma-separated API keys the router accepts.")
     api_key_file: Path | None = Field(default=None, description="File with one API key per line (# comments).")
     allow_insecure_bind: bool = Field(default=False, description="Allow a non-loopback bind without API keys.")
+    allowed_hosts: str = Field(
+        default="", max_length=4000,
+        description="Comma-separated Host names the router answers besides loopback and its bound address "
+                    "(a reverse proxy's name; '*' for any). Other Host headers get 421 (DNS rebinding).")
+    allowed_origins: str = Field(
+        default="", max_length=4000,
+        description="Comma-separated browser origins (scheme://host:port) allowed to call the router "
+                    "cross-origin; same-origin pages are always allowed, other origins get 403.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     # Daemon (`llamactl serve`): see llamactl/daemon/service.py
     preload: str = Field(default="", description="Comma-separated profiles loaded before READY=1 (`serve --preload`).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -56,8 +57,13 @@ def test_up_chat_status_down(engine, write_profile, gemma_path, home):
     [row] = json.loads(llamactl("status", "--json").stdout)["servers"]
     assert row["profile"] == name and row["state"] == "ready" and row["engine"] == engine
     assert row["rss_mib"] > 50  # the model is really loaded
-    reply = httpx.post(f"{row['url']}/v1/chat/completions", timeout=120, json={
-        "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0})
+    chat = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0}
+    # Started with a key of its own (0600 file, shown by `up` and `status`): a web page cannot use it.
+    assert str(row["key_file"]) in up.stdout and oct(os.stat(row["key_file"]).st_mode & 0o777) == "0o600"
+    page = httpx.post(f"{row['url']}/v1/chat/completions", timeout=120, json=chat,
+                      headers={"Origin": "http://evil.example"})
+    assert page.status_code == 401
+    reply = httpx.post(f"{row['url']}/v1/chat/completions", timeout=120, json=chat, headers=key_header(row))
     assert reply.status_code == 200
     body = reply.json()
     assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] > 0
@@ -71,8 +77,13 @@ def test_up_chat_status_down(engine, write_profile, gemma_path, home):
     assert leftovers == []
 
 
-def _drafted_tokens(engine: str, url: str, log_path: str) -> int:
-    reply = httpx.post(f"{url}/completion", timeout=180, json={
+def key_header(row: dict) -> dict[str, str]:
+    """The Authorization header for an engine `llamactl up` started (its key file, from `status --json`)."""
+    return {"Authorization": f"Bearer {open(row['key_file']).read().strip()}"}
+
+
+def _drafted_tokens(engine: str, url: str, log_path: str, headers: dict[str, str]) -> int:
+    reply = httpx.post(f"{url}/completion", timeout=180, headers=headers, json={
         "prompt": CODE_PROMPT, "n_predict": 48, "temperature": 0, "cache_prompt": False})
     assert reply.status_code == 200
     timings = reply.json()["timings"]
@@ -98,7 +109,7 @@ def test_speculation_really_drafts(engine, kind, write_profile, gemma_path):
     llamactl("up", name)
     try:
         [row] = json.loads(llamactl("status", "--json").stdout)["servers"]
-        assert _drafted_tokens(engine, row["url"], row["log"]) > 0
+        assert _drafted_tokens(engine, row["url"], row["log"], key_header(row)) > 0
     finally:
         llamactl("down", name)
 
@@ -168,7 +179,7 @@ def test_the_bundled_demo_profile_answers_a_chat_completion(monkeypatch, home, g
     llamactl("up", "demo")
     try:
         [row] = json.loads(llamactl("status", "--json").stdout)["servers"]
-        reply = httpx.post(f"{row['url']}/v1/chat/completions", timeout=120, json={
+        reply = httpx.post(f"{row['url']}/v1/chat/completions", timeout=120, headers=key_header(row), json={
             "model": "demo", "max_tokens": 16, "temperature": 0, "stop": ["\n"],
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         assert reply.status_code == 200

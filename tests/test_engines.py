@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
 import pytest
 
 from llamactl.engines import build_launch, ik, mainline
@@ -239,3 +241,22 @@ def test_undocumented_flags_are_tried_against_the_binary():
     assert flag_value(argv, "-a") == "x" and ("-a", "x") in tried
     with pytest.raises(UnsupportedFlag, match="extra_args \\(--nope\\)"):
         ik.build_argv(profile(engine="ik_llama.cpp", extra_args=["--nope"]), c, inputs())
+
+
+@pytest.mark.parametrize("args, key", [
+    (["-c", "100000000"], "ctx_size"), (["--ctx-size=100000000"], "ctx_size"), (["-ngl", "99"], "n_gpu_layers"),
+    (["-np", "8"], "parallel"), (["-ctk", "f32"], "cache_type_k"), (["-ub", "4096"], "ubatch_size"),
+    (["--api-prefix", "/x"], "http://127.0.0.1:PORT/"), (["--port", "1"], "free port"),
+    (["--reuse-port"], "free port"), (["--api-key", "k"], "per-start key"), (["-md", "/d.gguf"], "draft_model"),
+])
+def test_extra_args_that_change_the_plan_or_the_protocol_are_refused_with_the_key(args, key):
+    """Whatever llamactl plans with or relies on comes from profile keys: in extra_args it is refused, when
+    the profile is loaded (so `profiles validate` says it) and again when the argv is built."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="which llamactl manages") as e:
+        profile(extra_args=args)
+    assert key in str(e.value)
+    unchecked = profile().model_copy(update={"extra_args": args})  # as a planner's model_copy would make it
+    with pytest.raises(ProfileError, match=f"extra_args sets {args[0].split('=')[0]}.*{re.escape(key)}"):
+        mainline.build_argv(unchecked, caps(MAINLINE_HELP), inputs())

@@ -142,20 +142,21 @@ def test_router_request_parsing_never_500s(fuzz_router, body, path):
 
 
 def test_malformed_huge_and_mistyped_requests(fuzz_router):
-    r = fuzz_router.post("/v1/chat/completions", content=b"{not json")
+    as_json = {"Content-Type": "application/json"}  # without it a body is refused (415: web_guard)
+    r = fuzz_router.post("/v1/chat/completions", content=b"{not json", headers=as_json)
     assert r.status_code == 400 and _openai_error(r)["type"] == "invalid_request_error"
-    r = fuzz_router.post("/v1/chat/completions", content=b"[1, 2]")
+    r = fuzz_router.post("/v1/chat/completions", content=b"[1, 2]", headers=as_json)
     assert r.status_code == 400
     r = fuzz_router.post("/v1/chat/completions", json={"model": 12, "messages": []})
     assert r.status_code in (400, 404) and _openai_error(r)
-    r = fuzz_router.post("/v1/chat/completions", content=b"{" + b" " * 10_000 + b"}")
+    r = fuzz_router.post("/v1/chat/completions", content=b"{" + b" " * 10_000 + b"}", headers=as_json)
     assert r.status_code == 413 and _openai_error(r)["code"] == "request_too_large"
 
     def chunks():  # no Content-Length: counted as it arrives
         for _ in range(10):
             yield b" " * 1000
 
-    r = fuzz_router.post("/v1/chat/completions", content=chunks())
+    r = fuzz_router.post("/v1/chat/completions", content=chunks(), headers=as_json)
     assert r.status_code == 413
     r = fuzz_router.post("/v1/chat/completions", json={"model": "solo"}, headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401 and _openai_error(r)["code"] == "invalid_api_key"

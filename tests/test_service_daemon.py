@@ -272,10 +272,14 @@ def test_kill9_daemon_children_die_and_the_next_start_sweeps_orphans(own_home: S
     daemon.stop(signal.SIGKILL)
     assert gone(pid, 10), "the llama-server outlived its SIGKILLed daemon"
 
-    # A server started standalone (no per-start key) is still running when the daemon starts: it is
-    # stopped by identity, and the stale control socket of the killed daemon does not get in the way.
-    # (`llamactl up` in its own process, so the server is not this test's child: no zombie to reap here)
-    subprocess.run([sys.executable, "-m", "llamactl", "up", "fake"], check=True, timeout=30, capture_output=True)
+    # A server started without a per-start key (as `llamactl up` did before it gave engines keys) is still
+    # running when the daemon starts: it is stopped by identity, and the stale control socket of the killed
+    # daemon does not get in the way. (Started in its own process, so the server is not this test's child:
+    # no zombie to reap here.)
+    keyless_up = ("from llamactl.profiles import load_profile; from llamactl.settings import load_settings; "
+                  "from llamactl.supervisor import Supervisor; s = load_settings(); "
+                  "Supervisor(s).start(load_profile('fake', s))")
+    subprocess.run([sys.executable, "-c", keyless_up], check=True, timeout=30, capture_output=True)
     standalone = Supervisor(settings).running("fake")
     daemon = Daemon(tmp_path, "--profile", "fake")
     try:

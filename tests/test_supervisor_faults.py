@@ -237,3 +237,67 @@ def test_two_clis_starting_the_same_profile_at_once_start_one_server(settings, f
         assert [p.pid for p in servers] == [status.record.pid] == list(pids) and status.alive
     finally:
         Supervisor(settings).stop(name)
+
+
+class _Squatter:
+    """Another local user's process that bound the port llamactl picked and answers /health with 200."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = b'{"status": "ok"}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_squatter_on_the_port_is_not_taken_for_the_engine(settings, fake_profile, monkeypatch):
+    """The first port llamactl picks is already bound by someone else who answers /health: the start must
+    not declare that 'ready'; it stops its own child and retries on a fresh port, which the child owns."""
+    from llamactl.supervisor import supervisor as supervisor_module
+
+    squatter = _Squatter()
+    real_free_port = supervisor_module.free_port
+    ports = iter([squatter.port, squatter.port])
+    monkeypatch.setattr(supervisor_module, "free_port", lambda host="127.0.0.1": next(ports, None) or real_free_port())
+    name = fake_profile()
+    try:
+        record = start(settings, name)
+        assert record.port != squatter.port
+        owners = [c for c in psutil.Process(record.pid).net_connections(kind="inet")
+                  if c.status == psutil.CONN_LISTEN and c.laddr.port == record.port]
+        assert owners, "the recorded engine does not listen on the recorded port"
+        Supervisor(settings).stop(name)
+    finally:
+        squatter.close()
+
+
+def test_a_squatter_on_every_port_fails_with_port_in_use(settings, fake_profile, monkeypatch):
+    from llamactl.supervisor import supervisor as supervisor_module
+
+    squatter = _Squatter()
+    monkeypatch.setattr(supervisor_module, "free_port", lambda host="127.0.0.1": squatter.port)
+    name = fake_profile()
+    try:
+        with pytest.raises(StartError) as err:
+            start(settings, name)
+        assert err.value.cause == "port in use" and "another process answered" in err.value.message
+        assert Supervisor(settings).status() == []
+    finally:
+        squatter.close()

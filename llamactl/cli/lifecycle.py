@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from llamactl.cli.main import main, pass_settings
+from llamactl.cli.main import main, pass_settings, profile_argument
 from llamactl.cli.target import daemon_client, supervisor
 from llamactl.errors import LlamactlError
 from llamactl.settings import Settings
@@ -25,12 +25,13 @@ def _age(seconds: float | None) -> str:
 
 
 @main.command()
-@click.argument("profile")
+@profile_argument()
 @click.option("--foreground", is_flag=True, help="Stay attached: show the log, stop the server on Ctrl-C.")
 @click.option("--ignore-fit", is_flag=True, help="Start even if the memory plan says it does not fit.")
 @pass_settings
 def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> None:
     """Start PROFILE's llama-server and wait until it is ready."""
+    from llamactl.daemon.auth import new_child_key
     from llamactl.launch import start_profile
     from llamactl.profiles import load_profile
 
@@ -45,13 +46,19 @@ def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> 
     already = sup.running(prof.name)
     if already is not None and already.state == "ready":
         click.echo(f"{prof.name} is already running at {already.url} (pid {already.pid})")
+        if already.api_key:
+            click.echo(f"  API key: in {sup.store.key_path(prof.name)}")
         return
     click.echo(f"starting {prof.name} ({prof.engine}){' in the foreground' if foreground else ''} ...", err=True)
     record = None
     try:
         with interrupted_by_signals():
-            record = start_profile(sup, prof, ignore_fit=ignore_fit)
+            # A key of its own, like the daemon's engines: llama-server answers any web page's Origin (with
+            # credentials allowed), so without a key any page the user visits could use it.
+            record = start_profile(sup, prof, ignore_fit=ignore_fit, api_key=new_child_key())
             click.echo(f"{prof.name} ready at {record.url}  (OpenAI API: {record.url}/v1, pid {record.pid})")
+            click.echo(f"  API key: in {sup.store.key_path(prof.name)} (send 'Authorization: Bearer <key>'), "
+                       "or use `llamactl serve`, which needs none on loopback")
             if foreground:
                 _follow_log(sup, prof, record)
     except KeyboardInterrupt:
@@ -91,7 +98,7 @@ def _follow_log(sup, prof, record) -> None:
 
 
 @main.command()
-@click.argument("profile", required=False)
+@profile_argument(required=False)
 @click.option("--all", "all_", is_flag=True, help="Stop every running profile.")
 @pass_settings
 def down(settings: Settings, profile: str | None, all_: bool) -> None:
@@ -147,6 +154,8 @@ def _server_table(rows: list[dict]) -> None:
         rss = f"{r['rss_mib']:.0f}" if r["rss_mib"] is not None else "-"
         click.echo(f"{r['profile']:<16} {r['state']:<9} {r['pid']:>7} {r['port']:>6} {_age(r['uptime_s']):>8} "
                    f"{rss:>8}  {r['model']}")
+        if r.get("key_file"):
+            click.echo(f"{'':<16} API key in {r['key_file']}")
 
 
 def _daemon_status(status: dict, as_json: bool) -> None:
@@ -171,10 +180,12 @@ def _daemon_status(status: dict, as_json: bool) -> None:
             click.echo(f"    {line}")
     for line in router_status_lines(status["router"]):
         click.echo(line)
+    for problem in (status.get("router") or {}).get("problems", []):
+        click.echo(f"warning: {problem}")
 
 
 @main.command()
-@click.argument("profile")
+@profile_argument()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "--lines", default=50, show_default=True, help="How many last lines to show first.")
 @pass_settings

@@ -33,3 +33,19 @@ def main(ctx: click.Context) -> None:
 
 
 pass_settings = click.make_pass_decorator(Settings)
+
+
+def _checked_names(_ctx: click.Context, _param: click.Parameter, value):
+    """Profile names are file stems: checked where they enter (llamactl.names), before anything uses them."""
+    from llamactl.names import check_profile_name
+
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(check_profile_name(v) for v in value)
+    return check_profile_name(value)
+
+
+def profile_argument(name: str = "profile", **kwargs):
+    """A click argument holding a profile name (or several, with nargs=-1), validated on entry."""
+    return click.argument(name, callback=_checked_names, **kwargs)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from llamactl.cli.main import profile_argument
 from llamactl.settings import Settings
 
 GPUS_OPTION = click.option(
@@ -18,7 +19,7 @@ GPUS_OPTION = click.option(
 
 
 @click.command("plan")
-@click.argument("profile_name", metavar="PROFILE")
+@profile_argument("profile_name", metavar="PROFILE")
 @GPUS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--margin-mib", type=click.IntRange(min=0), default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from llamactl.cli.main import main, pass_settings
+from llamactl.cli.main import main, pass_settings, profile_argument
 from llamactl.errors import ProfileError
 from llamactl.settings import Settings
 
@@ -30,14 +30,16 @@ def profiles(ctx: click.Context) -> None:
 
 
 @profiles.command("validate")
-@click.argument("names", nargs=-1)
+@profile_argument("names", nargs=-1)
 @click.option("--no-files", is_flag=True, help="Skip checks that read model files (existence, context).")
 @pass_settings
 def profiles_validate(settings: Settings, names: tuple[str, ...], no_files: bool) -> None:
     """Check all profiles (or NAMES); exit non-zero on any error."""
-    from llamactl.validate import validate_profiles
+    from llamactl.profiles import load_all
+    from llamactl.validate import group_warnings, validate_profiles
 
     results = validate_profiles(settings, list(names) or None, check_files=not no_files)
+    warnings = group_warnings(load_all(settings)[0])
     bad = 0
     for name, problem in results.items():
         if problem is None:
@@ -45,6 +47,8 @@ def profiles_validate(settings: Settings, names: tuple[str, ...], no_files: bool
         else:
             bad += 1
             click.echo(f"ERROR   {name}\n  " + str(problem).replace("\n", "\n  "))
+        if name in warnings:
+            click.echo(f"  warning: {warnings[name]}")
     if bad:
         raise ProfileError(f"{bad} of {len(results)} profiles have errors", hint="fix what is shown above")
 

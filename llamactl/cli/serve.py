@@ -7,6 +7,7 @@ import sys
 import click
 import httpx
 
+from llamactl.cli.main import profile_argument
 from llamactl.cli.target import daemon_client
 from llamactl.errors import LlamactlError, NotRunning
 from llamactl.settings import Settings
@@ -32,7 +33,7 @@ def serve_command(settings: Settings, host: str | None, port: int | None, profil
 
 
 @click.command()
-@click.argument("group")
+@profile_argument("group")
 @click.argument("member")
 @click.option("--url", default=None, help="The running serve (default: http://127.0.0.1:LLAMACTL_ROUTER_PORT).")
 @click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True)

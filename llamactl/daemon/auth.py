@@ -124,6 +124,12 @@ async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[b
     await send({"type": "http.response.body", "body": body})
 
 
+async def send_error(send: Send, status: int, message: str, code: str,
+                     headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """An OpenAI-shaped error response from a middleware (before any route runs)."""
+    await _send_json(send, status, _error_body(message, "invalid_request_error", code), headers)
+
+
 class ApiKeyMiddleware:
     """401 for any HTTP request without a valid key, except OPTIONS preflights and `open_paths`."""
 
@@ -206,12 +212,21 @@ class BodyLimitMiddleware:
                                                 "invalid_request_error", "request_too_large"))
 
 
-def middleware(settings: Settings, keys: tuple[str, ...] | None = None) -> list[Any]:
-    """The Starlette middleware list for `create_app(router, middleware=...)`: body limit, then keys."""
+def middleware(settings: Settings, keys: tuple[str, ...] | None = None, *,
+               bound_host: str | None = None) -> list[Any]:
+    """The Starlette middleware list for `create_app(router, middleware=...)`, outermost first: keys (when
+    configured: an unauthenticated request learns nothing more), the web guard (Host, Origin, Content-Type:
+    llamactl/daemon/web_guard.py), the body limit. `bound_host` is the address the daemon listens on
+    (default: LLAMACTL_ROUTER_HOST)."""
     from starlette.middleware import Middleware
 
+    from llamactl.daemon.web_guard import WebGuardMiddleware, comma_list
+
     keys = load_keys(settings) if keys is None else keys
-    stack = [Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)]
+    stack = [Middleware(WebGuardMiddleware, bound_host=bound_host or settings.router_host,
+                        allowed_hosts=comma_list(settings.allowed_hosts),
+                        allowed_origins=comma_list(settings.allowed_origins)),
+             Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)]
     if keys:
         stack.insert(0, Middleware(ApiKeyMiddleware, keys=keys))  # reject unauthenticated before reading bodies
     return stack

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llamactl.errors import LlamactlError
+from llamactl.inputs import parse_json, switch_request
+from llamactl.names import check_profile_name
 from llamactl.settings import Settings
 
 log = logging.getLogger("llamactl.daemon.control")
@@ -212,9 +214,9 @@ class ControlServer:
                 await _reply(writer, _error("permission denied: not the daemon's user", "forbidden"))
                 return
             try:
-                request = json.loads(line)
-            except ValueError:
-                await _reply(writer, _error("bad request: expected one JSON object per line", "bad_request"))
+                request = parse_json(line, "the request line")
+            except ValueError as e:
+                await _reply(writer, _error(f"bad request: expected one JSON object per line ({e})", "bad_request"))
                 return
             await _reply(writer, await self.dispatch(request))
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -235,13 +237,13 @@ class ControlServer:
             if op == "status":
                 result = await self.handler.status()
             elif op == "switch":
-                group, member = _str_arg(args, "group"), _str_arg(args, "member")
-                timeout_s = args.get("timeout_s", 600.0)
-                if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-                    raise _BadArgs("'timeout_s' must be a positive number")
-                result = await self.handler.switch(group, member, float(timeout_s))
+                try:
+                    group, member, timeout_s = switch_request(args, 600.0)
+                except ValueError as e:
+                    raise _BadArgs(str(e)) from None
+                result = await self.handler.switch(group, member, timeout_s)
             else:
-                profile = _str_arg(args, "profile")
+                profile = check_profile_name(_str_arg(args, "profile"))
                 method = {"up": self.handler.up, "down": self.handler.down, "logs-path": self.handler.logs_path}[op]
                 result = await method(profile)
         except _BadArgs as e:

@@ -169,7 +169,7 @@ class Service:
         router = self.router = events.router = build_router(settings, self.profiles, engines)
         router.config.stop_on_shutdown = True
         control = DaemonControl(router, engines, url=f"http://{self.host}:{self.port}")
-        app = create_app(router, middleware=auth.middleware(settings, self.keys))
+        app = create_app(router, middleware=auth.middleware(settings, self.keys, bound_host=self.host))
         async with ControlServer(settings, control):  # DaemonRunning: another daemon owns this state dir
             sock = bound_socket(self.host, self.port)
             url = control.url = f"http://{self.host}:{sock.getsockname()[1]}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llamactl.engines.capabilities import Capabilities
 from llamactl.errors import ProfileError, UnsupportedFlag
-from llamactl.profiles import Profile
+from llamactl.profiles import Profile, owned_flag_problem
 
 STRIPPED_ENV_PREFIXES = ("LLAMA_ARG_", "AIP_")
 STRIPPED_ENV_KEYS = frozenset({"LLAMA_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
@@ -152,8 +152,12 @@ def add_common_model_args(b: ArgvBuilder, inputs: LaunchInputs) -> None:
 
 
 def check_extra_args(b: ArgvBuilder) -> None:
-    """extra_args must be flags the binary documents, or that a try-run of the binary accepts."""
+    """extra_args must be flags the binary documents, or that a try-run of the binary accepts, and none that
+    llamactl owns or plans with (a profile built without validation, e.g. by model_copy, is checked here too)."""
     args = b.profile.extra_args
+    problem = owned_flag_problem(args)
+    if problem:
+        raise ProfileError(f"{b.profile.source or b.profile.name}: {problem}")
     unknown = [a.split("=", 1)[0] for a in args
                if a.startswith("-") and not a.lstrip("-")[:1].isdigit() and a.split("=", 1)[0] not in b.caps.flags]
     if unknown and (b.caps.verifier is None or not b.caps.verifier(tuple(args))):

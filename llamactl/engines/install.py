@@ -227,7 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in args.engines if e not in SOURCES]
     if unknown:
         parser.error(f"unknown engine {unknown[0]!r}; choose from {', '.join(SOURCES)}")
-    settings = Settings()
+    from llamactl.errors import ConfigError
+    from llamactl.settings import load_settings
+
+    try:
+        settings = load_settings()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     try:
         for engine in args.engines or list(SOURCES):
             install(engine, settings, cuda=args.cuda, jobs=args.jobs, force=args.force,

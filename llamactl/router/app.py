@@ -32,6 +32,7 @@ from starlette.routing import Router as StarletteRouter
 from starlette.types import Receive, Scope, Send
 
 from llamactl.errors import LlamactlError
+from llamactl.inputs import parse_json_object, switch_request
 from llamactl.profiles import Profile
 from llamactl.router.asgi import DisconnectWatch, read_body, send_error, send_json
 from llamactl.router.backends import Backends, Upstream
@@ -398,9 +399,9 @@ class Relay:
                 raise BadRequest(f"{self.path} takes a multipart/form-data body (file, model, ...)")
             return multipart_field(body, content_type, "model"), {}
         try:
-            payload = json.loads(body) if body else {}
+            payload = parse_json_object(body) if body else {}
         except ValueError as e:
-            raise BadRequest(f"request body is not valid JSON: {e}") from None
+            raise BadRequest(str(e)) from None
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object")
         return payload.get("model"), payload
@@ -558,16 +559,13 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
 
     async def switch(request: Request) -> Response:
         try:
-            payload = await request.json()
-        except ValueError:
-            return error_response(BadRequest("body must be JSON: {\"group\": ..., \"member\": ...}"))
-        group, member = payload.get("group"), payload.get("member")
-        if not isinstance(group, str) or not isinstance(member, str):
-            return error_response(BadRequest("'group' and 'member' must be strings"))
+            group, member, timeout_s = switch_request(parse_json_object(await request.body()),
+                                                      router.config.lane.queue_timeout_s)
+        except ValueError as e:
+            return error_response(BadRequest(f"{e}; send {{\"group\": ..., \"member\": ...}}"))
         try:
             lane = router.lane(group)
-            await lane.force(None if member == "auto" else member,
-                             timeout_s=float(payload.get("timeout_s", router.config.lane.queue_timeout_s)))
+            await lane.force(None if member == "auto" else member, timeout_s=timeout_s)
         except RouterError as e:
             return error_response(e)
         except LlamactlError as e:

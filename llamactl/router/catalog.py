@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from llamactl.engines import facts as engine_facts
+from llamactl.names import shown
 from llamactl.policy import Role
 from llamactl.profiles import Profile
 from llamactl.router.errors import BadRequest, ModelNotFound
@@ -78,7 +79,8 @@ class Catalog:
                 desc = ", ".join(f"{n} ({r})" for n, r in roles.items())
                 catalog.problems.append(
                     f"switch group '{group}' may have one plain profile and any number of speculative ones, has: "
-                    f"{desc}; its profiles are served on their own"
+                    f"{desc}; its profiles are served on their own (a profile with `extends` copies its parent's "
+                    "group: give a variant its own `group`)"
                 )
                 singles += members
                 continue
@@ -146,10 +148,10 @@ class Catalog:
             target = self.mapped(model)
             if target is not None:
                 return self.names[target]
-            shown = model if len(model) <= MAX_SHOWN_NAME else model[:MAX_SHOWN_NAME] + "..."
-            close = difflib.get_close_matches(shown, self.valid_names(), n=3)
+            # The name is the client's: bounded and escaped in the message, and no fuzzy match on a huge one.
+            close = difflib.get_close_matches(model, self.valid_names(), n=3) if len(model) <= 128 else []
             raise ModelNotFound(
-                f"unknown model '{shown}'; valid: {', '.join(self.valid_names()) or '(no profiles)'}",
+                f"unknown model {shown(model)}; valid: {', '.join(self.valid_names()) or '(no profiles)'}",
                 hint=f"did you mean {', '.join(repr(c) for c in close)}?" if close else (
                     "map client model names to profiles with LLAMACTL_MODEL_MAP (e.g. 'claude-*=coding')"),
                 extra={"valid_models": self.valid_names()},

@@ -64,20 +64,77 @@ def tail_lines(path: Path, n: int = 20, max_bytes: int = 64 * 1024) -> list[str]
     return [line for line in data.splitlines() if line.strip()][-n:]
 
 
-def follow(path: str, keep_going: Callable[[], bool], *, from_end: bool = False) -> Iterator[str]:
-    """Yield lines appended to `path` until keep_going() is False (then drain what is left)."""
-    with open(path, errors="replace") as f:
+def follow(path: str | Path, keep_going: Callable[[], bool], *, from_end: bool = False,
+           poll_s: float = FOLLOW_POLL_S) -> Iterator[str]:
+    """Yield whole lines appended to `path` until keep_going() is False (then drain what is left).
+
+    Follows the log by name across both rotations llamactl makes: at a restart the file is renamed to
+    path.1 and a new one started (the old file is read to its end, then the new one from its start); while
+    the engine runs it is copied to path.1 and truncated (the lines between the last one read and the copy's
+    end are read from path.1, then the new file from its start). Nothing is skipped or repeated.
+    """
+    path = str(path)
+    f = _open_waiting(path, keep_going, poll_s)
+    if f is None:
+        return
+    try:
         if from_end:
-            f.seek(0, 2)
+            f.seek(0, os.SEEK_END)
+        pending = b""
         while True:
-            line = f.readline()
-            if line:
-                yield line
+            chunk = f.readline()
+            if chunk:
+                pending += chunk
+                if pending.endswith(b"\n"):
+                    yield pending.decode(errors="replace")
+                    pending = b""
+                continue
+            position = f.tell()
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                st = None  # between a rename and the new file: wait for it
+            if st is not None and st.st_ino != os.fstat(f.fileno()).st_ino:
+                f.close()  # renamed away and fully read: continue in the new file
+                f = open(path, "rb")
+                continue
+            if st is not None and st.st_size < position:
+                # Copied to path.1 and truncated: what we had not read yet is at the end of the copy.
+                yield from _lines_from(path + ".1", position, pending)
+                pending = b""
+                f.seek(0)
                 continue
             if not keep_going():
-                yield from f.readlines()
+                rest = pending + f.read()
+                if rest:
+                    yield rest.decode(errors="replace")
                 return
-            time.sleep(FOLLOW_POLL_S)
+            time.sleep(poll_s)
+    finally:
+        f.close()
+
+
+def _open_waiting(path: str, keep_going: Callable[[], bool], poll_s: float):
+    while True:
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            if not keep_going():
+                return None
+            time.sleep(poll_s)
+
+
+def _lines_from(path: str, offset: int, pending: bytes) -> Iterator[str]:
+    try:
+        with open(path, "rb") as backup:
+            if os.fstat(backup.fileno()).st_size < offset:
+                return
+            backup.seek(offset)
+            data = pending + backup.read()
+    except FileNotFoundError:
+        return
+    for line in data.splitlines(keepends=True):
+        yield line.decode(errors="replace")
 
 
 async def relay_log(name: str, path: Path, from_end: bool, poll_s: float = 0.5) -> None:

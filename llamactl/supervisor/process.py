@@ -46,6 +46,7 @@ class ReadyOutcome(enum.Enum):
     READY = "ready"
     EXITED = "exited"
     TIMED_OUT = "timed out"
+    PORT_TAKEN = "port taken"  # /health answered, but from a socket another process owns
 
 
 def line_buffered(argv: list[str]) -> list[str]:
@@ -103,8 +104,27 @@ class ManagedProcess:
             self.exit_code = code
         return code
 
-    def wait_ready(self, url: str, timeout_s: float, on_tick: Callable[[], None] | None = None) -> ReadyOutcome:
-        """Poll /health until 200, the process exits, or the deadline passes."""
+    def listens_on(self, port: int) -> bool:
+        """Whether the child (or a process it started) holds the listening socket on `port`: a /health 200 from
+        a socket someone else bound first (a squatter on the same box) is not our engine being ready."""
+        try:
+            leader = psutil.Process(self.pid)
+            family = [leader, *leader.children(recursive=True)]
+        except psutil.Error:
+            return False
+        for proc in family:
+            try:
+                if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                       for c in proc.net_connections(kind="inet")):
+                    return True
+            except psutil.Error:
+                continue
+        return False
+
+    def wait_ready(self, url: str, timeout_s: float, on_tick: Callable[[], None] | None = None,
+                   port: int | None = None) -> ReadyOutcome:
+        """Poll /health until 200 (from a socket the child owns, when `port` is given), the process exits, or
+        the deadline passes."""
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=HEALTH_TIMEOUT_S) as client:
             while True:
@@ -113,6 +133,9 @@ class ManagedProcess:
                     return ReadyOutcome.EXITED
                 try:
                     if client.get(f"{url}/health").status_code == 200:
+                        if port is not None and not self.listens_on(port):
+                            self._move(State.FAILED)
+                            return ReadyOutcome.PORT_TAKEN
                         self._move(State.READY)
                         return ReadyOutcome.READY
                 except httpx.HTTPError:

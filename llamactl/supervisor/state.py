@@ -13,6 +13,8 @@ from pathlib import Path
 
 import psutil
 
+from llamactl.names import check_profile_name, is_profile_name
+
 RECORD_SUFFIX = ".json"
 
 
@@ -75,7 +77,7 @@ class StateStore:
         self.locks_dir = state_dir / "locks"
 
     def _path(self, profile: str) -> Path:
-        return self.servers_dir / f"{profile}{RECORD_SUFFIX}"
+        return self.servers_dir / f"{check_profile_name(profile)}{RECORD_SUFFIX}"
 
     def read(self, profile: str) -> ServerRecord | None:
         try:
@@ -101,28 +103,31 @@ class StateStore:
 
     def write_key(self, profile: str, key: str) -> Path:
         """The child's per-start API key, in a 0600 file passed as --api-key-file."""
-        keys_dir = self.servers_dir.parent / "keys"
-        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = keys_dir / f"{profile}.key"
+        path = self.key_path(profile)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key + "\n")
         return path
 
+    def key_path(self, profile: str) -> Path:
+        return self.servers_dir.parent / "keys" / f"{check_profile_name(profile)}.key"
+
     def remove_key(self, profile: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            (self.servers_dir.parent / "keys" / f"{profile}.key").unlink()
+            self.key_path(profile).unlink()
 
     def names(self) -> list[str]:
         if not self.servers_dir.is_dir():
             return []
-        return sorted(p.stem for p in self.servers_dir.glob(f"*{RECORD_SUFFIX}"))
+        return sorted(p.stem for p in self.servers_dir.glob(f"*{RECORD_SUFFIX}") if is_profile_name(p.stem))
 
     @contextlib.contextmanager
     def lock(self, profile: str, timeout_s: float | None = None) -> Iterator[None]:
         """Exclusive per-profile lock, so two CLIs never start or stop the same profile at once."""
+        path = self.locks_dir / f"{check_profile_name(profile)}.lock"
         self.locks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.locks_dir / f"{profile}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             while True:

@@ -19,13 +19,14 @@ from llamactl.engines.common import LaunchInputs
 from llamactl.engines.logs import classify_exit
 from llamactl.errors import ProfileError, StartCancelled, StartError
 from llamactl.models import ensure_model
+from llamactl.names import check_profile_name
 from llamactl.profiles import Profile
 from llamactl.settings import Settings
 from llamactl.supervisor.process import ManagedProcess, ReadyOutcome, stop_group
 from llamactl.supervisor.logs import rotate_if_large, rotate_logs, tail_lines
 from llamactl.supervisor.state import ServerRecord, StateStore, process_matches
 
-PORT_ATTEMPTS = 3  # a port can be taken between choosing it and the engine binding it
+PORT_ATTEMPTS = 5  # a port can be taken between choosing it and the engine binding it (or squatted)
 LOG_TAIL_LINES = 15
 
 
@@ -40,6 +41,7 @@ class ServerStatus:
     record: ServerRecord
     alive: bool
     rss_bytes: int | None
+    key_file: Path | None = None  # where the engine's API key is (None: started without one)
 
     def to_json(self) -> dict[str, object]:
         r = self.record
@@ -48,7 +50,7 @@ class ServerStatus:
             "url": r.url, "uptime_s": round(time.time() - r.started_at, 1) if self.alive else None,
             "model": r.model, "alias": r.alias, "engine": r.engine, "version": r.version,
             "rss_mib": round(self.rss_bytes / 2**20, 1) if self.rss_bytes is not None else None,
-            "log": r.log_path,
+            "log": r.log_path, "key_file": str(self.key_file) if self.key_file else None,
         }
 
 
@@ -101,11 +103,12 @@ class Supervisor:
                     proc = None
             if proc is not None:
                 rotate_if_large(Path(record.log_path), self.settings.log_max_bytes, self.settings.log_backups)
-            out.append(ServerStatus(record, proc is not None, rss))
+            out.append(ServerStatus(record, proc is not None, rss,
+                                    self.store.key_path(name) if record.api_key else None))
         return out
 
     def log_path(self, name: str) -> Path:
-        return self.settings.log_dir / f"{name}.log"
+        return self.settings.log_dir / f"{check_profile_name(name)}.log"
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -177,7 +180,7 @@ class Supervisor:
             )
             self._write_record(record)
             outcome = child.wait_ready(record.url, profile.load_timeout_s,
-                                       lambda: _check_cancelled(profile.name, cancelled))
+                                       lambda: _check_cancelled(profile.name, cancelled), port=port)
             if outcome is ReadyOutcome.READY:
                 record = record.with_state("ready", ready_at=time.time())
                 self._write_record(record)
@@ -187,6 +190,11 @@ class Supervisor:
             raise
         self._discard(child, profile)
         lines = tail_lines(log_path, LOG_TAIL_LINES)
+        if outcome is ReadyOutcome.PORT_TAKEN:
+            raise StartError(
+                f"{profile.name}: another process answered on port {port} before llama-server could listen there; "
+                "stopped the engine", cause="port in use", log_tail=lines,
+                hint="something on this machine takes the ports llamactl picks; `ss -ltnp` shows who")
         if outcome is ReadyOutcome.TIMED_OUT:
             raise StartError(
                 f"{profile.name}: not ready after {profile.load_timeout_s:g} s (load_timeout_s); stopped it",
