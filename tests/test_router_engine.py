@@ -134,7 +134,7 @@ def test_acceptance_of_an_ik_engine_is_read_from_its_log(monkeypatch, write_prof
         metrics = httpx.get(f"{server.url}/metrics").text
         assert float(metrics.split(line)[1].split()[0]) > 0
         evidence = router.telemetry.evidence("ik")["code"]
-        assert evidence.acceptance is not None and 0 < evidence.acceptance <= 1 and evidence.acceptance_n == 1
+        assert 0 < evidence.acceptance["ik-spec"] <= 1 and evidence.acceptance_n == {"ik-spec": 1}
     finally:
         server.stop()
     assert router.backends.supervisor.running("ik-spec") is None
