@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import secrets
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from llamactl.router.asgi import send_json
+from llamactl.router.errors import error_body
 from llamactl.errors import ConfigError
 from llamactl.settings import Settings
 
@@ -111,23 +112,11 @@ def check_bind(host: str, keys: Iterable[str], allow_insecure: bool) -> None:
              "LLAMACTL_ALLOW_INSECURE_BIND=1 if something in front already authenticates")
 
 
-def _error_body(message: str, type_: str, code: str) -> bytes:
-    # The OpenAI error shape, as the router's own errors (llamactl.router.errors.error_body).
-    return json.dumps({"error": {"message": message, "type": type_, "code": code, "param": None,
-                                 "source": "llamactl"}}).encode()
-
-
-async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def send_error(send: Send, status: int, message: str, code: str,
                      headers: list[tuple[bytes, bytes]] = ()) -> None:
-    """An OpenAI-shaped error response from a middleware (before any route runs)."""
-    await _send_json(send, status, _error_body(message, "invalid_request_error", code), headers)
+    """An error response from a middleware (before any route runs), in the router's own error shape."""
+    await send_json(send, status, error_body(message, "invalid_request_error", code, "llamactl"),
+                    {k.decode("latin-1"): v.decode("latin-1") for k, v in headers})
 
 
 class ApiKeyMiddleware:
@@ -150,8 +139,7 @@ class ApiKeyMiddleware:
             return
         message = ("Incorrect API key provided." if presented else
                    "Missing API key: send 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'.")
-        await _send_json(send, 401, _error_body(message, "invalid_request_error", "invalid_api_key"),
-                         [(b"www-authenticate", b"Bearer")])
+        await send_error(send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])
 
 
 class BodyLimitMiddleware:
@@ -175,8 +163,7 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    await _send_json(send, 400, _error_body("bad Content-Length", "invalid_request_error",
-                                                            "bad_request"))
+                    await send_error(send, 400, "bad Content-Length", "bad_request")
                     return
                 if declared > self.max_bytes:
                     await self._too_large(send)
@@ -208,8 +195,7 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send) -> None:
-        await _send_json(send, 413, _error_body(f"request body is larger than {self.max_bytes} bytes",
-                                                "invalid_request_error", "request_too_large"))
+        await send_error(send, 413, f"request body is larger than {self.max_bytes} bytes", "request_too_large")
 
 
 def middleware(settings: Settings, keys: tuple[str, ...] | None = None, *,

@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.types import Receive, Send
 
-from llamactl.router.errors import BadRequest, RouterError
+from llamactl.router.errors import BadRequest, BodyTooLarge, RouterError
 
 
 async def send_json(send: Send, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
@@ -37,10 +37,8 @@ async def read_body(receive: Receive, max_bytes: int) -> bytes:
             raise BadRequest("client disconnected while sending the body")
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > max_bytes:
-            e = BadRequest(f"request body over {max_bytes} bytes")
-            e.status = 413
-            raise e
+        if size > max_bytes:  # the daemon's body-limit middleware refuses it first, in the same shape
+            raise BodyTooLarge(f"request body is larger than {max_bytes} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

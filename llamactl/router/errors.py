@@ -34,6 +34,10 @@ class BadRequest(RouterError):
     status, type, code = 400, "invalid_request_error", "bad_request"
 
 
+class BodyTooLarge(RouterError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
 class ModelNotFound(RouterError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 
