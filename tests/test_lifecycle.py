@@ -256,3 +256,26 @@ def test_a_reload_that_changes_routing_takes_effect(own_home, fake_profile, writ
         assert daemon.stop() == 0
     finally:
         daemon.stop(signal.SIGKILL)
+
+
+def test_a_stream_cut_at_the_drain_deadline_ends_with_an_error_event(own_home, fake_profile, tmp_path):
+    settings = own_home
+    fake_profile("fake", LLAMACTL_TEST_HOME=str(settings.home))
+    daemon = Daemon(tmp_path, "--profile", "fake", "--preload", "fake", env={"LLAMACTL_DRAIN_TIMEOUT_S": "2"})
+    events: list[str] = []
+    try:
+        daemon.wait_notify(r"READY=1")
+        body = {"model": "fake", "stream": True, "fake": {"tokens": 200, "delay_s": 0.1}}  # a 20 s stream
+        with httpx.stream("POST", f"{daemon.url}/v1/chat/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 3:
+                        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(30) == 0
+    finally:
+        daemon.stop(signal.SIGKILL)
+    error = json.loads(next(e for e in reversed(events) if e.startswith("{") and '"error"' in e))
+    assert error["error"]["code"] == "shutting_down" and "drain deadline" in error["error"]["message"]
+    assert events[-1] == "[DONE]" and len(events) < 100  # cut, not served to the end

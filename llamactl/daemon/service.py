@@ -191,8 +191,15 @@ class Service:
                         self.notifier.stopping("draining requests, then stopping the engines")
                         log.info("stopping: draining requests in flight (up to %.0f s)", settings.drain_timeout_s)
                         preloading.cancel()
+                        # Streams still running at the drain deadline end with an error event, just before
+                        # uvicorn's own deadline would close them bare.
+                        loop = asyncio.get_running_loop()
+                        cut = loop.call_later(max(0.0, settings.drain_timeout_s - STREAM_CUT_MARGIN_S),
+                                              router.cut_streams)
                         server.should_exit = True
                         watchdog.cancel()
+                        await serving
+                        cut.cancel()
             sock.close()
         log.info("stopped")
         return 0
@@ -284,6 +291,7 @@ class Service:
 
 
 RELOAD_READ_TIMEOUT_S = 10.0
+STREAM_CUT_MARGIN_S = 0.5  # before the drain deadline: time to write the error event before uvicorn closes
 
 
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None,

@@ -100,6 +100,8 @@ class Router:
         self._engine_metrics: dict[str, tuple[float, dict[str, float]]] = {}  # profile -> (when, values)
         self._log_claimed: dict[str, int] = {}  # engine log -> end of the last acceptance line used
         self._background: set[asyncio.Task[None]] = set()
+        self._streams: set[asyncio.Task[Any]] = set()  # requests relaying a stream now (cut at shutdown)
+        self.cutting_streams = False
         self.started_at = time.time()
 
     @asynccontextmanager
@@ -174,6 +176,13 @@ class Router:
         if lane in self._dispatchers:
             await lane.shutdown()
             self._dispatchers[lane].cancel()
+
+    def cut_streams(self) -> int:
+        """The drain deadline: end every stream still running with an error event (not a bare close)."""
+        self.cutting_streams = True
+        for task in list(self._streams):
+            task.cancel("llamactl is shutting down")
+        return len(self._streams)
 
     def _spawn(self, coro, name: str) -> None:
         """A telemetry task of the router's own (cancelled at shutdown)."""
@@ -516,6 +525,9 @@ class Relay:
         await send({"type": "http.response.start", "status": response.status, "headers": [
             (b"content-type", content_type.encode()), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"), *extra]})
+        task = asyncio.current_task()
+        assert task is not None
+        self.router._streams.add(task)
         try:
             async for chunk in response.aiter_body():
                 scanner.feed(chunk)
@@ -524,17 +536,30 @@ class Relay:
             # The engine died or broke the stream: tell the client in-band, then end the stream cleanly.
             err = error_body(f"llama-server for '{sample.profile}' broke the stream: {e}",
                              "upstream_error", "upstream_stream_broken", "upstream", profile=sample.profile)
-            if self.info.api == "anthropic":
-                tail = b"event: error\ndata: " + json.dumps({"type": "error", **err}).encode() + b"\n\n"
-            else:
-                tail = b"data: " + json.dumps(err).encode() + b"\n\n" + self.info.stream_end
             sample.status = 502
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            await send({"type": "http.response.body", "body": self._stream_error(err), "more_body": False})
             return "broken"
+        except asyncio.CancelledError:
+            if not self.router.cutting_streams:
+                raise  # the client went away
+            task.uncancel()
+            err = error_body("llamactl is shutting down: the stream was cut at the drain deadline "
+                             "(LLAMACTL_DRAIN_TIMEOUT_S)", "server_error", "shutting_down", "llamactl")
+            sample.status = 503
+            await send({"type": "http.response.body", "body": self._stream_error(err), "more_body": False})
+            return "broken"
+        finally:
+            self.router._streams.discard(task)
         if scanner.first_data_at is not None:
             sample.ttft_s = scanner.first_data_at - arrived
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return "ok"
+
+    def _stream_error(self, err: dict[str, Any]) -> bytes:
+        """An error as the last event of a stream, in the route's own stream format."""
+        if self.info.api == "anthropic":
+            return b"event: error\ndata: " + json.dumps({"type": "error", **err}).encode() + b"\n\n"
+        return b"data: " + json.dumps(err).encode() + b"\n\n" + self.info.stream_end
 
 
 # ---------------------------------------------------------------------------------------------- the app
