@@ -226,3 +226,19 @@ async def test_a_warm_switch_grants_the_waiting_request_in_the_same_turn(lane, e
     _, pinned = request(lane, pin="plain")
     await settle()
     assert pinned.done() and lane.active == "plain"
+
+
+@lane_test({"fast": "spec", "plain": "plain"})
+async def test_work_that_is_not_generation_is_not_counted_in_the_recent_mix(lane, engines, clock):
+    """A tokenize or embedding request pinned to the serving member tells the policy nothing about what work
+    is coming: it is not an arrival in the mix the policy plans with."""
+    ticket, first = request(lane, cls="code", pin="fast")
+    await settle()
+    engines.finish("fast")
+    await first
+    lane.release(ticket)
+    utility = Ticket(cls="utility", pin="fast", evidence=False)
+    await asyncio.wait_for(lane.acquire(utility), 1)
+    lane.release(utility)
+    await settle()
+    assert lane.telemetry.recent("lane") == {"code": 1}

@@ -305,7 +305,7 @@ class Router:
         upstream = lane.upstreams.get(profile)
         if upstream is not None:
             return upstream
-        ticket = Ticket(cls="utility", pin=profile)
+        ticket = Ticket(cls="utility", pin=profile, evidence=False)
         upstream = await lane.acquire(ticket)
         lane.release(ticket)
         return upstream
@@ -431,7 +431,7 @@ class Relay:
         # Work that is not generation goes to whichever member serves now: it is no evidence for switching.
         pin = route.pin or (lane.active if self.info.kind != "generate" and lane.spec.is_group else None)
         stream = bool(payload.get("stream"))
-        ticket = Ticket(cls=cls, pin=pin, enqueued_at=arrived)
+        ticket = Ticket(cls=cls, pin=pin, enqueued_at=arrived, evidence=self.info.kind == "generate")
         sample: Sample | None = None
         retried = False
         while True:
@@ -459,7 +459,7 @@ class Relay:
                 # The engine was not there (crashed / restarting): back to the head of the queue, once.
                 lane.release(ticket, upstream_failed=True)
                 retried = True
-                ticket = Ticket(cls=cls, pin=pin, enqueued_at=arrived)
+                ticket = Ticket(cls=cls, pin=pin, enqueued_at=arrived, evidence=self.info.kind == "generate")
                 continue
             lane.release(ticket, upstream_failed=outcome in ("retry", "broken"))
             if outcome == "retry":

@@ -68,6 +68,7 @@ class Ticket:
     granted_at: float | None = None  # perf_counter, for the request's queue wait
     held_since: float | None = None  # the lane's clock, for its service time
     released: bool = False
+    evidence: bool = True  # generation the policy learns from; tokenize, embeddings etc. are not
 
     @property
     def waiting(self) -> bool:
@@ -160,7 +161,7 @@ class Lane:
                 f"queue of '{self.name}' is full ({self.config.max_queue} waiting); retry in {retry}s",
                 headers={"Retry-After": str(retry)}, extra={"retry_after_s": retry},
             )
-        if not front:
+        if not front and ticket.evidence:
             self.telemetry.arrival(self.name, ticket.cls)
         self._queued_in_inbox += 1
         self._post(lambda: self._enqueue(ticket, front))
