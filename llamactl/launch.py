@@ -16,9 +16,15 @@ log = logging.getLogger(__name__)
 
 def planned_profile(profile: Profile, settings: Settings, *, gpus_file: Path | None = None,
                     ignore_fit: bool = False) -> Profile:
-    """The profile with the planner's placement applied; refuses one that does not fit. What an automatic
-    placement gives up (layers on the CPU, a shorter context) is logged as a warning: `llamactl up`
-    prints it, the daemon's log keeps it."""
+    """The profile with the planner's placement applied; refuses one that does not fit."""
+    return placed_profile(profile, settings, gpus_file=gpus_file, ignore_fit=ignore_fit)[0]
+
+
+def placed_profile(profile: Profile, settings: Settings, *, gpus_file: Path | None = None,
+                   ignore_fit: bool = False) -> tuple[Profile, str | None]:
+    """The profile with the planner's placement applied, and what an automatic placement gives up (layers on
+    the CPU, a shorter context) in words, or None. The cost is logged as a warning (`llamactl up` prints it,
+    the daemon's log keeps it) and kept in the server's record (`llamactl status` shows it)."""
     from llamactl.planning import plan_for_launch
 
     plan = plan_for_launch(profile, settings, gpus_file, with_argv=False)
@@ -28,7 +34,7 @@ def planned_profile(profile: Profile, settings: Settings, *, gpus_file: Path | N
                               "to start anyway")
     if plan.cost:
         log.warning("%s: %s", profile.name, plan.cost)
-    return profile.model_copy(update=plan.launch_overrides())
+    return profile.model_copy(update=plan.launch_overrides()), plan.cost
 
 
 def start_profile(supervisor: Supervisor, profile: Profile, *, ignore_fit: bool = False,
@@ -36,5 +42,5 @@ def start_profile(supervisor: Supervisor, profile: Profile, *, ignore_fit: bool 
     existing = supervisor.running(profile.name)
     if existing is not None and existing.state == "ready":
         return existing
-    placed = planned_profile(profile, supervisor.settings, ignore_fit=ignore_fit)
-    return supervisor.start(placed, api_key=api_key, cancelled=cancelled)
+    placed, cost = placed_profile(profile, supervisor.settings, ignore_fit=ignore_fit)
+    return supervisor.start(placed, api_key=api_key, cancelled=cancelled, placement=cost)

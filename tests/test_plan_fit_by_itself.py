@@ -160,3 +160,26 @@ def test_plan_command_prints_the_placement(home, write_profile, gemma_path, tmp_
     assert "placement: all 18 layers and the output on the CPU: slower; free " in out.output
     data = json.loads(CliRunner().invoke(main, ["plan", "bundled", "--gpus", str(gpus_file), "--json"]).output)
     assert data["fits"] and data["placement_cost"].startswith("all 18 layers") and data["overrides"]["gpus"] == []
+
+
+def test_status_keeps_what_the_placement_gave_up(home, write_profile, gemma_path, tmp_path, monkeypatch) -> None:
+    """`llamactl up` on a busy card: the real engine starts on the CPU, and `status` says why, not only `up`."""
+    from llamactl.settings import Settings
+    from llamactl.supervisor import Supervisor
+    from tests.conftest import require_engine
+
+    monkeypatch.setenv("LLAMACTL_LLAMA_SERVER", str(require_engine("llama.cpp")))
+    gpus_file = tmp_path / "box.json"
+    gpus_file.write_text(json.dumps({"host": {"total_mib": 32768, "free_mib": HOST_FREE_MIB},
+                                     "gpus": [g.to_json() for g in box(1150).gpus]}))
+    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(gpus_file))
+    write_profile("bundled", f'model = "{gemma_path}"\ngpus = [0]\nctx_size = 2048\n')
+    try:
+        out = CliRunner().invoke(main, ["up", "bundled"])
+        assert out.exit_code == 0, out.output
+        status = CliRunner().invoke(main, ["status"])
+        assert "placement: all 18 layers and the output on the CPU: slower" in status.output, status.output
+        rows = json.loads(CliRunner().invoke(main, ["status", "--json"]).output)["servers"]
+        assert rows[0]["placement"].startswith("all 18 layers and the output on the CPU")
+    finally:
+        Supervisor(Settings()).stop("bundled")

@@ -156,6 +156,8 @@ def _server_table(rows: list[dict]) -> None:
                    f"{rss:>8}  {r['model']}")
         if r.get("key_file"):
             click.echo(f"{'':<16} API key in {r['key_file']}")
+        if r.get("placement"):
+            click.echo(f"{'':<16} placement: {r['placement']}")
 
 
 def _daemon_status(status: dict, as_json: bool) -> None:

@@ -35,6 +35,7 @@ class ServerRecord:
     state: str = "starting"  # starting -> ready; a dead process makes the record stale
     ready_at: float | None = None
     api_key: str | None = field(default=None, repr=False)
+    placement: str | None = None  # what an automatic placement gave up (layers on the CPU, a shorter context)
 
     @property
     def url(self) -> str:

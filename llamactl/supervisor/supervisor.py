@@ -51,6 +51,7 @@ class ServerStatus:
             "model": r.model, "alias": r.alias, "engine": r.engine, "version": r.version,
             "rss_mib": round(self.rss_bytes / 2**20, 1) if self.rss_bytes is not None else None,
             "log": r.log_path, "key_file": str(self.key_file) if self.key_file else None,
+            "placement": r.placement,
         }
 
 
@@ -128,7 +129,7 @@ class Supervisor:
         return inputs, caps
 
     def start(self, profile: Profile, *, api_key: str | None = None,
-              cancelled: Callable[[], bool] | None = None) -> ServerRecord:
+              cancelled: Callable[[], bool] | None = None, placement: str | None = None) -> ServerRecord:
         """Start `profile` and block until it is ready. Returns the running record if already up.
 
         `cancelled` is polled while the engine loads: once it says True the engine is stopped and
@@ -148,14 +149,14 @@ class Supervisor:
             for attempt in range(1, PORT_ATTEMPTS + 1):
                 _check_cancelled(profile.name, cancelled)
                 try:
-                    return self._start_once(profile, inputs, caps, api_key, cancelled)
+                    return self._start_once(profile, inputs, caps, api_key, cancelled, placement)
                 except StartError as e:
                     if e.cause != "port in use" or attempt == PORT_ATTEMPTS:
                         raise
         raise AssertionError("unreachable")
 
     def _start_once(self, profile: Profile, inputs: LaunchInputs, caps, api_key: str | None,
-                    cancelled: Callable[[], bool] | None) -> ServerRecord:
+                    cancelled: Callable[[], bool] | None, placement: str | None = None) -> ServerRecord:
         port = free_port()
         try:
             key_file = self.store.write_key(profile.name, api_key) if api_key else None
@@ -176,7 +177,7 @@ class Supervisor:
                 profile=profile.name, engine=profile.engine, binary=str(inputs.binary), version=caps.version,
                 model=str(inputs.model_path), alias=profile.served_alias, pid=child.pid,
                 create_time=child.create_time(), cmdline=spec.argv, port=port, log_path=str(log_path),
-                started_at=time.time(), api_key=api_key,
+                started_at=time.time(), api_key=api_key, placement=placement,
             )
             self._write_record(record)
             outcome = child.wait_ready(record.url, profile.load_timeout_s,
