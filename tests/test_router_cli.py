@@ -34,3 +34,10 @@ def test_switch_without_a_running_serve_says_so(settings):
     result = CliRunner().invoke(main, ["switch", "g", "m", "--url", "http://127.0.0.1:9"])
     assert result.exit_code == 5
     assert "cannot reach llamactl serve" in result.output
+
+
+def test_status_lines_show_the_model_map_and_the_problems():
+    lines = router_status_lines({"lanes": [], "model_map": {"claude-*": "coding"}, "default_model": "coding",
+                                 "problems": ["name 'x' is used twice"]})
+    assert lines == ["model names: claude-* -> coding", "requests without a model: coding",
+                     "problem: name 'x' is used twice"]

@@ -66,7 +66,8 @@ def switch_command(settings: Settings, group: str, member: str, url: str | None,
 
 
 def router_status_lines(status: dict) -> list[str]:
-    """Human lines per lane: the group, its active member, the last decision and why."""
+    """Human lines per lane: the group, its active member, the last decision and why; then the names
+    clients use that are mapped to profiles, and the router's problems."""
     lines = []
     for lane in status.get("lanes", []):
         mode = "auto" if lane["forced"] is None else f"forced {lane['forced']}"
@@ -83,4 +84,10 @@ def router_status_lines(status: dict) -> list[str]:
             lines.append(f"  switched {switch['from']} -> {switch['to']} in {switch['seconds']}s ({switch['trigger']})")
         if lane.get("last_error"):
             lines.append(f"  last error: {lane['last_error']}")
+    if status.get("model_map"):
+        lines.append("model names: " + ", ".join(f"{glob} -> {target}" for glob, target in status["model_map"].items()))
+    if status.get("default_model"):
+        lines.append(f"requests without a model: {status['default_model']}")
+    for problem in status.get("problems", []):
+        lines.append(f"problem: {problem}")
     return lines
