@@ -250,8 +250,10 @@ def test_a_reload_that_changes_routing_takes_effect(own_home, fake_profile, writ
         assert lanes["pair"]["slots"]["fake"] == 3 and set(lanes["pair"]["members"]) == {"fake", "twin"}
         r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "renamed"}, timeout=30)
         assert r.status_code == 200 and r.headers["x-llamactl-profile"] == "fake", r.text
-        engine = [p for p in ours(settings)]
-        assert len(engine) == 1 and "3" == engine[0].cmdline()[engine[0].cmdline().index("-np") + 1]
+        # The twin may be warming up beside it (both fit): find fake's engine by the alias it now serves.
+        engine = wait_until(lambda: [p for p in ours(settings) if "renamed" in p.cmdline()], 10, "fake's engine")
+        cmdline = engine[0].cmdline()
+        assert len(engine) == 1 and cmdline[cmdline.index("-np") + 1] == "3"
         assert httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "twin"}, timeout=30).status_code == 200
         assert daemon.stop() == 0
     finally:
