@@ -25,15 +25,17 @@ CPU = "CPU"
 class DeviceSlot:
     """A place memory can go. `gpu_index` None = host RAM (the CPU device)."""
 
-    key: str  # "CUDA0" (NVML index) or "CPU"
+    key: str  # "CUDA0" (NVML index), "RPC0" (a worker's device, the engine's name) or "CPU"
     name: str
     gpu_index: int | None
     total_mib: int | None
     free_mib: int | None  # None = unknown (host RAM of a described box)
+    remote: str | None = None  # the RPC worker holding it ("gpu-box (10.0.0.2:50052)"); None = this box
 
     @property
     def is_gpu(self) -> bool:
-        return self.gpu_index is not None
+        """A device layers are offloaded to: a local GPU or an RPC worker's device."""
+        return self.gpu_index is not None or self.remote is not None
 
 
 @dataclass
