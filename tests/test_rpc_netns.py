@@ -152,6 +152,10 @@ def test_split_over_rpc_answers_like_local_and_the_plan_matches_the_engine(pair,
         text = llamactl_in(pair, env, "plan", "big").stdout
         assert f"RPC0 on gpu-box ({pair.worker_ip}:50052)" in text
 
+        gpus = llamactl_in(pair, env, "gpus", "--rpc", "gpu-box")
+        assert gpus.returncode == 0, gpus.stderr
+        assert re.search(rf"RPC0\s+gpu-box\s+{re.escape(pair.worker_ip)}:50052\s+\d+\s+\d+", gpus.stdout), gpus.stdout
+
         up = llamactl_in(pair, env, "up", "big")
         assert up.returncode == 0, up.stdout + up.stderr
         [row] = json.loads(llamactl_in(pair, env, "status", "--json").stdout)["servers"]
