@@ -135,3 +135,59 @@ def test_systemd_install_worker_refuses_a_public_bind(settings):
     assert out.exit_code == 2 and "no authentication" in out.output
     out = CliRunner().invoke(main, ["systemd", "install", "--worker", "--host", "10.0.0.2", "--dry-run"])
     assert out.exit_code == 0 and "llamactl-worker" in out.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.engine
+def test_worker_restarts_a_dead_rpc_server_and_status_shows_it(home, tmp_path: Path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import require_engine
+
+    rpc = require_engine("llama.cpp").parent / "rpc-server"
+    assert rpc.is_file(), "run scripts/install-engines llama.cpp (it builds rpc-server)"
+    port = _free_port()
+    env = {**os.environ, "LLAMACTL_RESTART_BASE_DELAY_S": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "llamactl", "worker", "--host", "127.0.0.1", "--port", str(port),
+                             "--binary", str(rpc), "--cache-dir", str(tmp_path / "rpc-cache")],
+                            env=env, stderr=subprocess.PIPE, text=True)
+
+    def status() -> list[dict]:
+        done = subprocess.run([sys.executable, "-m", "llamactl", "worker", "status", "--json"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        return json.loads(done.stdout)["workers"]
+
+    def wait_listening(after: str) -> str:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "listens on" in line and after not in line:
+                return line
+        raise AssertionError(f"worker exited ({proc.wait()})")
+
+    try:
+        wait_listening(after="\0")
+        [row] = status()
+        assert row["state"] == "running" and row["port"] == port and row["restarts"] == 0
+        assert row["protocol"] == json.loads((rpc.parent.parent / "build.json").read_text())["rpc_protocol"]
+        child = row["child_pid"]
+        assert psutil.Process(child).cmdline()[-1] == "--cache"
+        os.kill(child, signal.SIGKILL)  # rpc-server dies; its supervisor starts another after the backoff
+        wait_listening(after=f"pid {child})")
+        [row] = status()
+        assert row["restarts"] == 1 and row["child_pid"] != child and "killed by SIGKILL" in row["last_exit"]
+        assert (tmp_path / "rpc-cache" / "rpc").is_dir()  # rpc-server's tensor cache lives under --cache-dir
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert status() == [] and not psutil.pid_exists(row["child_pid"])
