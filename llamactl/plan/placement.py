@@ -165,6 +165,9 @@ def _apply(uses: dict[str, DeviceUse], gpus: list[DeviceSlot], load: ModelLoad,
             weights[key] += spec.output_bytes  # a tied output on the CPU is the mapped token_embd
     if all(a is None for a in assign):
         weights[CPU] += load.cpu_extra_weights
+    elif load.cpu_extra_weights and spec.layer_repack_bytes:
+        # A partial offload: the layers left on the CPU get their repacked copies (CPU_REPACK) there too.
+        weights[CPU] += sum(spec.layer_repack_bytes[il] for il in range(n) if assign[il] is None)
     out_key = CPU if assign[n] is None else gpus[assign[n]].key
     for key, use in uses.items():
         touched = bool(layers[key])
