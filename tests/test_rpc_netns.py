@@ -277,7 +277,7 @@ def test_a_dead_worker_is_named_waited_for_and_the_server_comes_back(pair, binar
     write_main_side(main_home, gemma_path, f"{pair.worker_ip}:50052")
     daemon = Daemon(pair, env, "--preload", "big")
     try:
-        daemon.wait_line(r"\[big\]: main: server is listening")
+        daemon.wait_line(r"\[big\]: .*listening on http")
         body = {"model": "big", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
         first = ask_router(pair, daemon.url, body)
         assert first["status"] == 200, first
