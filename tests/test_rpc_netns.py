@@ -292,6 +292,8 @@ def test_a_dead_worker_is_named_waited_for_and_the_server_comes_back(pair, binar
         assert waiting["worker"] == "gpu-box" and f"{pair.worker_ip}:50052" in waiting["reason"]
         text = llamactl_in(pair, env, "status").stdout
         assert "waiting   for worker 'gpu-box'" in text
+        meanwhile = ask_router(pair, daemon.url, body)  # a request while the worker is away fails with why
+        assert meanwhile["status"] >= 500 and "worker 'gpu-box'" in meanwhile["body"], meanwhile
 
         worker = Worker(pair, rpc, worker_home, 50052).started()  # it comes back
         daemon.wait_line(r"big: worker 'gpu-box' is back", start=mark)

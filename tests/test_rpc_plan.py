@@ -108,3 +108,22 @@ def test_a_cpu_only_main_box_with_explicit_layers_splits_cpu_and_worker(big):
     rpc, cpu = plan.uses
     assert len([i for i in rpc.layers if i < big.n_layer]) == 39 and big.n_layer in rpc.layers
     assert len(cpu.layers) == big.n_layer + 1 - 40
+
+
+def test_rpc_needs_mainline_and_argv_refuses_unresolved_worker_names(settings):
+    from llamactl.errors import ProfileError
+    from llamactl.rpc.probe import profile_workers
+
+    with pytest.raises(ProfileError, match="key rpc: RPC workers are planned for engine llama.cpp only"):
+        profile_workers(Profile(name="big", model="m.gguf", engine="ik_llama.cpp", rpc=["10.0.0.2:50052"]), settings)
+    caps = Capabilities(binary=Path("llama-server"), version="test", flags=frozenset({"--rpc", "-dev"}), help_text="")
+    with pytest.raises(ProfileError, match="rpc worker 'gpu-box' was not resolved to host:port"):
+        build_argv(Profile(name="big", model="m.gguf", rpc=["gpu-box"]), caps,
+                   LaunchInputs(binary=Path("llama-server"), model_path=Path("m.gguf"), port=1))
+
+
+def test_remaining_inventory_takes_the_plan_off_the_worker_too(big):
+    inv = replace(cpu_box(), remote=(worker_device("RPC0", 48 * 1024),))
+    plan = plan_profile(Profile(name="big", model="m.gguf", ctx_size=4096, gpus=[], rpc=["gpu-box"]), big, inv)
+    left = plan.remaining()
+    assert left.remote[0].free_mib == 48 * 1024 - plan.device_totals_mib()["RPC0"]
