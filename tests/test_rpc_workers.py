@@ -191,3 +191,16 @@ def test_worker_restarts_a_dead_rpc_server_and_status_shows_it(home, tmp_path: P
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert status() == [] and not psutil.pid_exists(row["child_pid"])
+
+
+def test_of_one_version_the_build_with_rpc_server_is_preferred(settings, home):
+    from llamactl.engines.binaries import cached_builds
+
+    for name, with_rpc in (("llama.cpp-0.3.36", False), ("llama.cpp-0.3.36-rpc", True), ("llama.cpp-0.3.30-rpc", True)):
+        bin_dir = settings.engine_cache_dir / name / "bin"
+        bin_dir.mkdir(parents=True)
+        (bin_dir / "llama-server").write_text("")
+        if with_rpc:
+            (bin_dir / "rpc-server").write_text("")
+    assert [p.parent.parent.name for p in cached_builds("llama.cpp", settings)] == [
+        "llama.cpp-0.3.36-rpc", "llama.cpp-0.3.36", "llama.cpp-0.3.30-rpc"]

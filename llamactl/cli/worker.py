@@ -79,3 +79,4 @@ def status_command(settings: Settings, as_json: bool) -> None:
         extra = f", RPC protocol {proto}" if proto else (", busy or not answering" if "protocol" in row else "")
         click.echo(f"{row['host']}:{row['port']}  {row['state']}  rpc-server pid {row['child_pid'] or '-'}  "
                    f"restarts {row['restarts']}{extra}" + (f"  last exit: {row['last_exit']}" if row['last_exit'] else ""))
+        click.echo(f"    log: {row['log_path']}")
