@@ -109,6 +109,31 @@ def _short_text(value: Any, where: str, *, optional: bool = False) -> str | None
 
 
 @dataclass(frozen=True)
+class RemoteDevice:
+    """A device on an RPC worker (llama.cpp `rpc-server`), as the main llama-server sees it."""
+
+    name: str  # the engine's device name: RPC0, RPC1, ... in `--rpc` order
+    description: str  # what the worker's backend calls it ("CPU", "NVIDIA GeForce RTX 3090")
+    worker: str  # the worker's name in workers.toml, or its host:port when given inline
+    endpoint: str  # host:port
+    total_mib: int
+    free_mib: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.description} on {self.worker}" + (
+            f" ({self.endpoint})" if self.worker != self.endpoint else "")
+
+    @property
+    def on_cpu(self) -> bool:
+        """The worker serves its host RAM (no GPU there): no per-GPU driver overhead."""
+        return self.description.strip().upper().startswith("CPU")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class GpuInventory:
     """The GPUs of one box. `gpus == ()` means no NVIDIA GPU: plan for the CPU."""
 
@@ -118,6 +143,7 @@ class GpuInventory:
     driver_version: str | None = None
     host_total_mib: int | None = None  # host RAM; None = unknown (a described box without "host")
     host_free_mib: int | None = None
+    remote: tuple[RemoteDevice, ...] = ()  # RPC workers' devices (a profile with `rpc`), in engine order
 
     def by_index(self, index: int) -> Gpu | None:
         for g in self.gpus:

@@ -3,6 +3,7 @@ the pure planner (llamactl.plan). The entry points `llamactl up`, `plan` and `se
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from llamactl.errors import LlamactlError
@@ -33,13 +34,25 @@ def plan_for_launch(profile: Profile, settings: Settings, gpus_file: Path | None
     if profile.speculation.uses_draft_model and profile.speculation.draft_model:
         draft = load_spec(ensure_model(profile.speculation.draft_model, settings,
                                        where=f"{where}, key speculation.draft_model"))
-    inventory = probe_gpus(gpus_file, settings, probe)
+    inventory = with_workers(profile, settings, probe_gpus(gpus_file, settings, probe))
     plan = plan_profile(profile, target, inventory, draft, margin_mib=margin_mib, ctx_floor=settings.fit_ctx_min)
     if with_argv:
         plan.argv, why_not = engine_preview(plan, settings)
         if why_not:
             plan.notes.append(why_not)
     return plan
+
+
+def with_workers(profile: Profile, settings: Settings, inventory: GpuInventory) -> GpuInventory:
+    """The inventory plus the devices of the profile's RPC workers (asked now: version, devices, free memory).
+    A worker that does not answer is a WorkerError naming it: nothing is started."""
+    if not profile.rpc or inventory.remote:
+        return inventory
+    from llamactl.engines.binaries import find_binary
+    from llamactl.rpc.probe import probe_remote_devices
+
+    binary = find_binary(profile.engine, settings, profile.binary).path
+    return replace(inventory, remote=probe_remote_devices(profile, settings, binary))
 
 
 class KnownInventory:

@@ -148,6 +148,9 @@ class Profile(_Strict):
     split_mode: Literal["none", "layer", "row", "graph", "attn", "tensor"] | None = None
     tensor_split: list[float] | Literal["auto"] | None = None
     main_gpu: int | None = Field(default=None, ge=0)
+    rpc: list[str] = Field(
+        default=[], description="llama.cpp RPC workers (names in workers.toml, or host:port) whose devices take "
+        "layers like local GPUs")
     speculation: Speculation = Speculation()
     embeddings: bool = Field(default=False, description="Serve embeddings (/v1/embeddings) instead of generation")
     pooling: Literal["none", "mean", "cls", "last", "rank"] | None = Field(

@@ -5,11 +5,13 @@ from llamactl.cli.main import main
 from llamactl.cli.plan import gpus_command, plan_command
 from llamactl.cli.serve import serve_command, switch_command
 from llamactl.cli.systemd import systemd_command
+from llamactl.cli.worker import worker_command
 
 main.add_command(plan_command, "plan")
 main.add_command(gpus_command, "gpus")
 main.add_command(serve_command, "serve")
 main.add_command(switch_command, "switch")
 main.add_command(systemd_command, "systemd")
+main.add_command(worker_command, "worker")
 
 __all__ = ["main"]

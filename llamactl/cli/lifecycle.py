@@ -176,6 +176,10 @@ def _daemon_status(status: dict, as_json: bool) -> None:
         _server_table(status["servers"])
     else:
         click.echo("no servers running (engines load on demand)")
+    for name, engine in sorted(status.get("engines", {}).items()):
+        waiting = engine.get("waiting_for_worker") if isinstance(engine, dict) else None
+        if waiting:
+            click.echo(f"{name:<16} waiting   for worker '{waiting['worker']}': {waiting['reason']}")
     for name, failure in sorted(status.get("failed", {}).items()):
         click.echo(f"{name:<16} failed    {failure['reason']}")
         for line in failure["log_tail"][-5:]:

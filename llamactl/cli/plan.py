@@ -48,15 +48,32 @@ def plan_command(settings: Settings, profile_name: str, gpus_file: Path | None, 
 @click.command("gpus")
 @GPUS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of GPUs (save it to plan for this box).")
+@click.option("--rpc", "rpc_entries", multiple=True, metavar="WORKER",
+              help="Also list an RPC worker's devices (a name in workers.toml, or host:port; repeatable).")
+@click.option("--workers", "all_workers", is_flag=True, help="Also list the devices of every worker in workers.toml.")
 @click.pass_obj
-def gpus_command(settings: Settings, gpus_file: Path | None, as_json: bool) -> None:
-    """List the GPUs (NVML, PCI bus order): memory, processes holding memory, utilization."""
+def gpus_command(settings: Settings, gpus_file: Path | None, as_json: bool, rpc_entries: tuple[str, ...],
+                 all_workers: bool) -> None:
+    """List the GPUs (NVML, PCI bus order): memory, processes holding memory, utilization; with --rpc or
+    --workers, the RPC workers' devices too, with their host."""
     from llamactl.gpus import probe_gpus
 
     inv = probe_gpus(gpus_file, settings)
+    remote = None
+    if rpc_entries or all_workers:
+        from llamactl.rpc.inventory import worker_devices
+
+        remote = worker_devices(settings, list(rpc_entries), all_workers)
     if as_json:
-        click.echo(json.dumps(inv.to_json(), indent=2))
+        if remote is None:
+            click.echo(json.dumps(inv.to_json(), indent=2))
+        else:
+            click.echo(json.dumps({"gpus": inv.to_json(), "remote": [d.to_json() for d in remote.devices],
+                                   "unreachable": remote.unreachable}, indent=2))
         return
+    if remote is not None:
+        for line in remote.lines():
+            click.echo(line)
     if not inv.gpus:
         click.echo(inv.note or "no NVIDIA GPU")
         if inv.host_total_mib:

@@ -33,6 +33,7 @@ from llamactl.engines.logs import classify_exit
 from llamactl.errors import LlamactlError, StartCancelled, StartError
 from llamactl.launch import start_profile
 from llamactl.profiles import Profile
+from llamactl.rpc.errors import WorkerError
 from llamactl.settings import Settings
 from llamactl.supervisor import ServerRecord, Supervisor
 from llamactl.supervisor.logs import relay_log, rotate_if_large, tail_lines
@@ -93,6 +94,8 @@ class Engine:
         self._stop_lock = asyncio.Lock()
         self._monitor: asyncio.Task[None] | None = None
         self._relay: asyncio.Task[None] | None = None
+        self.waiting_for: WorkerError | None = None  # an RPC worker that is down: restarts wait for it
+        self._worker_waits = 0
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -106,7 +109,9 @@ class Engine:
         return {"profile": self.name, "state": self.state.value,
                 "pid": self.record.pid if self.record else None,
                 "url": self.record.url if self.record else None,
-                "reason": failed.reason if failed else None}
+                "reason": failed.reason if failed else None,
+                "waiting_for_worker": None if self.waiting_for is None else {
+                    "worker": self.waiting_for.worker, "reason": self.waiting_for.message}}
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -149,6 +154,9 @@ class Engine:
             self._decided(self.tracker.on_exit(time.monotonic(), uptime_s=0.0, reason=f"start failed: {e.message}",
                                                log_tail=e.log_tail))
             raise error from None
+        except WorkerError as e:  # an RPC worker is down: not our crash; wait for it with backoff
+            self._wait_for_worker(e)
+            raise e
         except LlamactlError as e:  # a profile or engine problem found before spawning: no crash to count
             self._move(EngineState.BACKOFF)
             raise e
@@ -156,10 +164,30 @@ class Engine:
             if self._start is asyncio.current_task():
                 self._start = None
         self.record = record
+        if self.waiting_for is not None:
+            log.info("%s: worker '%s' is back; serving again", self.name, self.waiting_for.worker)
+        self.waiting_for, self._worker_waits = None, 0
         self._move(EngineState.READY)
         self.detector.reset()
         self._watch(from_end=False)
         return record
+
+    def _wait_for_worker(self, error: WorkerError) -> None:
+        """Back off (doubling, capped) until the worker answers again; the monitor retries the start."""
+        self.waiting_for = error
+        self._worker_waits += 1
+        policy = self.tracker.policy
+        delay = min(policy.max_delay_s, policy.base_delay_s * policy.factor ** (self._worker_waits - 1))
+        self.not_before = time.monotonic() + delay
+        self._move(EngineState.BACKOFF)
+        log.warning("%s: waiting for worker '%s' (%s); next try in %.1f s", self.name, error.worker, error.message,
+                    delay)
+        if self._monitor is None or self._monitor.done():  # keep trying even with nobody asking
+            self._watch_backoff()
+
+    def _watch_backoff(self) -> None:
+        if self.tasks is not None:
+            self._monitor = self.tasks.create_task(self._monitor_loop(), name=f"monitor:{self.name}")
 
     async def _spawn(self, profile: Profile, cancel: threading.Event) -> ServerRecord:
         """The plan-then-start of `llamactl up`, in the spawner thread. Cancelling this coroutine asks the
@@ -291,6 +319,10 @@ class Engine:
                 elif verdict is Verdict.DEAD:
                     reason = self._death_reason(record)
                     await asyncio.to_thread(self.supervisor.stop, self.name, 1.0)  # drops the stale record
+                    gone = await asyncio.to_thread(self._gone_worker)
+                    if gone is not None:
+                        reason = f"{gone.message}; so {reason}"
+                        self.waiting_for = gone
                 else:
                     continue
                 if self.record is record:  # else a stop came first
@@ -326,6 +358,24 @@ class Engine:
                           log_tail=list(failed.log_tail) if failed else [],
                           hint=f"read `llamactl logs {self.name}`; `llamactl up {self.name}` clears the failure "
                                "and starts it")
+
+    def _gone_worker(self) -> WorkerError | None:
+        """After a death: the first of the profile's RPC workers that no longer answers (the likely cause)."""
+        try:
+            profile = self.profile_of(self.name)
+            if not profile.rpc:
+                return None
+            from llamactl.rpc.hello import worker_version
+            from llamactl.rpc.probe import profile_workers
+
+            for worker in profile_workers(profile, self.settings):
+                try:
+                    worker_version(worker, timeout_s=2.0)
+                except WorkerError as e:
+                    return e
+        except LlamactlError:
+            return None
+        return None
 
     @staticmethod
     def _death_reason(record: ServerRecord) -> str:

@@ -51,10 +51,11 @@ class UnitParams:
     start_timeout_s: int = 900  # READY comes once the configured profiles are loaded
     stop_timeout_s: int = 120  # drain in-flight requests, then stop each child (SIGTERM, wait, SIGKILL)
     extra_rw: tuple[Path, ...] = field(default=())
+    worker: bool = False  # `llamactl worker` (rpc-server for a main box) instead of `llamactl serve`
 
     @property
     def unit_name(self) -> str:
-        return "llamactl.service"
+        return "llamactl-worker.service" if self.worker else "llamactl.service"
 
 
 def _quote(arg: str) -> str:
@@ -70,9 +71,11 @@ def _env_line(key: str, value: str) -> str:
 def render_unit(p: UnitParams) -> str:
     """The unit file text. Pure: everything machine-specific is in `p`."""
     lines = [
-        "# Rendered by `llamactl systemd install" + (" --user" if p.user_unit else "") + "`; re-run it after moving llamactl.",
+        "# Rendered by `llamactl systemd install" + (" --user" if p.user_unit else "") + (" --worker" if p.worker else "")
+        + "`; re-run it after moving llamactl.",
         "[Unit]",
-        "Description=llamactl: supervised llama.cpp servers behind one OpenAI-compatible endpoint",
+        "Description=" + ("llamactl worker: llama.cpp rpc-server for a main box (unauthenticated: private network only)"
+                          if p.worker else "llamactl: supervised llama.cpp servers behind one OpenAI-compatible endpoint"),
     ]
     if not p.user_unit:
         lines += ["Wants=network-online.target", "After=network-online.target nvidia-persistenced.service"]
@@ -81,17 +84,15 @@ def render_unit(p: UnitParams) -> str:
         "StartLimitBurst=5",
         "",
         "[Service]",
-        "Type=notify",
-        "NotifyAccess=main",
+        *(["Type=exec"] if p.worker else ["Type=notify", "NotifyAccess=main"]),
         "ExecStart=" + " ".join(_quote(a) for a in p.exec_start),
-        "ExecReload=/bin/kill -HUP $MAINPID",
-        f"WatchdogSec={p.watchdog_s}",
+        *([] if p.worker else ["ExecReload=/bin/kill -HUP $MAINPID", f"WatchdogSec={p.watchdog_s}"]),
         "Restart=on-failure",
         "RestartSec=5",
         f"TimeoutStartSec={p.start_timeout_s}",
         f"TimeoutStopSec={p.stop_timeout_s}",
         "KillMode=mixed",
-        "SyslogIdentifier=llamactl",
+        "SyslogIdentifier=" + ("llamactl-worker" if p.worker else "llamactl"),
         _env_line("PYTHONUNBUFFERED", "1"),
     ]
     lines += [_env_line(k, v) for k, v in p.environment]
@@ -196,10 +197,14 @@ def _model_paths(settings: Settings) -> list[Path]:
 
 
 def detect_params(settings: Settings, *, user_unit: bool, system_dirs: bool = False,
-                  service_user: str | None = None, environ: Mapping[str, str] | None = None) -> UnitParams:
-    """UnitParams for this machine, as the current user sees it."""
+                  service_user: str | None = None, environ: Mapping[str, str] | None = None,
+                  worker_args: tuple[str, ...] | None = None) -> UnitParams:
+    """UnitParams for this machine, as the current user sees it. worker_args: a `llamactl worker` unit with
+    these arguments (--host ADDR ...) instead of `llamactl serve`."""
     env = os.environ if environ is None else environ
     exec_start = llamactl_exec()
+    if worker_args is not None:
+        exec_start = (*exec_start[:-1], "worker", *worker_args)
     environment: list[tuple[str, str]] = []
     if system_dirs:
         environment += sorted(SYSTEM_DIRS.items())
@@ -221,18 +226,24 @@ def detect_params(settings: Settings, *, user_unit: bool, system_dirs: bool = Fa
     modprobe = shutil.which("nvidia-modprobe")
     return UnitParams(exec_start=exec_start, user_unit=user_unit, state_dir=state, cache_dir=cache,
                       config_dir=config, user=user, protect_home=protect_home, environment=tuple(environment),
-                      nvidia_devices=devices, nvidia_modprobe=modprobe, system_dirs=system_dirs)
+                      nvidia_devices=devices, nvidia_modprobe=modprobe, system_dirs=system_dirs,
+                      worker=worker_args is not None)
 
 
-def unit_path(user_unit: bool, environ: Mapping[str, str] | None = None) -> Path:
+def unit_path(user_unit: bool, environ: Mapping[str, str] | None = None, name: str = "llamactl.service") -> Path:
     env = os.environ if environ is None else environ
     if user_unit:
         base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-        return base / "systemd" / "user" / "llamactl.service"
-    return Path("/etc/systemd/system/llamactl.service")
+        return base / "systemd" / "user" / name
+    return Path("/etc/systemd/system") / name
 
 
 def enable_instructions(p: UnitParams, path: Path) -> list[str]:
+    if p.worker:
+        ctl = "systemctl --user" if p.user_unit else "sudo systemctl"
+        return [f"{ctl} daemon-reload", f"{ctl} enable --now llamactl-worker",
+                "journalctl " + ("--user " if p.user_unit else "") + "-u llamactl-worker -f",
+                "# rpc-server is unauthenticated: keep its port off the router (private network or a tunnel)"]
     if p.user_unit:
         user = pwd.getpwuid(os.getuid()).pw_name
         return [

@@ -28,11 +28,13 @@ def _version_key(dirname: str) -> tuple[int, ...]:
 
 
 def cached_builds(engine: str, settings: Settings) -> list[Path]:
-    """llama-server binaries built by `llamactl engines install`, newest version first."""
+    """llama-server binaries built by `llamactl engines install`, newest version first; of one version, a build
+    with rpc-server beside it (GGML_RPC: it can use RPC workers) before one without."""
     root = settings.engine_cache_dir
     if not root.is_dir():
         return []
-    dirs = sorted(root.glob(f"{engine}-*"), key=lambda d: _version_key(d.name), reverse=True)
+    dirs = sorted(root.glob(f"{engine}-*"), key=lambda d: (_version_key(d.name), (d / "bin" / "rpc-server").is_file()),
+                  reverse=True)
     return [d / "bin" / "llama-server" for d in dirs if (d / "bin" / "llama-server").is_file()]
 
 

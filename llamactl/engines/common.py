@@ -97,6 +97,33 @@ def draft_devices(profile: Profile) -> list[str] | None:
     return [f"CUDA{profile.gpus.index(g)}" for g in wanted]
 
 
+def rpc_devices(profile: Profile) -> list[str]:
+    """The -dev list of a planned profile with RPC workers: its tensor_split covers the workers' devices
+    (RPC0, RPC1, ... in --rpc order), then the local GPUs (CUDA0.. under CUDA_VISIBLE_DEVICES)."""
+    if not profile.rpc or not isinstance(profile.tensor_split, list):
+        return []
+    n_local = len(profile.gpus or [])
+    n_remote = len(profile.tensor_split) - n_local
+    return [f"RPC{i}" for i in range(n_remote)] + [f"CUDA{i}" for i in range(n_local)]
+
+
+def add_rpc_args(b: ArgvBuilder) -> None:
+    """--rpc host:port,... (resolved by the planner from worker names) and the matching -dev list."""
+    from llamactl.rpc.workers import is_endpoint
+
+    p = b.profile
+    if not p.rpc:
+        return
+    names = [entry for entry in p.rpc if not is_endpoint(entry)]
+    if names:
+        raise ProfileError(f"profile '{p.name}': rpc worker {names[0]!r} was not resolved to host:port",
+                           hint="start it with `llamactl up`, which plans it and resolves its workers")
+    b.add("rpc", ("--rpc",), ",".join(p.rpc))
+    devices = rpc_devices(p)
+    if devices:
+        b.add("rpc (devices)", ("-dev", "--device"), ",".join(devices))
+
+
 def add_common_model_args(b: ArgvBuilder, inputs: LaunchInputs) -> None:
     """Flags spelled the same in both forks."""
     p = b.profile

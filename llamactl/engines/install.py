@@ -40,6 +40,15 @@ class EngineSource:
     subdir: str
     cmake_args: tuple[str, ...] = field(default=())
     needs_build_info: bool = False
+    # Extra things the build carries beyond llama-server, e.g. "rpc" (GGML_RPC + rpc-server).
+    # Part of the install directory's name, so a build with other features never replaces one in use.
+    flavour: str = ""
+    # Binaries besides llama-server: (cmake target, name installed under bin/).
+    extra_binaries: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def build_name(self) -> str:
+        return f"{self.engine}-{self.version}" + (f"-{self.flavour}" if self.flavour else "")
 
     @property
     def sdist_stem(self) -> str:
@@ -49,7 +58,9 @@ class EngineSource:
 SOURCES = {
     "llama.cpp": EngineSource(
         "llama.cpp", "llama-cpp-python", "0.3.36", "vendor/llama.cpp",
-        ("-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF"),
+        ("-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_RPC=ON"),
+        flavour="rpc",
+        extra_binaries=(("ggml-rpc-server", "rpc-server"),),
     ),
     "ik_llama.cpp": EngineSource(
         "ik_llama.cpp", "ik-llama-cpp-python", "0.1.5", "vendor/ik_llama.cpp",
@@ -77,12 +88,28 @@ def cpu_signature() -> str:
 
 
 def install_dir(source: EngineSource, settings: Settings) -> Path:
-    return settings.engine_cache_dir / f"{source.engine}-{source.version}"
+    return settings.engine_cache_dir / source.build_name
 
 
 def _stamp(source: EngineSource, cuda: bool) -> dict[str, object]:
     return {"engine": source.engine, "package": source.package, "version": source.version,
             "cuda": cuda, "cpu": cpu_signature(), "cmake_args": list(COMMON_CMAKE_ARGS + source.cmake_args)}
+
+
+_RPC_VERSION = re.compile(r"#define\s+RPC_PROTO_(MAJOR|MINOR|PATCH)_VERSION\s+(\d+)")
+
+
+def rpc_protocol_version(tree: Path) -> str | None:
+    """The RPC protocol version ggml-rpc speaks in this source tree ("7.0.0"), None without ggml-rpc.
+    rpc-server and llama-server --rpc refuse each other when their versions differ."""
+    try:
+        text = (tree / "ggml" / "include" / "ggml-rpc.h").read_text()
+    except OSError:
+        return None
+    parts = dict(_RPC_VERSION.findall(text))
+    if set(parts) != {"MAJOR", "MINOR", "PATCH"}:
+        return None
+    return f"{parts['MAJOR']}.{parts['MINOR']}.{parts['PATCH']}"
 
 
 def installed_stamp(source: EngineSource, settings: Settings) -> dict[str, object] | None:
@@ -182,7 +209,8 @@ def install(engine: str, settings: Settings, *, cuda: bool | None = None, jobs: 
     dest = install_dir(source, settings)
     binary = dest / "bin" / "llama-server"
     wanted = _stamp(source, use_cuda)
-    if not force and binary.is_file() and installed_stamp(source, settings) == wanted:
+    installed_stamp_now = installed_stamp(source, settings) or {}
+    if not force and binary.is_file() and {k: installed_stamp_now.get(k) for k in wanted} == wanted:
         progress(f"{engine} {source.version}: already built ({binary})")
         return binary
     if shutil.which("cmake") is None:
@@ -190,8 +218,8 @@ def install(engine: str, settings: Settings, *, cuda: bool | None = None, jobs: 
     tree = _unpack(source, _sdist(source, settings, progress), settings, progress)
     if source.needs_build_info:
         write_build_info(tree, source.version)
-    build = settings.cache_dir / "build" / f"{engine}-{source.version}{'-cuda' if use_cuda else ''}"
-    log = settings.cache_dir / "build" / f"{engine}-{source.version}.log"
+    build = settings.cache_dir / "build" / f"{source.build_name}{'-cuda' if use_cuda else ''}"
+    log = settings.cache_dir / "build" / f"{source.build_name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     generator = ["-G", "Ninja"] if shutil.which("ninja") and not (build / "Makefile").exists() else []
@@ -200,16 +228,22 @@ def install(engine: str, settings: Settings, *, cuda: bool | None = None, jobs: 
     progress(f"{engine} {source.version}: configuring ({'CUDA' if use_cuda else 'CPU only'}); log: {log}")
     _run_logged(configure, log, progress, f"{engine} configure")
     jobs = jobs or os.cpu_count() or 2
-    _run_logged(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs)], log, progress,
+    targets = ["llama-server", *(target for target, _ in source.extra_binaries)]
+    _run_logged(["cmake", "--build", str(build), "--target", *targets, "-j", str(jobs)], log, progress,
                 f"{engine} build")
-    built = build / "bin" / "llama-server"
-    if not built.is_file():
-        raise EngineBuildError(f"the build finished but {built} is missing", hint=f"see {log}")
     (dest / "bin").mkdir(parents=True, exist_ok=True)
-    tmp = binary.with_suffix(".tmp")
-    shutil.copy2(built, tmp)
-    tmp.replace(binary)
-    (dest / "build.json").write_text(json.dumps(wanted, indent=2))
+    for target, name in (("llama-server", "llama-server"), *source.extra_binaries):
+        built = build / "bin" / target
+        if not built.is_file():
+            raise EngineBuildError(f"the build finished but {built} is missing", hint=f"see {log}")
+        installed = dest / "bin" / name
+        tmp = installed.with_suffix(".tmp")
+        shutil.copy2(built, tmp)
+        tmp.replace(installed)
+    stamp = dict(wanted)
+    if source.flavour == "rpc":
+        stamp["rpc_protocol"] = rpc_protocol_version(tree)
+    (dest / "build.json").write_text(json.dumps(stamp, indent=2))
     progress(f"{engine} {source.version}: installed {binary}")
     return binary
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from llamactl.engines.capabilities import Capabilities
-from llamactl.engines.common import ArgvBuilder, LaunchInputs, add_common_model_args, check_extra_args, draft_devices
+from llamactl.engines.common import (
+    ArgvBuilder, LaunchInputs, add_common_model_args, add_rpc_args, check_extra_args, draft_devices,
+)
 from llamactl.profiles import Profile
 
 ENGINE = "llama.cpp"
@@ -15,10 +17,11 @@ SPEC_TYPE_NAMES = {"draft": "draft-simple", "mtp": "draft-mtp"}
 def build_argv(profile: Profile, caps: Capabilities, inputs: LaunchInputs) -> list[str]:
     b = ArgvBuilder(profile, caps)
     b.argv.append(str(inputs.binary))
+    add_rpc_args(b)  # before anything else: --rpc registers the devices -dev names
     add_common_model_args(b, inputs)
     if profile.parallel is not None:
         b.add("parallel", ("-np", "--parallel"), profile.parallel)
-    if profile.gpus == []:
+    if profile.gpus == [] and not profile.rpc:
         b.add("gpus = [] (CPU only)", ("-ngl", "--gpu-layers", "--n-gpu-layers"), 0)
     elif profile.n_gpu_layers is not None:
         b.add("n_gpu_layers", ("-ngl", "--gpu-layers", "--n-gpu-layers"), profile.n_gpu_layers)

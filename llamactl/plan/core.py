@@ -125,6 +125,22 @@ def _slots(inventory: GpuInventory) -> tuple[list[DeviceSlot], DeviceSlot]:
     return gpus, host
 
 
+def _remote_slots(inventory: GpuInventory) -> list[DeviceSlot]:
+    """The RPC workers' devices. They come first, in the engine's RPC order, and all stay in the device list
+    (-dev RPC0..RPCk-1, then the local GPUs; as llama.cpp orders them itself: fewer network transfers)."""
+    slots = []
+    for d in inventory.remote:
+        worker = d.worker if d.worker == d.endpoint else f"{d.worker} ({d.endpoint})"
+        slots.append(DeviceSlot(key=d.name, name=f"on {worker}", gpu_index=None, total_mib=d.total_mib,
+                                free_mib=d.free_mib, remote=worker))
+    return slots
+
+
+def _offloads(profile: Profile, inventory: GpuInventory) -> bool:
+    """Whether any device can take layers: a local GPU the profile may use, or an RPC worker's device."""
+    return bool(inventory.remote) or (bool(inventory.gpus) and profile.gpus != [])
+
+
 def _layer_count(value: Any, n_layer: int) -> int | None:
     """Profile n_gpu_layers -> int, or None for unset / 'auto' (search)."""
     if value is None or value == "auto":
@@ -203,7 +219,7 @@ def _best_at(place: Place, profile: Profile, target: ModelSpec, draft: ModelSpec
     """The placement with the most work on the GPUs at this context: layers (inside _place), then MoE
     experts moved to the CPU first, then the draft's layers."""
     plan = place(Knobs(n_ctx=n_ctx))
-    if not places_automatically(profile) or not plan.inventory.gpus or profile.gpus == []:
+    if not places_automatically(profile) or not _offloads(profile, plan.inventory):
         return plan
     if plan.fits and plan.n_gpu_layers == target.n_layer + 1 and plan.draft_n_gpu_layers in (
             None, (draft.n_layer + 1) if draft else None):
@@ -304,7 +320,7 @@ def _cost_words(plan: Plan, full: Plan, profile: Profile) -> str | None:
     n = plan.target.n_layer
     parts = []
     slower = False
-    if places_automatically(profile) and plan.inventory.gpus and profile.gpus != []:
+    if places_automatically(profile) and _offloads(profile, plan.inventory):
         gpu_uses = [u for u in plan.uses if u.device.is_gpu]
         on_gpu = sum(1 for u in gpu_uses for il in u.layers if il < n)
         output = any(n in u.layers for u in gpu_uses)
@@ -357,6 +373,7 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
 
     # Candidate GPUs.
     explicit_gpus = profile.gpus is not None
+    remotes = _remote_slots(inventory)
     if profile.gpus is None:
         cands = list(all_gpus)
     else:
@@ -366,10 +383,11 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
             have = [g.gpu_index for g in all_gpus]
             problems.append(f"gpus = {profile.gpus}: GPU {missing} does not exist on this box (GPUs: {have})")
         cands = [by_index[i] for i in profile.gpus if i in by_index]
-    if profile.split_mode == "none" and len(cands) > 1:
+    if profile.split_mode == "none" and len(cands) > 1 and not remotes:
         main = profile.main_gpu or 0
         cands = [cands[min(main, len(cands) - 1)]]
         notes.append(f"split_mode = 'none': everything on {cands[0].key}")
+    cands = remotes + cands
     if profile.split_mode in ("row", "tensor", "graph", "attn"):
         notes.append(f"split_mode = '{profile.split_mode}' is planned as a layer split (same totals, "
                      "per-device numbers approximate)")
@@ -398,7 +416,8 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
             chosen = [by_index[i] for i in profile.speculation.draft_gpus if i in by_index and i not in bad]
             draft_options = [chosen or cands[:1]]
         else:
-            draft_options = [[g] for g in sorted(cands, key=lambda g: -(g.free_mib or 0))]
+            draft_options = [[g] for g in sorted(cands, key=lambda g: -(g.free_mib or 0)) if g.gpu_index is not None]
+        draft_options = draft_options or [[]]
 
     best: Plan | None = None
     for dgpus in draft_options:
@@ -411,8 +430,8 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
         if candidate.fits and candidate.n_gpu_layers == n + 1:
             break
     assert best is not None
-    best.cpu_moe = cpu_moe if best.gpus else 0
-    best.cpu_moe_chosen = knobs.cpu_moe is not None and bool(best.gpus)
+    best.cpu_moe = cpu_moe if best.offloads else 0
+    best.cpu_moe_chosen = knobs.cpu_moe is not None and best.offloads
     return best
 
 
@@ -432,8 +451,11 @@ def _draft_reserved(dload: ModelLoad | None, dgpus: list[DeviceSlot], dngl: int,
 
 def _orders(gpus: list[DeviceSlot], caps: list[int]) -> list[list[int]]:
     """Device orders to try (positions into gpus): as listed, then each other GPU moved last, the roomiest
-    first (the last device holds the output layer, usually the largest single piece)."""
+    first (the last device holds the output layer, usually the largest single piece). With RPC devices
+    only the engine's order (workers first) is tried: -dev names them by position."""
     orders = [list(range(len(gpus)))]
+    if any(g.remote for g in gpus):
+        return orders
     for last in sorted(range(len(gpus) - 1), key=lambda i: -caps[i]):
         orders.append([i for i in range(len(gpus)) if i != last] + [last])
     return orders
@@ -488,7 +510,7 @@ def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, c
         gpus, caps = [gpus[i] for i in order], [caps[i] for i in order]
         # Prefer one GPU when the whole thing fits on it and the user did not list GPUs.
         single = None
-        if not explicit_gpus and len(gpus) > 1:
+        if not explicit_gpus and len(gpus) > 1 and not any(g.remote for g in gpus):
             for i in sorted(range(len(gpus)), key=lambda i: -caps[i]):
                 if dgpus and gpus[i] not in dgpus and len(dgpus) == 1:
                     continue
@@ -513,7 +535,7 @@ def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, c
     # any of the listed ones when the planner chooses the layers.
     if gpus and (not explicit_gpus or auto):
         used_pos = {a for a in assign if a is not None}
-        keep = [i for i, g in enumerate(gpus) if i in used_pos or (g in dgpus and dngl)]
+        keep = [i for i, g in enumerate(gpus) if i in used_pos or (g in dgpus and dngl) or g.remote]
         if len(keep) < len(gpus):
             remap = {old: new for new, old in enumerate(keep)}
             assign = [None if a is None else remap[a] for a in assign]
@@ -541,7 +563,8 @@ def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, c
         profile=profile, target=tload.spec, draft=None if dload is None else dload.spec, ctx=ctx, draft_ctx=dctx,
         uses=uses, margin_mib=margin_mib, n_gpu_layers=ngl if gpus else 0,
         gpus=[g.gpu_index for g in gpus if g.gpu_index is not None],
-        tensor_split=counts if gpus and len(gpus) > 1 else None,
+        tensor_split=counts if gpus and (len(gpus) > 1 or gpus[0].remote) else None,
+        remote_devices=[g.key for g in gpus if g.remote],
         draft_gpus=draft_gpu_ids, draft_n_gpu_layers=(dngl if gpus and dgpus else 0) if dload is not None else None,
         inventory=inventory, notes=notes,
     )

@@ -51,6 +51,7 @@ class ModelSpec:
     file_size_bytes: int
     tensor_bytes: int  # every tensor once (what a CPU-only run maps)
     cpu_repack_bytes: int = 0  # layer matrices the x86 CPU backend copies into a repacked layout
+    layer_repack_bytes: tuple[int, ...] = ()  # the same, per layer (the CPU's layers of a partial offload)
     n_expert: int = 0
     n_expert_used: int = 0
 
@@ -143,12 +144,14 @@ def spec_from_gguf(g: GGUFFile) -> ModelSpec:
     output_bytes = 0
     has_output = g.tensor("output.weight") is not None
     repack = 0
+    layer_repack = [0] * n_layer
     for t in g.tensors:
         il = t.layer
         if il is not None and il < n_layer:
             layer_bytes[il] += t.n_bytes
             if t.type_name in CPU_REPACK_TYPES and len(t.shape) == 2 and t.shape[1] % 8 == 0:
                 repack += t.n_bytes
+                layer_repack[il] += t.n_bytes
             if "_exps" in t.name:
                 expert_bytes[il] += t.n_bytes
         elif t.name.startswith("output"):  # output.weight, output_norm.weight, output.bias
@@ -207,6 +210,7 @@ def spec_from_gguf(g: GGUFFile) -> ModelSpec:
         file_size_bytes=g.file_size_bytes,
         tensor_bytes=g.tensor_bytes,
         cpu_repack_bytes=repack,
+        layer_repack_bytes=tuple(layer_repack),
         n_expert=n_expert,
         n_expert_used=n_expert_used,
     )

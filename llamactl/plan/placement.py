@@ -25,15 +25,17 @@ CPU = "CPU"
 class DeviceSlot:
     """A place memory can go. `gpu_index` None = host RAM (the CPU device)."""
 
-    key: str  # "CUDA0" (NVML index) or "CPU"
+    key: str  # "CUDA0" (NVML index), "RPC0" (a worker's device, the engine's name) or "CPU"
     name: str
     gpu_index: int | None
     total_mib: int | None
     free_mib: int | None  # None = unknown (host RAM of a described box)
+    remote: str | None = None  # the RPC worker holding it ("gpu-box (10.0.0.2:50052)"); None = this box
 
     @property
     def is_gpu(self) -> bool:
-        return self.gpu_index is not None
+        """A device layers are offloaded to: a local GPU or an RPC worker's device."""
+        return self.gpu_index is not None or self.remote is not None
 
 
 @dataclass
@@ -163,6 +165,9 @@ def _apply(uses: dict[str, DeviceUse], gpus: list[DeviceSlot], load: ModelLoad,
             weights[key] += spec.output_bytes  # a tied output on the CPU is the mapped token_embd
     if all(a is None for a in assign):
         weights[CPU] += load.cpu_extra_weights
+    elif load.cpu_extra_weights and spec.layer_repack_bytes:
+        # A partial offload: the layers left on the CPU get their repacked copies (CPU_REPACK) there too.
+        weights[CPU] += sum(spec.layer_repack_bytes[il] for il in range(n) if assign[il] is None)
     out_key = CPU if assign[n] is None else gpus[assign[n]].key
     for key, use in uses.items():
         touched = bool(layers[key])

@@ -49,7 +49,7 @@ class Plan:
     margin_mib: int
     n_gpu_layers: int
     gpus: list[int]  # NVML indices the engine will see (CUDA_VISIBLE_DEVICES order)
-    tensor_split: list[int] | None  # whole layers per GPU in `gpus` order (output layer included)
+    tensor_split: list[int] | None  # whole layers per device: remote_devices, then `gpus` (output included)
     draft_gpus: list[int] | None
     draft_n_gpu_layers: int | None
     inventory: GpuInventory
@@ -61,6 +61,18 @@ class Plan:
     cpu_moe_chosen: bool = False  # the planner chose cpu_moe (launch adds --n-cpu-moe)
     ctx_lowered_from: int | None = None  # the unset ctx_size the planner lowered to fit
     cost: str | None = None  # what an automatic placement gives up, in words (None: nothing)
+    remote_devices: list[str] = field(default_factory=list)  # RPC workers' devices in the -dev list (RPC0, ..)
+
+    @property
+    def offloads(self) -> bool:
+        """Layers can go to a device: a local GPU or an RPC worker's."""
+        return bool(self.gpus or self.remote_devices)
+
+    @property
+    def devices(self) -> list[str]:
+        """The engine's device list for this plan (-dev): RPC devices first, then the local GPUs as the
+        engine numbers them under CUDA_VISIBLE_DEVICES."""
+        return [*self.remote_devices, *(f"CUDA{i}" for i in range(len(self.gpus)))]
 
     # -------------------------------------------------------------------------------------------
     @property
@@ -71,7 +83,8 @@ class Plan:
     @property
     def work(self) -> tuple[int, int, int]:
         """How much runs on the GPUs, to compare placements: layers, then experts, then the draft's layers."""
-        return (self.n_gpu_layers if self.gpus else 0, -self.cpu_moe if self.gpus else -self.target.n_layer,
+        on = self.offloads
+        return (self.n_gpu_layers if on else 0, -self.cpu_moe if on else -self.target.n_layer,
                 (self.draft_n_gpu_layers or 0) if self.gpus else 0)
 
     @property
@@ -92,7 +105,10 @@ class Plan:
             over["ctx_size"] = self.ctx.n_ctx
         if self.cpu_moe_chosen and self.cpu_moe:
             over["extra_args"] = [*self.profile.extra_args, "--n-cpu-moe", str(self.cpu_moe)]
-        if len(self.gpus) > 1:
+        if self.remote_devices:  # --rpc the workers, -dev and -ts over every device in the plan's order
+            over["rpc"] = list(dict.fromkeys(d.endpoint for d in self.inventory.remote))
+            over["tensor_split"] = [float(c) for c in (self.tensor_split or [])]
+        elif len(self.gpus) > 1:
             if self.profile.split_mode in (None, "layer"):
                 over["tensor_split"] = [float(c) for c in (self.tensor_split or [])]
         else:
@@ -111,8 +127,9 @@ class Plan:
         used = self.device_totals_mib()
         inv = self.inventory
         gpus = tuple(replace(g, free_mib=max(0, g.free_mib - used.get(f"CUDA{g.index}", 0))) for g in inv.gpus)
+        remote = tuple(replace(d, free_mib=max(0, d.free_mib - used.get(d.name, 0))) for d in inv.remote)
         host_free = None if inv.host_free_mib is None else max(0, inv.host_free_mib - used.get(CPU, 0))
-        return replace(inv, gpus=gpus, host_free_mib=host_free)
+        return replace(inv, gpus=gpus, remote=remote, host_free_mib=host_free)
 
     # -------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -123,6 +140,7 @@ class Plan:
                 "key": u.device.key,
                 "name": u.device.name,
                 "gpu_index": u.device.gpu_index,
+                "worker": u.device.remote,
                 "layers": _ranges(u.layers, self.target.n_layer),
                 "n_layers": len([i for i in u.layers if i < self.target.n_layer]),
                 "weights_mib": _mib(u.weights),
@@ -156,6 +174,7 @@ class Plan:
             "gpu_overhead_mib": GPU_OVERHEAD_MIB,
             "devices": devices,
             "gpus": self.gpus,
+            "remote_devices": self.remote_devices,
             "n_gpu_layers": self.n_gpu_layers,
             "n_cpu_moe": self.cpu_moe,
             "ctx_lowered_from": self.ctx_lowered_from,
@@ -188,7 +207,7 @@ class Plan:
             free = u.device.free_mib
             label = u.device.key if not u.device.is_gpu else f"{u.device.key} {u.device.name}"
             rows.append((
-                label[:40],
+                label[:60] if u.device.remote else label[:40],
                 _ranges(u.layers, t.n_layer) or "-",
                 f"{_mib(u.weights)}", f"{_mib(u.kv)}", f"{_mib(u.compute)}",
                 f"{_mib(u.draft_weights + u.draft_kv + u.draft_compute)}",
@@ -205,7 +224,12 @@ class Plan:
                 lines.append("  " + "  ".join("-" * w for w in widths))
         lines.append("  (MiB; 'other' = output buffer + per-GPU overhead "
                      f"{GPU_OVERHEAD_MIB} MiB; each GPU keeps a {self.margin_mib} MiB margin)")
-        if self.gpus:
+        if self.remote_devices:
+            lines.append(f"  devices {','.join(self.devices)} (RPC workers first), n_gpu_layers {self.n_gpu_layers}, "
+                         f"tensor split {self.tensor_split}")
+            if self.draft is not None:
+                lines.append(f"  draft on GPUs {self.draft_gpus}, draft n_gpu_layers {self.draft_n_gpu_layers}")
+        elif self.gpus:
             split = f", tensor split {self.tensor_split}" if self.tensor_split and len(self.gpus) > 1 else ""
             lines.append(f"  GPUs {self.gpus}, n_gpu_layers {self.n_gpu_layers}{split}")
             if self.draft is not None:
@@ -225,7 +249,8 @@ class Plan:
             for u in self.uses:
                 short = self.shortfall(u)
                 if short:
-                    lines.append(f"  {u.device.key}: short by {_mib(short)} MiB "
+                    where = f" {u.device.name}" if u.device.remote else ""
+                lines.append(f"  {u.device.key}{where}: short by {_mib(short)} MiB "
                                  f"(needs {_mib(u.total)} MiB"
                                  + (f" + {self.margin_mib} MiB margin" if u.device.is_gpu else "")
                                  + f", {u.device.free_mib} MiB free)")
