@@ -21,7 +21,7 @@ from llamactl.profiles import load_profile
 from llamactl.settings import Settings
 from llamactl.supervisor import Supervisor, free_port
 from llamactl.supervisor.recovery import (
-    Action, HangDetector, HealthCheck, RestartPolicy, RestartTracker, Verdict,
+    Action, HangDetector, HealthCheck, RestartPolicy, RestartTracker, Verdict, exit_reason,
     acheck_health, find_orphans, plan_sweep, stop_orphan,
 )
 from llamactl.supervisor.state import StateStore
@@ -75,6 +75,12 @@ def test_crashes_outside_the_window_do_not_count_and_a_stable_run_resets_the_bac
     assert d.action is Action.RESTART and d.attempt == 3 and d.delay_s == 4
     d = t.on_exit(400, uptime_s=250, reason="x")  # it ran fine for a while: start over
     assert d.action is Action.RESTART and d.attempt == 1 and d.delay_s == 1
+
+
+def test_exit_reason():
+    assert exit_reason(1) == "exited with code 1"
+    assert exit_reason(-9) == "killed by SIGKILL"
+    assert exit_reason(None) == "exited"
 
 
 def test_a_real_crash_loop_is_detected(settings: Settings, fake_profile):

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.engine
 PROMPT = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is"
 ASK = r"""
 import json, sys, httpx
-r = httpx.post(sys.argv[1] + "/completion", timeout=120, json={"prompt": sys.argv[2], "n_predict": 24,
-               "temperature": 0, "cache_prompt": False})
+headers = {"Authorization": "Bearer " + open(sys.argv[3]).read().strip()} if sys.argv[3] else {}
+r = httpx.post(sys.argv[1] + "/completion", timeout=120, headers=headers,
+               json={"prompt": sys.argv[2], "n_predict": 24, "temperature": 0, "cache_prompt": False})
 print(json.dumps({"status": r.status_code, "body": r.json() if r.headers.get("content-type", "").startswith(
     "application/json") else r.text}))
 """
@@ -114,9 +115,10 @@ def llamactl_in(pair: netns.HostPair, env: dict[str, str], *args: str, timeout: 
                           text=True, timeout=timeout)
 
 
-def ask(pair: netns.HostPair, url: str) -> dict:
-    done = subprocess.run(pair.main([sys.executable, "-c", ASK, url, PROMPT]), capture_output=True, text=True,
-                          timeout=180)
+def ask(pair: netns.HostPair, url: str, key_file: str | None = None) -> dict:
+    """`llamactl up` engines want their per-start key (the key file `status` shows)."""
+    done = subprocess.run(pair.main([sys.executable, "-c", ASK, url, PROMPT, key_file or ""]), capture_output=True,
+                          text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -159,7 +161,7 @@ def test_split_over_rpc_answers_like_local_and_the_plan_matches_the_engine(pair,
         up = llamactl_in(pair, env, "up", "big")
         assert up.returncode == 0, up.stdout + up.stderr
         [row] = json.loads(llamactl_in(pair, env, "status", "--json").stdout)["servers"]
-        split = ask(pair, row["url"])
+        split = ask(pair, row["url"], row["key_file"])
         assert split["status"] == 200, split
 
         # The engine's own accounting, per device (the RPC device included): as close as for local devices.
@@ -179,7 +181,7 @@ def test_split_over_rpc_answers_like_local_and_the_plan_matches_the_engine(pair,
         local_up = llamactl_in(pair, env, "up", "local")
         assert local_up.returncode == 0, local_up.stderr
         [row] = json.loads(llamactl_in(pair, env, "status", "--json").stdout)["servers"]
-        local = ask(pair, row["url"])
+        local = ask(pair, row["url"], row["key_file"])
         assert local["body"]["content"] == split["body"]["content"] and local["body"]["content"].strip()
         assert llamactl_in(pair, env, "down", "local").returncode == 0
     finally:

@@ -18,7 +18,7 @@ from llamactl.errors import ConfigError, EngineNotFound, StartError
 from llamactl.rpc.workers import bind_problem
 from llamactl.settings import Settings
 from llamactl.supervisor.logs import rotate_logs, tail_lines
-from llamactl.supervisor.process import _die_with_parent, line_buffered, stop_group
+from llamactl.supervisor.process import die_with_parent_preexec, line_buffered, stop_group
 from llamactl.supervisor.recovery import Action, RestartPolicy, RestartTracker, exit_reason
 
 READY_TIMEOUT_S = 30.0
@@ -163,7 +163,7 @@ class WorkerRunner:
             return subprocess.Popen(line_buffered(rpc_server_argv(self.binary, self.options)),
                                     env=rpc_server_env(self.options), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent_preexec)
 
     def _wait_listening(self, child: subprocess.Popen[bytes]) -> bool:
         """True once the port accepts connections; False if the child exits (or the deadline passes)."""

@@ -57,7 +57,7 @@ def line_buffered(argv: list[str]) -> list[str]:
     return [stdbuf, "-oL", "-eL", *argv] if stdbuf else argv
 
 
-def _die_with_parent() -> None:
+def die_with_parent_preexec() -> None:
     """preexec_fn: SIGKILL this child when the spawning thread's process dies (Linux)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -91,7 +91,7 @@ class ManagedProcess:
             self.popen = subprocess.Popen(
                 line_buffered(self.spec.argv), env=self.spec.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=die_with_parent_preexec if self.die_with_parent else None,
             )
 
     def create_time(self) -> float:

@@ -96,6 +96,20 @@ class RestartTracker:
         return RestartDecision(Action.RESTART, delay, reason, self.consecutive, tail)
 
 
+def exit_reason(exit_code: int | None) -> str:
+    """A child's exit code in words: "exited with code 1", "killed by SIGKILL"."""
+    if exit_code is None:
+        return "exited"
+    if exit_code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            return f"killed by signal {-exit_code}"
+    return f"exited with code {exit_code}"
+
+
 # ---------------------------------------------------------------------------------- hang detection
 
 HEALTH_CHECK_TIMEOUT_S = 3.0
