@@ -35,7 +35,7 @@ from llamactl.launch import start_profile
 from llamactl.profiles import Profile
 from llamactl.settings import Settings
 from llamactl.supervisor import ServerRecord, Supervisor
-from llamactl.supervisor.logs import relay_log, rotate_if_large, tail_lines
+from llamactl.supervisor.logs import last_line, relay_log, rotate_if_large, tail_lines
 from llamactl.supervisor.recovery import (
     Action, HangDetector, HealthCheck, RestartPolicy, RestartTracker, SpawnerThread, Verdict, acheck_health,
 )
@@ -72,6 +72,9 @@ class EngineEvents:
     def failed(self, name: str, error: LlamactlError) -> None:
         """The engine was given up on (a crash loop)."""
 
+    def state(self, name: str, state: str, reason: str | None) -> None:
+        """The engine moved to `state` (every change, for the event stream); must not block."""
+
 
 class Engine:
     def __init__(self, name: str, *, supervisor: Supervisor, settings: Settings,
@@ -99,14 +102,22 @@ class Engine:
     def _move(self, new: EngineState) -> None:
         if new is not self.state and new not in TRANSITIONS[self.state]:
             raise RuntimeError(f"engine {self.name}: illegal state change {self.state.value} -> {new.value}")
-        self.state = new
+        changed, self.state = new is not self.state, new
+        if changed:
+            failed = self.tracker.failed if new in (EngineState.FAILED, EngineState.BACKOFF) else None
+            self.events.state(self.name, new.value, failed.reason if failed else None)
 
     def describe(self) -> dict[str, Any]:
         failed = self.tracker.failed
         return {"profile": self.name, "state": self.state.value,
                 "pid": self.record.pid if self.record else None,
                 "url": self.record.url if self.record else None,
-                "reason": failed.reason if failed else None}
+                "reason": failed.reason if failed else None,
+                "progress": self.load_progress() if self.state is EngineState.STARTING else None}
+
+    def load_progress(self) -> str | None:
+        """While starting: the engine's own latest log line (what it is loading)."""
+        return last_line(self.supervisor.log_path(self.name))
 
     # -- start ---------------------------------------------------------------------------------------
 
