@@ -105,6 +105,7 @@ class Router:
         self._tasks: asyncio.TaskGroup | None = None
         self._dispatchers: dict[Lane, asyncio.Task[None]] = {}
         self._engine_metrics: dict[str, tuple[float, dict[str, float]]] = {}  # profile -> (when, values)
+        self.mean_len: dict[str, float] = {}  # profile -> mean accepted length at the last scrape
         self._log_claimed: dict[str, int] = {}  # engine log -> end of the last acceptance line used
         self._background: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
@@ -262,6 +263,7 @@ class Router:
         length = mean_accepted_length(before, values)
         if length is not None:
             self.telemetry.mean_len.labels(lane, profile).set(length)
+            self.mean_len[profile] = round(length, 3)
 
     def lane(self, name: str) -> Lane:
         try:
@@ -274,7 +276,24 @@ class Router:
         return {"lanes": [lane.status() for lane in self.lanes.values()], "problems": self.catalog.problems,
                 "model_map": dict(routing.model_map), "default_model": routing.default_model,
                 "route_default_models": dict(routing.route_defaults),
-                "uptime_s": round(time.time() - self.started_at, 1), "alerts": self.alerts.active()}
+                "uptime_s": round(time.time() - self.started_at, 1), "alerts": self.alerts.active(),
+                "classes": self.class_summary()}
+
+    def class_summary(self) -> list[dict[str, Any]]:
+        """Per (lane, class): each member's rolling tok/s and acceptance, the mean accepted length of its
+        speculative members, and the effective speedup (best speculative tok/s over the plain member's)."""
+        out = []
+        for name, lane in self.lanes.items():
+            for cls, ev in sorted(self.telemetry.evidence(name).items()):
+                spec = [m for m, role in lane.spec.members.items() if role == "spec" and m in ev.tok_s]
+                plain = [m for m, role in lane.spec.members.items() if role != "spec" and m in ev.tok_s]
+                speedup = (max(ev.tok_s[m] for m in spec) / ev.tok_s[plain[0]]
+                           if spec and plain and ev.tok_s[plain[0]] else None)
+                out.append({"lane": name, "class": cls, "tok_s": {m: round(v, 2) for m, v in ev.tok_s.items()},
+                            "requests": dict(ev.n), "acceptance": {m: round(v, 4) for m, v in ev.acceptance.items()},
+                            "mean_accepted_length": {m: self.mean_len[m] for m in spec if m in self.mean_len},
+                            "speedup": None if speedup is None else round(speedup, 3)})
+        return out
 
     def lane_of_profile(self, profile: str) -> Lane:
         return next(lane for lane in self.lanes.values() if profile in lane.spec.members)
