@@ -4,12 +4,14 @@ from llamactl.cli import engines, lifecycle, profiles  # noqa: F401 - they regis
 from llamactl.cli.main import main
 from llamactl.cli.plan import gpus_command, plan_command
 from llamactl.cli.serve import serve_command, switch_command
+from llamactl.cli.top import top_command
 from llamactl.cli.systemd import systemd_command
 
 main.add_command(plan_command, "plan")
 main.add_command(gpus_command, "gpus")
 main.add_command(serve_command, "serve")
 main.add_command(switch_command, "switch")
+main.add_command(top_command, "top")
 main.add_command(systemd_command, "systemd")
 
 __all__ = ["main"]

@@ -23,6 +23,7 @@ from typing import Any
 SUBSCRIBER_BUFFER = 512  # events held for one subscriber before it counts as stuck and is dropped
 RECENT_PER_KIND = {"request": 100, "lane": 50, "engine": 50, "alert": 20, "memory": 1}
 KEEPALIVE_S = 15.0
+LIVE_MARK = b": live\n\n"
 
 
 class Subscription:
@@ -111,6 +112,7 @@ async def stream(hub: EventHub, *, backlog: bool = True, keepalive_s: float = KE
         if backlog:
             for event in hub.backlog():
                 yield sse(event)
+        yield LIVE_MARK  # what follows happens now (`llamactl top --once` reads up to here)
         while True:
             try:
                 event = await sub.next(keepalive_s)
