@@ -39,7 +39,9 @@ def daemon(home, write_profile, gemma_path, tmp_path, monkeypatch):
     monkeypatch.setenv(ENGINE_ENV["llama.cpp"], str(require_engine("llama.cpp")))
     write_profile("ui-plain", f'model = "{gemma_path}"\ngroup = "ui"\n' + CPU)
     write_profile("ui-spec", f'model = "{gemma_path}"\ngroup = "ui"\n' + CPU + '[speculation]\ntype = "ngram-mod"\n')
-    d = Daemon(tmp_path, env={"LLAMACTL_API_KEYS": KEY, "LLAMACTL_MEMORY_SAMPLE_S": "0.5"})
+    # An acceptance alert on any request that drafts and has a draft rejected (threshold 1.0, 1 token).
+    d = Daemon(tmp_path, env={"LLAMACTL_API_KEYS": KEY, "LLAMACTL_MEMORY_SAMPLE_S": "0.5",
+                              "LLAMACTL_ALERT_ACCEPTANCE_BELOW": "1.0", "LLAMACTL_ALERT_MIN_DRAFTED": "1"})
     try:
         yield d
     finally:
@@ -60,9 +62,14 @@ def page(tmp_path):
             context.close()
 
 
-def chat(url: str, text: str) -> dict:
+REPEATED = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+            "def mul(a, b):\n    return a * b\n\nHere it is again:\n")
+
+
+def chat(url: str, text: str, model: str = "ui", max_tokens: int = 16) -> dict:
     response = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=180,
-                          json={"model": "ui", "messages": [{"role": "user", "content": text}], "max_tokens": 16})
+                          json={"model": model, "messages": [{"role": "user", "content": text}],
+                                "max_tokens": max_tokens, "temperature": 0})
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -90,6 +97,14 @@ def test_dashboard_in_a_real_browser(daemon, page, tmp_path):
     cell = page.wait_for_selector("#activity tbody tr td.tok-s:not(:empty)")
     assert float(cell.inner_text()) > 0
 
+    # Drafting with a rejected draft raises the acceptance alert: on the page and in sd_notify's STATUS.
+    answer = chat(daemon.url, REPEATED, model="ui-spec", max_tokens=48)
+    timings = answer.get("timings", {})
+    assert timings.get("draft_n", 0) > timings.get("draft_n_accepted", 0), f"no rejected draft: {timings}"
+    page.wait_for_selector("#alerts .alert")
+    assert "ui / code" in page.inner_text("#alerts")
+    daemon.wait_notify(r"STATUS=alert: acceptance")
+
     # Forcing the member that does not serve now makes it the active one.
     active = page.inner_text('[data-lane="ui"] .active-member')
     other = "ui-plain" if active == "ui-spec" else "ui-spec"
@@ -106,7 +121,17 @@ def test_dashboard_in_a_real_browser(daemon, page, tmp_path):
     page.wait_for_function("n => document.querySelector('#log').textContent.length > n", arg=before)
     page.wait_for_selector(f'#activity tbody tr:nth-child(1) >> text="{other}"')
 
+    page.fill("#log-filter", "print_timing")  # the filter (and no machine paths from the load lines in the picture)
+    page.wait_for_function("() => document.querySelector('#log').textContent.includes('print_timing')")
+    assert "load_model" not in page.inner_text("#log")
+
     # The picture in the README: refreshed with UPDATE_SCREENSHOT=1 (a test run leaves docs/ alone).
     shot = SCREENSHOT if UPDATE_SCREENSHOT else tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+    # The plan of a profile against the memory free now.
+    page.select_option("#plan-profile", "ui-plain")
+    page.click("#plan-run")
+    page.wait_for_function("() => /ui-plain/.test(document.querySelector('#plan').textContent) && "
+                           "!/planning/.test(document.querySelector('#plan').textContent)")

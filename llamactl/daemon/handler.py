@@ -83,8 +83,16 @@ class DaemonControl:
 
     async def sample(self) -> dict[str, Any]:
         """Sample device memory (in a thread), publish it, and the load progress of engines starting."""
-        pids = {name: e.record.pid for name, e in self.engines.engines.items() if e.record is not None}
-        sample = await asyncio.to_thread(sample_memory, self.engines.settings, pids)
+        engines = list(self.engines.engines.items())
+
+        def measure() -> dict[str, Any]:
+            pids = {name: e.record.pid for name, e in engines if e.record is not None}
+            for name, e in engines:  # one still loading has a state record (with its pid) but no Engine.record yet
+                if e.state is EngineState.STARTING and (found := self.engines.supervisor.running(name)) is not None:
+                    pids[name] = found.pid
+            return sample_memory(self.engines.settings, pids)
+
+        sample = await asyncio.to_thread(measure)
         self.last_memory = sample
         self.router.events.publish("memory", **sample)
         for name, engine in list(self.engines.engines.items()):

@@ -291,7 +291,8 @@ class Router:
                            if spec and plain and ev.tok_s[plain[0]] else None)
                 out.append({"lane": name, "class": cls, "tok_s": {m: round(v, 2) for m, v in ev.tok_s.items()},
                             "requests": dict(ev.n), "acceptance": {m: round(v, 4) for m, v in ev.acceptance.items()},
-                            "mean_accepted_length": {m: self.mean_len[m] for m in spec if m in self.mean_len},
+                            "mean_accepted_length": {m: self.mean_len[m] for m in spec
+                                                     if m in self.mean_len and m in ev.acceptance},
                             "speedup": None if speedup is None else round(speedup, 3)})
         return out
 
