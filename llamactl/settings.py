@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     restart_max_crashes: int = Field(default=5, ge=1, description="Crashes within restart_window_s that mean failed.")
     restart_window_s: float = Field(default=300.0, gt=0, description="The crash-loop window.")
     relay_child_logs: bool = Field(default=True, description="Copy children's log lines into the daemon's log.")
+    alert_acceptance_below: float = Field(default=0.6, ge=0, le=1, description="Alert when a (group, class)'s "
+                                          "rolling draft acceptance is under this.")
+    alert_min_drafted: int = Field(default=200, ge=1, description="Drafted tokens in the window before an "
+                                   "acceptance alert can be raised.")
+    memory_sample_s: float = Field(default=2.0, gt=0, description="How often `serve` samples device memory for "
+                                   "the dashboard and `llamactl top`.")
 
     @property
     def state_dir(self) -> Path:

@@ -281,3 +281,39 @@ def test_a_stream_cut_at_the_drain_deadline_ends_with_an_error_event(own_home, f
     error = json.loads(next(e for e in reversed(events) if e.startswith("{") and '"error"' in e))
     assert error["error"]["code"] == "shutting_down" and "drain deadline" in error["error"]["message"]
     assert events[-1] == "[DONE]" and len(events) < 100  # cut, not served to the end
+
+
+def test_an_open_dashboard_does_not_hold_up_a_stop(own_home, fake_profile, tmp_path):
+    """The event stream and a followed log are the daemon's own streams: a stop ends them at once instead of
+    waiting out the drain timeout (20 s here)."""
+    settings = own_home
+    fake_profile("fake", LLAMACTL_TEST_HOME=str(settings.home))
+    daemon = Daemon(tmp_path, "--profile", "fake", "--preload", "fake", env={"LLAMACTL_DRAIN_TIMEOUT_S": "20"})
+    endings: dict[str, str] = {}
+    connected: set[str] = set()
+
+    def read(name: str, path: str) -> None:
+        with httpx.stream("GET", f"{daemon.url}{path}", timeout=60) as r:
+            last = ""
+            for line in r.iter_lines():
+                connected.add(name)
+                last = line or last
+            endings[name] = last
+
+    try:
+        daemon.wait_notify(r"READY=1")
+        readers = [threading.Thread(target=read, args=("events", "/llamactl/events")),
+                   threading.Thread(target=read, args=("log", "/llamactl/logs/fake?follow=1"))]
+        for reader in readers:
+            reader.start()
+        wait_until(lambda: connected == {"events", "log"}, 10, "both streams to be open")
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(30) == 0
+        took = time.monotonic() - started
+        for reader in readers:
+            reader.join(10)
+        assert took < 10, f"the stop waited {took:.1f}s for the open streams"
+        assert "stopping" in endings.get("events", ""), endings
+    finally:
+        daemon.stop(signal.SIGKILL)

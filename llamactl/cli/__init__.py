@@ -4,6 +4,7 @@ from llamactl.cli import engines, lifecycle, profiles  # noqa: F401 - they regis
 from llamactl.cli.main import main
 from llamactl.cli.plan import gpus_command, plan_command
 from llamactl.cli.serve import serve_command, switch_command
+from llamactl.cli.top import top_command
 from llamactl.cli.systemd import systemd_command
 from llamactl.cli.worker import worker_command
 
@@ -11,6 +12,7 @@ main.add_command(plan_command, "plan")
 main.add_command(gpus_command, "gpus")
 main.add_command(serve_command, "serve")
 main.add_command(switch_command, "switch")
+main.add_command(top_command, "top")
 main.add_command(systemd_command, "systemd")
 main.add_command(worker_command, "worker")
 

@@ -176,10 +176,15 @@ def _daemon_status(status: dict, as_json: bool) -> None:
         _server_table(status["servers"])
     else:
         click.echo("no servers running (engines load on demand)")
-    for name, engine in sorted(status.get("engines", {}).items()):
+    for name, engine in sorted((status.get("engines") or {}).items()):
         waiting = engine.get("waiting_for_worker") if isinstance(engine, dict) else None
         if waiting:
             click.echo(f"{name:<16} waiting   for worker '{waiting['worker']}': {waiting['reason']}")
+        elif isinstance(engine, dict) and engine.get("state") == "starting":  # load progress: its latest line
+            click.echo(f"{name:<16} starting  {engine.get('progress') or ''}")
+    for alert in (status.get("router") or {}).get("alerts", []):
+        click.echo(f"alert: {alert['lane']}/{alert['class']}: draft acceptance {alert['acceptance']:.2f} is under "
+                   f"{alert['threshold']:.2f} ({alert['drafted']} tokens drafted)")
     for name, failure in sorted(status.get("failed", {}).items()):
         click.echo(f"{name:<16} failed    {failure['reason']}")
         for line in failure["log_tail"][-5:]:

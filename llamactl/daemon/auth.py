@@ -214,5 +214,7 @@ def middleware(settings: Settings, keys: tuple[str, ...] | None = None, *,
                         allowed_origins=comma_list(settings.allowed_origins)),
              Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)]
     if keys:
-        stack.insert(0, Middleware(ApiKeyMiddleware, keys=keys))  # reject unauthenticated before reading bodies
+        from llamactl.router.dashboard import UI_PATHS  # the page's own files hold no data
+
+        stack.insert(0, Middleware(ApiKeyMiddleware, keys=keys, open_paths=OPEN_PATHS | UI_PATHS))  # reject unauthenticated before reading bodies
     return stack

@@ -36,7 +36,7 @@ from llamactl.profiles import Profile
 from llamactl.rpc.errors import WorkerError
 from llamactl.settings import Settings
 from llamactl.supervisor import ServerRecord, Supervisor
-from llamactl.supervisor.logs import relay_log, rotate_if_large, tail_lines
+from llamactl.supervisor.logs import last_line, relay_log, rotate_if_large, tail_lines
 from llamactl.supervisor.recovery import (
     Action, HangDetector, HealthCheck, RestartPolicy, RestartTracker, SpawnerThread, Verdict, acheck_health,
 )
@@ -73,6 +73,9 @@ class EngineEvents:
     def failed(self, name: str, error: LlamactlError) -> None:
         """The engine was given up on (a crash loop)."""
 
+    def state(self, name: str, state: str, reason: str | None) -> None:
+        """The engine moved to `state` (every change, for the event stream); must not block."""
+
 
 class Engine:
     def __init__(self, name: str, *, supervisor: Supervisor, settings: Settings,
@@ -102,7 +105,10 @@ class Engine:
     def _move(self, new: EngineState) -> None:
         if new is not self.state and new not in TRANSITIONS[self.state]:
             raise RuntimeError(f"engine {self.name}: illegal state change {self.state.value} -> {new.value}")
-        self.state = new
+        changed, self.state = new is not self.state, new
+        if changed:
+            failed = self.tracker.failed if new in (EngineState.FAILED, EngineState.BACKOFF) else None
+            self.events.state(self.name, new.value, failed.reason if failed else None)
 
     def describe(self) -> dict[str, Any]:
         failed = self.tracker.failed
@@ -111,7 +117,12 @@ class Engine:
                 "url": self.record.url if self.record else None,
                 "reason": failed.reason if failed else None,
                 "waiting_for_worker": None if self.waiting_for is None else {
-                    "worker": self.waiting_for.worker, "reason": self.waiting_for.message}}
+                    "worker": self.waiting_for.worker, "reason": self.waiting_for.message},
+                "progress": self.load_progress() if self.state is EngineState.STARTING else None}
+
+    def load_progress(self) -> str | None:
+        """While starting: the engine's own latest log line (what it is loading)."""
+        return last_line(self.supervisor.log_path(self.name))
 
     # -- start ---------------------------------------------------------------------------------------
 

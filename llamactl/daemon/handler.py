@@ -1,16 +1,24 @@
 """The control socket's handler (llamactl.daemon.control.ControlHandler): `llamactl up/down/switch/status/logs`
-through a running daemon, answered from the router's lanes and the engines."""
+through a running daemon, answered from the router's lanes and the engines. The router holds it too
+(`router.control`) for what only the daemon knows: engine logs, plans, device memory."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
+from llamactl.daemon.engine import EngineState
 from llamactl.daemon.engines import Engines
+from llamactl.daemon.memory import sample_memory
 from llamactl.daemon.wiring import lane_of
 from llamactl.errors import LlamactlError, StartError
 from llamactl.router import Router
+from llamactl.supervisor.logs import follow_lines
+
+log = logging.getLogger("llamactl.daemon")
 
 
 class DaemonControl:
@@ -18,6 +26,7 @@ class DaemonControl:
         self.router = router
         self.engines = engines
         self.url = url
+        self.last_memory: dict[str, Any] | None = None
 
     async def up(self, profile: str) -> Any:
         lane = lane_of(self.router, profile)
@@ -54,3 +63,55 @@ class DaemonControl:
 
     async def logs_path(self, profile: str) -> str:
         return str(self.engines.supervisor.log_path(profile))
+
+    # -- the dashboard's questions (router.control) ---------------------------------------------------
+
+    async def follow_log(self, profile: str, lines: int, follow: bool) -> AsyncIterator[str]:
+        async for line in follow_lines(self.engines.supervisor.log_path(profile), lines, follow,
+                                       keep_going=lambda: not self.router.events.closing):
+            yield line
+
+    async def plan(self, profile: str) -> dict[str, Any]:
+        """`llamactl plan PROFILE` against the memory free now."""
+        from llamactl.planning import plan_for_launch
+
+        found = self.engines.profiles[profile]
+        plan = await asyncio.to_thread(plan_for_launch, found, self.engines.settings, None)
+        return {"profile": profile, "text": plan.text(), "plan": plan.to_json()}
+
+    async def devices(self) -> dict[str, Any]:
+        return self.last_memory if self.last_memory is not None else await self.sample()
+
+    async def sample(self) -> dict[str, Any]:
+        """Sample device memory (in a thread), publish it, and the load progress of engines starting."""
+        engines = list(self.engines.engines.items())
+
+        def measure() -> dict[str, Any]:
+            pids = {name: e.record.pid for name, e in engines if e.record is not None}
+            for name, e in engines:  # one still loading has a state record (with its pid) but no Engine.record yet
+                if e.state is EngineState.STARTING and (found := self.engines.supervisor.running(name)) is not None:
+                    pids[name] = found.pid
+            return sample_memory(self.engines.settings, pids)
+
+        sample = await asyncio.to_thread(measure)
+        self.last_memory = sample
+        self.router.events.publish("memory", **sample)
+        for name, engine in list(self.engines.engines.items()):
+            if engine.state is EngineState.STARTING:
+                progress = await asyncio.to_thread(engine.load_progress)
+                self.router.events.publish("engine", profile=name, state="starting", progress=progress,
+                                           rss_mib=sample_rss(sample, name))
+        return sample
+
+    async def sample_loop(self, interval_s: float) -> None:
+        while True:
+            try:
+                await self.sample()
+            except Exception as e:  # noqa: BLE001 - a failed sample must not stop the daemon
+                log.warning("sampling device memory failed: %s", e)
+            await asyncio.sleep(interval_s)
+
+
+def sample_rss(sample: dict[str, Any], profile: str) -> int | None:
+    host = next((d for d in sample["devices"] if d["kind"] == "host"), None)
+    return host["engines"].get(profile) if host else None

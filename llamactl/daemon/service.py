@@ -119,6 +119,10 @@ class LaneEvents(EngineEvents):
                 lane_of(self.router, name).mark_failed(name, error)
         self.notifier.status(f"{name} failed: {error.message.splitlines()[0]}")
 
+    def state(self, name: str, state: str, reason: str | None) -> None:
+        if self.router is not None:
+            self.router.events.publish("engine", profile=name, state=state, reason=reason)
+
 
 class Service:
     def __init__(self, settings: Settings, *, host: str, port: int, only: Iterable[str] = (),
@@ -171,7 +175,8 @@ class Service:
         engines = Engines(Supervisor(settings, die_with_parent=True), self.profiles, settings, events=events)
         router = self.router = events.router = build_router(settings, self.profiles, engines)
         router.config.stop_on_shutdown = True
-        control = DaemonControl(router, engines, url=f"http://{self.host}:{self.port}")
+        control = router.control = DaemonControl(router, engines, url=f"http://{self.host}:{self.port}")
+        router.alerts.on_change = self._alert_changed
         app = create_app(router, middleware=auth.middleware(settings, self.keys, bound_host=self.host))
         async with ControlServer(settings, control):  # DaemonRunning: another daemon owns this state dir
             sock = bound_socket(self.host, self.port)
@@ -190,6 +195,7 @@ class Service:
                                  " (API keys required)" if self.keys else "")
                         preloading = tg.create_task(self._preload(router), name="preload")
                         watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
+                        sampler = tg.create_task(control.sample_loop(settings.memory_sample_s), name="memory")
                         await self._wait_for_signals(preloading)
                         self.notifier.stopping("draining requests, then stopping the engines")
                         log.info("stopping: draining requests in flight (up to %.0f s)", settings.drain_timeout_s)
@@ -199,13 +205,22 @@ class Service:
                         loop = asyncio.get_running_loop()
                         cut = loop.call_later(max(0.0, settings.drain_timeout_s - STREAM_CUT_MARGIN_S),
                                               router.cut_streams)
+                        router.events.close()  # event streams (an open dashboard) end now, not at the deadline
                         server.should_exit = True
                         watchdog.cancel()
+                        sampler.cancel()
                         await serving
                         cut.cancel()
             sock.close()
         log.info("stopped")
         return 0
+
+    def _alert_changed(self, alert: dict) -> None:
+        """An acceptance alert was raised or cleared: the event stream, and systemd's STATUS line."""
+        assert self.router is not None
+        self.router.events.publish("alert", **alert)
+        summary = self.router.alerts.summary()
+        self.notifier.status(f"alert: {summary}" if summary else f"serving {len(self.profiles)} profiles")
 
     async def _sweep(self, engines: Engines) -> None:
         """Before listening: engines an earlier daemon left are adopted (served profile, started with a key,

@@ -12,6 +12,7 @@ from llamactl.errors import ConfigError, ProfileNotFound
 from llamactl.policy import PolicyConfig
 from llamactl.profiles import Profile, load_all
 from llamactl.router import Backends, LaneConfig, Router, RouterConfig
+from llamactl.router.alerts import AlertConfig
 from llamactl.router.lane import Lane
 from llamactl.settings import Settings
 
@@ -26,7 +27,8 @@ def router_config(settings: Settings) -> RouterConfig:
         idle_ttl_s=settings.router_idle_ttl_s,
         keep_both_warm=settings.router_keep_both_warm is True,
         policy=PolicyConfig(min_dwell_s=settings.router_min_dwell_s),
-    ), max_body_bytes=settings.max_body_bytes, extra_classes=extra_classes(settings))
+    ), max_body_bytes=settings.max_body_bytes, extra_classes=extra_classes(settings),
+        alerts=AlertConfig(below=settings.alert_acceptance_below, min_drafted=settings.alert_min_drafted))
 
 
 def extra_classes(settings: Settings) -> frozenset[str]:

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.routing import Router as StarletteRouter
 from starlette.types import Receive, Scope, Send
@@ -44,6 +44,9 @@ from llamactl.router.errors import (
     BadRequest, EngineUnavailable, ModelNotFound, RouteNotServed, RouterError, UpstreamError, error_body,
     upstream_error_body,
 )
+from llamactl.router.alerts import AcceptanceAlerts, AlertConfig
+from llamactl.router import dashboard
+from llamactl.router.events import EventHub, stream as event_stream
 from llamactl.router.lane import Lane, LaneConfig, Ticket
 from llamactl.router.routes import ENGINE_GETS, RELAYED, RouteInfo, multipart_field
 from llamactl.router.telemetry import (
@@ -72,6 +75,7 @@ class RouterConfig:
     read_timeout_s: float = 600.0  # longest silence from an engine mid-request
     stop_on_shutdown: bool = True
     routing: Routing | None = None  # None: from the Backends' settings (the daemon's), else none
+    alerts: AlertConfig = field(default_factory=AlertConfig)
 
 
 class Router:
@@ -91,13 +95,17 @@ class Router:
             log.warning("%s", problem)
         self.backends = backends
         self.telemetry = telemetry or Telemetry()
+        self.events = EventHub()
+        self.alerts = AcceptanceAlerts(self.telemetry.registry, self.config.alerts,
+                                       on_change=lambda alert: self.events.publish("alert", **alert))
+        self.control: Any = None  # the daemon's DaemonControl (logs, plan, devices); None when embedded
         self.profiles = {p.name: p for p in profiles}
-        self.lanes = {name: Lane(spec, backends, self.telemetry, self.config.lane)
-                      for name, spec in self.catalog.lanes.items()}
+        self.lanes = {name: self._new_lane(spec) for name, spec in self.catalog.lanes.items()}
         self.pool: UpstreamPool | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._dispatchers: dict[Lane, asyncio.Task[None]] = {}
         self._engine_metrics: dict[str, tuple[float, dict[str, float]]] = {}  # profile -> (when, values)
+        self.mean_len: dict[str, float] = {}  # profile -> mean accepted length at the last scrape
         self._log_claimed: dict[str, int] = {}  # engine log -> end of the last acceptance line used
         self._background: set[asyncio.Task[None]] = set()
         self._streams: set[asyncio.Task[Any]] = set()  # requests relaying a stream now (cut at shutdown)
@@ -129,6 +137,12 @@ class Router:
             await self.pool.aclose()
             self.pool = None
 
+    def _new_lane(self, spec) -> Lane:
+        lane = Lane(spec, self.backends, self.telemetry, self.config.lane)
+        lane.on_event = lambda what, data: self.events.publish("lane", lane=lane.name, what=what, state=lane.state.value,
+                                                                active=lane.active, **data)
+        return lane
+
     def _start_dispatcher(self, lane: Lane) -> None:
         assert self._tasks is not None
         task = self._dispatchers[lane] = self._tasks.create_task(lane.run(), name=f"lane:{lane.name}")
@@ -151,8 +165,7 @@ class Router:
             if old is not None and old.spec == spec and all(self.profiles.get(m) == profiles[m] for m in spec.members):
                 kept[name] = old
         retired = [lane for name, lane in self.lanes.items() if kept.get(name) is not lane]
-        fresh = {name: Lane(spec, self.backends, self.telemetry, self.config.lane)
-                 for name, spec in catalog.lanes.items() if name not in kept}
+        fresh = {name: self._new_lane(spec) for name, spec in catalog.lanes.items() if name not in kept}
         if prepare is not None:
             prepare(fresh)
         self.catalog, self.profiles = catalog, profiles
@@ -202,8 +215,15 @@ class Router:
                 and sample.status < 400 and self._tasks is not None):
             self._spawn(self._finish_from_log(lane, sample, upstream, log_offset), name=f"log:{sample.profile}")
             return
-        self.telemetry.record(sample)
+        self.record(sample)
         self.after_request(lane, sample, upstream)
+
+    def record(self, sample: Sample) -> None:
+        """A finished request: telemetry, the acceptance alerts, one event (all O(1), nothing awaited)."""
+        self.telemetry.record(sample)
+        if sample.status < 400:
+            self.alerts.observe(sample.lane, sample.cls, sample.draft_n, sample.draft_accepted)
+        self.events.publish("request", **request_event(sample))
 
     async def _finish_from_log(self, lane: Lane, sample: Sample, upstream: Upstream, log_offset: int) -> None:
         try:
@@ -216,7 +236,7 @@ class Router:
         except Exception as e:  # noqa: BLE001 - telemetry must never take the router down
             log.warning("reading acceptance from %s failed: %s", upstream.log_path, e)
         finally:
-            self.telemetry.record(sample)
+            self.record(sample)
         self.after_request(lane, sample, upstream)
 
     def after_request(self, lane: Lane, sample: Sample, upstream: Upstream) -> None:
@@ -252,6 +272,7 @@ class Router:
         length = mean_accepted_length(before, values)
         if length is not None:
             self.telemetry.mean_len.labels(lane, profile).set(length)
+            self.mean_len[profile] = round(length, 3)
 
     def lane(self, name: str) -> Lane:
         try:
@@ -264,7 +285,25 @@ class Router:
         return {"lanes": [lane.status() for lane in self.lanes.values()], "problems": self.catalog.problems,
                 "model_map": dict(routing.model_map), "default_model": routing.default_model,
                 "route_default_models": dict(routing.route_defaults),
-                "uptime_s": round(time.time() - self.started_at, 1)}
+                "uptime_s": round(time.time() - self.started_at, 1), "alerts": self.alerts.active(),
+                "classes": self.class_summary()}
+
+    def class_summary(self) -> list[dict[str, Any]]:
+        """Per (lane, class): each member's rolling tok/s and acceptance, the mean accepted length of its
+        speculative members, and the effective speedup (best speculative tok/s over the plain member's)."""
+        out = []
+        for name, lane in self.lanes.items():
+            for cls, ev in sorted(self.telemetry.evidence(name).items()):
+                spec = [m for m, role in lane.spec.members.items() if role == "spec" and m in ev.tok_s]
+                plain = [m for m, role in lane.spec.members.items() if role != "spec" and m in ev.tok_s]
+                speedup = (max(ev.tok_s[m] for m in spec) / ev.tok_s[plain[0]]
+                           if spec and plain and ev.tok_s[plain[0]] else None)
+                out.append({"lane": name, "class": cls, "tok_s": {m: round(v, 2) for m, v in ev.tok_s.items()},
+                            "requests": dict(ev.n), "acceptance": {m: round(v, 4) for m, v in ev.acceptance.items()},
+                            "mean_accepted_length": {m: self.mean_len[m] for m in spec
+                                                     if m in self.mean_len and m in ev.acceptance},
+                            "speedup": None if speedup is None else round(speedup, 3)})
+        return out
 
     def lane_of_profile(self, profile: str) -> Lane:
         return next(lane for lane in self.lanes.values() if profile in lane.spec.members)
@@ -342,6 +381,18 @@ class Router:
         for profile in self.catalog.profiles.values():
             if not profile.ctx_size:
                 await self.facts(profile.name)
+
+
+def request_event(sample: Sample) -> dict[str, Any]:
+    """A finished request as the event stream shows it (names are the catalog's: bounded already)."""
+    def r(value: float | None, digits: int = 3) -> float | None:
+        return None if value is None else round(value, digits)
+
+    return {"lane": sample.lane, "member": sample.profile, "role": sample.role, "class": sample.cls,
+            "endpoint": sample.endpoint, "status": sample.status, "queue_wait_s": r(sample.queue_wait_s),
+            "ttft_s": r(sample.ttft_s), "total_s": r(sample.total_s), "tok_s": r(sample.gen_tok_s, 2),
+            "prompt_tokens": sample.prompt_tokens, "completion_tokens": sample.completion_tokens,
+            "drafted": sample.draft_n, "accepted": sample.draft_accepted}
 
 
 def member_state(lane: Lane, profile: str) -> str:
@@ -453,7 +504,7 @@ class Relay:
                 lane.release(ticket)
                 sample.status = sample.status or 499
                 sample.total_s = time.perf_counter() - arrived
-                router.telemetry.record(sample)
+                router.record(sample)
                 raise
             if outcome == "retry" and not retried:
                 # The engine was not there (crashed / restarting): back to the head of the queue, once.
@@ -564,6 +615,8 @@ class Relay:
 
 # ---------------------------------------------------------------------------------------------- the app
 
+SSE_HEADERS = dashboard.SSE_HEADERS
+
 
 def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Starlette:
     """The ASGI app. `middleware` lets the service add authentication without touching the routes."""
@@ -599,6 +652,9 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
             return error_response(EngineUnavailable(f"'{member}' did not become ready in time"))
         return JSONResponse(lane.status())
 
+    async def events(_: Request) -> Response:
+        return StreamingResponse(event_stream(router.events), media_type="text/event-stream", headers=SSE_HEADERS)
+
     async def not_found(request: Request, _exc: Exception) -> Response:
         return JSONResponse(error_body(f"no route {request.method} {request.url.path}", "invalid_request_error",
                                        "not_found", "llamactl"), status_code=404)
@@ -622,6 +678,8 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
         Route("/metrics", metrics, methods=["GET"]),
         Route("/llamactl/status", status, methods=["GET"]),
         Route("/llamactl/switch", switch, methods=["POST"]),
+        Route("/llamactl/events", events, methods=["GET"]),
+        *dashboard.routes(router),
     ]
     app = Starlette(routes=routes, middleware=list(middleware), lifespan=lifespan,
                     exception_handlers={404: not_found})

@@ -127,6 +127,15 @@ class Lane:
         self._gauges: tuple | None = None
         self._gauge_shape: tuple | None = None
         self._update_gauges()
+        # Told of each state change the dispatcher makes (the router's event stream); must not block.
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+
+    def _emit(self, what: str, **data: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(what, data)
+            except Exception as e:  # noqa: BLE001 - a listener must never stop the dispatcher
+                log.warning("lane %s: event listener failed: %s", self.name, e)
 
     # ------------------------------------------------------------------ posting (any task)
     def _post(self, event: Callable[[], None]) -> None:
@@ -443,6 +452,8 @@ class Lane:
             self._fail_waiting(profile, stopped)
             self.state = LaneState.UNLOADED
         self._stop(profile, "down", fut, result=was)
+        if was:
+            self._emit("unloaded", member=profile, reason="down")
 
     def _engine_down(self, profile: str) -> None:
         self._cancel_load(profile, background_only=True)
@@ -490,6 +501,8 @@ class Lane:
             self._dispatch()
             return
         self.state = LaneState.SWITCHING if switching else LaneState.LOADING
+        self._emit("loading", member=profile, previous=old, trigger=trigger,
+                   reason=self.last_decision.reason if trigger in ("policy", "explore") and self.last_decision else trigger)
         if profile in self._loads:  # a background warm-up of it is under way: it becomes the foreground load
             load = self._loads[profile]
             load.started, load.switch_from, load.trigger = self.clock(), old, trigger
@@ -579,6 +592,7 @@ class Lane:
         for member in self.spec.members:
             if member in self.upstreams:
                 log.info("lane %s: unloading %s (%s)", self.name, member, reason)
+                self._emit("unloaded", member=member, reason=reason)
             # Every member, loaded or not: a warm-up cut short may be half-way through a start in the backends.
             stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._stop(member, reason, stopped)
@@ -605,7 +619,10 @@ class Lane:
             self.switches.append({"from": old, "to": profile, "trigger": trigger, "seconds": round(elapsed, 3),
                                   "reason": reason, "at_unix": round(time.time(), 3)})
             log.info("lane %s: switched %s -> %s in %.2fs (%s)", self.name, old, profile, elapsed, reason)
+            self._emit("switched", member=profile, previous=old, trigger=trigger, reason=reason,
+                       seconds=round(elapsed, 3), warm=warm)
         else:
+            self._emit("ready", member=profile, seconds=round(elapsed, 3))
             self.load_s[profile] = elapsed
             if self.switch_cost_s is None and self.spec.is_group:
                 self.switch_cost_s = elapsed  # a first estimate: a switch costs about one load
@@ -624,6 +641,7 @@ class Lane:
         self.keep_both_warm = False
         self.warm_reason = f"loading {profile} beside {beside} failed: {getattr(error, 'message', error)}"
         log.warning("lane %s: %s; switching hard from now on", self.name, self.warm_reason)
+        self._emit("hard_switching", member=profile, reason=self.warm_reason)
         if forget and beside is not None:
             self.upstreams.pop(beside, None)
             self.telemetry.unloads.labels(beside, "switch").inc()
@@ -632,6 +650,7 @@ class Lane:
         self.state = LaneState.FAILED
         self.last_error = f"{profile}: {error}"
         log.error("lane %s: cannot start %s: %s", self.name, profile, error)
+        self._emit("failed", member=profile, reason=str(getattr(error, "message", error))[:500])
         if self.forced == profile:
             self.forced = None  # do not retry a failing forced start in a loop
         failure = EngineUnavailable(

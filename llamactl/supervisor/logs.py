@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 FOLLOW_POLL_S = 0.2
@@ -164,3 +164,47 @@ async def relay_log(name: str, path: Path, from_end: bool, poll_s: float = 0.5) 
                 logger.info("%s", pending.decode(errors="replace"))
                 pending = b""
         await asyncio.sleep(poll_s)
+
+
+async def follow_lines(path: Path, lines: int, follow: bool, poll_s: float = 0.25,
+                       max_line_bytes: int = 65536,
+                       keep_going: Callable[[], bool] = lambda: True) -> AsyncIterator[str]:
+    """The last `lines` lines of a log, then (with `follow`) each line appended to it, as the event stream of
+    /llamactl/logs shows them. A rotation (the file shrinks or is replaced) continues from the new start."""
+    for line in tail_lines(path, lines):
+        yield line.rstrip("\n")
+    if not follow:
+        return
+    try:
+        st = path.stat()
+        pos, inode = st.st_size, st.st_ino
+    except FileNotFoundError:
+        pos, inode = 0, None
+    pending = b""
+    while keep_going():
+        await asyncio.sleep(poll_s)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_ino != inode or st.st_size < pos:  # rotated or truncated
+            pos, inode, pending = 0, st.st_ino, b""
+        if st.st_size <= pos:
+            continue
+        with path.open("rb") as f:
+            f.seek(pos)
+            data = f.read(min(st.st_size - pos, 1 << 20))
+        pos += len(data)
+        *complete, pending = (pending + data).split(b"\n")
+        if len(pending) > max_line_bytes:
+            complete.append(pending)
+            pending = b""
+        for line in complete:
+            if line.strip():
+                yield line[:max_line_bytes].decode(errors="replace").rstrip()
+
+
+def last_line(path: Path, max_bytes: int = 4096) -> str | None:
+    """The last non-empty line of a log (an engine's load progress while it starts)."""
+    found = tail_lines(path, 1, max_bytes)
+    return found[-1][:300] if found else None
