@@ -226,3 +226,21 @@ async def test_a_warm_switch_grants_the_waiting_request_in_the_same_turn(lane, e
     _, pinned = request(lane, pin="plain")
     await settle()
     assert pinned.done() and lane.active == "plain"
+
+
+@lane_test({"fast": "spec", "plain": "plain"})
+async def test_a_shut_down_lane_starts_nothing_again_not_even_its_forced_member(lane, engines, clock):
+    # Found by scripts/bench_switching.py: at the router's shutdown every lane forced to a member started that
+    # member again in the dispatcher's next turn (a new llama-server, then cancelled by the shutdown).
+    forced = asyncio.create_task(lane.force("plain"))
+    await settle()
+    engines.finish("plain")
+    await forced
+    await asyncio.wait_for(lane.shutdown(), 5)
+    await settle()
+    assert engines.calls.count(("load", "plain")) == 1 and "plain" not in engines.running
+    assert lane.state is LaneState.UNLOADED and lane.status()["loading"] == []
+    _, late = request(lane)  # a request that reaches a shut-down lane fails at once, loading nothing
+    with pytest.raises(EngineUnavailable, match="shut down"):
+        await asyncio.wait_for(late, 5)
+    assert [c for c in engines.calls if c[0] == "load"] == [("load", "plain")]
