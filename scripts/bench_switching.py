@@ -251,6 +251,11 @@ def main() -> int:
                     "tok_s": round(tokens / out["seconds"], 2),
                     "served_by": sorted(set(served)),
                     "served_in_order": served,
+                    "requests": [{"member": m, "tokens": r["tokens"], "wait_ms": round(r["wait_ms"]),
+                                  "decode_tok_s": round(r["timings"].get("predicted_per_second", 0.0), 1),
+                                  "drafted": r["timings"].get("draft_n", 0),
+                                  "accepted": r["timings"].get("draft_n_accepted", 0)}
+                                 for m, r in zip(served, out["results"])],
                     "acceptance": round(accepted / drafted, 3) if drafted else None,
                 }
                 print(f"phase {phase + 1} {kind:8s} {policy_name:12s} {tokens / out['seconds']:6.1f} tok/s "
