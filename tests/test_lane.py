@@ -242,3 +242,21 @@ async def test_work_that_is_not_generation_is_not_counted_in_the_recent_mix(lane
     lane.release(utility)
     await settle()
     assert lane.telemetry.recent("lane") == {"code": 1}
+
+
+@lane_test({"fast": "spec", "plain": "plain"})
+async def test_a_shut_down_lane_starts_nothing_again_not_even_its_forced_member(lane, engines, clock):
+    # Found by scripts/bench_switching.py: at the router's shutdown every lane forced to a member started that
+    # member again in the dispatcher's next turn (a new llama-server, then cancelled by the shutdown).
+    forced = asyncio.create_task(lane.force("plain"))
+    await settle()
+    engines.finish("plain")
+    await forced
+    await asyncio.wait_for(lane.shutdown(), 5)
+    await settle()
+    assert engines.calls.count(("load", "plain")) == 1 and "plain" not in engines.running
+    assert lane.state is LaneState.UNLOADED and lane.status()["loading"] == []
+    _, late = request(lane)  # a request that reaches a shut-down lane fails at once, loading nothing
+    with pytest.raises(EngineUnavailable, match="shut down"):
+        await asyncio.wait_for(late, 5)
+    assert [c for c in engines.calls if c[0] == "load"] == [("load", "plain")]

@@ -102,6 +102,7 @@ class Lane:
         self.upstreams: dict[str, Upstream] = {}  # members that serve now
         self.state = LaneState.UNLOADED
         self.forced: str | None = None
+        self.closed = False  # shut down (router shutdown, or retired by a reload): starts nothing again
         self.last_decision: Decision | None = None
         self.last_decision_at: float | None = None
         self.last_switch_at = clock()
@@ -220,8 +221,9 @@ class Lane:
         self._post(lambda: self._failed(profile, error))
 
     async def shutdown(self) -> None:
-        """Cancel loads and stop every member (the router's shutdown; the dispatcher must be running)."""
-        await self._ask(lambda f: self._unload_all("shutdown", f))
+        """Cancel loads and stop every member (the router's shutdown; the dispatcher must be running). The lane
+        starts nothing afterwards: a forced member is not loaded again, what waits or arrives fails."""
+        await self._ask(self._shutdown)
 
     async def drained(self) -> None:
         """Returns once nothing is queued or in flight (a reload retiring this lane waits for it)."""
@@ -293,6 +295,9 @@ class Lane:
         return None
 
     def _decide(self) -> None:
+        if self.closed:
+            self._fail_all(EngineUnavailable(f"'{self.name}' is shut down (the router is stopping or reloading)"))
+            return
         target = self._target()
         if target is None:
             if self._idle_timeout() == 0.0 and not self._loads:
@@ -586,6 +591,14 @@ class Lane:
             return
         del self._loads[profile]
         load.task.cancel()
+
+    def _shutdown(self, fut: asyncio.Future[None]) -> None:
+        self.closed, self.forced = True, None
+        self._unload_all("shutdown", fut)
+
+    def _fail_all(self, failure: Exception) -> None:
+        for member in self.spec.members:
+            self._fail_waiting(member, failure)
 
     def _unload_all(self, reason: str, fut: asyncio.Future[None] | None) -> None:
         pending = []
