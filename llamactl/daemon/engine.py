@@ -193,12 +193,7 @@ class Engine:
         self._move(EngineState.BACKOFF)
         log.warning("%s: waiting for worker '%s' (%s); next try in %.1f s", self.name, error.worker, error.message,
                     delay)
-        if self._monitor is None or self._monitor.done():  # keep trying even with nobody asking
-            self._watch_backoff()
-
-    def _watch_backoff(self) -> None:
-        if self.tasks is not None:
-            self._monitor = self.tasks.create_task(self._monitor_loop(), name=f"monitor:{self.name}")
+        self._start_monitor()  # keep trying even with nobody asking
 
     async def _spawn(self, profile: Profile, cancel: threading.Event) -> ServerRecord:
         """The plan-then-start of `llamactl up`, in the spawner thread. Cancelling this coroutine asks the
@@ -278,13 +273,17 @@ class Engine:
     def _watch(self, *, from_end: bool) -> None:
         if self.tasks is None or self.record is None:
             return
-        if self._monitor is None or self._monitor.done():
-            self._monitor = self.tasks.create_task(self._monitor_loop(), name=f"monitor:{self.name}")
+        self._start_monitor()
         if self.settings.relay_child_logs:
             if self._relay is not None:
                 self._relay.cancel()
             self._relay = self.tasks.create_task(relay_log(self.name, Path(self.record.log_path), from_end),
                                                  name=f"relay:{self.name}")
+
+    def _start_monitor(self) -> None:
+        """The monitor task, unless one runs (it probes a running engine and restarts one in backoff)."""
+        if self.tasks is not None and (self._monitor is None or self._monitor.done()):
+            self._monitor = self.tasks.create_task(self._monitor_loop(), name=f"monitor:{self.name}")
 
     def _stop_watching(self) -> None:
         current = asyncio.current_task()
