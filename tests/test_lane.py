@@ -260,3 +260,17 @@ async def test_a_shut_down_lane_starts_nothing_again_not_even_its_forced_member(
     with pytest.raises(EngineUnavailable, match="shut down"):
         await asyncio.wait_for(late, 5)
     assert [c for c in engines.calls if c[0] == "load"] == [("load", "plain")]
+
+
+@lane_test({"fast": "spec", "plain": "plain"})
+async def test_serve_once_loads_a_member_without_keeping_the_lane_forced(lane, engines, clock):
+    """`llamactl up`, a preload and the page's load button: the member serves, then the policy decides again;
+    a lane the user had forced stays forced."""
+    loading = asyncio.create_task(lane.serve_once("plain", timeout_s=5))
+    await settle()
+    engines.finish("plain")
+    await loading
+    assert lane.active == "plain" and lane.forced is None
+    await lane.force("plain")
+    await lane.serve_once("plain", timeout_s=5)
+    assert lane.forced == "plain"

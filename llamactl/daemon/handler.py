@@ -31,14 +31,10 @@ class DaemonControl:
     async def up(self, profile: str) -> Any:
         lane = lane_of(self.router, profile)
         self.engines.clear_failure(profile)
-        previous = lane.forced
         try:
-            await lane.force(profile, timeout_s=self.engines.profiles[profile].load_timeout_s + 60)
+            await lane.serve_once(profile, timeout_s=self.engines.profiles[profile].load_timeout_s + 60)
         except TimeoutError:
             raise StartError(f"{profile}: not ready in time", cause="load timeout", log_tail=[]) from None
-        finally:
-            if previous is None and lane.forced == profile:
-                await lane.force(None)
         record = self.engines.running_record(profile)
         return {"profile": profile, "lane": lane.name, "pid": record.pid if record else None, "router": self.url}
 

@@ -253,13 +253,10 @@ class Service:
             log.info("preloading %s", name)
             lane = lane_of(router, name)
             try:
-                await lane.force(name, timeout_s=self.profiles[name].load_timeout_s + 60)
+                await lane.serve_once(name, timeout_s=self.profiles[name].load_timeout_s + 60)
             except (LlamactlError, TimeoutError) as e:
                 log.error("preloading %s failed: %s", name, e)
                 self.notifier.status(f"{name} failed to load: {str(e).splitlines()[0]}")
-            finally:
-                if lane.forced == name:
-                    await lane.force(None)
         self.notifier.ready(f"serving {len(self.profiles)} profiles")
 
     async def _wait_for_signals(self, preloading: asyncio.Task[None]) -> None:

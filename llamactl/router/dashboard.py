@@ -97,18 +97,13 @@ def routes(router: Any) -> list[Route]:
                 if up is not None:
                     await up(name)  # the daemon's `llamactl up`: clears a crash loop first
                 else:
-                    previous = lane.forced
-                    try:
-                        await lane.force(name, timeout_s=router.catalog.profiles[name].load_timeout_s + 60)
-                    finally:
-                        if previous is None and lane.forced == name:
-                            await lane.force(None)
+                    await lane.serve_once(name, timeout_s=router.catalog.profiles[name].load_timeout_s + 60)
+        except RouterError as e:  # before LlamactlError, its base: a router error keeps its own status
+            return JSONResponse(e.body(), status_code=e.status)
         except LlamactlError as e:
             return _error(503, str(e), "engine_unavailable")
         except TimeoutError:
             return _error(503, f"'{name}' did not become ready in time", "engine_unavailable")
-        except RouterError as e:
-            return JSONResponse(e.body(), status_code=e.status)
         return JSONResponse(lane.status())
 
     async def plan(request: Request) -> Response:

@@ -207,6 +207,16 @@ class Lane:
         async with asyncio.timeout(timeout_s):
             await fut
 
+    async def serve_once(self, member: str, *, timeout_s: float) -> None:
+        """Make `member` serve now (`llamactl up`, a preload, the page's load button) without keeping the lane
+        forced to it afterwards, unless it already was."""
+        previous = self.forced
+        try:
+            await self.force(member, timeout_s=timeout_s)
+        finally:
+            if previous is None and self.forced == member:
+                await self.force(None)
+
     async def unload(self, profile: str) -> bool:
         """Stop `profile` now (`llamactl down`), cancelling a load in progress; returns once it is stopped.
         Requests queued for it fail; a later request loads it again. True if it was loaded or loading."""
