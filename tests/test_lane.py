@@ -274,3 +274,33 @@ async def test_serve_once_loads_a_member_without_keeping_the_lane_forced(lane, e
     await lane.force("plain")
     await lane.serve_once("plain", timeout_s=5)
     assert lane.forced == "plain"
+
+
+@lane_test({"fast": "spec", "plain": "plain"}, keep_both_warm=True)
+async def test_a_member_that_does_not_load_beside_the_other_is_loaded_alone(lane, engines, clock):
+    """The hard fallback of a warm switch: the engine refuses `plain` beside `fast`, and takes it at once once
+    `fast` is stopped. The lane says why it switches hard from now on (the reason is an event posted while
+    the load's except block runs, and applied after it ended)."""
+    refused = []
+    real_ensure_ready = engines.ensure_ready
+
+    async def ensure_ready(profile: str) -> Upstream:
+        if profile == "plain" and "fast" in engines.running:
+            refused.append(profile)
+            raise RuntimeError("out of memory beside fast")
+        if profile == "plain":
+            engines.running.add("plain")  # ready at once: the load ends without awaiting
+        return await real_ensure_ready(profile)
+
+    engines.ensure_ready = ensure_ready
+    ticket, first = request(lane, pin="fast")
+    await settle()
+    engines.finish("fast")
+    await first
+    lane.release(ticket)
+    await settle()  # the background warm-up of plain was refused: the lane turned to hard switches
+    assert refused == ["plain"] and not lane.keep_both_warm
+    lane.keep_both_warm = True  # a lane that still believes both fit: the switch itself meets the refusal
+    await asyncio.wait_for(lane.force("plain"), 2)
+    assert refused == ["plain", "plain"] and lane.active == "plain" and lane.upstreams.keys() == {"plain"}
+    assert not lane.keep_both_warm and lane.warm_reason.startswith("loading plain beside fast failed")

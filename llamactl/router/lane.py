@@ -360,7 +360,6 @@ class Lane:
         costs = {m: WARM_SWITCH_COST_S + drain_s if m in self.upstreams else self.switch_cost_s
                  for m in self.spec.members if m != self.active}
         head = self._head()
-        share = self.config.policy.explore_share
         return GroupState(
             active=self.active if loaded else None,
             seconds_since_switch=self.clock() - self.last_switch_at,
@@ -560,7 +559,8 @@ class Lane:
                 raise
             # It did not load beside the other member (memory the plan did not foresee, say): switch the hard
             # way from now on, which frees the other member's memory first.
-            self._post(lambda: self._switch_hard_from_now(profile, hard_fallback, e, forget=True))
+            # (bound now: Python unbinds `e` when the except block ends, and the event may run after that)
+            self._post(lambda error=e: self._switch_hard_from_now(profile, hard_fallback, error, forget=True))
             await self._stop_engine(hard_fallback)
             return await self.backends.ensure_ready(profile)
 
