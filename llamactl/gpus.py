@@ -7,7 +7,6 @@ CUDA_DEVICE_ORDER=PCI_BUS_ID (llamactl sets it for every child). "No NVIDIA driv
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from dataclasses import asdict, dataclass, field
@@ -123,11 +122,6 @@ class RemoteDevice:
     def label(self) -> str:
         return f"{self.name} {self.description} on {self.worker}" + (
             f" ({self.endpoint})" if self.worker != self.endpoint else "")
-
-    @property
-    def on_cpu(self) -> bool:
-        """The worker serves its host RAM (no GPU there): no per-GPU driver overhead."""
-        return self.description.strip().upper().startswith("CPU")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

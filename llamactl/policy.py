@@ -40,7 +40,6 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Role = Literal["spec", "plain"]
-ROLES: tuple[Role, Role] = ("spec", "plain")
 GOOD_ACCEPTANCE = 0.5  # at or above it, speculation is taken not to be slower than plain decoding
 PAIR: Mapping[str, bool] = {"spec": True, "plain": False}  # a group of two named by role (the tests' shorthand)
 

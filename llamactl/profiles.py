@@ -55,7 +55,6 @@ OWNED_FLAGS: dict[str, str] = {
     **dict.fromkeys(("-b", "--batch-size"), "use the `batch_size` key (the plan sizes compute buffers from it)"),
     **dict.fromkeys(("-ub", "--ubatch-size"), "use the `ubatch_size` key (the plan sizes compute buffers from it)"),
 }
-MANAGED_FLAGS = frozenset(OWNED_FLAGS)
 
 
 def owned_flag_problem(args: list[str]) -> str | None:

@@ -16,12 +16,10 @@ of traffic runs in a second or two.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import selectors
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from llamactl.policy import PolicyConfig
@@ -259,11 +257,3 @@ def generate(kind: str, classes: list[str], *, n: int = 400, phase: int = 100, g
             raise ScenarioError(f"unknown workload {kind!r}: phased, mixed or drifting")
         out.append({"t": round(i * gap_s, 3), "class": cls, "tokens": tokens})
     return out
-
-
-def load_scenario(path: Path) -> Scenario:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ScenarioError(f"{path}: {e}") from None
-    return Scenario.from_json(data, str(path))

@@ -135,7 +135,7 @@ def test_a_route_the_pinned_ik_lacks_is_a_clear_error(write_profile, gemma_path,
         error = r.json()["error"]
         assert error["code"] == "route_not_served" and error["engine"] == "ik_llama.cpp" and error["route"] == path
         assert error["engine_version"] != "unknown" and error["engine_version"] in error["message"]
-        assert f"profile 'ik' runs ik_llama.cpp" in error["message"] and f"POST {path}" in error["message"]
+        assert "profile 'ik' runs ik_llama.cpp" in error["message"] and f"POST {path}" in error["message"]
         assert "/upstream/ik/" in error["hint"]
         if path.endswith("input_tokens"):  # refused from the binary's routes: nothing was loaded for it
             models = {m["id"]: m["llamactl"] for m in httpx.get(f"{url}/v1/models").json()["data"]}

@@ -18,8 +18,6 @@ from llamactl.policy import Role
 from llamactl.profiles import Profile
 from llamactl.router.errors import BadRequest, ModelNotFound
 
-MAX_SHOWN_NAME = 80  # an unknown name is echoed in the error at most this long
-
 
 def slots_of(profile: Profile) -> int:
     return engine_facts.slots(profile.engine, profile.parallel)
