@@ -7,9 +7,10 @@ The scenario format (docs/switching-sim.md documents it; keep it stable):
      "classes": {"code": {"plain": 26, "d1b": 154, "acceptance": {"d1b": 0.85}}, ...},
      "requests": [{"t": 0.0, "class": "code", "tokens": 300}, ...]}
 
-Policies compared: `auto` (the real policy), `always-<member>` (a lane of that member alone) and
+Policies compared: `auto` (the real policy), `always-<member>` (a lane of that member alone),
 `clairvoyant` (every request pinned to its fastest member, every member loaded, loads free: the upper
-bound). Time is virtual: an event loop whose clock jumps to the next timer instead of sleeping, so an hour
+bound) and `hindsight` (the best any policy serving in arrival order could do knowing every speed and every
+future request, paying the real switch costs: what is reachable where switches are reloads). Time is virtual: an event loop whose clock jumps to the next timer instead of sleeping, so an hour
 of traffic runs in a second or two.
 """
 
@@ -223,10 +224,44 @@ def _switch_counts(telemetry: Telemetry):
                     yield sample
 
 
+def hindsight(scenario: Scenario) -> Outcome | None:
+    """The best makespan serving in arrival order with every speed and every request known in advance, paying
+    each switch's real cost (a member's load_s, nothing where members fit together), and even starting a
+    reload while idle. Exact for one slot (dynamic programming over (request, member serving it): the
+    earliest finish of the first i requests ending on member m); None for more slots, where it is not."""
+    if scenario.slots != 1 or not scenario.requests:
+        return None
+    members = list(scenario.members)
+    # member serving the last request -> (earliest finish, switches so far, requests per member)
+    best: dict[str | None, tuple[float, int, dict[str, int]]] = {None: (float("-inf"), 0, {})}
+    for request in scenario.requests:
+        arrival, cls = request["t"], request["class"]
+        step: dict[str | None, tuple[float, int, dict[str, int]]] = {}
+        for member in members:
+            service = request["tokens"] / scenario.tok_s(cls, member)
+            options = []
+            for previous, (finish, switches, per) in best.items():
+                switching = previous is not None and previous != member
+                cost = 0.0 if previous == member or (switching and scenario.fit_together) \
+                    else scenario.members[member]["load_s"]
+                start = max(arrival, (finish if previous is not None else arrival) + cost)
+                options.append((start + service, switches + switching, previous, per))
+            finish, switches, _, per = min(options, key=lambda o: (o[0], o[1]))
+            step[member] = (finish, switches, {**per, member: per.get(member, 0) + 1})
+        best = step
+    finish, switches, per = min(best.values(), key=lambda v: (v[0], v[1]))
+    return Outcome(tokens=sum(r["tokens"] for r in scenario.requests), first_arrival=scenario.requests[0]["t"],
+                   last_finish=finish, switches=switches, per_member=per)
+
+
 def compare(scenario: Scenario, policy: PolicyConfig | None = None) -> dict[str, dict[str, Any]]:
-    """auto, every always-<member>, clairvoyant: {mode: {"tok_s", "switches", ...}}."""
+    """auto, every always-<member>, clairvoyant and (one slot) hindsight: {mode: {"tok_s", "switches", ...}}."""
     modes = ["auto", *(f"always-{m}" for m in scenario.members), "clairvoyant"]
-    return {mode: run(scenario, mode, policy).to_json() for mode in modes}
+    result = {mode: run(scenario, mode, policy).to_json() for mode in modes}
+    bound = hindsight(scenario)
+    if bound is not None:
+        result["hindsight"] = bound.to_json()
+    return result
 
 
 # ------------------------------------------------------------------------------------------ workloads

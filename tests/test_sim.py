@@ -11,7 +11,7 @@ import pytest
 
 from llamactl.policy import ClassEvidence, GroupState, PolicyConfig, decide
 from llamactl.router.catalog import Catalog
-from llamactl.sim import Scenario, ScenarioError, compare, generate, run
+from llamactl.sim import Scenario, ScenarioError, compare, generate, hindsight, run
 from tests.router_harness import profile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,6 +54,31 @@ def test_a_stationary_mix_with_reloads_does_not_flap():
     assert result["auto"]["tok_s"] >= 0.97 * fixed
 
 
+def test_hindsight_is_the_best_order_preserving_plan_at_real_switch_costs():
+    """Four x then four y, 100 tokens each, all at t=0; a and b each load in 10 s. All on one member:
+    10 + 4*10 + 4*5 = 70 s. x on b, then a reload, y on a: 10 + 4*5 + 10 + 4*5 = 60 s, one switch."""
+    s = scenario([{"t": 0, "class": "x", "tokens": 100}] * 4 + [{"t": 0, "class": "y", "tokens": 100}] * 4,
+                 fit_together=False,
+                 members={"a": {"spec": False, "load_s": 10}, "b": {"spec": True, "load_s": 10}},
+                 classes={"x": {"a": 10, "b": 20}, "y": {"a": 20, "b": 10}})
+    bound = hindsight(s)
+    assert bound is not None and bound.tok_s == pytest.approx(800 / 60)
+    assert bound.switches == 1 and bound.per_member == {"b": 4, "a": 4}
+    # loads that cost nothing (both fit): x on b, y on a with no reload in between, 10 + 20 + 20
+    warm = hindsight(Scenario.from_json({**s.__dict__, "fit_together": True}))
+    assert warm is not None and warm.tok_s == pytest.approx(800 / 50)
+    assert hindsight(Scenario.from_json({**s.__dict__, "slots": 2})) is None  # not exact there: not claimed
+
+
+def test_hindsight_sits_between_the_best_fixed_member_and_clairvoyant():
+    s = scenario(generate("drifting", ["code", "creative"], n=120, phase=30, gap_s=2.0), fit_together=False,
+                 members={"plain": {"spec": False, "load_s": 30}, "fast": {"spec": True, "load_s": 30}})
+    result = compare(s)
+    fixed = max(result["always-plain"]["tok_s"], result["always-fast"]["tok_s"])
+    assert fixed - 1e-6 <= result["hindsight"]["tok_s"] <= result["clairvoyant"]["tok_s"] + 1e-6
+    assert result["auto"]["tok_s"] <= result["hindsight"]["tok_s"] + 1e-6
+
+
 @pytest.mark.parametrize("change, message", [
     ({"members": {}}, "at least one member"),
     ({"members": {"a": {"spec": False}, "b": {"spec": False}}}, "one plain member at most"),
@@ -74,7 +99,7 @@ def test_the_script_prints_one_json_object(tmp_path):
                           "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert set(result) == {"auto", "always-plain", "always-fast", "clairvoyant"}
+    assert set(result) == {"auto", "always-plain", "always-fast", "clairvoyant", "hindsight"}
     assert all(set(v) == {"tok_s", "switches"} for v in result.values())
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "sim_switching.py"), "--scenario",
                           str(tmp_path / "missing.json")], capture_output=True, text=True, timeout=120)
