@@ -72,7 +72,11 @@ class PolicyConfig:
     explore_share: float = 0.1  # at most this share of a class's requests go to an under-measured member
     explore_optimism: float = 1.2  # a reload to find out the plain member is paid if this much faster would pay
     explore_acceptance_hope: float = 0.2  # ... and a drafter's if this much more acceptance would
-    explore_memory_s: float = 3600.0  # a (class, member) explored by a reload is not explored so again sooner
+    explore_memory_s: float = 6 * 3600.0  # a (class, member) explored by a reload is not explored so again sooner
+    # A reload to find out may also be paid for the long run (a stationary mix has no runs of one class): when
+    # the hoped-for saving on the recent mix over explore_horizon_s of work pays the round trip, within the
+    # lane's budget (explore_share of the time it has served, less what exploring reloads cost so far).
+    explore_horizon_s: float = 1800.0
 
     def speedup(self, acceptance: float) -> float:
         return max(0.05, self.speedup_intercept + self.speedup_slope * acceptance)
@@ -104,6 +108,8 @@ class GroupState:
     head_run: tuple[str, int] | None = None  # (class, n): the n requests of one class the queue serves next
     hopeful: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (class, member) -> tok/s to assume
     explored: frozenset[tuple[str, str]] = frozenset()  # (class, member) explored within explore_memory_s
+    explore_budget_s: float = 0.0  # seconds of reloads the lane may still spend exploring
+    mix: Mapping[str, float] = field(default_factory=dict)  # class -> arrivals, decayed: the long-run mix
 
 
 @dataclass(frozen=True)
@@ -162,12 +168,36 @@ def speed(cls: str, member: str, evidence: Mapping[str, ClassEvidence], config: 
     measured = _measured(ev, member, config)
     if measured is not None:
         return measured
+    if members.get(member, False) and (peer := _peer_speed(cls, member, evidence, members, config)) is not None:
+        return peer
     plain = _plain_speed(cls, evidence, members, config)
     if plain is None:
         plain = _base_speed(evidence, members, config)
     if members.get(member, False):
         return plain * config.speedup(acceptance_for(cls, ev, config, member))
     return plain
+
+
+def _peer_speed(cls: str, member: str, evidence: Mapping[str, ClassEvidence], members: Mapping[str, bool],
+                config: PolicyConfig) -> float | None:
+    """A drafter not measured on this class yet: what the other speculative members measured on it (their
+    mean), times how this one compared with them on the classes where both were measured. Drafters for one
+    target land near each other, and one that is slower on one kind of content tends to be slower on the
+    rest; the speed-up model is fitted to n-gram drafting on a CPU and underestimates a strong drafter
+    several times over."""
+    ev = evidence.get(cls, ClassEvidence())
+    peers = [m for m, is_spec in members.items()
+             if is_spec and m != member and _measured(ev, m, config) is not None]
+    if not peers:
+        return None
+    ratios = []
+    for other_cls, other in evidence.items():
+        mine = _measured(other, member, config)
+        theirs = [v for m in peers if (v := _measured(other, m, config)) is not None]
+        if other_cls != cls and mine is not None and theirs:
+            ratios.append(mine / (sum(theirs) / len(theirs)))
+    base = sum(_measured(ev, m, config) or 0.0 for m in peers) / len(peers)
+    return base * (sum(ratios) / len(ratios) if ratios else 1.0)
 
 
 def switch_cost(state: GroupState, config: PolicyConfig, member: str | None = None) -> float:
@@ -228,21 +258,65 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         # A reload to find out: only for a member never tried on this class in the window, and only when the
         # next `min_samples` requests are of this class (the samples come in one visit, not one per reload).
         run = state.head_run[1] if state.head_run is not None and state.head_run[0] == cls else 0
-        reload_ok = (ev.n.get(member, 0) == 0 and run >= config.min_samples
-                     and (cls, member) not in state.explored)
-        if loaded or (reload_ok and _worth_finding_out(state, config, cls, member)):
+        # A reload to find out is paid only for a member measured on nothing yet: what a member measured on some
+        # classes says how it compares on the others (the plain member's speed hardly depends on the content,
+        # and a drafter slower than its peers on one kind of work tends to be slower on the rest: _peer_speed).
+        unknown = (cls, member) not in state.explored and all(e.n.get(member, 0) == 0 for e in state.evidence.values())
+        for_run = unknown and run >= config.min_samples
+        for_long_run = unknown and 2 * switch_cost(state, config, member) <= state.explore_budget_s
+        if loaded or (for_run and _worth_finding_out(state, config, cls, member)) or (
+                for_long_run and _pays_in_the_long_run(state, config, cls, member)):
             return Decision(member, member != state.active,
                             f"explore: {cls} has {ev.n.get(member, 0)} samples on {member}", seconds, explore=True)
     return None
 
 
 def _worth_finding_out(state: GroupState, config: PolicyConfig, cls: str, member: str) -> bool:
+    hopeful_state = replace(state, hopeful={(cls, member): _hopeful_speed(state, config, cls, member)},
+                            explore_due={}, seconds_since_switch=float("inf"))
+    # Judged on the run of this class at the queue's head only: what the finding would be used for next.
+    seconds = {m: expected_seconds(hopeful_state, m, config) for m in state.members}
+    decision = _head_run_decision(hopeful_state, config, seconds)
+    return decision is not None and decision.switch and decision.target == member
+
+
+def _pays_in_the_long_run(state: GroupState, config: PolicyConfig, cls: str, member: str) -> bool:
+    """Would finding out change the member chosen for the long-run mix? Not the best for it as estimated, but the
+    best by the hysteresis margin were it as fast on `cls` as hoped, saving more than the round trip over
+    `explore_horizon_s` of that work."""
+    mix = {c: n for c, n in state.mix.items() if n > 0}
+    if not mix.get(cls):
+        return False
+    hoping = replace(state, hopeful={(cls, member): _hopeful_speed(state, config, cls, member)})
+
+    def seconds(on: GroupState, m: str) -> float:
+        return sum(weight * ((ev := on.evidence.get(c, ClassEvidence())).mean_tokens or config.default_tokens)
+                   / _speed_in(on, c, m, config) for c, weight in mix.items())
+
+    now = {m: seconds(state, m) for m in state.members}
+    best_now = min(v for m, v in now.items() if m != member)
+    if now[member] <= (1 - config.run_hysteresis) * best_now:
+        return False  # chosen without finding out
+    hoped = seconds(hoping, member)
+    if hoped > (1 - config.run_hysteresis) * best_now:
+        return False
+    saving = (1 - hoped / best_now) * config.explore_horizon_s
+    return saving > config.cost_factor * 2 * switch_cost(state, config, member)
+
+
+def _hopeful_speed(state: GroupState, config: PolicyConfig, cls: str, member: str) -> float:
+    """The speed of `cls` on `member` that would be worth finding out: a drafter accepting
+    `explore_acceptance_hope` more than estimated, or beating the drafters measured on the class by
+    `explore_optimism`; the plain member `explore_optimism` times faster than estimated."""
     ev = state.evidence.get(cls, ClassEvidence())
     if state.members.get(member, False):  # a drafter's acceptance on this class may beat its estimate
         plain = _plain_speed(cls, state.evidence, state.members, config) or _base_speed(state.evidence, state.members,
                                                                                         config)
         acceptance = min(1.0, acceptance_for(cls, ev, config, member) + config.explore_acceptance_hope)
         hopeful = plain * config.speedup(acceptance)
+        peer = _peer_speed(cls, member, state.evidence, state.members, config)
+        if peer is not None:  # ... or beat the drafters measured on this class by explore_optimism
+            hopeful = max(hopeful, peer * config.explore_optimism)
     else:
         hopeful = speed(cls, member, state.evidence, config, state.members) * config.explore_optimism
         # Speculation that accepts most of its drafts is not slower than decoding without it: the plain
@@ -251,12 +325,7 @@ def _worth_finding_out(state: GroupState, config: PolicyConfig, cls: str, member
                 and acceptance_for(cls, ev, config, m) >= GOOD_ACCEPTANCE]
         if good:
             hopeful = min(hopeful, max(good))
-    # Judged on the run of this class at the queue's head only: what the finding would be used for next.
-    hopeful_state = replace(state, hopeful={(cls, member): hopeful}, explore_due={},
-                            seconds_since_switch=float("inf"))
-    seconds = {m: expected_seconds(hopeful_state, m, config) for m in state.members}
-    decision = _head_run_decision(hopeful_state, config, seconds)
-    return decision is not None and decision.switch and decision.target == member
+    return hopeful
 
 
 def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision:

@@ -42,7 +42,7 @@ def test_mean_accepted_length_from_metrics_deltas():
 
 def test_evidence_is_a_rolling_window_per_class_and_member():
     now = [1000.0]
-    t = Telemetry(window_n=3, window_s=60, clock=lambda: now[0])
+    t = Telemetry(window_n=3, window_s=60, memory_n=0, clock=lambda: now[0])
     for speed in (10, 20, 30, 40):
         t.record(sample(gen_tok_s=speed, completion_tokens=100, draft_n=10, draft_accepted=5))
     t.record(sample(role="plain", profile="g-plain", gen_tok_s=50, completion_tokens=50))
@@ -51,9 +51,27 @@ def test_evidence_is_a_rolling_window_per_class_and_member():
     assert ev.tok_s["g-plain"] == 50 and ev.acceptance == {"g-spec": 0.5}
     assert ev.n["g-plain"] == 1 and ev.mean_tokens == (3 * 100 + 50) / 4
     now[0] += 61
-    assert t.evidence("g") == {}  # aged out
+    assert t.evidence("g") == {}  # aged out (no memory asked for)
     t.record(sample(status=500, gen_tok_s=99))
     assert t.evidence("g") == {}  # failures are counted, not used as evidence
+
+
+def test_a_member_that_stopped_serving_keeps_what_it_measured_until_memory_s():
+    """Evidence ages out where it is renewed: the member serving now gets a fresh window, while the one that
+    stopped serving keeps its newest `memory_n` samples (what it last measured) for `memory_s`."""
+    now = [1000.0]
+    t = Telemetry(window_n=5, window_s=60, memory_n=2, memory_s=600, clock=lambda: now[0])
+    for speed in (10, 20, 30):
+        t.record(sample(gen_tok_s=speed, completion_tokens=100))
+    t.record(sample(role="plain", profile="g-plain", gen_tok_s=50, completion_tokens=100))
+    now[0] += 61
+    remembered = t.evidence("g")["code"]
+    assert remembered.tok_s == {"g-spec": 25, "g-plain": 50} and remembered.n == {"g-spec": 2, "g-plain": 1}
+    t.record(sample(role="plain", profile="g-plain", gen_tok_s=70, completion_tokens=100))
+    renewed = t.evidence("g")["code"]
+    assert renewed.tok_s == {"g-spec": 25, "g-plain": 70}  # the fresh window replaces the remembered one
+    now[0] += 601
+    assert t.evidence("g") == {}  # remembered no longer than memory_s
 
 
 def test_recent_is_the_last_arrivals():

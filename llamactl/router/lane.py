@@ -124,6 +124,12 @@ class Lane:
         self._explored: dict[str, int] = {}  # class -> of those, sent to an under-measured member
         self._exploring: tuple[str, str, int] | None = None  # (class, member, requests left) being explored
         self._explored_at: dict[tuple[str, str], float] = {}  # (class, member) -> when last explored
+        # A member reloaded to be explored serves every class for a trial of this many more requests (besides
+        # the explored class's), so one reload measures it on the whole mix before the policy judges it.
+        self._trial_left = 0
+        self._streak: tuple[str, int] | None = None  # (class, n): the last n unpinned arrivals were all this class
+        self._explore_spent_s = 0.0  # reload seconds spent exploring (the way back counted too)
+        self._serving_since: float | None = None  # when a member first served: exploration's budget grows with it
         self._tasks: asyncio.TaskGroup | None = None  # the dispatcher's: loads and stops
         self._gauges: tuple | None = None
         self._gauge_shape: tuple | None = None
@@ -339,6 +345,10 @@ class Lane:
                 if exploring is not None and exploring[:2] == (head.cls, self.active):
                     self._explored[head.cls] = self._explored.get(head.cls, 0) + 1
                     self._exploring = (head.cls, self.active, exploring[2] - 1) if exploring[2] > 1 else None
+                elif exploring is not None and exploring[1] == self.active and self._trial_left > 0:
+                    self._trial_left -= 1
+                if self._exploring is None:
+                    self._trial_left = 0
             head.profile, head.role = self.active, self.role_of(self.active)
             head.granted_at, head.held_since = time.perf_counter(), self.clock()
             head.future.set_result(upstream)
@@ -374,7 +384,14 @@ class Lane:
             head_run=self._head_run(),
             explored=frozenset(k for k, at in self._explored_at.items()
                                if self.clock() - at < self.config.policy.explore_memory_s),
+            explore_budget_s=self._explore_budget_s(),
+            mix=self.telemetry.mix(self.name),
         )
+
+    def _explore_budget_s(self) -> float:
+        if self._serving_since is None:
+            return 0.0
+        return self.config.policy.explore_share * (self.clock() - self._serving_since) - self._explore_spent_s
 
     def _explore_due(self) -> dict[str, bool]:
         """Per class: may its next request explore? Only within `explore_share` of its requests."""
@@ -382,15 +399,23 @@ class Lane:
         return {c: self._explored.get(c, 0) + 1 <= share * (n + 1) for c, n in self._granted.items()}
 
     def _head_run(self) -> tuple[str, int] | None:
-        """The class of the unpinned requests at the head of the queue, and how many come in a row."""
-        cls, n = None, 0
+        """The class of the unpinned requests at the head of the queue, and how many are expected in a row: those
+        queued, or where the whole queue is of that class, as many as have arrived in a row so far (a run that
+        has lasted n arrivals is as likely as not to last n more: the guess that loses at most about the
+        switch's cost on a run of any length)."""
+        cls, n, whole = None, 0, True
         for t in self.queue:
             if not t.waiting:
                 continue
             if t.pin is not None or (cls is not None and t.cls != cls):
+                whole = False
                 break
             cls, n = t.cls, n + 1
-        return (cls, n) if cls is not None else None
+        if cls is None:
+            return None
+        if whole and self._streak is not None and self._streak[0] == cls:
+            n = max(n, self._streak[1])
+        return cls, n
 
     def _target(self) -> tuple[str, str] | None:
         if self.forced is not None:
@@ -402,8 +427,10 @@ class Lane:
             return head.pin, "pinned"
         if not self.spec.is_group:
             return self.active, "only"
-        if self._exploring is not None and self._exploring[0] == head.cls:
-            return self._exploring[1], "explore"
+        exploring = self._exploring
+        if exploring is not None and (exploring[0] == head.cls or (
+                exploring[1] == self.active and self._trial_left > 0)):
+            return exploring[1], "explore"
         if self.active in self._loads and self.active not in self.upstreams:
             return self.active, "loading"  # decided already: let the load finish before deciding again
         decision = decide(self.policy_state(), self.config.policy)
@@ -412,6 +439,8 @@ class Lane:
         self.last_decision, self.last_decision_at = decision, self.clock()
         if decision.explore:
             self._exploring = (head.cls, decision.target, self.config.policy.min_samples)
+            reload = decision.target not in self.upstreams
+            self._trial_left = 2 * self.config.policy.min_samples * max(1, len(self._granted)) if reload else 0
             self._explored_at[(head.cls, decision.target)] = self.clock()
         return decision.target, "explore" if decision.explore else "policy"
 
@@ -424,6 +453,9 @@ class Lane:
             self.queue.appendleft(ticket)
         else:
             self.queue.append(ticket)
+            if ticket.pin is None:
+                same = self._streak is not None and self._streak[0] == ticket.cls
+                self._streak = (ticket.cls, self._streak[1] + 1 if same and self._streak else 1)
 
     def _abandon(self, ticket: Ticket) -> None:
         fut = ticket.future
@@ -629,11 +661,16 @@ class Lane:
         """`profile` now serves as the active member: record the load or switch, wake its waiters."""
         if self._exploring is not None and self._exploring[1] != profile:
             self._exploring = None  # switched away from the member being explored: that exploration is over
+            self._trial_left = 0
+        if self._serving_since is None:
+            self._serving_since = self.clock()
         elapsed = self.clock() - started
         self.state = LaneState.READY
         self.last_error = None
         self.last_switch_at = self.clock()
         if old is not None and old != profile:
+            if trigger == "explore" and not warm:
+                self._explore_spent_s += 2 * elapsed  # there, and most likely back
             if not warm:  # the cost of a restart: what a switch costs when the other member is not loaded
                 self.switch_cost_s = elapsed if self.switch_cost_s is None else 0.5 * self.switch_cost_s + 0.5 * elapsed
             self.telemetry.switches.labels(self.name, old, profile, trigger).inc()

@@ -254,20 +254,35 @@ def mean_accepted_length(before: Mapping[str, float], after: Mapping[str, float]
 
 
 class Window:
-    """The last `max_n` samples no older than `max_age_s`."""
+    """The last `max_n` samples no older than `max_age_s`; and, for a member that has stopped serving (so
+    nothing newer comes), its newest `memory_n` samples for up to `memory_s`: what was last measured there."""
 
-    def __init__(self, max_n: int, max_age_s: float) -> None:
+    def __init__(self, max_n: int, max_age_s: float, memory_n: int = 0, memory_s: float = 0.0) -> None:
         self.samples: deque[Sample] = deque(maxlen=max_n)
         self.max_age_s = max_age_s
+        self.memory_n, self.memory_s = memory_n, max(memory_s, max_age_s)
 
     def add(self, sample: Sample) -> None:
         self.samples.append(sample)
 
-    def current(self, now: float | None = None) -> list[Sample]:
-        now = time.monotonic() if now is None else now
-        while self.samples and now - self.samples[0].at > self.max_age_s:
+    def _drop_older_than(self, age_s: float, now: float, keep: int) -> None:
+        while len(self.samples) > keep and now - self.samples[0].at > age_s:
             self.samples.popleft()
-        return list(self.samples)
+
+    def current(self, now: float | None = None) -> list[Sample]:
+        """The samples of the window proper (no memory): the rolling figures of /metrics."""
+        now = time.monotonic() if now is None else now
+        self._drop_older_than(self.memory_s, now, 0)
+        return [s for s in self.samples if now - s.at <= self.max_age_s]
+
+    def remembered(self, now: float | None = None) -> list[Sample]:
+        """The window, or where it has aged empty, the newest `memory_n` samples younger than `memory_s`."""
+        now = time.monotonic() if now is None else now
+        self._drop_older_than(self.memory_s, now, 0)
+        current = [s for s in self.samples if now - s.at <= self.max_age_s]
+        if current or not self.memory_n:
+            return current
+        return list(self.samples)[-self.memory_n:]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -282,11 +297,17 @@ class Telemetry:
     """Rolling windows and Prometheus metrics. One per router; its own CollectorRegistry."""
 
     def __init__(self, *, window_n: int = 50, window_s: float = 900.0, recent_n: int = 6, recent_s: float = 120.0,
+                 memory_n: int = 4, memory_s: float = 6 * 3600.0, mix_half_life_s: float = 900.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.window_n, self.window_s, self.recent_n, self.recent_s = window_n, window_s, recent_n, recent_s
+        # What a member measured stays known for memory_s after it stopped serving (its newest memory_n samples):
+        # evidence ages out where it is renewed, not merely because another member serves now.
+        self.memory_n, self.memory_s = memory_n, memory_s
         self.clock = clock
         self.windows: dict[tuple[str, str, str], Window] = {}  # (lane, class, member profile)
         self.arrivals: dict[str, deque[tuple[float, str]]] = {}
+        self.mix_half_life_s = mix_half_life_s
+        self._mix: dict[str, tuple[float, dict[str, float]]] = {}  # lane -> (when, class -> decayed arrivals)
         self._child_cache: dict[tuple[str, str, str], tuple] = {}
         self._request_children: dict[tuple[str, str, str, str, int], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
@@ -315,6 +336,9 @@ class Telemetry:
     # -- recording
     def arrival(self, lane: str, cls: str) -> None:
         self.arrivals.setdefault(lane, deque(maxlen=1000)).append((self.clock(), cls))
+        counts = self.mix(lane)
+        counts[cls] = counts.get(cls, 0.0) + 1.0
+        self._mix[lane] = (self.clock(), counts)
 
     def _children(self, lane: str, cls: str, profile: str) -> tuple:
         """The labelled metric children of one (lane, class, profile), looked up once."""
@@ -354,7 +378,8 @@ class Telemetry:
             drafted.inc(sample.draft_n)
             accepted.inc(max(0, sample.draft_accepted or 0))
         sample.at = self.clock()
-        self.windows.setdefault((sample.lane, sample.cls, sample.profile), Window(self.window_n, self.window_s)).add(sample)
+        self.windows.setdefault((sample.lane, sample.cls, sample.profile),
+                                Window(self.window_n, self.window_s, self.memory_n, self.memory_s)).add(sample)
 
     def refresh_gauges(self) -> None:
         """The rolling gauges (mean decode speed, acceptance) from the windows as they are now: computed when
@@ -386,14 +411,21 @@ class Telemetry:
             counts[cls] = counts.get(cls, 0) + 1
         return counts
 
+    def mix(self, lane: str) -> dict[str, float]:
+        """Arrivals per class, each weighing half as much every `mix_half_life_s`: the long-run mix."""
+        when, counts = self._mix.get(lane, (self.clock(), {}))
+        decay = 0.5 ** (max(0.0, self.clock() - when) / self.mix_half_life_s)
+        return {cls: n * decay for cls, n in counts.items() if n * decay > 1e-3}
+
     def evidence(self, lane: str) -> dict[str, ClassEvidence]:
-        """Per class of `lane`: each member's rolling decode speed and, where it drafts, its acceptance."""
+        """Per class of `lane`: each member's rolling decode speed and, where it drafts, its acceptance (for a
+        member that no longer serves the class, what it last measured, up to `memory_s`)."""
         now = self.clock()
         per_class: dict[str, dict[str, Any]] = {}
         for (lane_name, cls, member), window in self.windows.items():
             if lane_name != lane:
                 continue
-            samples = window.current(now)
+            samples = window.remembered(now)
             if not samples:
                 continue
             entry = per_class.setdefault(cls, {"tokens": [], "tok_s": {}, "n": {}, "acc": {}, "acc_n": {}})
