@@ -139,3 +139,62 @@ def test_exploring_never_reloads_when_finding_out_cannot_change_the_choice():
     assert not decide(GroupState(**base), PolicyConfig()).explore
     loaded = decide(GroupState(**base, loaded=frozenset({"plain", "fast"})), PolicyConfig())
     assert loaded.explore and loaded.target == "plain"
+
+
+THREE = {"plain": False, "d1b": True, "d8b": True}
+
+
+def _measured_on_d1b() -> dict[str, ClassEvidence]:
+    return {c: ClassEvidence(tok_s={"d1b": v}, n={"d1b": 3}, acceptance={"d1b": a}, acceptance_n={"d1b": 3},
+                             mean_tokens=300)
+            for c, v, a in (("code", 23.1, 0.8), ("chat", 12.5, 0.5), ("creative", 8.8, 0.25))}
+
+
+def test_a_drafter_not_measured_on_a_class_is_estimated_from_its_peers():
+    """d8b measured on code only, at 0.9 of d1b there: on chat it is taken to be 0.9 of d1b's chat too."""
+    from llamactl.policy import speed
+    ev = _measured_on_d1b()
+    ev["code"] = ClassEvidence(tok_s={"d1b": 23.1, "d8b": 20.79}, n={"d1b": 3, "d8b": 3}, mean_tokens=300)
+    assert speed("chat", "d8b", ev, PolicyConfig(), THREE) == pytest.approx(12.5 * 0.9)
+    assert speed("code", "d8b", ev, PolicyConfig(), THREE) == pytest.approx(20.79)  # measured: as measured
+
+
+def test_a_member_measured_on_nothing_is_explored_once_for_the_long_run_within_the_budget():
+    """A stationary mix (no runs of one class) on d1b; d8b never measured. Were d8b 1.2x d1b on chat, it would
+    win the mix by more than the hysteresis and repay the 90 s round trip over explore_horizon_s: one reload
+    to find out, if the lane's exploration budget holds it. Not when the budget is short, and not for a member
+    measured on anything already (its peers and its own figures estimate the rest)."""
+    base = dict(active="d1b", seconds_since_switch=1000, switch_cost_s={"plain": 45, "d8b": 45},
+                queued={"chat": 1}, evidence=_measured_on_d1b(), members=THREE, head_class="chat",
+                explore_due={"chat": True}, head_run=("chat", 1), mix={"code": 3, "chat": 3, "creative": 3})
+    decision = decide(GroupState(**base, explore_budget_s=100), PolicyConfig())
+    assert decision.explore and decision.switch and decision.target == "d8b"
+    assert not decide(GroupState(**base, explore_budget_s=80), PolicyConfig()).explore
+    ev = _measured_on_d1b()
+    ev["code"] = ClassEvidence(tok_s={"d1b": 23.1, "d8b": 20.8}, n={"d1b": 3, "d8b": 3}, mean_tokens=300)
+    assert not decide(GroupState(**{**base, "evidence": ev}, explore_budget_s=1000), PolicyConfig()).explore
+    assert not decide(GroupState(**base, explore_budget_s=1000), PolicyConfig(explore_horizon_s=0)).explore
+
+
+def test_a_run_of_one_class_counts_the_arrivals_so_far_when_requests_come_one_at_a_time():
+    """Requests one at a time (the queue never holds two): a phase of creative work after code still moves
+    to the plain member, because a run that has lasted n arrivals is expected to last about n more. Counting
+    only what is queued, a run is always one request, which never pays a reload."""
+    code = [{"t": 20.0 * i, "class": "code", "tokens": 100} for i in range(10)]
+    creative = [{"t": 200 + 20.0 * i, "class": "creative", "tokens": 100} for i in range(60)]
+    s = scenario(code + creative, fit_together=False,
+                 members={"plain": {"spec": False, "load_s": 5}, "fast": {"spec": True, "load_s": 5}})
+    outcome = run(s, "auto")
+    assert outcome.per_member.get("plain", 0) >= 45 and outcome.switches == 1
+
+
+def test_auto_stays_within_two_percent_of_the_best_fixed_member_on_the_documented_scenarios():
+    """The issue's first target, on the reload scenarios where it was missed before (a tie between two
+    drafters on priors, settled by one exploration). A regression test of the documented tables."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from sim_switching import scenario_from
+    for name in ("70b-three-members", "mtp-depths"):
+        for workload in ("mixed", "drifting"):
+            result = compare(scenario_from(REPO / "docs" / "sim" / f"{name}.json", workload, 400, 100, 1))
+            fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
+            assert result["auto"]["tok_s"] >= 0.98 * fixed, (name, workload, result)
