@@ -20,15 +20,21 @@ A cheap switch (both members loaded: a drain, at most `cheap_switch_s`) needs no
 the queue alone, with no horizon of guessed future work, and no dwell applies, so the first request of a
 new phase already goes to the member that suits it. Hysteresis still applies.
 
-Speeds come from measurements when a class has `min_samples` of them on that member; otherwise from the
-plain speed of the class (measured on the plain member, or derived from a measured speculative one) and
+Speeds come from measurements when a class has `min_samples` of them on that member (what a member measured
+stays known for a while after it stops serving: the telemetry's memory); a drafter not measured on a class
+is taken to be what the other drafters measured on it, scaled by how it compared with them elsewhere;
+otherwise the speed comes from the plain speed of the class (measured on the plain member, or derived from a measured speculative one) and
 the class's acceptance rate on the member (measured there, or a prior per class) through a linear
 speed-up model speedup(a) = intercept + slope * a.
-Exploration: when a class is due one (the lane keeps its share of that class's requests at most
+The run at the head of the queue counts, where the whole queue is one class, the arrivals of that class in
+a row so far (with requests one at a time the queue never shows a run).
+Exploration: a reload to find out is paid only for a member measured on nothing yet; when a class is due one (the lane keeps its share of that class's requests at most
 `explore_share`) and has a member with fewer than `min_samples` measurements, its next `min_samples`
 requests go there, if that member is loaded (a switch is a drain) or its reload costs at most
 `explore_share` of the work waiting: evidence for every member, and a reload only where finding out could change the choice (a drafter accepting `explore_acceptance_hope`
-more than its estimate, or the plain member `explore_optimism` times faster, would win the work queued). Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
+more than its estimate, or the plain member `explore_optimism` times faster, would win the work queued), or for the long run: were it as fast as hoped, it would win the long-run mix by
+the hysteresis and repay the round trip over `explore_horizon_s`, within the lane's exploration budget (a
+member reloaded so serves a short trial of every class). Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
 model is fitted to llama-server's n-gram speculation on a CPU (reference: 79 vs 63 tok/s at acceptance
 0.65, 54 vs 68 tok/s at acceptance 0.10), break-even near acceptance 0.35.
 """
