@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         description="Extra traffic classes clients may name in X-Llamactl-Class, comma-separated (each one becomes "
                     "a metrics label; other names are ignored).")
     router_min_dwell_s: float = Field(default=10.0, ge=0, description="Least time on a member before a switch.")
+    router_explore_share: float = Field(
+        default=0.1, ge=0, le=1,
+        description="Share of a class's requests, and of a lane's serving time in reloads, that may go to finding "
+                    "out how a member not yet measured does; 0 never explores.")
     default_model: str = Field(default="", description="Profile, alias or group for requests without `model` "
                                                        "when more than one is served.")
     route_default_models: str = Field(default="", description="Per-route defaults for requests without `model`: "

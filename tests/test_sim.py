@@ -198,3 +198,14 @@ def test_auto_stays_within_two_percent_of_the_best_fixed_member_on_the_documente
             result = compare(scenario_from(REPO / "docs" / "sim" / f"{name}.json", workload, 400, 100, 1))
             fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
             assert result["auto"]["tok_s"] >= 0.98 * fixed, (name, workload, result)
+
+
+def test_the_daemon_passes_the_exploration_share_through(monkeypatch):
+    from llamactl.daemon.wiring import router_config
+    from llamactl.errors import ConfigError
+    from llamactl.settings import Settings
+    monkeypatch.setenv("LLAMACTL_ROUTER_EXPLORE_SHARE", "0")
+    assert router_config(Settings()).lane.policy.explore_share == 0
+    monkeypatch.setenv("LLAMACTL_ROUTER_EXPLORE_SHARE", "1.5")
+    with pytest.raises((ConfigError, ValueError), match="(?i)explore_share"):
+        router_config(Settings())

@@ -26,7 +26,7 @@ def router_config(settings: Settings) -> RouterConfig:
         queue_timeout_s=settings.router_queue_timeout_s,
         idle_ttl_s=settings.router_idle_ttl_s,
         keep_both_warm=settings.router_keep_both_warm is True,
-        policy=PolicyConfig(min_dwell_s=settings.router_min_dwell_s),
+        policy=PolicyConfig(min_dwell_s=settings.router_min_dwell_s, explore_share=settings.router_explore_share),
     ), max_body_bytes=settings.max_body_bytes, extra_classes=extra_classes(settings),
         alerts=AlertConfig(below=settings.alert_acceptance_below, min_drafted=settings.alert_min_drafted))
 
