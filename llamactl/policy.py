@@ -296,7 +296,7 @@ def _pays_in_the_long_run(state: GroupState, config: PolicyConfig, cls: str, mem
     hoping = replace(state, hopeful={(cls, member): _hopeful_speed(state, config, cls, member)})
 
     def seconds(on: GroupState, m: str) -> float:
-        return sum(weight * ((ev := on.evidence.get(c, ClassEvidence())).mean_tokens or config.default_tokens)
+        return sum(weight * (on.evidence.get(c, ClassEvidence()).mean_tokens or config.default_tokens)
                    / _speed_in(on, c, m, config) for c, weight in mix.items())
 
     now = {m: seconds(state, m) for m in state.members}
