@@ -232,8 +232,13 @@ def demand(state: GroupState, config: PolicyConfig) -> dict[str, float]:
 
 
 def expected_seconds(state: GroupState, member: str, config: PolicyConfig) -> float:
+    return _work_seconds(state, config, demand(state, config), member)
+
+
+def _work_seconds(state: GroupState, config: PolicyConfig, weights: Mapping[str, float], member: str) -> float:
+    """Expected seconds on `member` of `weights` requests per class."""
     total = 0.0
-    for cls, weight in demand(state, config).items():
+    for cls, weight in weights.items():
         if weight <= 0:
             continue
         ev = state.evidence.get(cls, ClassEvidence())
@@ -257,16 +262,16 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
     if cls is None or not state.explore_due.get(cls) or config.explore_share <= 0 or state.active is None:
         return None
     ev = state.evidence.get(cls, ClassEvidence())
+    run = state.head_run[1] if state.head_run is not None and state.head_run[0] == cls else 0
     for member in state.members:
         if ev.n.get(member, 0) >= config.min_samples:
             continue
         loaded = member == state.active or member in state.loaded
-        # A reload to find out: only for a member never tried on this class in the window, and only when the
-        # next `min_samples` requests are of this class (the samples come in one visit, not one per reload).
-        run = state.head_run[1] if state.head_run is not None and state.head_run[0] == cls else 0
         # A reload to find out is paid only for a member measured on nothing yet: what a member measured on some
         # classes says how it compares on the others (the plain member's speed hardly depends on the content,
         # and a drafter slower than its peers on one kind of work tends to be slower on the rest: _peer_speed).
+        # For the run at the head, only when its next `min_samples` requests are of this class (the samples come
+        # in one visit, not one per reload).
         unknown = (cls, member) not in state.explored and all(e.n.get(member, 0) == 0 for e in state.evidence.values())
         for_run = unknown and run >= config.min_samples
         for_long_run = unknown and 2 * switch_cost(state, config, member) <= state.explore_budget_s
@@ -295,15 +300,11 @@ def _pays_in_the_long_run(state: GroupState, config: PolicyConfig, cls: str, mem
         return False
     hoping = replace(state, hopeful={(cls, member): _hopeful_speed(state, config, cls, member)})
 
-    def seconds(on: GroupState, m: str) -> float:
-        return sum(weight * (on.evidence.get(c, ClassEvidence()).mean_tokens or config.default_tokens)
-                   / _speed_in(on, c, m, config) for c, weight in mix.items())
-
-    now = {m: seconds(state, m) for m in state.members}
+    now = {m: _work_seconds(state, config, mix, m) for m in state.members}
     best_now = min(v for m, v in now.items() if m != member)
     if now[member] <= (1 - config.run_hysteresis) * best_now:
         return False  # chosen without finding out
-    hoped = seconds(hoping, member)
+    hoped = _work_seconds(hoping, config, mix, member)
     if hoped > (1 - config.run_hysteresis) * best_now:
         return False
     saving = (1 - hoped / best_now) * config.explore_horizon_s
@@ -387,9 +388,7 @@ def _head_run_decision(state: GroupState, config: PolicyConfig, seconds: Mapping
     if state.head_run is None or state.active is None:
         return None
     cls, n = state.head_run
-    ev = state.evidence.get(cls, ClassEvidence())
-    tokens = ev.mean_tokens if ev.mean_tokens else config.default_tokens
-    run = {m: n * tokens / _speed_in(state, cls, m, config) for m in state.members}
+    run = {m: _work_seconds(state, config, {cls: n}, m) for m in state.members}
     current = state.active
     best = min(run, key=lambda m: (run[m], list(state.members).index(m)))
     if best == current:
