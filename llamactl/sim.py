@@ -245,8 +245,8 @@ def hindsight(scenario: Scenario) -> Outcome | None:
                 cost = 0.0 if previous == member or (switching and scenario.fit_together) \
                     else scenario.members[member]["load_s"]
                 start = max(arrival, (finish if previous is not None else arrival) + cost)
-                options.append((start + service, switches + switching, previous, per))
-            finish, switches, _, per = min(options, key=lambda o: (o[0], o[1]))
+                options.append((start + service, switches + switching, per))
+            finish, switches, per = min(options, key=lambda o: (o[0], o[1]))
             step[member] = (finish, switches, {**per, member: per.get(member, 0) + 1})
         best = step
     finish, switches, per = min(best.values(), key=lambda v: (v[0], v[1]))

@@ -265,21 +265,16 @@ class Window:
     def add(self, sample: Sample) -> None:
         self.samples.append(sample)
 
-    def _drop_older_than(self, age_s: float, now: float, keep: int) -> None:
-        while len(self.samples) > keep and now - self.samples[0].at > age_s:
-            self.samples.popleft()
-
     def current(self, now: float | None = None) -> list[Sample]:
         """The samples of the window proper (no memory): the rolling figures of /metrics."""
         now = time.monotonic() if now is None else now
-        self._drop_older_than(self.memory_s, now, 0)
+        while self.samples and now - self.samples[0].at > self.memory_s:
+            self.samples.popleft()
         return [s for s in self.samples if now - s.at <= self.max_age_s]
 
     def remembered(self, now: float | None = None) -> list[Sample]:
         """The window, or where it has aged empty, the newest `memory_n` samples younger than `memory_s`."""
-        now = time.monotonic() if now is None else now
-        self._drop_older_than(self.memory_s, now, 0)
-        current = [s for s in self.samples if now - s.at <= self.max_age_s]
+        current = self.current(now)
         if current or not self.memory_n:
             return current
         return list(self.samples)[-self.memory_n:]
