@@ -34,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 from llamactl.errors import LlamactlError
 from llamactl.inputs import parse_json_object, switch_request
 from llamactl.profiles import Profile
-from llamactl.router.asgi import DisconnectWatch, read_body, send_error, send_json
+from llamactl.router.asgi import read_body, send_error, send_json, while_connected
 from llamactl.router.backends import Backends, Upstream
 from llamactl.router.catalog import Catalog, Routing
 from llamactl.router.config_from_settings import EngineFacts, EngineFactsProbe, routing_from_settings
@@ -439,15 +439,7 @@ class Relay:
         except RouterError as e:
             await self._error(send, e)
             return
-        watch = DisconnectWatch(receive)
-        try:
-            await self._handle(scope, body, send, arrived)
-        except asyncio.CancelledError:
-            watch.absorb()
-        except OSError:
-            pass  # the client went away while we were sending
-        finally:
-            watch.close()
+        await while_connected(receive, self._handle(scope, body, send, arrived))
 
     async def _error(self, send: Send, error: RouterError) -> None:
         await send_error(send, error, anthropic=self.info.api == "anthropic")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import Receive, Send
@@ -81,3 +82,17 @@ class DisconnectWatch:
         if not self.disconnected:
             raise
         self._task.uncancel()
+
+
+async def while_connected(receive: Receive, work: Awaitable[None]) -> None:
+    """Await `work` (it answers the client), cancelled if the client disconnects (DisconnectWatch); a client
+    gone while the answer is being sent ends it quietly."""
+    watch = DisconnectWatch(receive)
+    try:
+        await work
+    except asyncio.CancelledError:
+        watch.absorb()
+    except OSError:
+        pass  # the client went away while we were sending
+    finally:
+        watch.close()

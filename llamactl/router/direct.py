@@ -9,7 +9,6 @@ shown to the client.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -18,7 +17,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from llamactl.errors import LlamactlError
-from llamactl.router.asgi import DisconnectWatch, read_body, send_error
+from llamactl.router.asgi import read_body, send_error, while_connected
 from llamactl.router.errors import EngineUnavailable, ModelNotFound, RouterError, UpstreamError
 from llamactl.router.upstream import UpstreamBroken, UpstreamConnectError, UpstreamTimeout
 
@@ -48,8 +47,8 @@ async def _relay(router: "Router", profile: str, method: str, target: str, scope
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
     assert router.pool is not None, "Router.running() is not active"
-    watch = DisconnectWatch(receive)
-    try:
+
+    async def relay() -> None:
         try:
             response = await router.pool.request(upstream.base_url, method, target, headers, body)
         except (UpstreamConnectError, UpstreamBroken, UpstreamTimeout) as e:
@@ -68,12 +67,8 @@ async def _relay(router: "Router", profile: str, method: str, target: str, scope
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await response.aclose()
-    except asyncio.CancelledError:
-        watch.absorb()
-    except OSError:
-        pass  # the client went away while we were sending
-    finally:
-        watch.close()
+
+    await while_connected(receive, relay())
 
 
 class Passthrough:
