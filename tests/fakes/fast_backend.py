@@ -26,7 +26,6 @@ import json
 import socket
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,13 +215,7 @@ class FakeBackend:
             (b"content-type", b"text/event-stream"), (b"x-fake-backend", model.encode())]})
         try:
             for i in range(n):
-                if crash_after is not None and i >= int(crash_after):
-                    with self._lock:
-                        self.counters.crashed += 1
-                    raise RuntimeError("fake backend crashed mid-stream")
-                if disconnected.is_set():
-                    with self._lock:
-                        self.counters.cancelled += 1
+                if self._stream_ends(i, crash_after, disconnected):
                     return
                 data = json.dumps(_chunk_payload(path, i, model)).encode()
                 await send({"type": "http.response.body", "body": b"data: " + data + b"\n\n", "more_body": True})
@@ -249,6 +242,18 @@ class FakeBackend:
                 self.counters.completed += 1
         finally:
             watcher.cancel()
+
+    def _stream_ends(self, i: int, crash_after, disconnected: asyncio.Event) -> bool:
+        """Before streaming piece i: crash (raises) where told to, or end (True) if the client has gone."""
+        if crash_after is not None and i >= int(crash_after):
+            with self._lock:
+                self.counters.crashed += 1
+            raise RuntimeError("fake backend crashed mid-stream")
+        if disconnected.is_set():
+            with self._lock:
+                self.counters.cancelled += 1
+            return True
+        return False
 
     async def _anthropic(self, request: dict[str, Any], n: int, delay: float, crash_after, receive, send) -> None:
         """llama-server's Anthropic Messages shapes (server-task.cpp to_json_anthropic*): usage in
@@ -283,13 +288,7 @@ class FakeBackend:
                 "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
             await send({"type": "http.response.body", "body": head, "more_body": True})
             for i in range(n):
-                if crash_after is not None and i >= int(crash_after):
-                    with self._lock:
-                        self.counters.crashed += 1
-                    raise RuntimeError("fake backend crashed mid-stream")
-                if disconnected.is_set():
-                    with self._lock:
-                        self.counters.cancelled += 1
+                if self._stream_ends(i, crash_after, disconnected):
                     return
                 await send({"type": "http.response.body", "more_body": True, "body": event("content_block_delta", {
                     "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"tok{i} "}})})
