@@ -10,8 +10,9 @@ The scenario format (docs/switching-sim.md documents it; keep it stable):
 Policies compared: `auto` (the real policy), `always-<member>` (a lane of that member alone),
 `clairvoyant` (every request pinned to its fastest member, every member loaded, loads free: the upper
 bound) and `hindsight` (the best any policy serving in arrival order could do knowing every speed and every
-future request, paying the real switch costs: what is reachable where switches are reloads). Time is virtual: an event loop whose clock jumps to the next timer instead of sleeping, so an hour
-of traffic runs in a second or two.
+future request, paying the real switch costs: what is reachable where switches are reloads). Time is
+virtual: an event loop whose clock jumps to the next timer instead of sleeping, so an hour of traffic runs in
+a second or two.
 """
 
 from __future__ import annotations

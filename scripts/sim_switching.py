@@ -54,13 +54,14 @@ def verdict(result: dict, workload: str) -> tuple[float, float | None, float | N
     fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
     auto = result["auto"]["tok_s"]
     ratio = auto / fixed
-    capture = _share(auto, fixed, result["clairvoyant"]["tok_s"])
-    reachable = _share(auto, fixed, result["hindsight"]["tok_s"]) if "hindsight" in result else None
+    clairvoyant, hindsight = result["clairvoyant"]["tok_s"], result.get("hindsight", {}).get("tok_s")
+    capture = _share(auto, fixed, clairvoyant)
+    reachable = _share(auto, fixed, hindsight) if hindsight is not None else None
     if ratio < 1 - TOLERANCE:
         return ratio, capture, reachable, "MISSED"
     if workload == "mixed" or capture is None or capture >= CAPTURE:
         return ratio, capture, reachable, "met"
-    bound = _share(result["hindsight"]["tok_s"], fixed, result["clairvoyant"]["tok_s"]) if "hindsight" in result else None
+    bound = _share(hindsight, fixed, clairvoyant) if hindsight is not None else None
     if bound is not None and bound < CAPTURE and (reachable is None or reachable >= CAPTURE):
         return ratio, capture, reachable, "met (reachable)"
     return ratio, capture, reachable, "MISSED"
