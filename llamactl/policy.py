@@ -26,8 +26,9 @@ is taken to be what the other drafters measured on it, scaled by how it compared
 otherwise the speed comes from the plain speed of the class (measured on the plain member, or derived from a measured speculative one) and
 the class's acceptance rate on the member (measured there, or a prior per class) through a linear
 speed-up model speedup(a) = intercept + slope * a.
-The run at the head of the queue counts, where the whole queue is one class, the arrivals of that class in
-a row so far (with requests one at a time the queue never shows a run).
+The run at the head of the queue counts, where the whole queue is one class, the arrivals of that class still
+expected in its run (the lane's `Runs`: from the runs seen before; with requests one at a time the queue
+never shows a run).
 Exploration: a reload to find out is paid only for a member measured on nothing yet; when a class is due one (the lane keeps its share of that class's requests at most
 `explore_share`) and has a member with fewer than `min_samples` measurements, its next `min_samples`
 requests go there, if that member is loaded (a switch is a drain) or its reload costs at most

@@ -149,6 +149,7 @@ class Outcome:
     last_finish: float = 0.0
     switches: int = 0
     per_member: dict[str, int] = field(default_factory=dict)
+    per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> member -> requests served
 
     @property
     def tok_s(self) -> float:
@@ -207,6 +208,8 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
         outcome.tokens += tokens
         outcome.last_finish = max(outcome.last_finish, clock.now)
         outcome.per_member[member] = outcome.per_member.get(member, 0) + 1
+        served = outcome.per_class.setdefault(cls, {})
+        served[member] = served.get(member, 0) + 1
 
     try:
         await asyncio.gather(*(one(r) for r in scenario.requests))

@@ -11,6 +11,7 @@ import pytest
 
 from llamactl.policy import ClassEvidence, GroupState, PolicyConfig, decide
 from llamactl.router.catalog import Catalog
+from llamactl.router.runs import Runs
 from llamactl.sim import Scenario, ScenarioError, compare, generate, hindsight, run
 from tests.router_harness import profile
 
@@ -186,6 +187,45 @@ def test_a_run_of_one_class_counts_the_arrivals_so_far_when_requests_come_one_at
                  members={"plain": {"spec": False, "load_s": 5}, "fast": {"spec": True, "load_s": 5}})
     outcome = run(s, "auto")
     assert outcome.per_member.get("plain", 0) >= 45 and outcome.switches == 1
+
+
+def test_a_run_lasts_what_runs_of_that_length_lasted_before():
+    runs = Runs()
+    assert runs.next_of("code", 1) == 1  # nothing arrived: the queue alone
+    for cls, n in (("code", 100), ("chat", 100), ("creative", 3)):
+        for _ in range(n):
+            runs.arrived(cls)
+    # creative has one past run: too few, so every class's runs of at least 3 (100, 100) say 97 more
+    assert runs.expected_more("creative", 3) == 97
+    assert runs.next_of("creative", 2) == 2 + 97
+    assert runs.next_of("code", 2) == 2  # the run going on is creative's: only what is queued
+    for cls in ("code",) * 2 + ("creative",) * 2 + ("code",) * 4 + ("creative",):
+        runs.arrived(cls)  # creative has ended runs of 3 and 2 now: its own history decides
+    assert runs.expected_more("creative", 1) == pytest.approx((2 + 1) / 2)
+    # none of creative's runs lasted 4: every class's runs of at least 4 (code 100 and 4, chat 100) decide
+    assert runs.expected_more("creative", 4) == pytest.approx((96 + 0 + 96) / 3)
+    fresh = Runs()
+    for _ in range(5):
+        fresh.arrived("code")
+    assert fresh.next_of("code", 1) == 5  # no history: as many more as so far
+
+
+def test_once_phases_have_been_seen_a_new_phase_moves_at_its_first_request(monkeypatch):
+    """Requests one at a time, phases of 12. Without history a run must last a few arrivals before a reload
+    pays (about three requests on the wrong member every phase); with the phases seen so far, the next
+    phase is known to be long from its first request."""
+    import llamactl.router.lane as lane_module
+    reqs = generate("phased", ["code", "creative"], n=120, phase=12, gap_s=20.0, tokens=100)
+    s = scenario(reqs, fit_together=False,
+                 members={"plain": {"spec": False, "load_s": 5}, "fast": {"spec": True, "load_s": 5}})
+
+    def misplaced(outcome) -> int:
+        return outcome.per_class["code"].get("plain", 0) + outcome.per_class["creative"].get("fast", 0)
+
+    learned = misplaced(run(s, "auto"))
+    monkeypatch.setattr(lane_module, "Runs", lambda: Runs(min_history=10**9))
+    without_history = misplaced(run(s, "auto"))
+    assert without_history >= 20 and learned <= without_history / 2, (learned, without_history)
 
 
 def test_auto_stays_within_two_percent_of_the_best_fixed_member_on_the_documented_scenarios():

@@ -33,6 +33,7 @@ from llamactl.policy import Decision, GroupState, PolicyConfig, Role, decide
 from llamactl.router.backends import Backends, Upstream
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, QueueTimeout
+from llamactl.router.runs import Runs
 from llamactl.router.telemetry import Telemetry
 
 log = logging.getLogger("llamactl.router")
@@ -127,7 +128,7 @@ class Lane:
         # A member reloaded to be explored serves every class for a trial of this many more requests (besides
         # the explored class's), so one reload measures it on the whole mix before the policy judges it.
         self._trial_left = 0
-        self._streak: tuple[str, int] | None = None  # (class, n): the last n unpinned arrivals were all this class
+        self._runs = Runs()  # runs of one class in the unpinned arrivals: how long the one going on may last
         self._explore_spent_s = 0.0  # reload seconds spent exploring (the way back counted too)
         self._serving_since: float | None = None  # when a member first served: exploration's budget grows with it
         self._tasks: asyncio.TaskGroup | None = None  # the dispatcher's: loads and stops
@@ -400,9 +401,7 @@ class Lane:
 
     def _head_run(self) -> tuple[str, int] | None:
         """The class of the unpinned requests at the head of the queue, and how many are expected in a row: those
-        queued, or where the whole queue is of that class, as many as have arrived in a row so far (a run that
-        has lasted n arrivals is as likely as not to last n more: the guess that loses at most about the
-        switch's cost on a run of any length)."""
+        queued, and where the whole queue is of that class, the arrivals still to come in its run (`Runs`)."""
         cls, n, whole = None, 0, True
         for t in self.queue:
             if not t.waiting:
@@ -413,9 +412,7 @@ class Lane:
             cls, n = t.cls, n + 1
         if cls is None:
             return None
-        if whole and self._streak is not None and self._streak[0] == cls:
-            n = max(n, self._streak[1])
-        return cls, n
+        return cls, self._runs.next_of(cls, n) if whole else n
 
     def _target(self) -> tuple[str, str] | None:
         if self.forced is not None:
@@ -454,8 +451,7 @@ class Lane:
         else:
             self.queue.append(ticket)
             if ticket.pin is None:
-                same = self._streak is not None and self._streak[0] == ticket.cls
-                self._streak = (ticket.cls, self._streak[1] + 1 if same and self._streak else 1)
+                self._runs.arrived(ticket.cls)
 
     def _abandon(self, ticket: Ticket) -> None:
         fut = ticket.future
