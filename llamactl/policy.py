@@ -106,7 +106,7 @@ class GroupState:
     seconds_since_switch: float
     switch_cost_s: float | Mapping[str, float] | None  # to switch to each member; None: not measured yet
     queued: Mapping[str, int]  # class -> requests waiting
-    recent: Mapping[str, int] = field(default_factory=dict)  # class -> arrivals in the recent window
+    recent: Mapping[str, float] = field(default_factory=dict)  # class -> arrivals in the recent window
     evidence: Mapping[str, ClassEvidence] = field(default_factory=dict)
     members: Mapping[str, bool] = field(default_factory=lambda: dict(PAIR))  # member -> speculative
     head_class: str | None = None  # the class of the request at the head of the queue
@@ -273,7 +273,8 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         # and a drafter slower than its peers on one kind of work tends to be slower on the rest: _peer_speed).
         # For the run at the head, only when its next `min_samples` requests are of this class (the samples come
         # in one visit, not one per reload).
-        unknown = (cls, member) not in state.explored and all(e.n.get(member, 0) == 0 for e in state.evidence.values())
+        unknown = all(m != member for _, m in state.explored) and all(
+            e.n.get(member, 0) < config.min_samples for e in state.evidence.values())
         for_run = unknown and run >= config.min_samples
         for_long_run = unknown and 2 * switch_cost(state, config, member) <= state.explore_budget_s
         if loaded or (for_run and _worth_finding_out(state, config, cls, member)) or (
@@ -341,6 +342,14 @@ def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision
     seconds = {m: expected_seconds(state, m, config) for m in members}
     mix = ", ".join(f"{c}={n}" for c, n in sorted(state.queued.items()) if n) or "empty"
     if state.active is None:
+        # The first load costs the same whichever member it is: choose for the long run, the queue and the
+        # lane's long-run mix (decayed arrivals; after a restart, what was learnt before), where the mix knows
+        # more than the last few arrivals.
+        if sum(state.mix.values()) > sum(state.recent.values()):
+            weights = dict(state.mix)
+            for cls, n in state.queued.items():
+                weights[cls] = weights.get(cls, 0.0) + n
+            seconds = {m: _work_seconds(state, config, weights, m) for m in members}
         target = min(members, key=lambda m: (seconds[m], members.index(m)))
         return Decision(target, True, f"nothing loaded; queue [{mix}] is expected faster on {target}", seconds)
     current = state.active

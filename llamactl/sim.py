@@ -27,6 +27,7 @@ from typing import Any
 from llamactl.policy import PolicyConfig
 from llamactl.router.backends import Upstream
 from llamactl.router.catalog import LaneSpec
+from llamactl.router import learned
 from llamactl.router.lane import Lane, LaneConfig, Ticket
 from llamactl.router.telemetry import Sample, Telemetry
 
@@ -160,17 +161,36 @@ class Outcome:
         return {"tok_s": round(self.tok_s, 3), "switches": self.switches, "requests_per_member": self.per_member}
 
 
-def run(scenario: Scenario, mode: str, policy: PolicyConfig | None = None) -> Outcome:
-    """Simulate `mode` ("auto", "always-<member>", "clairvoyant") over the scenario's requests."""
+def run(scenario: Scenario, mode: str, policy: PolicyConfig | None = None,
+        learnt: Mapping[str, Any] | None = None) -> Outcome:
+    """Simulate `mode` ("auto", "always-<member>", "clairvoyant") over the scenario's requests. `learnt`: a
+    snapshot (`learn`) put back into the telemetry first, as a restarted daemon does with its learned.json."""
     clock = _VirtualClock()
     loop = _VirtualLoop(clock)
     try:
-        return loop.run_until_complete(_run(scenario, mode, policy or PolicyConfig(), clock))
+        return loop.run_until_complete(_run(scenario, mode, policy or PolicyConfig(), clock, learnt))
     finally:
         loop.close()
 
 
-async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _VirtualClock) -> Outcome:
+def learn(scenario: Scenario, policy: PolicyConfig | None = None) -> dict[str, Any]:
+    """What auto learnt serving the scenario: the snapshot a daemon saves (llamactl/router/learned.py)."""
+    clock = _VirtualClock()
+    loop = _VirtualLoop(clock)
+    kept: dict[str, Any] = {}
+    try:
+        loop.run_until_complete(_run(scenario, "auto", policy or PolicyConfig(), clock, None, kept))
+    finally:
+        loop.close()
+    return kept["learnt"]
+
+
+def _lanes(scenario: Scenario) -> dict[str, dict[str, str]]:
+    return {"sim": {m: "sim" for m in scenario.members}}  # one lane; its members' profiles never change
+
+
+async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _VirtualClock,
+               learnt: Mapping[str, Any] | None = None, keep: dict[str, Any] | None = None) -> Outcome:
     if mode == "auto" or mode == "clairvoyant":
         members = list(scenario.members)
     elif mode.startswith("always-") and mode[len("always-"):] in scenario.members:
@@ -183,6 +203,8 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
     config = LaneConfig(max_queue=10**9, queue_timeout_s=10**6, policy=policy,
                         keep_both_warm=scenario.fit_together or clairvoyant)
     telemetry = Telemetry(clock=clock)
+    if learnt is not None:
+        learned.restore(telemetry, learnt, _lanes(scenario), wall_now=learnt["saved_at_unix"])
     engines = SimulatedEngines(scenario, free_loads=clairvoyant)
     lane = Lane(spec, engines, telemetry, config, clock=clock)
     outcome = Outcome()
@@ -217,6 +239,8 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
         dispatcher.cancel()
         await asyncio.gather(dispatcher, return_exceptions=True)
     outcome.switches = sum(1 for s in _switch_counts(telemetry))
+    if keep is not None:
+        keep["learnt"] = learned.snapshot(telemetry, _lanes(scenario), wall_now=clock.now)
     return outcome
 
 
@@ -258,10 +282,15 @@ def hindsight(scenario: Scenario) -> Outcome | None:
                    last_finish=finish, switches=switches, per_member=per)
 
 
-def compare(scenario: Scenario, policy: PolicyConfig | None = None) -> dict[str, dict[str, Any]]:
-    """auto, every always-<member>, clairvoyant and (one slot) hindsight: {mode: {"tok_s", "switches", ...}}."""
+def compare(scenario: Scenario, policy: PolicyConfig | None = None,
+            before: Scenario | None = None) -> dict[str, dict[str, Any]]:
+    """auto, every always-<member>, clairvoyant and (one slot) hindsight: {mode: {"tok_s", "switches", ...}}.
+    With `before` (earlier traffic of the same kind), also `auto-restarted`: auto after a restart that kept
+    what it learnt serving `before`."""
     modes = ["auto", *(f"always-{m}" for m in scenario.members), "clairvoyant"]
     result = {mode: run(scenario, mode, policy).to_json() for mode in modes}
+    if before is not None:
+        result["auto-restarted"] = run(scenario, "auto", policy, learnt=learn(before, policy)).to_json()
     bound = hindsight(scenario)
     if bound is not None:
         result["hindsight"] = bound.to_json()

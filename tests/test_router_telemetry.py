@@ -58,7 +58,8 @@ def test_evidence_is_a_rolling_window_per_class_and_member():
 
 def test_a_member_that_stopped_serving_keeps_what_it_measured_until_memory_s():
     """Evidence ages out where it is renewed: the member serving now gets a fresh window, while the one that
-    stopped serving keeps its newest `memory_n` samples (what it last measured) for `memory_s`."""
+    stopped serving keeps its newest `memory_n` samples (what it last measured) for `memory_s`, until as many
+    new samples replace them."""
     now = [1000.0]
     t = Telemetry(window_n=5, window_s=60, memory_n=2, memory_s=600, clock=lambda: now[0])
     for speed in (10, 20, 30):
@@ -69,7 +70,10 @@ def test_a_member_that_stopped_serving_keeps_what_it_measured_until_memory_s():
     assert remembered.tok_s == {"g-spec": 25, "g-plain": 50} and remembered.n == {"g-spec": 2, "g-plain": 1}
     t.record(sample(role="plain", profile="g-plain", gen_tok_s=70, completion_tokens=100))
     renewed = t.evidence("g")["code"]
-    assert renewed.tok_s == {"g-spec": 25, "g-plain": 70}  # the fresh window replaces the remembered one
+    # the first new sample is judged beside what was measured before, not alone; enough new ones replace it
+    assert renewed.tok_s == {"g-spec": 25, "g-plain": 60} and renewed.n["g-plain"] == 2
+    t.record(sample(role="plain", profile="g-plain", gen_tok_s=90, completion_tokens=100))
+    assert t.evidence("g")["code"].tok_s["g-plain"] == 80
     now[0] += 601
     assert t.evidence("g") == {}  # remembered no longer than memory_s
 

@@ -314,6 +314,31 @@ def test_the_daemon_rotates_a_running_childs_log(own_home: Settings, fake_profil
     assert not ours(settings)
 
 
+def test_what_the_router_learnt_survives_a_restart_of_the_daemon(own_home: Settings, fake_profile, tmp_path):
+    """A clean stop saves each member's measurements to <state_dir>/learned.json; the next daemon restores
+    them before it serves, so the switching policy does not pay again to find out what it knew."""
+    settings = own_home
+    fake_profile("fake", LLAMACTL_TEST_HOME=str(settings.home))
+    path = settings.state_dir / "learned.json"
+    daemon = Daemon(tmp_path, "--profile", "fake")
+    try:
+        for _ in range(2):  # answers that say how many tokens they decoded: a speed to learn
+            assert httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake"}, timeout=30).status_code == 200
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop(signal.SIGKILL)
+    saved = json.loads(path.read_text())
+    assert [(r["lane"], r["member"]) for r in saved["samples"]] == [("fake", "fake")] * 2
+    assert all(r["tok_s"] > 0 for r in saved["samples"])
+    again = Daemon(tmp_path, "--profile", "fake")
+    try:
+        again.wait_line(r"learned\.json: restored 2 measurements")
+        assert again.stop() == 0
+    finally:
+        again.stop(signal.SIGKILL)
+    assert not ours(settings)
+
+
 def test_cli_up_down_logs_switch_go_through_the_running_daemon(own_home: Settings, fake_profile, tmp_path,
                                                                write_profile):
     """With a daemon running, the CLI asks it (over the control socket) instead of starting servers itself:

@@ -34,6 +34,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from llamactl.daemon.handler import DaemonControl
 from llamactl.daemon.wiring import build_router, choose_profiles, lane_of, load_profiles, plan_warm_lanes
 from llamactl.errors import ConfigError, LlamactlError
 from llamactl.profiles import Profile, load_all
-from llamactl.router import Router, create_app
+from llamactl.router import Router, create_app, learned
 from llamactl.settings import Settings
 
 log = logging.getLogger("llamactl.daemon")
@@ -177,6 +178,8 @@ class Service:
         router.config.stop_on_shutdown = True
         control = router.control = DaemonControl(router, engines, url=f"http://{self.host}:{self.port}")
         router.alerts.on_change = self._alert_changed
+        learned_path = learned.path_in(settings.state_dir)
+        learned.load_into(router, await asyncio.to_thread(learned.read, learned_path), learned_path, time.time())
         app = create_app(router, middleware=auth.middleware(settings, self.keys, bound_host=self.host))
         async with ControlServer(settings, control):  # DaemonRunning: another daemon owns this state dir
             sock = bound_socket(self.host, self.port)
@@ -196,6 +199,8 @@ class Service:
                         preloading = tg.create_task(self._preload(router), name="preload")
                         watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
                         sampler = tg.create_task(control.sample_loop(settings.memory_sample_s), name="memory")
+                        learning = tg.create_task(_save_learned_every(router, learned_path, LEARNED_SAVE_S),
+                                                  name="learned")
                         await self._wait_for_signals(preloading)
                         self.notifier.stopping("draining requests, then stopping the engines")
                         log.info("stopping: draining requests in flight (up to %.0f s)", settings.drain_timeout_s)
@@ -209,8 +214,10 @@ class Service:
                         server.should_exit = True
                         watchdog.cancel()
                         sampler.cancel()
+                        learning.cancel()
                         await serving
                         cut.cancel()
+                        _write_learned(learned_path, _learned_now(router))
             sock.close()
         log.info("stopped")
         return 0
@@ -306,6 +313,27 @@ class Service:
 
 
 RELOAD_READ_TIMEOUT_S = 10.0
+LEARNED_SAVE_S = 300.0  # what the router learnt is saved this often, and at a clean stop
+
+
+def _learned_now(router: Router) -> dict:
+    """Taken on the event loop: the telemetry's owner."""
+    return learned.snapshot(router.telemetry, learned.served(router), time.time())
+
+
+def _write_learned(path: Path, data: dict) -> None:
+    try:
+        learned.write(path, data)
+    except OSError as e:
+        log.warning("%s: not saved (%s); what the router learnt is kept in memory until the next save", path,
+                    e.strerror or e)
+
+
+async def _save_learned_every(router: Router, path: Path, every_s: float) -> None:
+    """Save what the router learnt every `every_s`, so a crash or a kill loses minutes of it, not months."""
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(_write_learned, path, _learned_now(router))
 STREAM_CUT_MARGIN_S = 0.5  # before the drain deadline: time to write the error event before uvicorn closes
 
 

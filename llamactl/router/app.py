@@ -48,6 +48,7 @@ from llamactl.router.alerts import AcceptanceAlerts, AlertConfig
 from llamactl.router import dashboard
 from llamactl.router.events import EventHub, stream as event_stream
 from llamactl.router.lane import Lane, LaneConfig, Ticket
+from llamactl.router.learned import fingerprint
 from llamactl.router.routes import ENGINE_GETS, RELAYED, RouteInfo, multipart_field
 from llamactl.router.telemetry import (
     Sample, SSEScanner, Telemetry, acceptance_from_log, log_size, mean_accepted_length, parse_engine_metrics,
@@ -165,6 +166,9 @@ class Router:
             if old is not None and old.spec == spec and all(self.profiles.get(m) == profiles[m] for m in spec.members):
                 kept[name] = old
         retired = [lane for name, lane in self.lanes.items() if kept.get(name) is not lane]
+        for name, old_profile in self.profiles.items():  # what a member measured was for its old configuration
+            if name not in profiles or fingerprint(profiles[name]) != fingerprint(old_profile):
+                self.telemetry.forget(name)
         fresh = {name: self._new_lane(spec) for name, spec in catalog.lanes.items() if name not in kept}
         if prepare is not None:
             prepare(fresh)

@@ -255,7 +255,8 @@ def mean_accepted_length(before: Mapping[str, float], after: Mapping[str, float]
 
 class Window:
     """The last `max_n` samples no older than `max_age_s`; and, for a member that has stopped serving (so
-    nothing newer comes), its newest `memory_n` samples for up to `memory_s`: what was last measured there."""
+    nothing newer comes), its newest `memory_n` samples for up to `memory_s`: what was last measured there,
+    until as many new ones replace it."""
 
     def __init__(self, max_n: int, max_age_s: float, memory_n: int = 0, memory_s: float = 0.0) -> None:
         self.samples: deque[Sample] = deque(maxlen=max_n)
@@ -273,9 +274,10 @@ class Window:
         return [s for s in self.samples if now - s.at <= self.max_age_s]
 
     def remembered(self, now: float | None = None) -> list[Sample]:
-        """The window, or where it has aged empty, the newest `memory_n` samples younger than `memory_s`."""
+        """The window, topped up to `memory_n` with the newest older samples younger than `memory_s` (a member
+        serving again after a while has its first new sample judged beside what it measured before)."""
         current = self.current(now)
-        if current or not self.memory_n:
+        if len(current) >= self.memory_n:
             return current
         return list(self.samples)[-self.memory_n:]
 
@@ -376,6 +378,32 @@ class Telemetry:
         self.windows.setdefault((sample.lane, sample.cls, sample.profile),
                                 Window(self.window_n, self.window_s, self.memory_n, self.memory_s)).add(sample)
 
+    def restore(self, sample: Sample) -> None:
+        """A sample measured before a restart (`learned.restore`): evidence for the policy, not a request to
+        count in the metrics. Its `at` is on this telemetry's clock."""
+        self.windows.setdefault((sample.lane, sample.cls, sample.profile),
+                                Window(self.window_n, self.window_s, self.memory_n, self.memory_s)).add(sample)
+
+    def restore_mix(self, lane: str, counts: Mapping[str, float]) -> None:
+        """A lane's long-run mix as it was saved, under what arrived since."""
+        mix = dict(counts)
+        for cls, n in self.mix(lane).items():
+            mix[cls] = mix.get(cls, 0.0) + n
+        self._mix[lane] = (self.clock(), mix)
+
+    def forget(self, profile: str) -> None:
+        """Drop what `profile` measured (its configuration changed: the figures were for another one)."""
+        for key in [k for k in self.windows if k[2] == profile]:
+            del self.windows[key]
+
+    def remembered_samples(self):
+        """((lane, class, member), samples) for every window: what `evidence()` reads."""
+        now = self.clock()
+        for key, window in list(self.windows.items()):
+            samples = window.remembered(now)
+            if samples:
+                yield key, samples
+
     def refresh_gauges(self) -> None:
         """The rolling gauges (mean decode speed, acceptance) from the windows as they are now: computed when
         /metrics is scraped rather than on every request (the windows are what the policy reads)."""
@@ -415,13 +443,9 @@ class Telemetry:
     def evidence(self, lane: str) -> dict[str, ClassEvidence]:
         """Per class of `lane`: each member's rolling decode speed and, where it drafts, its acceptance (for a
         member that no longer serves the class, what it last measured, up to `memory_s`)."""
-        now = self.clock()
         per_class: dict[str, dict[str, Any]] = {}
-        for (lane_name, cls, member), window in self.windows.items():
+        for (lane_name, cls, member), samples in self.remembered_samples():
             if lane_name != lane:
-                continue
-            samples = window.remembered(now)
-            if not samples:
                 continue
             entry = per_class.setdefault(cls, {"tokens": [], "tok_s": {}, "n": {}, "acc": {}, "acc_n": {}})
             speeds = [s.gen_tok_s for s in samples if s.gen_tok_s]

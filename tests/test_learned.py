@@ -1,0 +1,147 @@
+"""What the router learnt, kept across restarts (llamactl/router/learned.py): a round trip through the file,
+what is not restored (a changed profile, a lane not served, evidence older than the memory counting the time
+the daemon was down), a damaged or hostile file, and a reload forgetting a changed member's figures."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from llamactl.policy import GroupState, PolicyConfig, decide
+from llamactl.router import learned
+from llamactl.router.telemetry import Sample, Telemetry
+from tests.router_harness import profile
+
+LANES = {"coding": {"coding-spec": "aaaa", "coding-plain": "bbbb"}}
+
+
+class Clock:
+    def __init__(self, now: float = 5000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def measured(clock: Clock, **changes) -> Telemetry:
+    t = Telemetry(clock=clock, memory_s=3600)
+    for member, role, speed in (("coding-spec", "spec", 90.0), ("coding-plain", "plain", 40.0)):
+        for i in range(3):
+            t.record(Sample(lane="coding", profile=member, role=role, cls="code", endpoint="chat", status=200,
+                            gen_tok_s=speed + i, completion_tokens=200, draft_n=100 if role == "spec" else None,
+                            draft_accepted=80 if role == "spec" else None))
+            t.arrival("coding", "code")
+    return t
+
+
+def test_what_was_measured_comes_back_after_a_restart(tmp_path):
+    before = measured(Clock())
+    path = learned.path_in(tmp_path / "state")
+    learned.write(path, learned.snapshot(before, LANES, wall_now=1_000_000.0))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    after = Telemetry(clock=Clock(10.0), memory_s=3600)  # a new process: its clock starts anywhere
+    restored, skipped = learned.restore(after, learned.read(path), LANES, wall_now=1_000_060.0)
+    assert (restored, skipped) == (6, 0)
+    assert after.evidence("coding") == before.evidence("coding")
+    assert after.mix("coding")["code"] == pytest.approx(before.mix("coding")["code"])
+    # evidence for the policy, not requests: the restored samples are not counted again in /metrics
+    assert after.registry.get_sample_value("llamactl_requests_total", {
+        "lane": "coding", "profile": "coding-spec", "class": "code", "endpoint": "chat", "status": "200"}) is None
+
+
+def test_a_changed_profile_an_unserved_lane_and_old_evidence_are_not_restored():
+    data = learned.snapshot(measured(Clock()), LANES, wall_now=1_000_000.0)
+    changed = {"coding": {"coding-spec": "cccc", "coding-plain": "bbbb"}}
+    after = Telemetry(clock=Clock(), memory_s=3600)
+    assert learned.restore(after, data, changed, wall_now=1_000_000.0) == (3, 3)
+    assert set(after.evidence("coding")["code"].tok_s) == {"coding-plain"}
+    assert learned.restore(Telemetry(clock=Clock()), data, {"other": {"coding-spec": "aaaa"}}, 1_000_000.0) == (0, 6)
+    # the daemon was down longer than the memory lasts: what it measured then no longer stands
+    late = Telemetry(clock=Clock(), memory_s=3600)
+    assert learned.restore(late, data, LANES, wall_now=1_000_000.0 + 3601) == (0, 6)
+    assert late.evidence("coding") == {} and late.mix("coding") == {}
+
+
+def test_the_fingerprint_follows_what_the_member_runs_not_its_description():
+    base = profile("a", spec=True)
+    assert learned.fingerprint(base) == learned.fingerprint(base.model_copy(update={"description": "new words"}))
+    assert learned.fingerprint(base) != learned.fingerprint(base.model_copy(update={"ctx_size": 8192}))
+
+
+def test_a_damaged_file_is_ignored_with_a_warning_that_names_it(tmp_path, caplog):
+    path = tmp_path / "learned.json"
+    assert learned.read(path) is None  # none yet: nothing to say
+    path.write_text('{"version": 1, "samples": [')
+    assert learned.read(path) is None
+    assert str(path) in caplog.text and "not JSON" in caplog.text
+    path.write_bytes(b" " * (learned.MAX_BYTES + 1))
+    assert learned.read(path) is None and "over" in caplog.text
+    path.write_text(json.dumps({"version": 99, "samples": [{"lane": "coding"}]}))
+    assert learned.restore(Telemetry(), learned.read(path), LANES, 0.0) == (0, 0)  # another format: not read
+
+
+BAD_RECORDS = [
+    {"tok_s": -1}, {"tok_s": float("nan")}, {"tok_s": True}, {"age_s": -5}, {"class": "../../etc"},
+    {"class": "x" * 65}, {"role": "admin"}, {"tokens": -3}, {"tokens": 1.5}, {"draft_n": 10, "draft_accepted": 11},
+    {"draft_n": 10, "draft_accepted": None}, {"lane": ["coding"]}, {"fingerprint": None},
+]
+
+
+@pytest.mark.parametrize("change", BAD_RECORDS, ids=[next(iter(c)) + "-" + str(i) for i, c in enumerate(BAD_RECORDS)])
+def test_a_record_that_does_not_check_out_is_skipped(change):
+    good = {"lane": "coding", "member": "coding-spec", "fingerprint": "aaaa", "class": "code", "role": "spec",
+            "tok_s": 50.0, "tokens": 100, "draft_n": 10, "draft_accepted": 8, "age_s": 1.0}
+    data = {"version": 1, "saved_at_unix": 0.0, "samples": [good, {**good, **change}]}
+    after = Telemetry()
+    assert learned.restore(after, data, LANES, wall_now=0.0) == (1, 1)
+    assert after.evidence("coding")["code"].n == {"coding-spec": 1}
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                    max_leaves=30)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(data=JSON, records=st.lists(st.dictionaries(st.sampled_from(
+    ["lane", "member", "fingerprint", "class", "role", "tok_s", "tokens", "draft_n", "draft_accepted", "age_s"]),
+    JSON, max_size=10), max_size=5))
+def test_any_file_content_restores_or_is_skipped_never_raises(data, records):
+    telemetry = Telemetry()
+    learned.restore(telemetry, data, LANES, wall_now=0.0)
+    learned.restore(telemetry, {"version": 1, "saved_at_unix": 0.0, "samples": records, "mix": data}, LANES, 0.0)
+    telemetry.evidence("coding")  # and what was restored reads back
+
+
+def test_after_a_restart_the_first_load_suits_the_long_run_mix_not_the_first_request():
+    """The first load costs the same whichever member it is. With the mix learnt before a restart (mostly
+    creative work), a code request arriving first does not decide it."""
+    from llamactl.policy import ClassEvidence
+    evidence = {"code": ClassEvidence(tok_s={"spec": 90, "plain": 40}, n={"spec": 4, "plain": 4}),
+                "creative": ClassEvidence(tok_s={"spec": 30, "plain": 40}, n={"spec": 4, "plain": 4})}
+    state = GroupState(active=None, seconds_since_switch=0, switch_cost_s=30, queued={"code": 1},
+                       recent={"code": 1}, evidence=evidence)
+    assert decide(state, PolicyConfig()).target == "spec"
+    learnt = GroupState(**{**state.__dict__, "mix": {"code": 3.0, "creative": 20.0}})
+    assert decide(learnt, PolicyConfig()).target == "plain"
+
+
+def test_a_reload_forgets_what_a_changed_member_measured_and_keeps_the_rest():
+    import asyncio
+
+    from llamactl.router import Router, RouterConfig
+    from tests.router_harness import fake_backends, group_profiles
+
+    profiles = group_profiles("coding")
+    router = Router(profiles, fake_backends(profiles), RouterConfig())
+    for p, speed in zip(profiles, (90.0, 40.0)):
+        for _ in range(2):
+            router.telemetry.record(Sample(lane="coding", profile=p.name, role="spec" if "spec" in p.name else "plain",
+                                           cls="code", endpoint="chat", status=200, gen_tok_s=speed))
+    edited = [profiles[0].model_copy(update={"ctx_size": 4096}), profiles[1].model_copy(update={"description": "x"})]
+    asyncio.run(router.reconfigure(edited, drain_timeout_s=1))
+    # the drafter's figures were for another context size; the plain member's description does not change its speed
+    assert router.telemetry.evidence("coding")["code"].tok_s == {"coding-plain": 40.0}
