@@ -14,8 +14,10 @@ the queue is nearly always empty, and the recent mix is the best guess of what c
 burst the queue itself is the truth).
 A switch happens when the fastest other member saves more than the cost of switching to it (a drain when
 it is loaded, its measured restart time otherwise) times `cost_factor`, AND is at least `hysteresis` faster
-on that work, AND the current member has served for `min_dwell_s`. A mixed queue whose classes balance out never clears the hysteresis band, so it does not
-flap.
+on that work, AND the current member has served for `min_dwell_s`. A mixed queue whose classes balance out
+never clears the hysteresis band, so it does not flap. Where the switch is a reload and the queue holds at
+least `horizon` requests (all real work, nothing guessed), the narrower `run_hysteresis` applies: the
+reload's own cost is the barrier there.
 A cheap switch (both members loaded: a drain, at most `cheap_switch_s`) needs no amortising: the demand is
 the queue alone, with no horizon of guessed future work, and no dwell applies, so the first request of a
 new phase already goes to the member that suits it. Hysteresis still applies.
@@ -377,7 +379,10 @@ def _judge(state: GroupState, config: PolicyConfig, seconds: Mapping[str, float]
     detail = f"{what}: {current} {work[current]:.1f}s vs {best} {work[best]:.1f}s expected, switch cost {cost:.1f}s"
     if saving <= 0:
         return Decision(current, False, f"{current} is faster; {detail}", seconds)
-    hysteresis = config.run_hysteresis if round_trip else config.hysteresis
+    # The lower band where the switch's own cost is the barrier to flapping: a round trip paid for a run, or
+    # a reload judged on a queue long enough to be all real work (no guessed horizon).
+    real_queue = sum(state.queued.values()) >= config.horizon and cost > config.cheap_switch_s
+    hysteresis = config.run_hysteresis if round_trip or real_queue else config.hysteresis
     if work[best] > (1 - hysteresis) * work[current]:
         return Decision(current, False, f"gain under hysteresis {hysteresis:.0%}; {detail}", seconds)
     if saving <= config.cost_factor * cost:

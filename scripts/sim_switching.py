@@ -77,18 +77,22 @@ def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
         about = json.loads(path.read_text()).get("about", "")
         lines += [f"### {path.stem}", "", about, "",
                   "| workload | auto tok/s (switches) | fixed members | clairvoyant | hindsight | auto / best fixed | "
-                  "gain captured: of clairvoyant's | of hindsight's | targets |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "gain captured: of clairvoyant's | of hindsight's | targets | restarted: tok/s, / best fixed, "
+                  "of hindsight's |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for workload in WORKLOADS:
-            result = compare(scenario_from(path, workload, n, phase, seed))
+            result = compare(scenario_from(path, workload, n, phase, seed),
+                             before=scenario_from(path, workload, n, phase, seed + 1))
             ratio, capture, reachable, said = verdict(result, workload)
+            restarted = verdict({**result, "auto": result["auto-restarted"]}, workload)
             all_ok &= said != "MISSED"
             fixed = ", ".join(f"{k[7:]} {v['tok_s']:.1f}" for k, v in result.items() if k.startswith("always-"))
             hind = result.get("hindsight")
             lines.append(f"| {workload} | {result['auto']['tok_s']:.1f} ({result['auto']['switches']}) | {fixed} | "
                          f"{result['clairvoyant']['tok_s']:.1f} ({result['clairvoyant']['switches']}) | "
                          f"{'-' if hind is None else '%.1f (%d)' % (hind['tok_s'], hind['switches'])} | "
-                         f"{ratio:.3f} | {_pct(capture)} | {_pct(reachable)} | {said} |")
+                         f"{ratio:.3f} | {_pct(capture)} | {_pct(reachable)} | {said} | "
+                         f"{result['auto-restarted']['tok_s']:.1f}, {restarted[0]:.3f}, {_pct(restarted[2])} |")
         lines.append("")
     return "\n".join(lines), all_ok
 
@@ -112,7 +116,9 @@ def main() -> int:
                        f"--n {args.n} --phase {args.phase} --seed {args.seed}")
             doc = (f"Command: `{command}` (virtual time; {platform.machine()}, Python "
                    f"{platform.python_version()}). Targets: auto within {TOLERANCE:.0%} of the best fixed member "
-                   f"everywhere; at least {CAPTURE:.0%} of the clairvoyant's gain on phased and drifting work.\n\n"
+                   f"everywhere; at least {CAPTURE:.0%} of the clairvoyant's gain on phased and drifting work. "
+                   f"'restarted': auto after a restart that kept what it learnt serving the same kind of work the "
+                   f"day before (seed {args.seed + 1}), as a daemon does with its learned.json.\n\n"
                    + text)
             if args.out:
                 args.out.write_text(doc)

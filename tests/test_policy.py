@@ -145,3 +145,14 @@ def test_a_cheap_switch_still_does_not_flap_on_a_mixed_queue():
             switches += 1
             active = d.target
     assert switches <= 1
+
+
+def test_a_reload_for_a_long_queue_is_judged_on_the_queue_with_the_narrow_band():
+    """Ten queued requests are all real work (no guessed horizon): a reload that saves more than it costs and
+    is 7% faster is paid, with the 5% band of a run. A cheap switch keeps the wide band: with no cost to stop
+    it, a narrow one would flap on every change of the queue's mix."""
+    queued = {"code": 7, "creative": 3}  # spec 28.8 s, plain 31.1 s: 7% faster, 2.2 s saved
+    reload = decide(state("plain", queued, cost=2.0), CONFIG)
+    assert reload.switch and reload.target == "spec", reload.reason
+    cheap = decide(state("plain", queued, cost=0.1), CONFIG)
+    assert not cheap.switch and "hysteresis" in cheap.reason
