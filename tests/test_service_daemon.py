@@ -215,7 +215,7 @@ def test_daemon_keys_control_kill_child_midstream_reload_and_drain(own_home: Set
 def test_hung_child_is_restarted_and_a_crash_loop_ends_failed(own_home: Settings, fake_profile, tmp_path):
     settings = own_home
     fake_profile("hangs", mode="hang_later", FAKE_HANG_AFTER_S="0.3", LLAMACTL_TEST_HOME=str(settings.home))
-    fake_profile("crashes", mode="crash_later", FAKE_CRASH_AFTER_S="0.2", LLAMACTL_TEST_HOME=str(settings.home))
+    fake_profile("crashes", mode="crash_later", FAKE_CRASH_AFTER_S="0.6", LLAMACTL_TEST_HOME=str(settings.home))
     daemon = Daemon(tmp_path, "--profile", "hangs", "--profile", "crashes", "--preload", "hangs")
     try:
         daemon.wait_notify(r"READY=1")
