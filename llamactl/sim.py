@@ -203,10 +203,10 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
     config = LaneConfig(max_queue=10**9, queue_timeout_s=10**6, policy=policy,
                         keep_both_warm=scenario.fit_together or clairvoyant)
     telemetry = Telemetry(clock=clock)
-    if learnt is not None:
-        learned.restore(telemetry, learnt, _lanes(scenario), wall_now=learnt["saved_at_unix"])
     engines = SimulatedEngines(scenario, free_loads=clairvoyant)
     lane = Lane(spec, engines, telemetry, config, clock=clock)
+    if learnt is not None:
+        learned.restore(telemetry, learnt, _lanes(scenario), learnt["saved_at_unix"], {"sim": lane.runs})
     outcome = Outcome()
     dispatcher = asyncio.get_running_loop().create_task(lane.run())
 
@@ -240,7 +240,7 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
         await asyncio.gather(dispatcher, return_exceptions=True)
     outcome.switches = sum(1 for s in _switch_counts(telemetry))
     if keep is not None:
-        keep["learnt"] = learned.snapshot(telemetry, _lanes(scenario), wall_now=clock.now)
+        keep["learnt"] = learned.snapshot(telemetry, _lanes(scenario), clock.now, {"sim": lane.runs})
     return outcome
 
 

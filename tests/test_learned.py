@@ -145,3 +145,20 @@ def test_a_reload_forgets_what_a_changed_member_measured_and_keeps_the_rest():
     asyncio.run(router.reconfigure(edited, drain_timeout_s=1))
     # the drafter's figures were for another context size; the plain member's description does not change its speed
     assert router.telemetry.evidence("coding")["code"].tok_s == {"coding-plain": 40.0}
+
+
+def test_run_lengths_come_back_too_so_a_phase_is_recognised_at_once_after_a_restart():
+    from llamactl.router.runs import Runs
+    before = Runs()
+    for cls in ["code"] * 100 + ["creative"] * 100 + ["code"]:
+        before.arrived(cls)
+    data = learned.snapshot(Telemetry(), LANES, 0.0, {"coding": before, "gone": before})
+    assert set(data["runs"]) == {"coding"}  # only served lanes
+    after = Runs()
+    learned.restore(Telemetry(), data, LANES, 0.0, {"coding": after})
+    assert after.expected_more("creative", 2) == before.expected_more("creative", 2) == 98
+    hostile = {"version": 1, "saved_at_unix": 0.0,
+               "runs": {"coding": {"code": [5, -1, True, "x", 10**9, 7], "../x": [3], "chat": "long"}}}
+    fresh = Runs()
+    learned.restore(Telemetry(), hostile, LANES, 0.0, {"coding": fresh})
+    assert fresh.export() == {"code": [5, 7]}

@@ -318,7 +318,7 @@ LEARNED_SAVE_S = 300.0  # what the router learnt is saved this often, and at a c
 
 def _learned_now(router: Router) -> dict:
     """Taken on the event loop: the telemetry's owner."""
-    return learned.snapshot(router.telemetry, learned.served(router), time.time())
+    return learned.snapshot(router.telemetry, learned.served(router), time.time(), learned.runs_of(router))
 
 
 def _write_learned(path: Path, data: dict) -> None:

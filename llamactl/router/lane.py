@@ -128,7 +128,7 @@ class Lane:
         # A member reloaded to be explored serves every class for a trial of this many more requests (besides
         # the explored class's), so one reload measures it on the whole mix before the policy judges it.
         self._trial_left = 0
-        self._runs = Runs()  # runs of one class in the unpinned arrivals: how long the one going on may last
+        self.runs = Runs()  # runs of one class in the unpinned arrivals: how long the one going on may last
         self._explore_spent_s = 0.0  # reload seconds spent exploring (the way back counted too)
         self._serving_since: float | None = None  # when a member first served: exploration's budget grows with it
         self._tasks: asyncio.TaskGroup | None = None  # the dispatcher's: loads and stops
@@ -412,7 +412,7 @@ class Lane:
             cls, n = t.cls, n + 1
         if cls is None:
             return None
-        return cls, self._runs.next_of(cls, n) if whole else n
+        return cls, self.runs.next_of(cls, n) if whole else n
 
     def _target(self) -> tuple[str, str] | None:
         if self.forced is not None:
@@ -451,7 +451,7 @@ class Lane:
         else:
             self.queue.append(ticket)
             if ticket.pin is None:
-                self._runs.arrived(ticket.cls)
+                self.runs.arrived(ticket.cls)
 
     def _abandon(self, ticket: Ticket) -> None:
         fut = ticket.future

@@ -1,5 +1,6 @@
 """What the router learnt, kept across daemon restarts: each member's measured speed and acceptance per class
-(the evidence the switching policy reads) and each lane's long-run mix of classes.
+(the evidence the switching policy reads), each lane's long-run mix of classes and the lengths of its runs of
+one class (how long a run is expected to last).
 
 Without it every restart (an upgrade, a reboot, `systemctl restart`) starts from priors, and the policy pays
 again, in reloads, to find out what it knew. The file is `<state_dir>/learned.json` (0600, written whole and
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llamactl.router.runs import Runs
 from llamactl.router.telemetry import Sample, Telemetry
 
 log = logging.getLogger("llamactl.router")
@@ -43,8 +45,10 @@ def fingerprint(profile: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def snapshot(telemetry: Telemetry, lanes: Lanes, wall_now: float) -> dict[str, Any]:
-    """The evidence of every served lane and member as of now, with each sample's age."""
+def snapshot(telemetry: Telemetry, lanes: Lanes, wall_now: float,
+             runs: Mapping[str, Runs] | None = None) -> dict[str, Any]:
+    """The evidence of every served lane and member as of now, with each sample's age; the lanes' mixes and,
+    given the lanes' `Runs`, their run lengths."""
     now = telemetry.clock()
     records = []
     for (lane, cls, member), samples in telemetry.remembered_samples():
@@ -60,11 +64,14 @@ def snapshot(telemetry: Telemetry, lanes: Lanes, wall_now: float) -> dict[str, A
                             "age_s": round(max(0.0, now - s.at), 3)})
     mix = {lane: telemetry.mix(lane) for lane in lanes}
     return {"version": VERSION, "saved_at_unix": wall_now, "samples": records[:MAX_RECORDS],
-            "mix": {lane: counts for lane, counts in mix.items() if counts}}
+            "mix": {lane: counts for lane, counts in mix.items() if counts},
+            "runs": {lane: ended for lane, r in (runs or {}).items() if lane in lanes and (ended := r.export())}}
 
 
-def restore(telemetry: Telemetry, data: Any, lanes: Lanes, wall_now: float) -> tuple[int, int]:
-    """Put a snapshot's evidence back into `telemetry`. Returns (samples restored, records skipped)."""
+def restore(telemetry: Telemetry, data: Any, lanes: Lanes, wall_now: float,
+            runs: Mapping[str, Runs] | None = None) -> tuple[int, int]:
+    """Put a snapshot's evidence back into `telemetry` (and its run lengths into the lanes' `runs`). Returns
+    (samples restored, records skipped)."""
     if not isinstance(data, dict) or data.get("version") != VERSION:
         return 0, 0
     saved_at = _number(data.get("saved_at_unix"), 0, math.inf)
@@ -80,15 +87,27 @@ def restore(telemetry: Telemetry, data: Any, lanes: Lanes, wall_now: float) -> t
             continue
         telemetry.restore(sample)
         restored += 1
-    mix = data.get("mix")
-    if isinstance(mix, dict) and offline <= telemetry.memory_s:
-        for lane, counts in mix.items():
-            if lane in lanes and isinstance(counts, dict):
-                clean = {c: n for c, n in list(counts.items())[:256]
-                         if isinstance(c, str) and _NAME.match(c) and _number(n, 0, 1e9) is not None}
-                if clean:
-                    telemetry.restore_mix(lane, clean)
+    if offline > telemetry.memory_s:
+        return restored, skipped
+    for lane, counts in _per_lane(data.get("mix"), lanes):
+        clean = {c: n for c, n in counts if _number(n, 0, 1e9) is not None}
+        if clean:
+            telemetry.restore_mix(lane, clean)
+    for lane, lengths in _per_lane(data.get("runs"), lanes):
+        if runs is not None and lane in runs:
+            clean_runs = {c: [n for n in v[-runs[lane].keep:] if isinstance(n, int) and not isinstance(n, bool)
+                              and 0 < n <= 10**6] for c, v in lengths if isinstance(v, list)}
+            runs[lane].restore({c: v for c, v in clean_runs.items() if v})
     return restored, skipped
+
+
+def _per_lane(value: Any, lanes: Lanes):
+    """(lane, [(class, value), ...]) for each served lane of a {lane: {class: value}} object, names checked."""
+    if not isinstance(value, dict):
+        return
+    for lane, per_class in value.items():
+        if lane in lanes and isinstance(per_class, dict):
+            yield lane, [(c, v) for c, v in list(per_class.items())[:256] if isinstance(c, str) and _NAME.match(c)]
 
 
 def _sample(record: Any, lanes: Lanes, offline: float, memory_s: float, now: float) -> Sample | None:
@@ -135,14 +154,18 @@ def load_into(router: Any, data: Any, path: Path, wall_now: float) -> int:
     """Restore what the file at `path` held (`read`) into the router's telemetry; returns the samples restored."""
     if data is None:
         return 0
-    restored, skipped = restore(router.telemetry, data, served(router), wall_now)
+    restored, skipped = restore(router.telemetry, data, served(router), wall_now, runs_of(router))
     log.info("%s: restored %d measurements of the members served%s", path, restored,
              f" ({skipped} skipped: changed profiles, lanes not served, or older than the memory)" if skipped else "")
     return restored
 
 
+def runs_of(router: Any) -> dict[str, Runs]:
+    return {name: lane.runs for name, lane in router.lanes.items()}
+
+
 def save_from(router: Any, path: Path, wall_now: float) -> None:
-    write(path, snapshot(router.telemetry, served(router), wall_now))
+    write(path, snapshot(router.telemetry, served(router), wall_now, runs_of(router)))
 
 
 # ------------------------------------------------------------------------------------------ the file

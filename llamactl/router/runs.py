@@ -49,3 +49,12 @@ class Runs:
         if more is None:
             return max(queued, so_far)  # no history: as many more as so far
         return queued + round(more)
+
+    def export(self) -> dict[str, list[int]]:
+        """The lengths of the runs that ended, per class (what `learned` saves)."""
+        return {cls: list(lengths) for cls, lengths in self.ended.items() if lengths}
+
+    def restore(self, ended: dict[str, list[int]]) -> None:
+        """Lengths saved before a restart, before those seen since."""
+        for cls, lengths in ended.items():
+            self.ended[cls] = deque([*lengths, *self.ended.get(cls, ())], maxlen=self.keep)
