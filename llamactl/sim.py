@@ -151,6 +151,12 @@ class Outcome:
     switches: int = 0
     per_member: dict[str, int] = field(default_factory=dict)
     per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> member -> requests served
+    waited_s: float = 0.0  # the sum over requests of arrival to last token: queueing, switches and decoding
+
+    @property
+    def mean_latency_s(self) -> float:
+        served = sum(self.per_member.values())
+        return self.waited_s / served if served else 0.0
 
     @property
     def tok_s(self) -> float:
@@ -158,7 +164,8 @@ class Outcome:
         return self.tokens / span if span > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"tok_s": round(self.tok_s, 3), "switches": self.switches, "requests_per_member": self.per_member}
+        return {"tok_s": round(self.tok_s, 3), "switches": self.switches, "requests_per_member": self.per_member,
+                "mean_latency_s": round(self.mean_latency_s, 3)}
 
 
 def run(scenario: Scenario, mode: str, policy: PolicyConfig | None = None,
@@ -228,6 +235,7 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
                                 draft_accepted=round(drafted * acceptance) if drafted else None, at=clock.now))
         lane.release(ticket)
         outcome.tokens += tokens
+        outcome.waited_s += clock.now - request["t"]
         outcome.last_finish = max(outcome.last_finish, clock.now)
         outcome.per_member[member] = outcome.per_member.get(member, 0) + 1
         served = outcome.per_class.setdefault(cls, {})

@@ -67,6 +67,13 @@ def verdict(result: dict, workload: str) -> tuple[float, float | None, float | N
     return ratio, capture, reachable, "MISSED"
 
 
+def _latencies(result: dict) -> str:
+    """Arrival to last token, the mean over requests: what a user waits (queueing, switches, decoding)."""
+    fixed = min(v["mean_latency_s"] for k, v in result.items() if k.startswith("always-"))
+    return ", ".join(f"{v:.0f}" for v in (result["auto"]["mean_latency_s"], result["auto-restarted"]["mean_latency_s"],
+                                          fixed, result["clairvoyant"]["mean_latency_s"]))
+
+
 def _pct(share: float | None) -> str:
     return "-" if share is None else f"{share:.0%}"
 
@@ -78,8 +85,8 @@ def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
         lines += [f"### {path.stem}", "", about, "",
                   "| workload | auto tok/s (switches) | fixed members | clairvoyant | hindsight | auto / best fixed | "
                   "gain captured: of clairvoyant's | of hindsight's | targets | restarted: tok/s, / best fixed, "
-                  "of hindsight's |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "of hindsight's | mean latency s: auto, restarted, best fixed, clairvoyant |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for workload in WORKLOADS:
             result = compare(scenario_from(path, workload, n, phase, seed),
                              before=scenario_from(path, workload, n, phase, seed + 1))
@@ -92,7 +99,8 @@ def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
                          f"{result['clairvoyant']['tok_s']:.1f} ({result['clairvoyant']['switches']}) | "
                          f"{'-' if hind is None else '%.1f (%d)' % (hind['tok_s'], hind['switches'])} | "
                          f"{ratio:.3f} | {_pct(capture)} | {_pct(reachable)} | {said} | "
-                         f"{result['auto-restarted']['tok_s']:.1f}, {restarted[0]:.3f}, {_pct(restarted[2])} |")
+                         f"{result['auto-restarted']['tok_s']:.1f}, {restarted[0]:.3f}, {_pct(restarted[2])} | "
+                         f"{_latencies(result)} |")
         lines.append("")
     return "\n".join(lines), all_ok
 

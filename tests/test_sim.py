@@ -34,6 +34,7 @@ def test_virtual_time_gives_the_exact_makespan():
                  members={"plain": {"spec": False, "load_s": 5}}, classes={"code": {"plain": 10}})
     outcome = run(s, "always-plain")
     assert outcome.tok_s == pytest.approx(300 / 35)
+    assert outcome.mean_latency_s == pytest.approx((15 + 25 + 35) / 3)  # each waits for the load and those before
     assert outcome.per_member == {"plain": 3} and outcome.switches == 0
 
 
