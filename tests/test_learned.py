@@ -162,3 +162,45 @@ def test_run_lengths_come_back_too_so_a_phase_is_recognised_at_once_after_a_rest
     fresh = Runs()
     learned.restore(Telemetry(), hostile, LANES, 0.0, {"coding": fresh})
     assert fresh.export() == {"code": [5, 7]}
+
+
+def test_the_stop_save_lands_after_a_periodic_write_still_in_flight(tmp_path):
+    """The periodic save is cancelled at the stop while its write runs in a thread; the stop's save waits for
+    it, so the newer snapshot is the one left on disk."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from llamactl.router.runs import Runs
+
+    telemetry = Telemetry()
+    lane = SimpleNamespace(spec=SimpleNamespace(members=["coding-spec"]), runs=Runs())
+    router = SimpleNamespace(telemetry=telemetry, profiles={}, lanes={"coding": lane})
+    path = tmp_path / "learned.json"
+    started, release, second = threading.Event(), threading.Event(), threading.Event()
+
+    class SlowFirstWrite(learned.Saver):
+        def _write(self, data):
+            if started.is_set():
+                second.set()
+            else:
+                started.set()
+                release.wait(10)
+            super()._write(data)
+
+    async def main():
+        saver = SlowFirstWrite(router, path)
+        periodic = asyncio.ensure_future(saver.save())
+        await asyncio.to_thread(started.wait, 10)
+        periodic.cancel()
+        telemetry.arrival("coding", "code")  # newer than what the periodic write holds
+        final = asyncio.ensure_future(saver.save())
+        # the stop's write must not start while the older one is in flight (a bounded wait for what must not come)
+        overlapped = await asyncio.to_thread(second.wait, 0.5)
+        release.set()
+        await final
+        assert not overlapped
+
+    asyncio.run(main())
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left
+    assert json.loads(path.read_text())["mix"] == {"coding": {"code": pytest.approx(1.0, rel=0.01)}}

@@ -199,8 +199,8 @@ class Service:
                         preloading = tg.create_task(self._preload(router), name="preload")
                         watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
                         sampler = tg.create_task(control.sample_loop(settings.memory_sample_s), name="memory")
-                        learning = tg.create_task(_save_learned_every(router, learned_path, LEARNED_SAVE_S),
-                                                  name="learned")
+                        saver = learned.Saver(router, learned_path)
+                        learning = tg.create_task(saver.run(LEARNED_SAVE_S), name="learned")
                         await self._wait_for_signals(preloading)
                         self.notifier.stopping("draining requests, then stopping the engines")
                         log.info("stopping: draining requests in flight (up to %.0f s)", settings.drain_timeout_s)
@@ -217,7 +217,7 @@ class Service:
                         learning.cancel()
                         await serving
                         cut.cancel()
-                        _write_learned(learned_path, _learned_now(router))
+                        await saver.save()
             sock.close()
         log.info("stopped")
         return 0
@@ -314,26 +314,6 @@ class Service:
 
 RELOAD_READ_TIMEOUT_S = 10.0
 LEARNED_SAVE_S = 300.0  # what the router learnt is saved this often, and at a clean stop
-
-
-def _learned_now(router: Router) -> dict:
-    """Taken on the event loop: the telemetry's owner."""
-    return learned.snapshot(router.telemetry, learned.served(router), time.time(), learned.runs_of(router))
-
-
-def _write_learned(path: Path, data: dict) -> None:
-    try:
-        learned.write(path, data)
-    except OSError as e:
-        log.warning("%s: not saved (%s); what the router learnt is kept in memory until the next save", path,
-                    e.strerror or e)
-
-
-async def _save_learned_every(router: Router, path: Path, every_s: float) -> None:
-    """Save what the router learnt every `every_s`, so a crash or a kill loses minutes of it, not months."""
-    while True:
-        await asyncio.sleep(every_s)
-        await asyncio.to_thread(_write_learned, path, _learned_now(router))
 STREAM_CUT_MARGIN_S = 0.5  # before the drain deadline: time to write the error event before uvicorn closes
 
 

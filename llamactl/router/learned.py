@@ -13,12 +13,16 @@ replaces it).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -164,10 +168,6 @@ def runs_of(router: Any) -> dict[str, Runs]:
     return {name: lane.runs for name, lane in router.lanes.items()}
 
 
-def save_from(router: Any, path: Path, wall_now: float) -> None:
-    write(path, snapshot(router.telemetry, served(router), wall_now, runs_of(router)))
-
-
 # ------------------------------------------------------------------------------------------ the file
 
 
@@ -196,14 +196,44 @@ def read(path: Path) -> Any:
 
 
 def write(path: Path, data: Mapping[str, Any]) -> None:
-    """Write the whole file under a temporary name, then rename it into place: never half a file."""
+    """Write the whole file under a temporary name of its own (0600), then rename it into place: never half a
+    file, whoever else writes."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, separators=(",", ":"))
-        os.replace(tmp, path)
+        os.replace(name, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+
+
+class Saver:
+    """Saves a router's learned.json: every `every_s` (`run`), and once more at a clean stop (`save`). The
+    snapshot is taken on the event loop (the telemetry's owner); the write runs in a thread, one at a time and
+    in order, so the last snapshot taken is the one left on disk even when a periodic write is in flight at
+    the stop. A failed write is a warning: the figures stay in memory until the next save."""
+
+    def __init__(self, router: Any, path: Path) -> None:
+        self.router, self.path = router, path
+        self._writing: asyncio.Future[None] | None = None
+
+    async def run(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await self.save()
+
+    async def save(self) -> None:
+        if self._writing is not None:
+            await asyncio.shield(self._writing)  # the write before this one lands first
+        data = snapshot(self.router.telemetry, served(self.router), time.time(), runs_of(self.router))
+        self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, data))
+        await asyncio.shield(self._writing)  # a cancelled caller does not cut a write short
+
+    def _write(self, data: Mapping[str, Any]) -> None:
+        try:
+            write(self.path, data)
+        except OSError as e:
+            log.warning("%s: not saved (%s); what the router learnt is kept in memory until the next save",
+                        self.path, e.strerror or e)
