@@ -344,16 +344,15 @@ def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision
     seconds = {m: expected_seconds(state, m, config) for m in members}
     mix = ", ".join(f"{c}={n}" for c, n in sorted(state.queued.items()) if n) or "empty"
     if state.active is None:
-        # The first load costs the same whichever member it is: choose for the long run, the queue and the
-        # lane's long-run mix (decayed arrivals; after a restart, what was learnt before), where the mix knows
-        # more than the last few arrivals.
+        # The first load costs the same whichever member it is: choose for the long run, on the lane's long-run
+        # mix (decayed arrivals, the queued ones among them; after a restart, what was learnt before), where it
+        # knows more than the last few arrivals.
+        what = f"queue [{mix}]"
         if sum(state.mix.values()) > sum(state.recent.values()):
-            weights = dict(state.mix)
-            for cls, n in state.queued.items():
-                weights[cls] = weights.get(cls, 0.0) + n
-            seconds = {m: _work_seconds(state, config, weights, m) for m in members}
+            seconds = {m: _work_seconds(state, config, state.mix, m) for m in members}
+            what = "the long-run mix [" + ", ".join(f"{c}={n:.1f}" for c, n in sorted(state.mix.items())) + "]"
         target = min(members, key=lambda m: (seconds[m], members.index(m)))
-        return Decision(target, True, f"nothing loaded; queue [{mix}] is expected faster on {target}", seconds)
+        return Decision(target, True, f"nothing loaded; {what} is expected faster on {target}", seconds)
     current = state.active
     if not any(state.queued.values()):
         return Decision(current, False, "queue empty; stay", seconds)

@@ -151,12 +151,12 @@ class Outcome:
     switches: int = 0
     per_member: dict[str, int] = field(default_factory=dict)
     per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> member -> requests served
-    waited_s: float = 0.0  # the sum over requests of arrival to last token: queueing, switches and decoding
+    waited_s: float | None = 0.0  # the sum over requests of arrival to last token (None: not computed)
 
     @property
-    def mean_latency_s(self) -> float:
+    def mean_latency_s(self) -> float | None:
         served = sum(self.per_member.values())
-        return self.waited_s / served if served else 0.0
+        return None if self.waited_s is None else self.waited_s / served if served else 0.0
 
     @property
     def tok_s(self) -> float:
@@ -165,7 +165,7 @@ class Outcome:
 
     def to_json(self) -> dict[str, Any]:
         return {"tok_s": round(self.tok_s, 3), "switches": self.switches, "requests_per_member": self.per_member,
-                "mean_latency_s": round(self.mean_latency_s, 3)}
+                "mean_latency_s": None if self.mean_latency_s is None else round(self.mean_latency_s, 3)}
 
 
 def run(scenario: Scenario, mode: str, policy: PolicyConfig | None = None,
@@ -287,7 +287,7 @@ def hindsight(scenario: Scenario) -> Outcome | None:
         best = step
     finish, switches, per = min(best.values(), key=lambda v: (v[0], v[1]))
     return Outcome(tokens=sum(r["tokens"] for r in scenario.requests), first_arrival=scenario.requests[0]["t"],
-                   last_finish=finish, switches=switches, per_member=per)
+                   last_finish=finish, switches=switches, per_member=per, waited_s=None)  # makespan only
 
 
 def compare(scenario: Scenario, policy: PolicyConfig | None = None,

@@ -87,6 +87,7 @@ BAD_RECORDS = [
     {"tok_s": -1}, {"tok_s": float("nan")}, {"tok_s": True}, {"age_s": -5}, {"class": "../../etc"},
     {"class": "x" * 65}, {"role": "admin"}, {"tokens": -3}, {"tokens": 1.5}, {"draft_n": 10, "draft_accepted": 11},
     {"draft_n": 10, "draft_accepted": None}, {"lane": ["coding"]}, {"fingerprint": None},
+    {"tok_s": 10**400}, {"age_s": 10**400}, {"tokens": 10**400}, {"class": "code\n"},
 ]
 
 
@@ -100,6 +101,59 @@ def test_a_record_that_does_not_check_out_is_skipped(change):
     assert after.evidence("coding")["code"].n == {"coding-spec": 1}
 
 
+def test_numbers_too_big_for_a_float_anywhere_in_the_file_are_skipped():
+    data = {"version": 1, "saved_at_unix": 10**400, "samples": [],
+            "mix": {"coding": {"code": 10**400, "chat": 2.0}}, "runs": {"coding": {"code": [10**400, 3]}}}
+    from llamactl.router.runs import Runs
+    runs, telemetry = Runs(), Telemetry()
+    assert learned.restore(telemetry, data, LANES, 0.0, {"coding": runs}) == (0, 0)
+    assert telemetry.mix("coding") == {} and runs.export() == {}  # saved when? unknown: nothing is trusted
+    data["saved_at_unix"] = 0.0
+    learned.restore(telemetry, data, LANES, 0.0, {"coding": runs})
+    assert telemetry.mix("coding") == {"chat": pytest.approx(2.0)} and runs.export() == {"code": [3]}
+
+
+def test_a_file_nested_too_deep_or_not_a_regular_file_is_ignored_at_once(tmp_path, caplog):
+    import os
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    assert learned.read(deep) is None and "nested too deep" in caplog.text
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    assert learned.read(fifo) is None  # no writer: a plain open() would wait for one forever
+    assert f"{fifo}: not a regular file" in caplog.text
+
+
+def test_a_lane_restores_at_most_max_classes_classes():
+    good = {"lane": "coding", "member": "coding-spec", "fingerprint": "aaaa", "role": "spec", "tok_s": 50.0,
+            "tokens": 100, "draft_n": None, "draft_accepted": None, "age_s": 1.0}
+    records = [{**good, "class": f"c{i}"} for i in range(learned.MAX_CLASSES + 40)]
+    telemetry = Telemetry()
+    restored, skipped = learned.restore(telemetry, {"version": 1, "saved_at_unix": 0.0, "samples": records},
+                                        LANES, 0.0)
+    assert (restored, skipped) == (learned.MAX_CLASSES, 40) and len(telemetry.windows) == learned.MAX_CLASSES
+
+
+def test_saving_never_raises_it_warns(tmp_path, caplog, monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    from llamactl.router.runs import Runs
+
+    router = SimpleNamespace(telemetry=Telemetry(), profiles={},
+                             lanes={"coding": SimpleNamespace(spec=SimpleNamespace(members=[]), runs=Runs())})
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert not asyncio.run(learned.Saver(router, blocked / "learned.json").save())  # its folder is a file
+    assert "not saved" in caplog.text
+
+    def unwritable(path, data):
+        raise TypeError("Object of type set is not JSON serializable")
+    monkeypatch.setattr(learned, "write", unwritable)
+    assert not asyncio.run(learned.Saver(router, tmp_path / "learned.json").save())
+    assert "not JSON serializable" in caplog.text
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
                     max_leaves=30)
@@ -110,10 +164,30 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
     ["lane", "member", "fingerprint", "class", "role", "tok_s", "tokens", "draft_n", "draft_accepted", "age_s"]),
     JSON, max_size=10), max_size=5))
 def test_any_file_content_restores_or_is_skipped_never_raises(data, records):
-    telemetry = Telemetry()
-    learned.restore(telemetry, data, LANES, wall_now=0.0)
-    learned.restore(telemetry, {"version": 1, "saved_at_unix": 0.0, "samples": records, "mix": data}, LANES, 0.0)
+    from llamactl.router.runs import Runs
+    telemetry, runs = Telemetry(), {"coding": Runs()}
+    learned.restore(telemetry, data, LANES, wall_now=0.0, runs=runs)
+    learned.restore(telemetry, {"version": 1, "saved_at_unix": 0.0, "samples": records, "mix": data,
+                                "runs": {"coding": data}}, LANES, 0.0, runs)
     telemetry.evidence("coding")  # and what was restored reads back
+
+
+VALID = {"lane": "coding", "member": "coding-spec", "fingerprint": "aaaa", "class": "code", "role": "spec",
+         "tok_s": 50.0, "tokens": 100, "draft_n": 10, "draft_accepted": 8, "age_s": 1.0}
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted(VALID)), value=JSON, per_class=JSON)
+def test_a_valid_record_with_one_field_changed_to_anything_restores_or_is_skipped(field, value, per_class):
+    """Past the lane and fingerprint checks, so each field's own check is what is fuzzed."""
+    from llamactl.router.runs import Runs
+    telemetry, runs = Telemetry(), {"coding": Runs()}
+    data = {"version": 1, "saved_at_unix": 0.0, "samples": [{**VALID, field: value}],
+            "mix": {"coding": {"code": value, "chat": per_class}}, "runs": {"coding": {"code": value, "x": per_class}}}
+    restored, skipped = learned.restore(telemetry, data, LANES, 0.0, runs)
+    assert restored + skipped == 1
+    telemetry.evidence("coding")
+    runs["coding"].expected_more("code", 1)
 
 
 def test_after_a_restart_the_first_load_suits_the_long_run_mix_not_the_first_request():
@@ -204,3 +278,25 @@ def test_the_stop_save_lands_after_a_periodic_write_still_in_flight(tmp_path):
     asyncio.run(main())
     assert list(path.parent.iterdir()) == [path]  # no temporary file left
     assert json.loads(path.read_text())["mix"] == {"coding": {"code": pytest.approx(1.0, rel=0.01)}}
+
+
+def test_a_request_that_finishes_on_a_lane_a_reload_retired_is_counted_but_is_no_evidence():
+    import asyncio
+
+    from llamactl.router import Router, RouterConfig
+    from tests.router_harness import fake_backends, group_profiles
+
+    profiles = group_profiles("coding")
+    router = Router(profiles, fake_backends(profiles), RouterConfig())
+    retired = router.lanes["coding"]
+    asyncio.run(router.reconfigure([profiles[0].model_copy(update={"ctx_size": 4096}), profiles[1]],
+                                   drain_timeout_s=1))
+    assert router.lanes["coding"] is not retired
+    late = Sample(lane="coding", profile="coding-spec", role="spec", cls="code", endpoint="chat", status=200,
+                  gen_tok_s=90.0)
+    router.record(late, retired)  # it ran the old configuration
+    assert router.telemetry.evidence("coding") == {}
+    assert router.telemetry.registry.get_sample_value("llamactl_requests_total", {
+        "lane": "coding", "profile": "coding-spec", "class": "code", "endpoint": "chat", "status": "200"}) == 1
+    router.record(late, router.lanes["coding"])
+    assert router.telemetry.evidence("coding")["code"].n == {"coding-spec": 1}

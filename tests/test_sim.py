@@ -241,6 +241,20 @@ def test_auto_stays_within_two_percent_of_the_best_fixed_member_on_the_documente
             assert result["auto"]["tok_s"] >= 0.98 * fixed, (name, workload, result)
 
 
+def test_restarted_with_what_it_learnt_auto_pays_no_exploring_reload_on_a_stationary_mix():
+    """The same kind of work the day before, kept through the learned.json snapshot and restore: on a stationary
+    mix auto serves the best fixed member from the first request, where cold it paid reloads to find out."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from sim_switching import scenario_from
+    for name in ("70b-three-members", "mtp-depths"):
+        path = REPO / "docs" / "sim" / f"{name}.json"
+        result = compare(scenario_from(path, "mixed", 400, 100, 1), before=scenario_from(path, "mixed", 400, 100, 2))
+        best = max((v for k, v in result.items() if k.startswith("always-")), key=lambda v: v["tok_s"])
+        cold, restarted = result["auto"], result["auto-restarted"]
+        assert cold["switches"] >= 1 and restarted["switches"] == 0, (name, cold, restarted)
+        assert restarted["tok_s"] == pytest.approx(best["tok_s"]) and restarted["mean_latency_s"] < cold["mean_latency_s"]
+
+
 def test_the_daemon_passes_the_exploration_share_through(monkeypatch):
     from llamactl.daemon.wiring import router_config
     from llamactl.errors import ConfigError

@@ -179,7 +179,11 @@ class Service:
         control = router.control = DaemonControl(router, engines, url=f"http://{self.host}:{self.port}")
         router.alerts.on_change = self._alert_changed
         learned_path = learned.path_in(settings.state_dir)
-        learned.load_into(router, await asyncio.to_thread(learned.read, learned_path), learned_path, time.time())
+        try:
+            learned.load_into(router, await asyncio.to_thread(learned.read, learned_path), learned_path, time.time())
+        except Exception as e:  # noqa: BLE001 - a bad learned.json costs what it held, never the start
+            log.warning("%s: not restored (%s: %s); starting without what was learnt before", learned_path,
+                        type(e).__name__, e)
         app = create_app(router, middleware=auth.middleware(settings, self.keys, bound_host=self.host))
         async with ControlServer(settings, control):  # DaemonRunning: another daemon owns this state dir
             sock = bound_socket(self.host, self.port)
@@ -217,7 +221,7 @@ class Service:
                         learning.cancel()
                         await serving
                         cut.cancel()
-                        await saver.save()
+                        await saver.save(timeout_s=LEARNED_STOP_TIMEOUT_S)
             sock.close()
         log.info("stopped")
         return 0
@@ -314,6 +318,7 @@ class Service:
 
 RELOAD_READ_TIMEOUT_S = 10.0
 LEARNED_SAVE_S = 300.0  # what the router learnt is saved this often, and at a clean stop
+LEARNED_STOP_TIMEOUT_S = 10.0  # the stop's save waits no longer for a stalled disk
 STREAM_CUT_MARGIN_S = 0.5  # before the drain deadline: time to write the error event before uvicorn closes
 
 

@@ -166,15 +166,16 @@ class Router:
             if old is not None and old.spec == spec and all(self.profiles.get(m) == profiles[m] for m in spec.members):
                 kept[name] = old
         retired = [lane for name, lane in self.lanes.items() if kept.get(name) is not lane]
-        for name, old_profile in self.profiles.items():  # what a member measured was for its old configuration
-            if name not in profiles or fingerprint(profiles[name]) != fingerprint(old_profile):
-                self.telemetry.forget(name)
+        changed_members = [name for name, old_profile in self.profiles.items()
+                           if name not in profiles or fingerprint(profiles[name]) != fingerprint(old_profile)]
         fresh = {name: self._new_lane(spec) for name, spec in catalog.lanes.items() if name not in kept}
         if prepare is not None:
             prepare(fresh)
         self.catalog, self.profiles = catalog, profiles
         self.lanes = {name: kept.get(name) or fresh[name] for name in catalog.lanes}
         await asyncio.gather(*(self._retire(lane, drain_timeout_s) for lane in retired))
+        for name in changed_members:  # what a member measured was for its old configuration
+            self.telemetry.forget(name)
         if self._tasks is not None:
             for lane in fresh.values():
                 self._start_dispatcher(lane)
@@ -219,12 +220,13 @@ class Router:
                 and sample.status < 400 and self._tasks is not None):
             self._spawn(self._finish_from_log(lane, sample, upstream, log_offset), name=f"log:{sample.profile}")
             return
-        self.record(sample)
+        self.record(sample, lane)
         self.after_request(lane, sample, upstream)
 
-    def record(self, sample: Sample) -> None:
-        """A finished request: telemetry, the acceptance alerts, one event (all O(1), nothing awaited)."""
-        self.telemetry.record(sample)
+    def record(self, sample: Sample, lane: Lane | None = None) -> None:
+        """A finished request: telemetry, the acceptance alerts, one event (all O(1), nothing awaited). A request
+        of a lane a reload retired (draining) is counted, but is no evidence: it ran the old configuration."""
+        self.telemetry.record(sample, evidence=lane is None or self.lanes.get(lane.name) is lane)
         if sample.status < 400:
             self.alerts.observe(sample.lane, sample.cls, sample.draft_n, sample.draft_accepted)
         self.events.publish("request", **request_event(sample))
@@ -240,7 +242,7 @@ class Router:
         except Exception as e:  # noqa: BLE001 - telemetry must never take the router down
             log.warning("reading acceptance from %s failed: %s", upstream.log_path, e)
         finally:
-            self.record(sample)
+            self.record(sample, lane)
         self.after_request(lane, sample, upstream)
 
     def after_request(self, lane: Lane, sample: Sample, upstream: Upstream) -> None:
@@ -500,7 +502,7 @@ class Relay:
                 lane.release(ticket)
                 sample.status = sample.status or 499
                 sample.total_s = time.perf_counter() - arrived
-                router.record(sample)
+                router.record(sample, lane)
                 raise
             if outcome == "retry" and not retried:
                 # The engine was not there (crashed / restarting): back to the head of the queue, once.

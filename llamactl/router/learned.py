@@ -21,7 +21,9 @@ import logging
 import math
 import os
 import re
+import stat
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,8 +37,9 @@ log = logging.getLogger("llamactl.router")
 FILE_NAME = "learned.json"
 VERSION = 1
 MAX_BYTES = 4 << 20
-MAX_RECORDS = 20000
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MAX_RECORDS = 10000  # of at most ~300 bytes: the file stays under MAX_BYTES
+MAX_CLASSES = 64  # per lane: each class restored is a window and a metrics label
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # Profile fields that do not change how fast a member decodes: editing them keeps what it measured.
 _NOT_SPEED = {"source", "extends", "description", "load_timeout_s", "stop_timeout_s"}
 
@@ -82,15 +85,18 @@ def restore(telemetry: Telemetry, data: Any, lanes: Lanes, wall_now: float,
     offline = max(0.0, wall_now - saved_at) if saved_at is not None else math.inf
     records = data.get("samples")
     records = records[:MAX_RECORDS] if isinstance(records, list) else []
-    restored = skipped = 0
     now = telemetry.clock()
-    for record in records:
-        sample = _sample(record, lanes, offline, telemetry.memory_s, now)
-        if sample is None:
-            skipped += 1
+    samples = [_sample(record, lanes, offline, telemetry.memory_s, now) for record in records]
+    classes: dict[str, set[str]] = {}
+    restored = 0
+    for sample in sorted((s for s in samples if s is not None), key=lambda s: s.at):  # windows are in time order
+        seen = classes.setdefault(sample.lane, set())
+        if sample.cls not in seen and len(seen) >= MAX_CLASSES:
             continue
-        telemetry.restore(sample)
+        seen.add(sample.cls)
+        telemetry.add_evidence(sample)
         restored += 1
+    skipped = len(records) - restored
     if offline > telemetry.memory_s:
         return restored, skipped
     for lane, counts in _per_lane(data.get("mix"), lanes):
@@ -111,14 +117,15 @@ def _per_lane(value: Any, lanes: Lanes):
         return
     for lane, per_class in value.items():
         if lane in lanes and isinstance(per_class, dict):
-            yield lane, [(c, v) for c, v in list(per_class.items())[:256] if isinstance(c, str) and _NAME.match(c)]
+            yield lane, [(c, v) for c, v in list(per_class.items())[:MAX_CLASSES]
+                         if isinstance(c, str) and _NAME.fullmatch(c)]
 
 
 def _sample(record: Any, lanes: Lanes, offline: float, memory_s: float, now: float) -> Sample | None:
     if not isinstance(record, dict):
         return None
     lane, member, cls, role = record.get("lane"), record.get("member"), record.get("class"), record.get("role")
-    if not (isinstance(lane, str) and isinstance(member, str) and isinstance(cls, str) and _NAME.match(cls)):
+    if not (isinstance(lane, str) and isinstance(member, str) and isinstance(cls, str) and _NAME.fullmatch(cls)):
         return None
     if lanes.get(lane, {}).get(member) != record.get("fingerprint") or role not in ("spec", "plain"):
         return None
@@ -134,9 +141,11 @@ def _sample(record: Any, lanes: Lanes, offline: float, memory_s: float, now: flo
 
 
 def _number(value: Any, low: float, high: float) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if low <= value <= high else None
+    if isinstance(value, int) and abs(value) > 2**53:  # float() of a 400-digit integer overflows
+        return None
+    return float(value) if math.isfinite(value) and low <= value <= high else None
 
 
 def _count(value: Any) -> int | None | bool:
@@ -178,20 +187,29 @@ def path_in(state_dir: Path) -> Path:
 def read(path: Path) -> Any:
     """The file's JSON, or None where there is none or it cannot be used (a warning says why)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO there must not block the start
     except FileNotFoundError:
         return None
     except OSError as e:
         log.warning("%s: not read (%s); starting without what was learnt before", path, e.strerror or e)
         return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            log.warning("%s: not a regular file, ignored; starting without what was learnt before", path)
+            return None
+        try:
+            raw = f.read(MAX_BYTES + 1)
+        except OSError as e:
+            log.warning("%s: not read (%s); starting without what was learnt before", path, e.strerror or e)
+            return None
     if len(raw) > MAX_BYTES:
         log.warning("%s: over %d MiB, ignored; it is replaced at the next save", path, MAX_BYTES >> 20)
         return None
     try:
         return json.loads(raw)
-    except ValueError as e:
-        log.warning("%s: not JSON (%s), ignored; it is replaced at the next save", path, e)
+    except (ValueError, RecursionError) as e:
+        log.warning("%s: not JSON (%s), ignored; it is replaced at the next save", path,
+                    "nested too deep" if isinstance(e, RecursionError) else e)
         return None
 
 
@@ -211,29 +229,55 @@ def write(path: Path, data: Mapping[str, Any]) -> None:
 
 class Saver:
     """Saves a router's learned.json: every `every_s` (`run`), and once more at a clean stop (`save`). The
-    snapshot is taken on the event loop (the telemetry's owner); the write runs in a thread, one at a time and
-    in order, so the last snapshot taken is the one left on disk even when a periodic write is in flight at
-    the stop. A failed write is a warning: the figures stay in memory until the next save."""
+    snapshot is taken on the event loop (the telemetry's owner); the write runs in a thread of its own, one
+    save at a time and each after the one before, so the last snapshot taken is the one left on disk even when
+    a periodic write is in flight at the stop. Saving never raises: what fails is a warning, and the figures
+    stay in memory until the next save. The thread is a daemon thread: a stalled disk cannot hold the process
+    at exit (the file is renamed into place whole, so what is on disk stays whole)."""
 
     def __init__(self, router: Any, path: Path) -> None:
         self.router, self.path = router, path
-        self._writing: asyncio.Future[None] | None = None
+        self._lock = asyncio.Lock()
+        self._writing: asyncio.Future[bool] | None = None
 
     async def run(self, every_s: float) -> None:
         while True:
             await asyncio.sleep(every_s)
             await self.save()
 
-    async def save(self) -> None:
-        if self._writing is not None:
-            await asyncio.shield(self._writing)  # the write before this one lands first
-        data = snapshot(self.router.telemetry, served(self.router), time.time(), runs_of(self.router))
-        self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, data))
-        await asyncio.shield(self._writing)  # a cancelled caller does not cut a write short
+    async def save(self, timeout_s: float | None = None) -> bool:
+        """True once this snapshot is on disk; False where it is not (a warning says why)."""
+        try:
+            async with asyncio.timeout(timeout_s), self._lock:
+                if self._writing is not None:
+                    await asyncio.shield(self._writing)  # the write before this one lands first
+                data = snapshot(self.router.telemetry, served(self.router), time.time(), runs_of(self.router))
+                self._writing = self._in_thread(data)
+                return await asyncio.shield(self._writing)  # a cancelled caller does not cut a write short
+        except TimeoutError:
+            log.warning("%s: still being written after %.0f s; left to finish in the background", self.path,
+                        timeout_s)
+        except Exception as e:  # noqa: BLE001 - keeping what was learnt must never take the daemon down
+            log.warning("%s: not saved (%s: %s)", self.path, type(e).__name__, e)
+        return False
 
-    def _write(self, data: Mapping[str, Any]) -> None:
+    def _in_thread(self, data: Mapping[str, Any]) -> asyncio.Future[bool]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+
+        def work() -> None:
+            ok = self._write(data)
+            with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile: nobody waits
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ok))
+
+        threading.Thread(target=work, name="learned.json", daemon=True).start()
+        return done
+
+    def _write(self, data: Mapping[str, Any]) -> bool:
         try:
             write(self.path, data)
-        except OSError as e:
+            return True
+        except Exception as e:  # noqa: BLE001 - an OSError, or a value json cannot write: a warning either way
             log.warning("%s: not saved (%s); what the router learnt is kept in memory until the next save",
-                        self.path, e.strerror or e)
+                        self.path, getattr(e, "strerror", None) or e)
+            return False

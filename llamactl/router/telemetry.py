@@ -349,7 +349,8 @@ class Telemetry:
             self._child_cache[key] = children
         return children
 
-    def record(self, sample: Sample) -> None:
+    def record(self, sample: Sample, *, evidence: bool = True) -> None:
+        """Count a finished request in the metrics and, with `evidence`, add it to its window for the policy."""
         sample.finish_wall_clock()
         labels = (sample.lane, sample.cls, sample.profile)
         wait, ttft, tok_s, prompt_tok_s, completion, drafted, accepted = self._children(*labels)
@@ -375,12 +376,12 @@ class Telemetry:
             drafted.inc(sample.draft_n)
             accepted.inc(max(0, sample.draft_accepted or 0))
         sample.at = self.clock()
-        self.windows.setdefault((sample.lane, sample.cls, sample.profile),
-                                Window(self.window_n, self.window_s, self.memory_n, self.memory_s)).add(sample)
+        if evidence:
+            self.add_evidence(sample)
 
-    def restore(self, sample: Sample) -> None:
-        """A sample measured before a restart (`learned.restore`): evidence for the policy, not a request to
-        count in the metrics. Its `at` is on this telemetry's clock."""
+    def add_evidence(self, sample: Sample) -> None:
+        """Add a sample to its window: evidence for the policy (alone, not counted in the metrics: one measured
+        before a restart, `learned.restore`). Its `at` is on this telemetry's clock."""
         self.windows.setdefault((sample.lane, sample.cls, sample.profile),
                                 Window(self.window_n, self.window_s, self.memory_n, self.memory_s)).add(sample)
 
