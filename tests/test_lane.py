@@ -304,3 +304,59 @@ async def test_a_member_that_does_not_load_beside_the_other_is_loaded_alone(lane
     await asyncio.wait_for(lane.force("plain"), 2)
     assert refused == ["plain", "plain"] and lane.active == "plain" and lane.upstreams.keys() == {"plain"}
     assert not lane.keep_both_warm and lane.warm_reason.startswith("loading plain beside fast failed")
+
+
+@lane_test({"fast": "spec", "plain": "plain"})
+async def test_a_member_that_fails_to_start_is_passed_over_and_the_others_serve(lane, engines, clock):
+    """The policy chose the drafter and it cannot start (a broken draft model, out of memory): the queue is
+    served by the plain member instead of failing, the drafter is not chosen again for passed_over_s (doubled
+    at each failure in a row), and a request pinned to it gets the reason."""
+    ticket, first = request(lane, "code")
+    await settle()
+    assert engines.calls == [("load", "fast")]
+    engines.fail("fast", RuntimeError("draft model not found"))
+    await settle()
+    assert engines.calls[-1] == ("load", "plain") and not first.done()  # still waiting, now for plain
+    engines.finish("plain")
+    assert await first == Upstream("http://plain")
+    assert lane.status()["passed_over"] == {"fast": {"for_s": 600.0, "reason": "draft model not found"}}
+    lane.release(ticket)
+    _, pinned = request(lane, "code", pin="fast")
+    await settle()
+    engines.fail("fast", RuntimeError("draft model not found"))  # asked for by name: tried, and fails again
+    with pytest.raises(EngineUnavailable, match="draft model not found"):
+        await pinned
+    await settle()
+    assert lane.status()["passed_over"]["fast"]["for_s"] == 1200.0  # two failures in a row
+    loads = len(engines.calls)
+    clock.now += 1199
+    ticket, later = request(lane, "code")
+    await settle()
+    assert engines.calls[-1] == ("load", "plain")  # stopped for the pinned attempt: back, and fast not chosen
+    engines.finish("plain")
+    assert await later == Upstream("http://plain")
+    assert ("load", "fast") not in engines.calls[loads:]
+    lane.release(ticket)
+    clock.now += 2
+    assert lane.status()["passed_over"] == {}  # may be chosen again: the policy sends code to it
+    _, again = request(lane, "code")
+    await settle()
+    assert engines.calls[-1] == ("load", "fast")
+
+
+@lane_test({"fast": "spec", "plain": "plain"})
+async def test_when_every_member_fails_to_start_the_queue_fails_and_the_next_request_tries_again(lane, engines, clock):
+    _, first = request(lane, "code")
+    await settle()
+    engines.fail("fast", RuntimeError("draft model not found"))
+    await settle()
+    engines.fail("plain", RuntimeError("out of memory"))
+    with pytest.raises(EngineUnavailable, match="out of memory"):
+        await first
+    assert lane.state is LaneState.FAILED
+    loads = len(engines.calls)
+    _, second = request(lane, "code")
+    await settle()
+    assert len(engines.calls) == loads + 1 and engines.calls[-1][0] == "load"  # not stuck: tried again
+    engines.finish(engines.calls[-1][1])
+    await second

@@ -41,3 +41,11 @@ def test_status_lines_show_the_model_map_and_the_problems():
                                  "problems": ["name 'x' is used twice"]})
     assert lines == ["model names: claude-* -> coding", "requests without a model: coding",
                      "problem: name 'x' is used twice"]
+
+
+def test_status_lines_say_which_member_is_passed_over_and_why():
+    lane = {"lane": "coding", "active": "coding-plain", "state": "ready", "forced": None, "queue_depth": 0,
+            "in_flight": 0, "group": True, "keep_both_warm": False, "warm_reason": "", "last_decision": None,
+            "passed_over": {"coding-spec": {"for_s": 599.6, "reason": "draft model not found"}}}
+    assert "  coding-spec passed over for 600s more: it failed to start: draft model not found" in \
+        router_status_lines({"lanes": [lane]})

@@ -82,6 +82,8 @@ def router_status_lines(status: dict) -> list[str]:
             lines.append(f"  last decision ({decision['age_s']:.0f}s ago): {decision['reason']}")
         for switch in lane.get("recent_switches", [])[-3:]:
             lines.append(f"  switched {switch['from']} -> {switch['to']} in {switch['seconds']}s ({switch['trigger']})")
+        for member, why in (lane.get("passed_over") or {}).items():
+            lines.append(f"  {member} passed over for {why['for_s']:.0f}s more: it failed to start: {why['reason']}")
         if lane.get("last_error"):
             lines.append(f"  last error: {lane['last_error']}")
     if status.get("model_map"):

@@ -56,6 +56,10 @@ class LaneConfig:
     idle_ttl_s: float = 0.0  # 0: never unload when idle
     keep_both_warm: bool = False  # switch without stopping the other member (the daemon sets it per lane)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # A group member that fails to start is passed over (the others serve) for this long, doubled at each
+    # failure in a row up to passed_over_max_s; then the policy may choose it again.
+    passed_over_s: float = 600.0
+    passed_over_max_s: float = 6 * 3600.0
 
 
 @dataclass(eq=False)
@@ -121,6 +125,7 @@ class Lane:
         self._loads: dict[str, _Load] = {}
         self._stops: dict[str, asyncio.Task[None]] = {}
         self._not_warm: set[str] = set()  # stopped by `down` or failed: loaded only when chosen again
+        self._start_failures: dict[str, tuple[int, float, str]] = {}  # group member -> (in a row, last at, why)
         self._granted: dict[str, int] = {}  # class -> unpinned requests served (exploration's budget)
         self._explored: dict[str, int] = {}  # class -> of those, sent to an under-measured member
         self._exploring: tuple[str, str, int] | None = None  # (class, member, requests left) being explored
@@ -274,6 +279,8 @@ class Lane:
             },
             "recent_switches": list(self.switches),
             "last_error": self.last_error,
+            "passed_over": {m: {"for_s": round(until - self.clock(), 1), "reason": self._start_failures[m][2]}
+                            for m in self.spec.members if (until := self._passed_over_until(m)) is not None},
         }
 
     # ------------------------------------------------------------------ the dispatcher
@@ -378,7 +385,7 @@ class Lane:
             queued=queued,
             recent=self.telemetry.recent(self.name),
             evidence=self.telemetry.evidence(self.name),
-            members={m: role == "spec" for m, role in self.spec.members.items()},
+            members=self._choosable(),
             head_class=head.cls if head is not None and head.pin is None else None,
             explore_due=self._explore_due(),
             loaded=frozenset(self.upstreams),
@@ -519,12 +526,13 @@ class Lane:
         foreground = profile == self.active
         if isinstance(outcome, Exception):
             error = outcome
-            if foreground:
-                self._fail_start(profile, error)
-            else:  # a background warm-up: not fatal, switches go back to stop-then-start
+            if not foreground:  # a background warm-up: not fatal, switches go back to stop-then-start
                 self._switch_hard_from_now(profile, self.active, error)
+            elif not self._pass_over(profile, error):
+                self._fail_start(profile, error)
             return
         self._not_warm.discard(profile)
+        self._start_failures.pop(profile, None)
         self.upstreams[profile] = outcome
         if not foreground:
             log.info("lane %s: %s loaded beside %s (both warm)", self.name, profile, self.active)
@@ -701,6 +709,56 @@ class Lane:
         if forget and beside is not None:
             self.upstreams.pop(beside, None)
             self.telemetry.unloads.labels(beside, "switch").inc()
+
+    def _choosable(self) -> dict[str, bool]:
+        """The members the policy may choose (member -> speculative): those not passed over, or every one
+        where each is (the next request tries again)."""
+        members = {m: role == "spec" for m, role in self.spec.members.items()}
+        choosable = {m: spec for m, spec in members.items()
+                     if self._passed_over_until(m) is None or (m == self.active and m in self.upstreams)}
+        return choosable or members
+
+    def _passed_over_until(self, member: str) -> float | None:
+        """When a group member that failed to start may be chosen again (None: it may now)."""
+        failed = self._start_failures.get(member)
+        if failed is None:
+            return None
+        count, at, _ = failed
+        until = at + min(self.config.passed_over_max_s, self.config.passed_over_s * 2 ** (count - 1))
+        return until if until > self.clock() else None
+
+    def _pass_over(self, profile: str, error: Exception) -> bool:
+        """A group member the policy chose failed to start: the other members serve the queue while it is
+        passed over (requests pinned to it fail with the reason). False where there is no other member to
+        serve: a lane of one, a forced member, or every member failing."""
+        if not self.spec.is_group or self.forced == profile:
+            return False
+        reason = str(getattr(error, "message", error))
+        count = self._start_failures.get(profile, (0, 0.0, ""))[0] + 1
+        self._start_failures[profile] = (count, self.clock(), reason[:500])
+        if not any(self._passed_over_until(m) is None for m in self.spec.members):
+            return False
+        wait = self._passed_over_until(profile) - self.clock()  # type: ignore[operator]
+        self.last_error = f"{profile}: {reason}"
+        log.error("lane %s: cannot start %s: %s; the other members serve, %s is passed over for %.0f s",
+                  self.name, profile, reason, profile, wait)
+        self._emit("failed", member=profile, reason=reason[:500], passed_over_s=round(wait))
+        self._not_warm.add(profile)
+        if self._exploring is not None and self._exploring[1] == profile:
+            self._exploring, self._trial_left = None, 0
+        self.state = LaneState.UNLOADED
+        failure = EngineUnavailable(
+            f"profile '{profile}' (lane '{self.name}') could not be started: {reason}",
+            hint=getattr(error, "hint", None), extra={"profile": profile})
+        keep: deque[Ticket] = deque()
+        for ticket in self.queue:
+            if ticket.waiting and ticket.pin == profile:
+                ticket.future.set_exception(failure)
+            elif ticket.waiting:
+                keep.append(ticket)
+        self.queue = keep
+        self._resolve_waiters(profile, failure)
+        return True
 
     def _fail_start(self, profile: str, error: Exception) -> None:
         self.state = LaneState.FAILED

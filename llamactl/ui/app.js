@@ -228,6 +228,8 @@ function renderLane(lane) {
         "auto" + (lane.forced ? "" : " ✓"))) : null,
     ...members,
     d ? el("div", {class: "muted"}, `last decision: ${d.target} — ${d.reason}`) : null,
+    ...Object.entries(lane.passed_over || {}).map(([m, p]) =>
+      el("div", {class: "error"}, `${m} passed over for ${Math.round(p.for_s)}s more: it failed to start: ${p.reason}`)),
     lane.last_error ? el("div", {class: "error"}, lane.last_error) : null,
     switches.length ? el("div", {class: "timeline"}, el("div", {}, "switches:"), ...switches) : null);
 }
