@@ -236,3 +236,17 @@ def test_a_member_that_does_not_load_beside_the_other_turns_the_lane_to_hard_swi
         assert r.json()["keep_both_warm"] is False and "loading coding-spec beside coding-plain" in r.json()["warm_reason"]
         assert post(url, body).headers["x-llamactl-profile"] == "coding-spec"
         assert backends.max_running == 1
+
+
+def test_a_group_member_that_cannot_start_is_passed_over_over_http():
+    """Through the router: the drafter of the group cannot start. A code request (which the policy sends to the
+    drafter) is answered by the plain member, not with a 503; status says why the drafter is passed over."""
+    profiles = group_profiles("coding")
+    backends = fake_backends(profiles, fail={"coding-spec"})
+    with served(profiles, backends) as (url, _):
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "coding", "messages": [
+            {"role": "user", "content": "def f(x):\n    return x"}]}, headers={"X-Llamactl-Class": "code"}, timeout=30)
+        assert r.status_code == 200, r.text
+        status = lane_status(url, "coding")
+        assert status["active"] == "coding-plain" and "out of memory" in status["passed_over"]["coding-spec"]["reason"]
+        assert [e for e in backends.events if e[0] == "start"] == [("start", "coding-plain")]
