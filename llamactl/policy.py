@@ -351,7 +351,7 @@ def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision
         if sum(state.mix.values()) > sum(state.recent.values()):
             seconds = {m: _work_seconds(state, config, state.mix, m) for m in members}
             what = "the long-run mix [" + ", ".join(f"{c}={n:.1f}" for c, n in sorted(state.mix.items())) + "]"
-        target = min(members, key=lambda m: (seconds[m], members.index(m)))
+        target = min(members, key=lambda m: (seconds[m], _unmeasured(state, config, m), members.index(m)))
         return Decision(target, True, f"nothing loaded; {what} is expected faster on {target}", seconds)
     current = state.active
     if not any(state.queued.values()):
@@ -365,8 +365,17 @@ def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision
     by_run = _head_run_decision(state, config, seconds)
     if by_run is not None:
         return by_run
-    best = min(others, key=lambda m: (seconds[m] + config.cost_factor * switch_cost(state, config, m), members.index(m)))
+    best = min(others, key=lambda m: (seconds[m] + config.cost_factor * switch_cost(state, config, m),
+                                      _unmeasured(state, config, m), members.index(m)))
     return _judge(state, config, seconds, current, best, seconds, f"queue [{mix}]")
+
+
+def _unmeasured(state: GroupState, config: PolicyConfig, member: str, cls: str | None = None) -> int:
+    """For ties in expected time: how many of the classes at stake (`cls`, else the queued ones) `member` has
+    too few samples on. A figure measured beats one estimated (from peers or priors): exploring is done on
+    purpose, within its budget, not by the order of the members' names."""
+    classes = [cls] if cls is not None else [c for c, n in state.queued.items() if n > 0]
+    return sum(state.evidence.get(c, ClassEvidence()).n.get(member, 0) < config.min_samples for c in classes)
 
 
 def _judge(state: GroupState, config: PolicyConfig, seconds: Mapping[str, float], current: str, best: str,
@@ -404,7 +413,8 @@ def _head_run_decision(state: GroupState, config: PolicyConfig, seconds: Mapping
     cls, n = state.head_run
     run = {m: _work_seconds(state, config, {cls: n}, m) for m in state.members}
     current = state.active
-    best = min(run, key=lambda m: (run[m], list(state.members).index(m)))
+    best = min(run, key=lambda m: (run[m], m != current, _unmeasured(state, config, m, cls),
+                                   list(state.members).index(m)))
     if best == current:
         return Decision(current, False, f"the next {n} {cls} requests are fastest on {current}; stay", seconds)
     decision = _judge(state, config, seconds, current, best, run, f"next {n} {cls}", round_trip=True)

@@ -156,3 +156,20 @@ def test_a_reload_for_a_long_queue_is_judged_on_the_queue_with_the_narrow_band()
     assert reload.switch and reload.target == "spec", reload.reason
     cheap = decide(state("plain", queued, cost=0.1), CONFIG)
     assert not cheap.switch and "hysteresis" in cheap.reason
+
+
+def test_a_tie_goes_to_the_member_measured_not_to_the_first_name():
+    """An unmeasured drafter is estimated at its peers' speed, a tie with the drafter measured there. The
+    measured one is chosen: exploring is done on purpose, within its budget, not by alphabetical order.
+    (Found by the real-engine bench: 'auto-eager' sorts before 'auto-mod' and took a code phase at 0.75x.)"""
+    ev = {"code": ClassEvidence(tok_s={"auto-mod": 90.0}, n={"auto-mod": 3}, acceptance={"auto-mod": 0.87},
+                                acceptance_n={"auto-mod": 3}, mean_tokens=200),
+          "creative": ClassEvidence(tok_s={"auto-plain": 48.0}, n={"auto-plain": 6}, mean_tokens=200)}
+    members = {"auto-eager": True, "auto-mod": True, "auto-plain": False}
+    run = GroupState(active="auto-plain", seconds_since_switch=100, switch_cost_s=0.2, queued={"code": 3},
+                     evidence=ev, members=members, head_class="code", head_run=("code", 3))
+    d = decide(run, PolicyConfig())
+    assert d.switch and d.target == "auto-mod" and d.seconds["auto-eager"] == d.seconds["auto-mod"]
+    first = GroupState(active=None, seconds_since_switch=0, switch_cost_s=0.2, queued={"code": 1}, evidence=ev,
+                       members=members)
+    assert decide(first, PolicyConfig()).target == "auto-mod"
