@@ -169,26 +169,22 @@ class Outcome:
 
 
 def run(scenario: Scenario, mode: str, policy: PolicyConfig | None = None,
-        learnt: Mapping[str, Any] | None = None) -> Outcome:
+        learnt: Mapping[str, Any] | None = None, keep: dict[str, Any] | None = None) -> Outcome:
     """Simulate `mode` ("auto", "always-<member>", "clairvoyant") over the scenario's requests. `learnt`: a
-    snapshot (`learn`) put back into the telemetry first, as a restarted daemon does with its learned.json."""
+    snapshot (`learn`) put back into the telemetry first, as a restarted daemon does with its learned.json;
+    `keep`: gets the snapshot at the end, under "learnt"."""
     clock = _VirtualClock()
     loop = _VirtualLoop(clock)
     try:
-        return loop.run_until_complete(_run(scenario, mode, policy or PolicyConfig(), clock, learnt))
+        return loop.run_until_complete(_run(scenario, mode, policy or PolicyConfig(), clock, learnt, keep))
     finally:
         loop.close()
 
 
 def learn(scenario: Scenario, policy: PolicyConfig | None = None) -> dict[str, Any]:
     """What auto learnt serving the scenario: the snapshot a daemon saves (llamactl/router/learned.py)."""
-    clock = _VirtualClock()
-    loop = _VirtualLoop(clock)
     kept: dict[str, Any] = {}
-    try:
-        loop.run_until_complete(_run(scenario, "auto", policy or PolicyConfig(), clock, None, kept))
-    finally:
-        loop.close()
+    run(scenario, "auto", policy, keep=kept)
     return kept["learnt"]
 
 

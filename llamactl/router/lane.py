@@ -747,18 +747,14 @@ class Lane:
         if self._exploring is not None and self._exploring[1] == profile:
             self._exploring, self._trial_left = None, 0
         self.state = LaneState.UNLOADED
-        failure = EngineUnavailable(
-            f"profile '{profile}' (lane '{self.name}') could not be started: {reason}",
-            hint=getattr(error, "hint", None), extra={"profile": profile})
-        keep: deque[Ticket] = deque()
-        for ticket in self.queue:
-            if ticket.waiting and ticket.pin == profile:
-                ticket.future.set_exception(failure)
-            elif ticket.waiting:
-                keep.append(ticket)
-        self.queue = keep
-        self._resolve_waiters(profile, failure)
+        self._fail_waiting(profile, self._start_failure(profile, error), pinned_only=True)
         return True
+
+    def _start_failure(self, profile: str, error: Exception) -> EngineUnavailable:
+        return EngineUnavailable(
+            f"profile '{profile}' (lane '{self.name}') could not be started: {getattr(error, 'message', error)}",
+            hint=getattr(error, "hint", None), extra={"profile": profile},
+        )
 
     def _fail_start(self, profile: str, error: Exception) -> None:
         self.state = LaneState.FAILED
@@ -767,20 +763,17 @@ class Lane:
         self._emit("failed", member=profile, reason=str(getattr(error, "message", error))[:500])
         if self.forced == profile:
             self.forced = None  # do not retry a failing forced start in a loop
-        failure = EngineUnavailable(
-            f"profile '{profile}' (lane '{self.name}') could not be started: {getattr(error, 'message', error)}",
-            hint=getattr(error, "hint", None), extra={"profile": profile},
-        )
-        self._fail_waiting(profile, failure)
+        self._fail_waiting(profile, self._start_failure(profile, error))
 
-    def _fail_waiting(self, profile: str, failure: Exception) -> None:
-        """Fail the queued requests (but those pinned to another member) and the force() waiters for it."""
+    def _fail_waiting(self, profile: str, failure: Exception, *, pinned_only: bool = False) -> None:
+        """Fail the queued requests (but those pinned to another member; with `pinned_only`, all but those
+        pinned to this one) and the force() waiters for it."""
         keep: deque[Ticket] = deque()
         while self.queue:
             ticket = self.queue.popleft()
             if not ticket.waiting:
                 continue
-            if ticket.pin not in (None, profile):
+            if ticket.pin not in (None, profile) or (pinned_only and ticket.pin is None):
                 keep.append(ticket)
             else:
                 ticket.future.set_exception(failure)

@@ -397,10 +397,12 @@ class Telemetry:
         for key in [k for k in self.windows if k[2] == profile]:
             del self.windows[key]
 
-    def remembered_samples(self):
-        """((lane, class, member), samples) for every window: what `evidence()` reads."""
+    def remembered_samples(self, lane: str | None = None):
+        """((lane, class, member), samples) for every window (of `lane`): what `evidence()` reads."""
         now = self.clock()
         for key, window in list(self.windows.items()):
+            if lane is not None and key[0] != lane:
+                continue
             samples = window.remembered(now)
             if samples:
                 yield key, samples
@@ -445,9 +447,7 @@ class Telemetry:
         """Per class of `lane`: each member's rolling decode speed and, where it drafts, its acceptance (for a
         member that no longer serves the class, what it last measured, up to `memory_s`)."""
         per_class: dict[str, dict[str, Any]] = {}
-        for (lane_name, cls, member), samples in self.remembered_samples():
-            if lane_name != lane:
-                continue
+        for (_, cls, member), samples in self.remembered_samples(lane):
             entry = per_class.setdefault(cls, {"tokens": [], "tok_s": {}, "n": {}, "acc": {}, "acc_n": {}})
             speeds = [s.gen_tok_s for s in samples if s.gen_tok_s]
             if speeds:
