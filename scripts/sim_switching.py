@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Simulate a switch group's policy on a scenario: the real Lane and policy (llamactl/sim.py), virtual time.
+"""Simulate a switch group's policy on a scenario: the real Lane and policy (llamactl/router/sim.py), virtual time.
 
     .venv/bin/python scripts/sim_switching.py --scenario FILE.json [--json]
         FILE holds "requests", or give --workload phased|mixed|drifting (with --n, --phase, --seed) to make
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llamactl.sim import Scenario, ScenarioError, compare, generate  # noqa: E402
+from llamactl.router.sim import Scenario, ScenarioError, compare, generate  # noqa: E402
 
 WORKLOADS = ("phased", "mixed", "drifting")
 TOLERANCE = 0.02  # auto may trail the best fixed member by this much

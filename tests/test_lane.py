@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from llamactl.policy import PolicyConfig
+from llamactl.router.policy import PolicyConfig
 from llamactl.router.backends import Upstream
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.errors import EngineUnavailable

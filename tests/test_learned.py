@@ -10,7 +10,7 @@ import stat
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from llamactl.policy import GroupState, PolicyConfig, decide
+from llamactl.router.policy import GroupState, PolicyConfig, decide
 from llamactl.router import learned
 from llamactl.router.telemetry import Sample, Telemetry
 from tests.router_harness import profile
@@ -193,7 +193,7 @@ def test_a_valid_record_with_one_field_changed_to_anything_restores_or_is_skippe
 def test_after_a_restart_the_first_load_suits_the_long_run_mix_not_the_first_request():
     """The first load costs the same whichever member it is. With the mix learnt before a restart (mostly
     creative work), a code request arriving first does not decide it."""
-    from llamactl.policy import ClassEvidence
+    from llamactl.router.policy import ClassEvidence
     evidence = {"code": ClassEvidence(tok_s={"spec": 90, "plain": 40}, n={"spec": 4, "plain": 4}),
                 "creative": ClassEvidence(tok_s={"spec": 30, "plain": 40}, n={"spec": 4, "plain": 4})}
     state = GroupState(active=None, seconds_since_switch=0, switch_cost_s=30, queued={"code": 1},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from llamactl.policy import ClassEvidence, GroupState, PolicyConfig, decide, demand, speed
+from llamactl.router.policy import ClassEvidence, GroupState, PolicyConfig, decide, demand, speed
 
 
 def pair(*, spec_tok_s=None, spec_n=0, plain_tok_s=None, plain_n=0, acceptance=None, acceptance_n=0,

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from llamactl.policy import PolicyConfig
+from llamactl.router.policy import PolicyConfig
 from llamactl.router import LaneConfig, RouterConfig
 from tests.router_harness import fake_backends, group_profiles, lane_status, profile, served, wait_for
 

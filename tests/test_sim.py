@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from llamactl.policy import ClassEvidence, GroupState, PolicyConfig, decide
+from llamactl.router.policy import ClassEvidence, GroupState, PolicyConfig, decide
 from llamactl.router.catalog import Catalog
 from llamactl.router.runs import Runs
-from llamactl.sim import Scenario, ScenarioError, compare, generate, hindsight, run
+from llamactl.router.sim import Scenario, ScenarioError, compare, generate, hindsight, run
 from tests.router_harness import profile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,7 +154,7 @@ def _measured_on_d1b() -> dict[str, ClassEvidence]:
 
 def test_a_drafter_not_measured_on_a_class_is_estimated_from_its_peers():
     """d8b measured on code only, at 0.9 of d1b there: on chat it is taken to be 0.9 of d1b's chat too."""
-    from llamactl.policy import speed
+    from llamactl.router.policy import speed
     ev = _measured_on_d1b()
     ev["code"] = ClassEvidence(tok_s={"d1b": 23.1, "d8b": 20.79}, n={"d1b": 3, "d8b": 3}, mean_tokens=300)
     assert speed("chat", "d8b", ev, PolicyConfig(), THREE) == pytest.approx(12.5 * 0.9)

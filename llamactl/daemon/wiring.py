@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from llamactl.errors import ConfigError, ProfileNotFound
-from llamactl.policy import PolicyConfig
+from llamactl.router.policy import PolicyConfig
 from llamactl.profiles import Profile, load_all
 from llamactl.router import Backends, LaneConfig, Router, RouterConfig
 from llamactl.router.alerts import AlertConfig

@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 
 from llamactl.engines import facts as engine_facts
 from llamactl.names import shown
-from llamactl.policy import Role
+from llamactl.router.policy import Role
 from llamactl.profiles import Profile
 from llamactl.router.errors import BadRequest, ModelNotFound
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamactl.policy import Decision, GroupState, PolicyConfig, Role, decide
+from llamactl.router.policy import Decision, GroupState, PolicyConfig, Role, decide
 from llamactl.router.backends import Backends, Upstream
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, QueueTimeout

@@ -22,7 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llamactl.engines.logs import Acceptance, parse_acceptance
-from llamactl.policy import ClassEvidence, Role
+from llamactl.router.policy import ClassEvidence, Role
 
 
 @dataclass

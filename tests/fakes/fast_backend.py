@@ -9,7 +9,7 @@ A raw ASGI app, so that what a benchmark measures is the proxy, not this fake. B
   hold         wait for FakeBackend.gate (a threading.Event) before answering
 Speculative behaviour: with `spec=True`, timings carry draft_n / draft_n_accepted with an acceptance
 that depends on temperature (high when greedy, low when sampling), and the reported decode speed
-follows the same speed-up model as llamactl.policy, so policy tests see the workload effect.
+follows the same speed-up model as llamactl.router.policy, so policy tests see the workload effect.
 Counters (requests, cancelled, max_concurrent) let tests check that a disconnect cancelled upstream.
 
 Run standalone: python tests/fakes/fast_backend.py --port 0   (prints "PORT <n>" once listening)

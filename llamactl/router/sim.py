@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamactl.policy import PolicyConfig
+from llamactl.router.policy import PolicyConfig
 from llamactl.router.backends import Upstream
 from llamactl.router.catalog import LaneSpec
 from llamactl.router import learned
