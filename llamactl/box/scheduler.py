@@ -1,0 +1,239 @@
+"""The box scheduler: the one owner of the box's memory for `llamactl serve`.
+
+A lane about to load a member asks `admit` for room and awaits it. The scheduler sizes the profile (the
+daemon's `Sizer`: the memory plan on the box as it is now, and on the empty box), then grants at once where it
+fits beside what runs, else has the owning lanes stop the idle engines `evict.choose` picks (each lane stops its
+own engine, never another's), else waits until the memory it needs is idle, else refuses (it never fits).
+The grant is a holding in the ledger; the lane tells `loaded` when the engine serves and `released` when it
+stopped. Every decision is synchronous between awaits, so two admits never grant the same MiB twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from llamactl.box.evict import Choice, Resident, choose
+from llamactl.box.ledger import Ledger
+from llamactl.errors import DoesNotFit
+
+log = logging.getLogger("llamactl.box")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the box offers our engines with none of them running, per device (MiB, less the plan's margin), and
+    each device's size."""
+
+    mib: Mapping[str, int]
+    total: Mapping[str, int | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """A profile's memory per device (MiB): planned alone on the empty box, and planned beside what runs where
+    that keeps it as good as alone (then no eviction is needed); `launch_*` is what the engine's start plans
+    with for each (opaque here)."""
+
+    alone: Mapping[str, int]
+    beside: Mapping[str, int] | None = None
+    launch_alone: Any = None
+    launch_beside: Any = None
+    never: str | None = None  # the plan's words where it does not fit even on the empty box
+
+
+class Sizer(Protocol):
+    def capacity(self) -> Capacity: ...
+
+    def size(self, profile: str, free: Mapping[str, int]) -> Sizing: ...
+
+
+class LaneView(Protocol):
+    """What the scheduler reads of a lane (synchronously) and asks of it."""
+
+    name: str
+
+    def box_idle(self) -> bool: ...
+
+    def box_idle_s(self) -> float: ...
+
+    def box_keep(self) -> bool: ...
+
+    async def evict(self, reason: str) -> bool: ...
+
+
+class NoRoom(DoesNotFit):
+    """A load that may not evict (a background warm-up) does not fit beside what runs."""
+
+
+class BoxScheduler:
+    def __init__(self, sizer: Sizer, *, reserve: Mapping[str, int] | None = None, min_residence_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.sizer = sizer
+        self.reserve = dict(reserve or {})
+        self.min_residence_s = min_residence_s
+        self.clock = clock
+        self.on_event = on_event
+        self.lanes: dict[str, LaneView] = {}
+        self.ledger = Ledger(capacity={}, reserve=self.reserve)
+        self._launch: dict[str, Any] = {}  # profile -> what its engine's start plans with
+        self._granted_at: dict[str, float] = {}
+        self._ready_at: dict[str, float] = {}
+        self.load_s: dict[str, float] = {}  # profile -> its last load's seconds (grant to ready)
+        self._waiting: dict[str, dict[str, Any]] = {}  # profile -> what it waits for (status)
+        self._wakers: list[asyncio.Future[None]] = []
+        self._deciding = asyncio.Lock()
+        self.evictions: list[dict[str, Any]] = []  # the last few, newest last (status)
+        self.counters: dict[str, float] = {"evictions": 0, "wait_s": 0.0, "refused": 0}
+
+    # -- what lanes call ------------------------------------------------------------------------------
+
+    def register(self, lane: LaneView) -> None:
+        self.lanes[lane.name] = lane
+
+    def unregister(self, lane: LaneView) -> None:
+        if self.lanes.get(lane.name) is lane:
+            del self.lanes[lane.name]
+
+    async def admit(self, lane: str, profile: str, *, may_evict: bool = True) -> None:
+        """Return once `profile` (a member of `lane`) holds the memory it needs; raises DoesNotFit where it never
+        will (or NoRoom, where `may_evict` is false and it does not fit now). Cancelling it leaves nothing held."""
+        started = self.clock()
+        self.ledger.release(profile)  # a start after a crash or a stop: what it held is planned again
+        try:
+            while True:
+                async with self._deciding:
+                    capacity = await asyncio.to_thread(self.sizer.capacity)
+                    self.ledger.capacity = dict(capacity.mib)
+                    self.ledger.total = dict(capacity.total)
+                    sizing = await asyncio.to_thread(self.sizer.size, profile, self.ledger.free())
+                    if sizing.never is not None:
+                        raise self._refuse(profile, sizing.never)
+                    if sizing.beside is not None and self.ledger.fits(sizing.beside):
+                        return self._grant(lane, profile, sizing.beside, sizing.launch_beside, started)
+                    choice = choose(sizing.alone, self.ledger, self._residents(), requester=lane,
+                                    min_residence_s=self.min_residence_s)
+                    if choice.verdict == "fits":
+                        return self._grant(lane, profile, sizing.alone, sizing.launch_alone, started)
+                    if choice.verdict == "never":
+                        raise self._refuse(profile, choice.why)
+                    if not may_evict:
+                        raise NoRoom(f"'{profile}' does not fit beside what runs: {choice.why}")
+                    if choice.verdict == "evict":
+                        stopped = await self._evict(choice, profile, lane)
+                        if stopped:
+                            continue
+                    woken = self._waker()
+                self._note_wait(profile, lane, choice)
+                try:
+                    async with asyncio.timeout(choice.retry_in_s if choice.verdict == "wait" else 1.0):
+                        await woken
+                except TimeoutError:
+                    pass
+        finally:
+            self._waiting.pop(profile, None)
+
+    def loaded(self, profile: str) -> None:
+        """The engine of `profile` serves: its reservation becomes a holding."""
+        holding = self.ledger.holdings.get(profile)
+        if holding is not None:
+            self.ledger.hold(profile, holding.lane, holding.mib, "running")
+            self._ready_at[profile] = self.clock()
+            if profile in self._granted_at:
+                self.load_s[profile] = self.clock() - self._granted_at.pop(profile)
+
+    def released(self, profile: str) -> None:
+        """The engine of `profile` stopped (or its load failed): its memory is free again."""
+        if self.ledger.release(profile) is not None:
+            self._ready_at.pop(profile, None)
+            self._granted_at.pop(profile, None)
+            self.poke()
+
+    def poke(self) -> None:
+        """Something changed that may let a waiting load go on (a release, a lane gone idle)."""
+        wakers, self._wakers = self._wakers, []
+        for fut in wakers:
+            if not fut.done():
+                fut.set_result(None)
+
+    def launch_probe(self, profile: str) -> Any:
+        """What the engine's start of `profile` plans with (the inventory its grant was sized on), or None."""
+        return self._launch.get(profile)
+
+    def status(self) -> dict[str, Any]:
+        return {"devices": self.ledger.view(), "waiting": dict(self._waiting), "evictions": list(self.evictions),
+                "min_residence_s": self.min_residence_s, "counters": dict(self.counters)}
+
+    # -- inside --------------------------------------------------------------------------------------
+
+    def _grant(self, lane: str, profile: str, needs: Mapping[str, int], launch: Any, started: float) -> None:
+        self.ledger.hold(profile, lane, needs, "loading")
+        self._launch[profile] = launch
+        self._granted_at[profile] = self.clock()
+        waited = self.clock() - started
+        self.counters["wait_s"] += waited
+        if waited > 0.5:
+            log.info("box: %s got its memory after waiting %.1f s", profile, waited)
+
+    def _refuse(self, profile: str, why: str) -> DoesNotFit:
+        self.counters["refused"] += 1
+        return DoesNotFit(f"profile '{profile}' {why}",
+                          hint="`llamactl plan` shows the plan; lower ctx_size, use fewer layers or a smaller quant, "
+                               "or lower LLAMACTL_RESERVE_MIB")
+
+    def _residents(self) -> list[Resident]:
+        now = self.clock()
+        by_lane: dict[str, list[str]] = {}
+        for h in self.ledger.holdings.values():
+            by_lane.setdefault(h.lane, []).append(h.profile)
+        residents = []
+        for name, profiles in by_lane.items():
+            view = self.lanes.get(name)
+            loading = any(self.ledger.holdings[p].state == "loading" for p in profiles)
+            ready = [self._ready_at.get(p, now) for p in profiles]
+            residents.append(Resident(
+                lane=name, profiles=tuple(sorted(profiles)),
+                idle=view is not None and not loading and view.box_idle(),
+                idle_s=view.box_idle_s() if view is not None else 0.0,
+                resident_s=now - max(ready), reload_s=max(self.load_s.get(p, 0.0) for p in profiles),
+                keep=view is not None and view.box_keep()))
+        return residents
+
+    async def _evict(self, choice: Choice, profile: str, lane: str) -> bool:
+        """Have each victim lane stop its engines; True if all did (a lane busy again by now says no)."""
+        reason = f"evicted for {profile} ({lane}): {choice.why}"
+        all_stopped = True
+        for victim in choice.victims:
+            view = self.lanes.get(victim)
+            stopped = view is not None and await view.evict(reason)
+            if stopped:
+                self.counters["evictions"] += 1
+                record = {"lane": victim, "for": profile, "why": choice.why, "at_unix": round(time.time(), 3)}
+                self.evictions = [*self.evictions[-19:], record]
+                log.warning("box: stopped idle %s to make room for %s (%s)", victim, profile, choice.why)
+                self._emit("evicted", lane=victim, profile=profile, why=choice.why)
+            all_stopped = all_stopped and stopped
+        return all_stopped
+
+    def _note_wait(self, profile: str, lane: str, choice: Choice) -> None:
+        if profile not in self._waiting:
+            log.info("box: %s waits for memory: %s", profile, choice.why)
+            self._emit("waiting", lane=lane, profile=profile, why=choice.why)
+        self._waiting[profile] = {"lane": lane, "why": choice.why, "waits_for": list(choice.waits_for)}
+
+    def _waker(self) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wakers.append(fut)
+        return fut
+
+    def _emit(self, what: str, **data: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(what, data)
+            except Exception as e:  # noqa: BLE001 - a listener must never stop a load
+                log.warning("box: event listener failed: %s", e)
