@@ -157,6 +157,11 @@ class Profile(_Strict):
     reranking: bool = Field(default=False, description="Serve reranking (/v1/rerank); needs a reranker model")
     env: dict[str, str] = {}
     extra_args: list[str] = []
+    keep: bool = Field(default=False, description="`llamactl serve` never stops this profile's engine to make "
+                       "room for another (the idle TTL still applies)")
+    cache_ram_mib: int | None = Field(
+        default=None, ge=0, le=1 << 20, description="Host RAM for the engine's prompt cache (--cache-ram), counted "
+        "by the plan; 0 turns it off; unset: twice the KV cache, at most 8192 MiB (the engine's own default)")
     load_timeout_s: float = Field(default=900, gt=0)
     stop_timeout_s: float = Field(default=15, gt=0)
 

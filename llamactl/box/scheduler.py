@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,7 +49,10 @@ class Sizing:
 class Sizer(Protocol):
     def capacity(self) -> Capacity: ...
 
-    def size(self, profile: str, free: Mapping[str, int]) -> Sizing: ...
+    def size(self, profile: str, free: Mapping[str, int], empty: Mapping[str, int]) -> Sizing:
+        """`free`: MiB per device left beside what runs; `empty`: MiB per device with nothing of ours running
+        (both less the reserve)."""
+        ...
 
 
 class LaneView(Protocol):
@@ -73,8 +76,10 @@ class NoRoom(DoesNotFit):
 class BoxScheduler:
     def __init__(self, sizer: Sizer, *, reserve: Mapping[str, int] | None = None, min_residence_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 run_io: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> None:
         self.sizer = sizer
+        self.run_io = run_io  # where the sizer's probes and plans run (a thread: they read files and NVML)
         self.reserve = dict(reserve or {})
         self.min_residence_s = min_residence_s
         self.clock = clock
@@ -108,10 +113,11 @@ class BoxScheduler:
         try:
             while True:
                 async with self._deciding:
-                    capacity = await asyncio.to_thread(self.sizer.capacity)
+                    capacity = await self.run_io(self.sizer.capacity)
                     self.ledger.capacity = dict(capacity.mib)
                     self.ledger.total = dict(capacity.total)
-                    sizing = await asyncio.to_thread(self.sizer.size, profile, self.ledger.free())
+                    sizing = await self.run_io(self.sizer.size, profile, self.ledger.free(),
+                                               {d: self.ledger.usable(d) for d in self.ledger.capacity})
                     if sizing.never is not None:
                         raise self._refuse(profile, sizing.never)
                     if sizing.beside is not None and self.ledger.fits(sizing.beside):

@@ -35,6 +35,7 @@ from llamactl.errors import LlamactlError
 from llamactl.inputs import parse_json_object, switch_request
 from llamactl.profiles import Profile
 from llamactl.router.asgi import read_body, send_error, send_json, while_connected
+from llamactl.box.scheduler import BoxScheduler
 from llamactl.router.backends import Backends, Upstream
 from llamactl.router.catalog import Catalog, Routing
 from llamactl.router.config_from_settings import EngineFacts, EngineFactsProbe, routing_from_settings
@@ -83,8 +84,9 @@ class Router:
     """Owns the catalog, one Lane per routable target, the telemetry and the upstream HTTP client."""
 
     def __init__(self, profiles: Iterable[Profile], backends: Backends, config: RouterConfig | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, box: BoxScheduler | None = None) -> None:
         self.config = config or RouterConfig()
+        self.box = box  # the daemon's memory scheduler: every lane's loads ask it for room
         profiles = list(profiles)
         # The daemon's Backends carries its Settings: the model map and defaults, and where binaries are.
         settings = getattr(backends, "settings", None)
@@ -101,6 +103,8 @@ class Router:
                                        on_change=lambda alert: self.events.publish("alert", **alert))
         self.control: Any = None  # the daemon's DaemonControl (logs, plan, devices); None when embedded
         self.profiles = {p.name: p for p in profiles}
+        if box is not None:
+            box.on_event = lambda what, data: self.events.publish("box", what=what, **data)
         self.lanes = {name: self._new_lane(spec) for name, spec in self.catalog.lanes.items()}
         self.pool: UpstreamPool | None = None
         self._tasks: asyncio.TaskGroup | None = None
@@ -140,6 +144,10 @@ class Router:
 
     def _new_lane(self, spec) -> Lane:
         lane = Lane(spec, self.backends, self.telemetry, self.config.lane)
+        if self.box is not None:
+            lane.box = self.box
+            lane.keep = any(getattr(self.profiles.get(m), "keep", False) for m in spec.members)
+            self.box.register(lane)
         lane.on_event = lambda what, data: self.events.publish("lane", lane=lane.name, what=what, state=lane.state.value,
                                                                 active=lane.active, **data)
         return lane
@@ -292,7 +300,7 @@ class Router:
                 "model_map": dict(routing.model_map), "default_model": routing.default_model,
                 "route_default_models": dict(routing.route_defaults),
                 "uptime_s": round(time.time() - self.started_at, 1), "alerts": self.alerts.active(),
-                "classes": self.class_summary()}
+                "classes": self.class_summary(), **({"box": self.box.status()} if self.box is not None else {})}
 
     def class_summary(self) -> list[dict[str, Any]]:
         """Per (lane, class): each member's rolling tok/s and acceptance, the mean accepted length of its

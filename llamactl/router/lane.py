@@ -34,6 +34,7 @@ from llamactl.router.backends import Backends, Upstream
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, QueueTimeout
 from llamactl.router.runs import Runs
+from llamactl.box.scheduler import BoxScheduler
 from llamactl.router.telemetry import Telemetry
 
 log = logging.getLogger("llamactl.router")
@@ -142,6 +143,10 @@ class Lane:
         self._update_gauges()
         # Told of each state change the dispatcher makes (the router's event stream); must not block.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        # The box's memory scheduler (the daemon's): a load asks it for room first. None: no arbitration.
+        self.box: BoxScheduler | None = None
+        self.keep = False  # `keep = true` on a member: the box never evicts this lane
+        self._was_idle = True
 
     def _emit(self, what: str, **data: Any) -> None:
         if self.on_event is not None:
@@ -254,6 +259,22 @@ class Lane:
             self._wake.set()
             await fut
 
+    # ------------------------------------------------------------------ the box's side
+    def box_idle(self) -> bool:
+        """Nothing in flight, queued or loading: the box may have this lane's engines stopped."""
+        return not (self.in_flight or self.waiting() or self._queued_in_inbox or self._loads or self.forced)
+
+    def box_idle_s(self) -> float:
+        return max(0.0, self.clock() - self.idle_since) if self.box_idle() else 0.0
+
+    def box_keep(self) -> bool:
+        return self.keep
+
+    async def evict(self, reason: str) -> bool:
+        """The box needs this lane's memory: stop every member if the lane is still idle (checked by the
+        dispatcher, so a request that arrived meanwhile keeps it); True once stopped, False if it is busy."""
+        return await self._ask(lambda f: self._evict(reason, f))
+
     def status(self) -> dict[str, Any]:
         d = self.last_decision
         return {
@@ -308,6 +329,10 @@ class Lane:
             self._inbox.popleft()()
         self._decide()
         self._update_gauges()
+        idle = self.box_idle()
+        if idle and not self._was_idle and self.box is not None:
+            self.box.poke()  # a load waiting for this lane's memory may go on
+        self._was_idle = idle
         waiters, self._drain_waiters = self._drain_waiters, []
         for fut in waiters:
             if not fut.done():
@@ -504,6 +529,15 @@ class Lane:
         if was:
             self._emit("unloaded", member=profile, reason="down")
 
+    def _evict(self, reason: str, fut: asyncio.Future[bool]) -> None:
+        if not self.box_idle() or self.closed:
+            fut.set_result(False)
+            return
+        log.info("lane %s: %s", self.name, reason)
+        stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unload_all("evicted", stopped)
+        stopped.add_done_callback(lambda _f: None if fut.done() else fut.set_result(True))
+
     def _engine_down(self, profile: str) -> None:
         self._cancel_load(profile, background_only=True)
         self.upstreams.pop(profile, None)
@@ -568,28 +602,32 @@ class Lane:
                     stop_first: str | None = None, hard_fallback: str | None = None) -> None:
         assert self._tasks is not None, "the dispatcher is not running"
         self.telemetry.loads.labels(profile).inc()
-        task = self._tasks.create_task(self._load(profile, stop_first, hard_fallback), name=f"load:{profile}")
+        background = profile != self.active
+        task = self._tasks.create_task(self._load(profile, stop_first, hard_fallback, background),
+                                       name=f"load:{profile}")
         load = self._loads[profile] = _Load(task, self.clock(), switch_from, trigger)
         task.add_done_callback(lambda _t: self._post(lambda: self._loaded(profile, load)))
 
-    async def _load(self, profile: str, stop_first: str | None, hard_fallback: str | None) -> Upstream | Exception:
+    async def _load(self, profile: str, stop_first: str | None, hard_fallback: str | None,
+                    background: bool = False) -> Upstream | Exception:
         """A load task: stop what must make room first, then have the backends make `profile` ready. A failure
         is returned, not raised (a task that raises would end the dispatcher's TaskGroup)."""
         try:
-            return await self._load_or_raise(profile, stop_first, hard_fallback)
+            return await self._load_or_raise(profile, stop_first, hard_fallback, background)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure must reach the waiting requests
             return e
 
-    async def _load_or_raise(self, profile: str, stop_first: str | None, hard_fallback: str | None) -> Upstream:
+    async def _load_or_raise(self, profile: str, stop_first: str | None, hard_fallback: str | None,
+                             background: bool = False) -> Upstream:
         if stop_first is not None:
             await self._stop_engine(stop_first)
         pending_stop = self._stops.get(profile)
         if pending_stop is not None:
             await asyncio.wait([pending_stop])
         try:
-            return await self.backends.ensure_ready(profile)
+            return await self._ready(profile, may_evict=not background)
         except Exception as e:
             if hard_fallback is None:
                 raise
@@ -598,7 +636,22 @@ class Lane:
             # (bound now: Python unbinds `e` when the except block ends, and the event may run after that)
             self._post(lambda error=e: self._switch_hard_from_now(profile, hard_fallback, error, forget=True))
             await self._stop_engine(hard_fallback)
-            return await self.backends.ensure_ready(profile)
+            return await self._ready(profile)
+
+    async def _ready(self, profile: str, *, may_evict: bool = True) -> Upstream:
+        """Room from the box (where there is one), then the engine; what the box granted is given back if the
+        engine does not come up (a failure or a cancel)."""
+        if self.box is not None:
+            await self.box.admit(self.name, profile, may_evict=may_evict)
+        try:
+            upstream = await self.backends.ensure_ready(profile)
+        except BaseException:
+            if self.box is not None:
+                self.box.released(profile)
+            raise
+        if self.box is not None:
+            self.box.loaded(profile)
+        return upstream
 
     def _stop(self, profile: str, reason: str, fut: asyncio.Future[Any] | None = None, result: Any = None) -> None:
         """Cancel a load of `profile`, forget it, and stop its engine in a task; `fut` gets `result` after."""
@@ -630,6 +683,9 @@ class Lane:
             raise
         except Exception as e:  # noqa: BLE001
             log.warning("lane %s: stopping %s failed: %s", self.name, profile, e)
+        finally:
+            if self.box is not None:
+                self.box.released(profile)
 
     def _cancel_load(self, profile: str, *, background_only: bool = False) -> None:
         load = self._loads.get(profile)

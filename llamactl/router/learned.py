@@ -41,7 +41,7 @@ MAX_RECORDS = 10000  # of at most ~300 bytes: the file stays under MAX_BYTES
 MAX_CLASSES = 64  # per lane: each class restored is a window and a metrics label
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # Profile fields that do not change how fast a member decodes: editing them keeps what it measured.
-_NOT_SPEED = {"source", "extends", "description", "load_timeout_s", "stop_timeout_s"}
+_NOT_SPEED = {"source", "extends", "description", "load_timeout_s", "stop_timeout_s", "keep"}
 
 Lanes = Mapping[str, Mapping[str, str]]  # lane -> member -> its profile's fingerprint
 
