@@ -85,7 +85,7 @@ def fit_together(profiles: list[Profile], settings: Settings, gpus_file: Path | 
         if placed:
             by_itself = plan_for_launch(profile, settings, probe=KnownInventory(alone), margin_mib=margin_mib,
                                         with_argv=False)
-            worse = _worse_beside(plan, by_itself)
+            worse = worse_beside(plan, by_itself)
             if worse:
                 return False, f"'{profile.name}' would keep {worse}{beside} than alone", inventory
         inventory = plan.remaining()
@@ -95,7 +95,7 @@ def fit_together(profiles: list[Profile], settings: Settings, gpus_file: Path | 
     return True, f"{' + '.join(placed)} fit together" + (f" ({free} left)" if free else ""), inventory
 
 
-def _worse_beside(beside: Plan, alone: Plan) -> str | None:
+def worse_beside(beside: Plan, alone: Plan) -> str | None:
     """What a profile loses planned beside others, in words, or None."""
     if beside.n_gpu_layers < alone.n_gpu_layers:
         return f"{alone.n_gpu_layers - beside.n_gpu_layers} more layers on the CPU"
@@ -122,4 +122,5 @@ def engine_argv(plan: Plan, settings: Settings) -> list[str] | None:
     return engine_preview(plan, settings)[0]
 
 
-__all__ = ["KnownInventory", "engine_argv", "engine_preview", "fit_together", "load_spec", "plan_for_launch"]
+__all__ = ["KnownInventory", "engine_argv", "engine_preview", "fit_together", "load_spec", "plan_for_launch",
+           "worse_beside"]

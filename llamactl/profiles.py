@@ -54,6 +54,7 @@ OWNED_FLAGS: dict[str, str] = {
     **dict.fromkeys(("-md", "--model-draft"), "use the `speculation.draft_model` key"),
     **dict.fromkeys(("-b", "--batch-size"), "use the `batch_size` key (the plan sizes compute buffers from it)"),
     **dict.fromkeys(("-ub", "--ubatch-size"), "use the `ubatch_size` key (the plan sizes compute buffers from it)"),
+    **dict.fromkeys(("-cram", "--cache-ram"), "use the `cache_ram_mib` key (the plan counts the prompt cache's RAM)"),
 }
 
 

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
         default="", max_length=2000,
         description="Extra traffic classes clients may name in X-Llamactl-Class, comma-separated (each one becomes "
                     "a metrics label; other names are ignored).")
+    reserve_mib: str = Field(
+        default="", max_length=2000,
+        description="MiB per device `llamactl serve` leaves free beyond the plan's margin, for the desktop, a game or "
+                    "another tool, e.g. 'CUDA0=2048,host=8192' (devices: CUDA0.., RPC0.., host).")
+    min_residence_s: float = Field(
+        default=0.0, ge=0, le=86400,
+        description="Least time an engine runs before `llamactl serve` may stop it to make room for another (it also "
+                    "always runs at least as long as its own load took).")
     router_min_dwell_s: float = Field(default=10.0, ge=0, description="Least time on a member before a switch.")
     router_explore_share: float = Field(
         default=0.1, ge=0, le=1,

@@ -97,6 +97,8 @@ class Engine:
         self._stop_lock = asyncio.Lock()
         self._monitor: asyncio.Task[None] | None = None
         self._relay: asyncio.Task[None] | None = None
+        # The box scheduler's grant: what this engine's start plans with (None: the GPUs as they are now).
+        self.launch_probe: Callable[[str], Any] | None = None
         self.waiting_for: WorkerError | None = None  # an RPC worker that is down: restarts wait for it
         self._worker_waits = 0
 
@@ -201,7 +203,9 @@ class Engine:
         if self._spawner is None:
             self._spawner = SpawnerThread(f"llamactl-spawn-{self.name}")
         key = auth.new_child_key()
-        future = self._spawner.submit(start_profile, self.supervisor, profile, api_key=key, cancelled=cancel.is_set)
+        probe = self.launch_probe(self.name) if self.launch_probe is not None else None
+        future = self._spawner.submit(start_profile, self.supervisor, profile, api_key=key, cancelled=cancel.is_set,
+                                      probe=probe)
         try:
             record = await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:

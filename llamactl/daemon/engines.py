@@ -33,6 +33,7 @@ class Engines:
         self.events = events or EngineEvents()
         self.engines: dict[str, Engine] = {}
         self._tasks: asyncio.TaskGroup | None = None
+        self.launch_probe: Any = None  # the box scheduler's grants (wiring sets it): what each start plans with
 
     def engine(self, name: str) -> Engine:
         engine = self.engines.get(name)
@@ -43,6 +44,7 @@ class Engines:
             engine = self.engines[name] = Engine(name, supervisor=self.supervisor, settings=self.settings,
                                                  profile_of=self._profile, events=self.events)
             engine.tasks = self._tasks
+            engine.launch_probe = self.launch_probe
         return engine
 
     def _profile(self, name: str) -> Profile:

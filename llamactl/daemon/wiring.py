@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamactl.errors import ConfigError, ProfileNotFound
 from llamactl.router.policy import PolicyConfig
@@ -15,6 +15,9 @@ from llamactl.router import Backends, LaneConfig, Router, RouterConfig
 from llamactl.router.alerts import AlertConfig
 from llamactl.router.lane import Lane
 from llamactl.settings import Settings
+
+if TYPE_CHECKING:
+    from llamactl.box.scheduler import BoxScheduler
 
 log = logging.getLogger("llamactl.daemon")
 CLASS_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,32}$")
@@ -66,14 +69,34 @@ def choose_profiles(profiles: dict[str, Profile], errors: dict[str, Any], only: 
 
 
 def build_router(settings: Settings, profiles: dict[str, Profile], backends: Backends | None = None) -> Router:
+    from llamactl.daemon.engines import Engines
+
     if backends is None:
-        from llamactl.daemon.engines import Engines
         from llamactl.supervisor import Supervisor
 
         backends = Engines(Supervisor(settings, die_with_parent=True), profiles, settings)
-    router = Router(profiles.values(), backends, router_config(settings))
+    box = box_scheduler(settings, backends) if isinstance(backends, Engines) else None
+    router = Router(profiles.values(), backends, router_config(settings), box=box)
     plan_warm(router, profiles, settings)
     return router
+
+
+def box_scheduler(settings: Settings, engines) -> "BoxScheduler":
+    """One memory ledger for every engine the daemon runs; each engine's start plans on what it was granted."""
+    from llamactl.box.ledger import parse_reserve
+    from llamactl.box.scheduler import BoxScheduler
+    from llamactl.daemon.sizing import PlanSizer
+
+    try:
+        reserve = parse_reserve(settings.reserve_mib)
+    except ValueError as e:
+        raise ConfigError(str(e), hint="e.g. LLAMACTL_RESERVE_MIB='CUDA0=2048,host=8192'") from None
+    box = BoxScheduler(PlanSizer(settings, engines._profile), reserve=reserve,
+                       min_residence_s=settings.min_residence_s)
+    engines.launch_probe = box.launch_probe
+    for engine in engines.engines.values():
+        engine.launch_probe = box.launch_probe
+    return box
 
 
 def plan_warm(router: Router, profiles: dict[str, Profile], settings: Settings) -> None:

@@ -174,6 +174,8 @@ def add_common_model_args(b: ArgvBuilder, inputs: LaunchInputs) -> None:
         if not b.value_documented("--pooling", p.pooling):
             b.refuse(f"pooling = '{p.pooling}'", ("--pooling",), " with that value")
         b.add("pooling", ("--pooling",), p.pooling)
+    if p.cache_ram_mib is not None and b.caps.accepts("--cache-ram"):
+        b.add("cache_ram_mib", ("--cache-ram", "-cram"), p.cache_ram_mib)
     if b.caps.accepts("--metrics"):
         b.argv.append("--metrics")
 

@@ -21,6 +21,7 @@ from llamactl.plan.placement import (
     CPU,
     DEFAULT_MARGIN_MIB,
     DeviceSlot,
+    DeviceUse,
     ModelLoad,
     apply_draft,
     apply_target,
@@ -35,7 +36,7 @@ from llamactl.plan.placement import (
 from llamactl.plan.result import Plan, Suggestion
 from llamactl.plan.suggestions import SuggestionInput, suggest_changes
 from llamactl.profiles import Profile
-from llamactl.units import mib_ceil
+from llamactl.units import MIB, mib_ceil
 
 # The least context an unset ctx_size is lowered to (llama.cpp's --fit-ctx default).
 DEFAULT_CTX_FLOOR = 4096
@@ -45,6 +46,7 @@ CTX_STEP = 256
 __all__ = ["DEFAULT_CTX_FLOOR", "Plan", "Suggestion", "cpu_moe_layers", "plan_profile", "resolve_ctx"]
 
 
+PROMPT_CACHE_DEFAULT_MAX_MIB = 8192  # llama-server's --cache-ram default
 # Default number of drafted tokens per step, by speculation type and engine (sizes the output rows).
 SPEC_N_MAX = {"draft": 3, "mtp": 3, "ngram-mod": 64, "ngram-simple": 48, "ngram-map-k": 48,
               "ngram-map-k4v": 48, "ngram-cache": 0, "none": 0}
@@ -432,7 +434,20 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
     assert best is not None
     best.cpu_moe = cpu_moe if best.offloads else 0
     best.cpu_moe_chosen = knobs.cpu_moe is not None and best.offloads
+    for use in best.uses:
+        if not use.device.is_gpu and not use.device.remote:
+            use.prompt_cache = prompt_cache_bytes(profile, best.uses)
     return best
+
+
+def prompt_cache_bytes(profile: Profile, uses: list[DeviceUse]) -> int:
+    """Host RAM the engine's prompt cache (--cache-ram) may grow to: the profile's cache_ram_mib, else twice the KV
+    cache (a saved prompt is at most one slot's KV, so this keeps the prompts of every slot twice over), at most
+    the engine's own default of 8192 MiB."""
+    if profile.cache_ram_mib is not None:
+        return profile.cache_ram_mib * MIB
+    kv = sum(u.kv for u in uses)
+    return min(PROMPT_CACHE_DEFAULT_MAX_MIB * MIB, -(-2 * kv // MIB) * MIB)
 
 
 def _draft_reserved(dload: ModelLoad | None, dgpus: list[DeviceSlot], dngl: int, host: DeviceSlot,

@@ -49,13 +49,14 @@ class DeviceUse:
     draft_weights: int = 0
     draft_kv: int = 0
     draft_compute: int = 0
+    prompt_cache: int = 0  # host RAM the engine's prompt cache may grow to (--cache-ram)
     layers: list[int] = field(default_factory=list)  # target layers (n_layer = output layer)
     draft_layers: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return (self.weights + self.kv + self.compute + self.output + self.overhead
-                + self.draft_weights + self.draft_kv + self.draft_compute)
+                + self.draft_weights + self.draft_kv + self.draft_compute + self.prompt_cache)
 
     def room(self, margin_mib: int) -> int | None:
         """Bytes left after this use and the margin (negative = shortfall); None when unknown."""

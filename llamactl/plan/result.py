@@ -88,6 +88,11 @@ class Plan:
                 (self.draft_n_gpu_layers or 0) if self.gpus else 0)
 
     @property
+    def prompt_cache_mib(self) -> int:
+        """The host RAM planned for the engine's prompt cache (--cache-ram), MiB."""
+        return sum(_mib(u.prompt_cache) for u in self.uses)
+
+    @property
     def fits(self) -> bool:
         return not self.problems and all(self.shortfall(u) == 0 for u in self.uses)
 
@@ -100,7 +105,8 @@ class Plan:
 
     def launch_overrides(self) -> dict[str, Any]:
         """Profile field updates for `profile.model_copy(update=...)` before building argv."""
-        over: dict[str, Any] = {"gpus": list(self.gpus), "n_gpu_layers": self.n_gpu_layers}
+        over: dict[str, Any] = {"gpus": list(self.gpus), "n_gpu_layers": self.n_gpu_layers,
+                                "cache_ram_mib": self.prompt_cache_mib}
         if self.profile.ctx_size == 0:
             over["ctx_size"] = self.ctx.n_ctx
         if self.cpu_moe_chosen and self.cpu_moe:
@@ -152,6 +158,7 @@ class Plan:
                 "draft_weights_mib": _mib(u.draft_weights),
                 "draft_kv_mib": _mib(u.draft_kv),
                 "draft_compute_mib": _mib(u.draft_compute),
+                "prompt_cache_mib": _mib(u.prompt_cache),
                 "total_mib": _mib(u.total),
                 "free_mib": free,
                 "free_after_mib": None if free is None else free - _mib(u.total),
@@ -211,7 +218,7 @@ class Plan:
                 _ranges(u.layers, t.n_layer) or "-",
                 f"{_mib(u.weights)}", f"{_mib(u.kv)}", f"{_mib(u.compute)}",
                 f"{_mib(u.draft_weights + u.draft_kv + u.draft_compute)}",
-                f"{_mib(u.output + u.overhead)}",
+                f"{_mib(u.output + u.overhead + u.prompt_cache)}",
                 f"{_mib(u.total)}",
                 "?" if free is None else f"{free}",
                 "?" if free is None else f"{free - _mib(u.total)}",
@@ -223,7 +230,11 @@ class Plan:
             if i == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
         lines.append("  (MiB; 'other' = output buffer + per-GPU overhead "
-                     f"{GPU_OVERHEAD_MIB} MiB; each GPU keeps a {self.margin_mib} MiB margin)")
+                     f"{GPU_OVERHEAD_MIB} MiB + the host's prompt cache; each GPU keeps a {self.margin_mib} MiB margin)")
+        cache = self.prompt_cache_mib
+        lines.append(f"  prompt cache: {cache} MiB of host RAM (--cache-ram {cache}"
+                     + (", set by cache_ram_mib)" if self.profile.cache_ram_mib is not None else
+                        ": twice the KV cache, at most 8192 MiB; cache_ram_mib sets it, 0 turns it off)"))
         if self.remote_devices:
             lines.append(f"  devices {','.join(self.devices)} (RPC workers first), n_gpu_layers {self.n_gpu_layers}, "
                          f"tensor split {self.tensor_split}")
