@@ -243,3 +243,35 @@ class BoxScheduler:
                 self.on_event(what, data)
             except Exception as e:  # noqa: BLE001 - a listener must never stop a load
                 log.warning("box: event listener failed: %s", e)
+
+
+class BoxCollector:
+    """The box's figures for /metrics, read at each scrape: evictions, seconds loads waited for memory, loads
+    refused, and per device the MiB ours hold and the MiB free."""
+
+    def __init__(self, box: BoxScheduler) -> None:
+        self.box = box
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        counters = self.box.counters
+        yield CounterMetricFamily("llamactl_box_evictions", "Idle lanes stopped to make room for another profile",
+                                  value=counters["evictions"])
+        yield CounterMetricFamily("llamactl_box_wait_seconds", "Seconds loads waited for memory",
+                                  value=counters["wait_s"])
+        yield CounterMetricFamily("llamactl_box_refused", "Loads refused: they do not fit even on the empty box",
+                                  value=counters["refused"])
+        held = GaugeMetricFamily("llamactl_box_held_mib", "MiB our engines hold (or loads have reserved) per device",
+                                 labels=["device", "profile"])
+        free = GaugeMetricFamily("llamactl_box_free_mib", "MiB left per device, after the reserve",
+                                 labels=["device"])
+        for row in self.box.ledger.view():
+            for profile, mib in {**row["ours_mib"], **row["loading_mib"]}.items():
+                held.add_metric([row["device"], profile], mib)
+            free.add_metric([row["device"]], row["free_mib"])
+        yield held
+        yield free

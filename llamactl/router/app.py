@@ -35,7 +35,7 @@ from llamactl.errors import LlamactlError
 from llamactl.inputs import parse_json_object, switch_request
 from llamactl.profiles import Profile
 from llamactl.router.asgi import read_body, send_error, send_json, while_connected
-from llamactl.box.scheduler import BoxScheduler
+from llamactl.box.scheduler import BoxCollector, BoxScheduler
 from llamactl.router.backends import Backends, Upstream
 from llamactl.router.catalog import Catalog, Routing
 from llamactl.router.config_from_settings import EngineFacts, EngineFactsProbe, routing_from_settings
@@ -105,6 +105,7 @@ class Router:
         self.profiles = {p.name: p for p in profiles}
         if box is not None:
             box.on_event = lambda what, data: self.events.publish("box", what=what, **data)
+            self.telemetry.registry.register(BoxCollector(box))
         self.lanes = {name: self._new_lane(spec) for name, spec in self.catalog.lanes.items()}
         self.pool: UpstreamPool | None = None
         self._tasks: asyncio.TaskGroup | None = None
