@@ -119,6 +119,9 @@ class Lane:
         self.idle_since = clock()
         self.service_s: float | None = None  # EWMA of a request's time holding a slot
         self._inbox: deque[Callable[[], None]] = deque()
+        self._ended = False  # the dispatcher has stopped: every question is answered at once (an error)
+        self._asks: set[asyncio.Future[Any]] = set()  # questions posted and not yet answered
+        self._arriving: set[Ticket] = set()  # tickets posted but not yet in the queue
         self._queued_in_inbox = 0  # tickets posted but not yet in the queue (counted against max_queue)
         self._wake = asyncio.Event()
         self._waiters: list[tuple[str, asyncio.Future[None]]] = []  # force(): member -> serving
@@ -146,6 +149,7 @@ class Lane:
         # The box's memory scheduler (the daemon's): a load asks it for room first. None: no arbitration.
         self.box: BoxScheduler | None = None
         self.keep = False  # `keep = true` on a member: the box never evicts this lane
+        self._force_transient = False  # the forced member is only until it serves (serve_once)
         self._was_idle = True
 
     def _emit(self, what: str, **data: Any) -> None:
@@ -162,8 +166,16 @@ class Lane:
 
     def _ask(self, event: Callable[[asyncio.Future[Any]], None]) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._ended:
+            fut.set_exception(self._ended_error())
+            return fut
+        self._asks.add(fut)
+        fut.add_done_callback(self._asks.discard)
         self._post(lambda: None if fut.done() else event(fut))
         return fut
+
+    def _ended_error(self) -> EngineUnavailable:
+        return EngineUnavailable(f"'{self.name}' is shut down (the router is stopping or reloading)")
 
     # ------------------------------------------------------------------ request side
     def role_of(self, profile: str) -> Role:
@@ -190,7 +202,10 @@ class Lane:
             )
         if not front and ticket.evidence:
             self.telemetry.arrival(self.name, ticket.cls)
+        if self._ended:
+            raise self._ended_error()
         self._queued_in_inbox += 1
+        self._arriving.add(ticket)
         self._post(lambda: self._enqueue(ticket, front))
         try:
             async with asyncio.timeout(self.config.queue_timeout_s):
@@ -216,11 +231,12 @@ class Lane:
         self._post(lambda: self._released(ticket, upstream_failed))
 
     # ------------------------------------------------------------------ control side
-    async def force(self, member: str | None, *, timeout_s: float = 600.0) -> None:
-        """Force a member (None: back to automatic). Returns once it serves; raises if it fails to start."""
+    async def force(self, member: str | None, *, timeout_s: float = 600.0, transient: bool = False) -> None:
+        """Force a member (None: back to automatic). Returns once it serves; raises if it fails to start.
+        `transient`: only until it serves (serve_once), so requests pinned to another member wait meanwhile."""
         if member is not None and member not in self.spec.members:
             raise BadRequest(f"'{member}' is not a member of '{self.name}'; members: {', '.join(self.spec.members)}")
-        fut = self._ask(lambda f: self._force(member, f))
+        fut = self._ask(lambda f: self._force(member, f, transient))
         async with asyncio.timeout(timeout_s):
             await fut
 
@@ -229,7 +245,7 @@ class Lane:
         forced to it afterwards, unless it already was."""
         previous = self.forced
         try:
-            await self.force(member, timeout_s=timeout_s)
+            await self.force(member, timeout_s=timeout_s, transient=previous is None)
         finally:
             if previous is None and self.forced == member:
                 await self.force(None)
@@ -322,6 +338,25 @@ class Lane:
                         pass
             finally:
                 self._tasks = None
+                self._end()
+
+    def _end(self) -> None:
+        """The dispatcher stopped: answer every question and request still waiting (nothing will later)."""
+        self._ended = True
+        self._inbox.clear()
+        error = self._ended_error()
+        for fut in [*self._asks, *(t.future for t in (*self._arriving, *self.queue)),
+                    *(f for _, f in self._waiters)]:
+            if not fut.done():
+                fut.set_exception(error)
+        self._asks.clear()
+        self._arriving.clear()
+        self.queue.clear()
+        self._waiters = []
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._drain_waiters = []
 
     def step(self) -> None:
         """One turn: apply every posted event, then decide. Synchronous: nothing else runs meanwhile."""
@@ -351,6 +386,9 @@ class Lane:
         if target is None:
             if self._idle_timeout() == 0.0 and not self._loads:
                 self._unload_all("idle", None)
+            elif self.state is LaneState.DRAINING and self.in_flight == 0:
+                # the switch it drained for was called off (its member stopped, or back to automatic)
+                self.state = LaneState.READY if self.active in self.upstreams else LaneState.UNLOADED
             return
         profile, trigger = target
         if profile == self.active and profile in self.upstreams:
@@ -448,6 +486,8 @@ class Lane:
 
     def _target(self) -> tuple[str, str] | None:
         if self.forced is not None:
+            if not self._force_transient:
+                self._fail_pinned_elsewhere(self.forced)
             return self.forced, "forced"
         head = self._head()
         if head is None:
@@ -476,6 +516,7 @@ class Lane:
     # ------------------------------------------------------------------ events (dispatcher only)
     def _enqueue(self, ticket: Ticket, front: bool) -> None:
         self._queued_in_inbox -= 1
+        self._arriving.discard(ticket)
         if not ticket.waiting:
             return  # gave up before it reached the queue
         if front:
@@ -508,7 +549,16 @@ class Lane:
         if self.in_flight == 0:
             self.idle_since = self.clock()
 
-    def _force(self, member: str | None, fut: asyncio.Future[None]) -> None:
+    def _force(self, member: str | None, fut: asyncio.Future[None], transient: bool = False) -> None:
+        self._force_transient = transient
+        superseded = [(m, f) for m, f in self._waiters if m != member and not f.done()]
+        if superseded and self.forced is not None and self.forced != member:
+            for m, f in superseded:
+                if m == self.forced:
+                    f.set_exception(EngineUnavailable(
+                        f"the switch of '{self.name}' to '{m}' was called off: " + (
+                            f"switched to '{member}' instead" if member else "handed back to the policy")))
+            self._waiters = [(m, f) for m, f in self._waiters if not f.done()]
         self.forced = member
         if member is None or (self.active == member and member in self.upstreams):
             fut.set_result(None)
@@ -520,11 +570,13 @@ class Lane:
             self.forced = None
         self._not_warm.add(profile)  # stopped on purpose: not loaded again in the background
         was = profile in self.upstreams or profile in self._loads
+        stopped = EngineUnavailable(f"profile '{profile}' was stopped (llamactl down) before it served",
+                                    extra={"profile": profile})
         if profile == self.active:
-            stopped = EngineUnavailable(f"profile '{profile}' was stopped (llamactl down) before it served",
-                                        extra={"profile": profile})
             self._fail_waiting(profile, stopped)
             self.state = LaneState.UNLOADED
+        else:  # what waits for this member in particular: requests pinned to it, a switch to it
+            self._fail_pinned(profile, stopped)
         self._stop(profile, "down", fut, result=was)
         if was:
             self._emit("unloaded", member=profile, reason="down")
@@ -834,6 +886,21 @@ class Lane:
             else:
                 ticket.future.set_exception(failure)
         self.queue = keep
+        self._resolve_waiters(profile, failure)
+
+    def _fail_pinned_elsewhere(self, forced: str) -> None:
+        """Requests naming another member than the one `llamactl switch` forced would wait for nothing: say so."""
+        for ticket in self.queue:
+            if ticket.waiting and ticket.pin not in (None, forced):
+                ticket.future.set_exception(EngineUnavailable(
+                    f"'{ticket.pin}' is not served now: '{self.name}' is switched to '{forced}' (llamactl switch)",
+                    hint=f"`llamactl switch {self.name} auto` hands it back to the policy, or ask for '{self.name}'",
+                    extra={"profile": ticket.pin}))
+
+    def _fail_pinned(self, profile: str, failure: Exception) -> None:
+        for ticket in self.queue:
+            if ticket.waiting and ticket.pin == profile:
+                ticket.future.set_exception(failure)
         self._resolve_waiters(profile, failure)
 
     def _resolve_waiters(self, profile: str, error: Exception | None) -> None:
