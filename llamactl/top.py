@@ -49,7 +49,8 @@ class TopView:
     # -- rendering ------------------------------------------------------------------------------------
 
     def render(self) -> Group:
-        parts: list[Any] = [self._alerts(), self._devices(), self._lanes(), self._classes(), self._activity()]
+        parts: list[Any] = [self._alerts(), self._devices(), self._ledger(), self._lanes(), self._classes(),
+                            self._activity()]
         return Group(*[p for p in parts if p is not None])
 
     def _alerts(self) -> Text | None:
@@ -73,6 +74,21 @@ class TopView:
                                                                             "total_mib")))
         if self.devices is None:
             table.add_row("(no sample yet)", "", "", "", "", "")
+        return table
+
+    def _ledger(self) -> Table | None:
+        box = self.status.get("box")
+        if not box:
+            return None
+        table = Table(title="memory ledger (MiB)", title_justify="left", expand=True)
+        for col in ("device", "ours", "loading", "reserve", "others", "free"):
+            table.add_column(col)
+        for d in box["devices"]:
+            table.add_row(d["device"], ", ".join(f"{p} {m}" for p, m in d["ours_mib"].items()) or "-",
+                          ", ".join(f"{p} {m}" for p, m in d["loading_mib"].items()) or "-", str(d["reserve_mib"]),
+                          "?" if d["others_mib"] is None else str(d["others_mib"]), str(d["free_mib"]))
+        for profile, wait in (box.get("waiting") or {}).items():
+            table.add_row(f"{profile} waits", wait["why"], "", "", "", "")
         return table
 
     def _lanes(self) -> Table:

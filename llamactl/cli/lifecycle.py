@@ -35,7 +35,12 @@ def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> 
     from llamactl.launch import start_profile
     from llamactl.profiles import load_profile
 
-    client = None if foreground else daemon_client(settings)
+    client = daemon_client(settings)
+    if client is not None and foreground:
+        click.echo("note: a llamactl daemon (`llamactl serve`) owns this box's memory; a --foreground start runs "
+                   "outside its ledger, so the daemon may plan the same memory for its own engines. "
+                   f"`llamactl up {profile}` without --foreground starts it through the daemon.", err=True)
+        client = None
     if client is not None:
         click.echo(f"asking the llamactl daemon to start {profile} ...", err=True)
         result = client.up(profile)

@@ -65,6 +65,25 @@ def switch_command(settings: Settings, group: str, member: str, url: str | None,
     click.echo(f"{status['lane']}: active {status['active']} ({status['state']}, {forced})")
 
 
+def box_lines(box: dict | None) -> list[str]:
+    """The memory ledger in words: per device, ours by profile, loads in progress, the reserve, free; then what
+    waits for memory and the last evictions."""
+    if not box:
+        return []
+    lines = []
+    for d in box["devices"]:
+        ours = ", ".join(f"{p} {m}" for p, m in d["ours_mib"].items()) or "none"
+        loading = ", ".join(f"{p} {m}" for p, m in d["loading_mib"].items())
+        others = "" if d["others_mib"] is None else f", others {d['others_mib']}"
+        lines.append(f"memory {d['device']}: ours {ours}" + (f", loading {loading}" if loading else "")
+                     + f", reserve {d['reserve_mib']}{others}, free {d['free_mib']} MiB")
+    for profile, wait in (box.get("waiting") or {}).items():
+        lines.append(f"  {profile} waits for memory: {wait['why']}")
+    for e in (box.get("evictions") or [])[-3:]:
+        lines.append(f"  stopped idle {e['lane']} for {e['for']}: {e['why']}")
+    return lines
+
+
 def router_status_lines(status: dict) -> list[str]:
     """Human lines per lane: the group, its active member, the last decision and why; then the names
     clients use that are mapped to profiles, and the router's problems."""
@@ -86,6 +105,7 @@ def router_status_lines(status: dict) -> list[str]:
             lines.append(f"  {member} passed over for {why['for_s']:.0f}s more: it failed to start: {why['reason']}")
         if lane.get("last_error"):
             lines.append(f"  last error: {lane['last_error']}")
+    lines.extend(box_lines(status.get("box")))
     if status.get("model_map"):
         lines.append("model names: " + ", ".join(f"{glob} -> {target}" for glob, target in status["model_map"].items()))
     if status.get("default_model"):

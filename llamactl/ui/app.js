@@ -172,6 +172,18 @@ function renderDevices(sample) {
   $("devices").replaceChildren(...rows);
 }
 
+function renderLedger(box) {
+  const owned = (m) => Object.entries(m).map(([p, v]) => `${p} ${v}`).join(", ") || "none";
+  const rows = box.devices.map((d) => el("div", {class: "ledger-device", "data-device": d.device},
+    `${d.device}: ours ${owned(d.ours_mib)} MiB · loading ${owned(d.loading_mib)} · reserve ${d.reserve_mib} · ` +
+    (d.others_mib === null ? "" : `others ${d.others_mib} · `) + `free ${d.free_mib} MiB`));
+  for (const [profile, w] of Object.entries(box.waiting || {}))
+    rows.push(el("div", {class: "error", "data-waiting": profile}, `${profile} waits for memory: ${w.why}`));
+  for (const e of (box.evictions || []).slice(-5))
+    rows.push(el("div", {}, `${new Date(e.at_unix * 1000).toLocaleTimeString()} stopped idle ${e.lane} for ${e.for}: ${e.why}`));
+  $("ledger").replaceChildren(...rows);
+}
+
 // ------------------------------------------------------------------ lanes
 
 const loadProgress = {};
@@ -193,6 +205,7 @@ function renderStatus() {
     `acceptance alert: ${a.lane} / ${a["class"]}: ${(a.acceptance * 100).toFixed(0)}% accepted over ${a.drafted} drafted tokens (threshold ${(a.threshold * 100).toFixed(0)}%)`));
   $("alerts").replaceChildren(...alerts);
   $("lanes").replaceChildren(...status.lanes.map(renderLane));
+  if (status.box) renderLedger(status.box);
   for (const lane of status.lanes) {
     const s = queueSeries.get(lane.lane) || [];
     s.push(lane.queue_depth); if (s.length > SERIES) s.shift();
