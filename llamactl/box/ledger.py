@@ -32,12 +32,19 @@ class Ledger:
     reserve: dict[str, int] = field(default_factory=dict)  # device -> MiB left free for the user's other work
     total: dict[str, int | None] = field(default_factory=dict)  # device -> its size, for the words only
     holdings: dict[str, Holding] = field(default_factory=dict)  # profile -> its holding
+    # profile -> device -> MiB its running engine uses as measured (NVML per process); a holding counts the larger
+    # of its plan and this, so an engine that grew past its plan is not undercounted.
+    measured: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def holds(self, h: Holding, device: str) -> int:
+        planned = h.mib.get(device, 0)
+        return max(planned, self.measured.get(h.profile, {}).get(device, 0)) if h.state == "running" else planned
 
     def usable(self, device: str) -> int:
         return max(0, self.capacity.get(device, 0) - self.reserve.get(device, 0))
 
     def held(self, device: str, *, without: frozenset[str] = frozenset()) -> int:
-        return sum(h.mib.get(device, 0) for h in self.holdings.values() if h.profile not in without)
+        return sum(self.holds(h, device) for h in self.holdings.values() if h.profile not in without)
 
     def free(self, *, without: frozenset[str] = frozenset()) -> dict[str, int]:
         """MiB left per device for a new engine (less the reserve); `without`: as if those profiles stopped."""
@@ -62,8 +69,8 @@ class Ledger:
         """Per device: ours by profile (running and loading), the reserve, others', free (for status and top)."""
         rows = []
         for device in sorted(self.capacity, key=_device_order):
-            ours = {h.profile: h.mib[device] for h in self.holdings.values()
-                    if h.state == "running" and h.mib.get(device)}
+            ours = {h.profile: self.holds(h, device) for h in self.holdings.values()
+                    if h.state == "running" and self.holds(h, device)}
             loading = {h.profile: h.mib[device] for h in self.holdings.values()
                        if h.state == "loading" and h.mib.get(device)}
             total = self.total.get(device)

@@ -31,6 +31,7 @@ class Capacity:
 
     mib: Mapping[str, int]
     total: Mapping[str, int | None] = field(default_factory=dict)
+    measured: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # profile -> device -> MiB (NVML)
 
 
 @dataclass(frozen=True)
@@ -116,16 +117,18 @@ class BoxScheduler:
                     capacity = await self.run_io(self.sizer.capacity)
                     self.ledger.capacity = dict(capacity.mib)
                     self.ledger.total = dict(capacity.total)
+                    self.ledger.measured = {p: dict(m) for p, m in capacity.measured.items()}
                     sizing = await self.run_io(self.sizer.size, profile, self.ledger.free(),
                                                {d: self.ledger.usable(d) for d in self.ledger.capacity})
                     if sizing.never is not None:
                         raise self._refuse(profile, sizing.never)
                     if sizing.beside is not None and self.ledger.fits(sizing.beside):
-                        return self._grant(lane, profile, sizing.beside, sizing.launch_beside, started)
+                        return self._grant(lane, profile, sizing.beside, sizing.launch_beside, started, "beside what runs")
                     choice = choose(sizing.alone, self.ledger, self._residents(), requester=lane,
                                     min_residence_s=self.min_residence_s)
                     if choice.verdict == "fits":
-                        return self._grant(lane, profile, sizing.alone, sizing.launch_alone, started)
+                        return self._grant(lane, profile, sizing.alone, sizing.launch_alone, started,
+                                           "as planned alone" if not self.ledger.holdings else "in the room made")
                     if choice.verdict == "never":
                         raise self._refuse(profile, choice.why)
                     if not may_evict:
@@ -177,8 +180,11 @@ class BoxScheduler:
 
     # -- inside --------------------------------------------------------------------------------------
 
-    def _grant(self, lane: str, profile: str, needs: Mapping[str, int], launch: Any, started: float) -> None:
+    def _grant(self, lane: str, profile: str, needs: Mapping[str, int], launch: Any, started: float,
+               placed: str) -> None:
         self.ledger.hold(profile, lane, needs, "loading")
+        log.info("box: %s gets %s (%s)", profile, ", ".join(f"{m} MiB on {d}" for d, m in sorted(needs.items()))
+                 or "no memory we count", placed)
         self._launch[profile] = launch
         self._granted_at[profile] = self.clock()
         waited = self.clock() - started

@@ -27,9 +27,10 @@ CPU = "CPU"
 
 class PlanSizer:
     def __init__(self, settings: Settings, profile_of: Callable[[str], Profile], *,
-                 margin_mib: int = DEFAULT_MARGIN_MIB) -> None:
+                 pids: Callable[[], Mapping[str, int]] = dict, margin_mib: int = DEFAULT_MARGIN_MIB) -> None:
         self.settings = settings
         self.profile_of = profile_of
+        self.pids = pids  # profile -> the pid of its running engine
         self.margin_mib = margin_mib
         self._inventory: GpuInventory | None = None  # the last probe (size() plans on it)
 
@@ -38,8 +39,13 @@ class PlanSizer:
         live = inventory.source == "nvml"
         mib: dict[str, int] = {}
         total: dict[str, int | None] = {}
+        measured: dict[str, dict[str, int]] = {}
+        profile_of_pid = {pid: name for name, pid in self.pids().items()} if live else {}
         for g in inventory.gpus:
             ours = sum(p.used_mib or 0 for p in g.processes if p.ours) if live else 0
+            for p in g.processes:
+                if p.pid in profile_of_pid and p.used_mib:
+                    measured.setdefault(profile_of_pid[p.pid], {})[f"CUDA{g.index}"] = p.used_mib
             mib[f"CUDA{g.index}"] = max(0, min(g.total_mib, g.free_mib + ours) - self.margin_mib)
             total[f"CUDA{g.index}"] = g.total_mib
         if inventory.host_free_mib is not None:
@@ -47,7 +53,7 @@ class PlanSizer:
             host = inventory.host_free_mib + ours
             mib[CPU] = host if inventory.host_total_mib is None else min(inventory.host_total_mib, host)
             total[CPU] = inventory.host_total_mib
-        return Capacity(mib, total)
+        return Capacity(mib, total, measured)
 
     def size(self, name: str, free: Mapping[str, int], empty: Mapping[str, int]) -> Sizing:
         profile = self.profile_of(name)

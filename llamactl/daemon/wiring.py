@@ -91,7 +91,10 @@ def box_scheduler(settings: Settings, engines) -> "BoxScheduler":
         reserve = parse_reserve(settings.reserve_mib)
     except ValueError as e:
         raise ConfigError(str(e), hint="e.g. LLAMACTL_RESERVE_MIB='CUDA0=2048,host=8192'") from None
-    box = BoxScheduler(PlanSizer(settings, engines._profile), reserve=reserve,
+    def pids() -> dict[str, int]:
+        return {name: e.record.pid for name, e in list(engines.engines.items()) if e.record is not None}
+
+    box = BoxScheduler(PlanSizer(settings, engines._profile, pids=pids), reserve=reserve,
                        min_residence_s=settings.min_residence_s)
     engines.launch_probe = box.launch_probe
     for engine in engines.engines.values():
