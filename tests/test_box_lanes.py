@@ -41,10 +41,17 @@ async def inline(fn, *args):
     return fn(*args)
 
 
+class SupervisedEngines(RecordingEngines):
+    """Engines that can say what serves already (an engine restarts itself after a crash, as the daemon's do)."""
+
+    def serving(self, profile: str) -> bool:
+        return profile in self.running
+
+
 class Box:
     def __init__(self, capacity, needs, *, min_residence_s=0.0, reserve=None):
         self.clock = ManualClock()
-        self.engines = RecordingEngines()
+        self.engines = SupervisedEngines()
         self.sizes = Sizes(capacity, needs)
         self.events: list[tuple[str, dict]] = []
         self.scheduler = BoxScheduler(self.sizes, clock=self.clock, min_residence_s=min_residence_s, reserve=reserve,
@@ -261,3 +268,27 @@ async def test_a_background_warm_up_that_does_not_fit_evicts_nothing_and_switche
     await settle()
     assert not g.keep_both_warm and "does not fit beside" in g.warm_reason
     assert box.engines.running == {g.active} and box.engines.calls.count(("stop", g.active)) == 0
+
+
+@box_test(**TWO_ON_ONE)
+async def test_an_engine_that_restarted_itself_is_held_at_its_grant_without_planning_it_again(box):
+    # Planning again would ask an RPC profile's workers, who serve one client and have the engine already.
+    a = box.lane("a")
+    await serve_one(box, a)
+    assert box.sizes.sized == ["a"]
+    a.engine_down("a")  # it crashed, and its engine restarted it on its own
+    await settle()
+    await serve_one(box, a)
+    assert box.sizes.sized == ["a"], "sized again"
+    assert box.scheduler.ledger.free() == {"CPU": 200}
+    assert box.scheduler.ledger.holdings["a"].state == "running"
+
+
+@box_test(**TWO_ON_ONE)
+async def test_an_engine_given_up_on_gives_its_memory_back(box):
+    a = box.lane("a")
+    await serve_one(box, a)
+    box.engines.running.discard("a")
+    a.mark_failed("a", RuntimeError("crash loop"))
+    await settle()
+    assert box.scheduler.ledger.free() == {"CPU": 520}

@@ -91,6 +91,7 @@ class BoxScheduler:
         self._granted_at: dict[str, float] = {}
         self._ready_at: dict[str, float] = {}
         self.load_s: dict[str, float] = {}  # profile -> its last load's seconds (grant to ready)
+        self._last_grant: dict[str, dict[str, int]] = {}  # profile -> what its last grant was sized at
         self._waiting: dict[str, dict[str, Any]] = {}  # profile -> what it waits for (status)
         self._wakers: list[asyncio.Future[None]] = []
         self._deciding = asyncio.Lock()
@@ -147,6 +148,17 @@ class BoxScheduler:
         finally:
             self._waiting.pop(profile, None)
 
+    def serving(self, lane: str, profile: str) -> None:
+        """`profile`'s engine serves without having asked (it restarted itself after a crash, or when its RPC
+        worker came back): hold it at its last grant (NVML's measure corrects that where there is one) rather
+        than plan it again, which would ask its workers, who serve one client at a time and have it already."""
+        if profile in self.ledger.holdings:
+            self.loaded(profile)
+            return
+        self.ledger.hold(profile, lane, self._last_grant.get(profile, {}), "running")
+        self._ready_at[profile] = self.clock()
+        log.info("box: %s serves again on its own (held at its last grant)", profile)
+
     def loaded(self, profile: str) -> None:
         """The engine of `profile` serves: its reservation becomes a holding."""
         holding = self.ledger.holdings.get(profile)
@@ -183,6 +195,7 @@ class BoxScheduler:
     def _grant(self, lane: str, profile: str, needs: Mapping[str, int], launch: Any, started: float,
                placed: str) -> None:
         self.ledger.hold(profile, lane, needs, "loading")
+        self._last_grant[profile] = dict(needs)
         log.info("box: %s gets %s (%s)", profile, ", ".join(f"{m} MiB on {d}" for d, m in sorted(needs.items()))
                  or "no memory we count", placed)
         self._launch[profile] = launch

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from llamactl.daemon.engine import Engine, EngineEvents, EngineState
+from llamactl.supervisor.state import process_matches
 from llamactl.errors import ProfileNotFound, StartCancelled
 from llamactl.profiles import Profile
 from llamactl.router import Upstream
@@ -108,6 +109,11 @@ class Engines:
     def running_record(self, name: str) -> ServerRecord | None:
         engine = self.engines.get(name)
         return engine.record if engine is not None and engine.state is EngineState.READY else None
+
+    def serving(self, name: str) -> bool:
+        """Ready now, its process alive: `ensure_ready` would start nothing."""
+        record = self.running_record(name)
+        return record is not None and process_matches(record) is not None
 
     def is_running(self, name: str) -> bool:
         """Running or starting (what `down` would stop)."""

@@ -16,7 +16,7 @@ from dataclasses import replace
 from llamactl.box.scheduler import Capacity, Sizing
 from llamactl.gpus import GpuInventory, probe_gpus
 from llamactl.plan import DEFAULT_MARGIN_MIB
-from llamactl.planning import KnownInventory, plan_for_launch, worse_beside
+from llamactl.planning import KnownInventory, plan_for_launch, with_workers, worse_beside
 from llamactl.profiles import Profile
 from llamactl.settings import Settings
 from llamactl.units import MIB
@@ -57,7 +57,8 @@ class PlanSizer:
 
     def size(self, name: str, free: Mapping[str, int], empty: Mapping[str, int]) -> Sizing:
         profile = self.profile_of(name)
-        base = self._inventory or probe_gpus(None, self.settings)
+        # Its RPC workers are asked once here (both plans use the answer); the start asks them again itself.
+        base = with_workers(profile, self.settings, self._inventory or probe_gpus(None, self.settings))
         alone_box = self._box(base, empty)
         alone = plan_for_launch(profile, self.settings, probe=KnownInventory(alone_box), with_argv=False)
         if not alone.fits:
@@ -68,7 +69,8 @@ class PlanSizer:
         as_good = beside.fits and worse_beside(beside, alone) is None
         return Sizing(alone=self._needs(alone.device_totals_mib(), empty),
                       beside=self._needs(beside.device_totals_mib(), free) if as_good else None,
-                      launch_alone=KnownInventory(alone_box), launch_beside=KnownInventory(beside_box))
+                      launch_alone=KnownInventory(replace(alone_box, remote=())),
+                      launch_beside=KnownInventory(replace(beside_box, remote=())))
 
     def _box(self, base: GpuInventory, free: Mapping[str, int]) -> GpuInventory:
         """The inventory with each device's free memory as the ledger says (the plan's margin added back: the

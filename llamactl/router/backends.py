@@ -25,3 +25,10 @@ class Backends(Protocol):
     async def stop(self, profile_name: str) -> None:
         """Stop the profile if it runs (idempotent)."""
         ...
+
+
+def serving_now(backends: Backends, profile_name: str) -> bool:
+    """Whether `profile_name` already serves without a start (an engine that restarted itself after a crash
+    or a worker's return). Backends that cannot tell (`serving` absent) say no."""
+    serving = getattr(backends, "serving", None)
+    return bool(serving(profile_name)) if serving is not None else False

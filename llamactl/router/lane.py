@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamactl.router.policy import Decision, GroupState, PolicyConfig, Role, decide
-from llamactl.router.backends import Backends, Upstream
+from llamactl.router.backends import Backends, Upstream, serving_now
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, QueueTimeout
 from llamactl.router.runs import Runs
@@ -598,6 +598,8 @@ class Lane:
         self._cancel_load(profile, background_only=True)
         self._not_warm.add(profile)
         self.upstreams.pop(profile, None)
+        if self.box is not None:
+            self.box.released(profile)  # given up on: nothing of it runs any more
         if profile == self.active or self.forced == profile:
             self._fail_start(profile, error)
 
@@ -694,7 +696,10 @@ class Lane:
         """Room from the box (where there is one), then the engine; what the box granted is given back if the
         engine does not come up (a failure or a cancel)."""
         if self.box is not None:
-            await self.box.admit(self.name, profile, may_evict=may_evict)
+            if serving_now(self.backends, profile):
+                self.box.serving(self.name, profile)
+            else:
+                await self.box.admit(self.name, profile, may_evict=may_evict)
         try:
             upstream = await self.backends.ensure_ready(profile)
         except BaseException:
