@@ -269,3 +269,11 @@ def test_a_path_no_unit_can_hold_is_refused_with_a_sentence(home: Path):
 
 def test_the_committed_user_example_keeps_its_specifiers():
     assert "ExecStart=%h/.local/bin/llamactl serve" in render_unit(EXAMPLE_USER)
+
+
+def test_install_refuses_an_output_that_is_not_a_regular_file(settings: Settings, tmp_path: Path):
+    fifo = tmp_path / "a-fifo"
+    os.mkfifo(fifo)
+    r = CliRunner().invoke(main, ["systemd", "install", "--output", str(fifo)])
+    assert r.exit_code == 1 and "exists and is not a regular file" in r.output
+    assert fifo.is_fifo()
