@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llamactl.errors import ProfileError, ProfileNotFound
-from llamactl.names import check_profile_name
+from llamactl.names import check_profile_name, closest_names
 from llamactl.settings import Settings
 
 MAX_CTX = 524288
@@ -241,10 +241,8 @@ def find_profile_file(name: str, settings: Settings, *, after: Path | None = Non
     if name in files:
         return files[name]
     searched = ", ".join(str(d) for d in settings.profile_search_path())
-    close = difflib.get_close_matches(name, list(files), n=3)
-    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else (
-        f"create {settings.config_dir / 'profiles' / (name + '.toml')} or set LLAMACTL_PROFILES_DIRS"
-    )
+    hint = (closest_names(name, files) + f"; or create {settings.config_dir / 'profiles' / (name + '.toml')} "
+            "(or set LLAMACTL_PROFILES_DIRS)")
     raise ProfileNotFound(f"no profile named '{name}' (searched: {searched})", hint=hint)
 
 
