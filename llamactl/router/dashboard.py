@@ -27,6 +27,7 @@ from llamactl.router.errors import RouterError, error_body
 UI_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
             "style.css": "text/css; charset=utf-8"}
 UI_PATHS = frozenset({"/ui", "/ui/", *(f"/ui/{name}" for name in UI_FILES)})  # open without a key: no data
+UI_PAGES = frozenset({"/ui", "/ui/", "/ui/index.html"})  # what a link from another site may open (web_guard)
 # Nothing the page loads may come from elsewhere (no CDN); no inline script either.
 UI_HEADERS = {"content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
               "x-content-type-options": "nosniff", "cache-control": "no-cache", "referrer-policy": "no-referrer"}
