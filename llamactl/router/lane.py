@@ -250,10 +250,11 @@ class Lane:
             if previous is None and self.forced == member:
                 await self.force(None)
 
-    async def unload(self, profile: str) -> bool:
+    async def unload(self, profile: str, why: str = "llamactl down") -> bool:
         """Stop `profile` now (`llamactl down`), cancelling a load in progress; returns once it is stopped.
-        Requests queued for it fail; a later request loads it again. True if it was loaded or loading."""
-        return await self._ask(lambda f: self._unload(profile, f))
+        Requests queued for it fail (their error names `why`: who stopped it); a later request loads it again.
+        True if it was loaded or loading."""
+        return await self._ask(lambda f: self._unload(profile, f, why))
 
     def engine_down(self, profile: str) -> None:
         """The engine of `profile` died or hung: the next grant asks the backends again (they restart it)."""
@@ -565,12 +566,12 @@ class Lane:
         else:
             self._waiters.append((member, fut))
 
-    def _unload(self, profile: str, fut: asyncio.Future[bool]) -> None:
+    def _unload(self, profile: str, fut: asyncio.Future[bool], why: str = "llamactl down") -> None:
         if self.forced == profile:
             self.forced = None
         self._not_warm.add(profile)  # stopped on purpose: not loaded again in the background
         was = profile in self.upstreams or profile in self._loads
-        stopped = EngineUnavailable(f"profile '{profile}' was stopped (llamactl down) before it served",
+        stopped = EngineUnavailable(f"profile '{profile}' was stopped ({why}) before it served",
                                     extra={"profile": profile})
         if profile == self.active:
             self._fail_waiting(profile, stopped)
