@@ -71,6 +71,11 @@ class ModelInfo:
     context_length: int | None
     block_count: int | None
     file_size_bytes: int
+    sliding_window: int = 0  # tokens in a sliding-window attention layer's window (0: no such layers)
+
+    @property
+    def has_sliding_window(self) -> bool:
+        return self.sliding_window > 0
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,12 @@ class GGUFFile:
             context_length=self.metadata.get(f"{arch}.context_length"),
             block_count=self.metadata.get(f"{arch}.block_count"),
             file_size_bytes=self.file_size_bytes,
+            sliding_window=_int_or_zero(self.metadata.get(f"{arch}.attention.sliding_window")),
         )
+
+
+def _int_or_zero(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 class _Reader:

@@ -40,10 +40,12 @@ def placed_profile(profile: Profile, settings: Settings, *, gpus_file: Path | No
 
 def start_profile(supervisor: Supervisor, profile: Profile, *, ignore_fit: bool = False,
                   api_key: str | None = None, cancelled: Callable[[], bool] | None = None,
-                  probe: GpuProbe | None = None) -> ServerRecord:
-    """`probe`: the box as the daemon's memory scheduler granted it (None: the GPUs as they are now)."""
+                  probe: GpuProbe | None = None, slot_save_path: Path | None = None) -> ServerRecord:
+    """`probe`: the box as the daemon's memory scheduler granted it (None: the GPUs as they are now);
+    `slot_save_path`: the daemon's prompt cache, where the engine may save slots (None: none)."""
     existing = supervisor.running(profile.name)
     if existing is not None and existing.state == "ready":
         return existing
     placed, cost = placed_profile(profile, supervisor.settings, ignore_fit=ignore_fit, probe=probe)
-    return supervisor.start(placed, api_key=api_key, cancelled=cancelled, placement=cost)
+    return supervisor.start(placed, api_key=api_key, cancelled=cancelled, placement=cost,
+                            slot_save_path=slot_save_path)

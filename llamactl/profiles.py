@@ -55,6 +55,7 @@ OWNED_FLAGS: dict[str, str] = {
     **dict.fromkeys(("-b", "--batch-size"), "use the `batch_size` key (the plan sizes compute buffers from it)"),
     **dict.fromkeys(("-ub", "--ubatch-size"), "use the `ubatch_size` key (the plan sizes compute buffers from it)"),
     **dict.fromkeys(("-cram", "--cache-ram"), "use the `cache_ram_mib` key (the plan counts the prompt cache's RAM)"),
+    "--slot-save-path": f"{_MANAGED} (its prompt cache on disk; [cache] persist turns it on or off)",
 }
 
 
@@ -119,6 +120,15 @@ class Speculation(_Strict):
         return self.type == "draft"
 
 
+class Cache(_Strict):
+    """The prompt cache that outlives the engine: slots saved to disk before llamactl stops the engine, restored
+    after it starts again (llamactl/promptcache.py decides the default)."""
+
+    persist: bool | None = Field(
+        default=None, description="Keep long prompts' KV across stops and restarts; unset: on where it costs no "
+        "memory, off on sliding-window models (they need --swa-full, which true adds and the plan counts)")
+
+
 class Profile(_Strict):
     name: str
     source: Path | None = None
@@ -163,6 +173,7 @@ class Profile(_Strict):
     cache_ram_mib: int | None = Field(
         default=None, ge=0, le=1 << 20, description="Host RAM for the engine's prompt cache (--cache-ram), counted "
         "by the plan; 0 turns it off; unset: twice the KV cache, at most 8192 MiB (the engine's own default)")
+    cache: Cache = Cache()
     load_timeout_s: float = Field(default=900, gt=0)
     stop_timeout_s: float = Field(default=15, gt=0)
 

@@ -103,6 +103,18 @@ class Settings(BaseSettings):
                                           "rolling draft acceptance is under this.")
     alert_min_drafted: int = Field(default=200, ge=1, description="Drafted tokens in the window before an "
                                    "acceptance alert can be raised.")
+    prompt_cache_mib: int = Field(
+        default=16384, ge=0, le=1 << 30,
+        description="Disk the prompt cache may use for the whole box (slots saved before llamactl stops an engine, "
+                    "restored after it starts again), least recently used out first; 0 turns it off.")
+    prompt_cache_min_tokens: int = Field(
+        default=1024, ge=1, description="A slot holding fewer tokens is not saved (its prefill is cheap).")
+    prompt_cache_save_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Longest an engine's stop waits for its slots to be saved "
+                                                 "(then it stops anyway, keeping what was saved).")
+    prompt_cache_restore_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Longest a start waits for saved slots to be restored (requests "
+                                                 "wait as during a load; what is not restored by then is skipped).")
     memory_sample_s: float = Field(default=2.0, gt=0, description="How often `serve` samples device memory for "
                                    "the dashboard and `llamactl top`.")
 
@@ -121,6 +133,10 @@ class Settings(BaseSettings):
     @property
     def config_dir(self) -> Path:
         return self.home / "config" if self.home else _xdg("XDG_CONFIG_HOME", ".config") / "llamactl"
+
+    @property
+    def prompt_cache_dir(self) -> Path:
+        return self.cache_dir / "prompts"
 
     @property
     def engine_cache_dir(self) -> Path:

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from llamactl.daemon import auth
+from llamactl.daemon.prompt_cache import PromptCache
 from llamactl.engines.logs import classify_exit
 from llamactl.errors import LlamactlError, StartCancelled, StartError
 from llamactl.launch import start_profile
@@ -76,6 +77,9 @@ class EngineEvents:
     def state(self, name: str, state: str, reason: str | None) -> None:
         """The engine moved to `state` (every change, for the event stream); must not block."""
 
+    def prompt_cache(self, what: str, data: dict[str, Any]) -> None:
+        """The prompt cache saved or restored slots (for the event stream); must not block."""
+
 
 class Engine:
     def __init__(self, name: str, *, supervisor: Supervisor, settings: Settings,
@@ -101,6 +105,8 @@ class Engine:
         self.launch_probe: Callable[[str], Any] | None = None
         self.waiting_for: WorkerError | None = None  # an RPC worker that is down: restarts wait for it
         self._worker_waits = 0
+        self.prompt_cache: PromptCache | None = None  # the daemon's: slots saved at a stop, restored at a start
+        self._started_as: Profile | None = None  # the profile the running engine was started with (its cache key)
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -120,7 +126,14 @@ class Engine:
                 "reason": failed.reason if failed else None,
                 "waiting_for_worker": None if self.waiting_for is None else {
                     "worker": self.waiting_for.worker, "reason": self.waiting_for.message},
-                "progress": self.load_progress() if self.state is EngineState.STARTING else None}
+                "progress": self.load_progress() if self.state is EngineState.STARTING else None,
+                "prompt_cache": self._prompt_cache_status()}
+
+    def _prompt_cache_status(self) -> dict[str, Any] | None:
+        if self.prompt_cache is None:
+            return None
+        return {"persist": self.prompt_cache.enabled(self.record) if self.record is not None else None,
+                **self.prompt_cache.status(self.name)}
 
     def load_progress(self) -> str | None:
         """While starting: the engine's own latest log line (what it is loading)."""
@@ -158,6 +171,8 @@ class Engine:
                 await asyncio.sleep(wait_s)  # a stop cancels this task here
             profile = self.profile_of(self.name)
             record = await self._spawn(profile, cancel)
+            if self.prompt_cache is not None:  # before any request: they wait, as during the load
+                await self.prompt_cache.restore(self.name, profile, record)
         except asyncio.CancelledError:
             raise
         except StartCancelled:
@@ -176,7 +191,7 @@ class Engine:
         finally:
             if self._start is asyncio.current_task():
                 self._start = None
-        self.record = record
+        self.record, self._started_as = record, profile
         if self.waiting_for is not None:
             log.info("%s: worker '%s' is back; serving again", self.name, self.waiting_for.worker)
         self.waiting_for, self._worker_waits = None, 0
@@ -204,8 +219,9 @@ class Engine:
             self._spawner = SpawnerThread(f"llamactl-spawn-{self.name}")
         key = auth.new_child_key()
         probe = self.launch_probe(self.name) if self.launch_probe is not None else None
+        slots = await self.prompt_cache.slot_dir() if self.prompt_cache is not None else None
         future = self._spawner.submit(start_profile, self.supervisor, profile, api_key=key, cancelled=cancel.is_set,
-                                      probe=probe)
+                                      probe=probe, slot_save_path=slots)
         try:
             record = await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:
@@ -226,6 +242,8 @@ class Engine:
     def adopt(self, record: ServerRecord) -> None:
         """Serve an engine an earlier daemon started (its record holds the key it was started with)."""
         self.record = record
+        with contextlib.suppress(LlamactlError):
+            self._started_as = self.profile_of(self.name)  # best effort: the profile may have changed since
         self._move(EngineState.READY)
         self._watch(from_end=True)
 
@@ -251,11 +269,14 @@ class Engine:
                 start.cancel()
                 await asyncio.wait([start])
             failed = self.state is EngineState.FAILED
+            running, started_as = (self.record, self._started_as) if self.state is EngineState.READY else (None, None)
             self._move(EngineState.STOPPING)
             try:
+                if self.prompt_cache is not None and running is not None and started_as is not None:
+                    await self.prompt_cache.save(self.name, started_as, running)
                 stopped = await asyncio.to_thread(self.supervisor.stop, self.name, self._stop_timeout_s())
             finally:
-                self.record = None
+                self.record = self._started_as = None
                 self._move(EngineState.FAILED if failed else EngineState.STOPPED)
             return was or stopped
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from llamactl.daemon.engine import Engine, EngineEvents, EngineState
+from llamactl.daemon.prompt_cache import PromptCache
 from llamactl.supervisor.state import process_matches
 from llamactl.errors import ProfileNotFound, StartCancelled
 from llamactl.names import closest_names
@@ -36,6 +37,9 @@ class Engines:
         self.engines: dict[str, Engine] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self.launch_probe: Any = None  # the box scheduler's grants (wiring sets it): what each start plans with
+        self.prompt_cache = PromptCache.from_settings(self.settings)  # None: LLAMACTL_PROMPT_CACHE_MIB=0
+        if self.prompt_cache is not None:
+            self.prompt_cache.publish = lambda what, data: self.events.prompt_cache(what, data)
 
     def engine(self, name: str) -> Engine:
         engine = self.engines.get(name)
@@ -47,6 +51,7 @@ class Engines:
                                                  profile_of=self._profile, events=self.events)
             engine.tasks = self._tasks
             engine.launch_probe = self.launch_probe
+            engine.prompt_cache = self.prompt_cache
         return engine
 
     def _profile(self, name: str) -> Profile:
@@ -98,6 +103,11 @@ class Engines:
     def _stop_timeout_s(self, name: str) -> float:
         profile = self.profiles.get(name)
         return profile.stop_timeout_s if profile else 15.0
+
+    def prompt_observed(self, profile_name: str, prompt_n: int | None, cache_n: int | None) -> None:
+        """The router saw a request to `profile_name` finish with these timings (judges a restore)."""
+        if self.prompt_cache is not None:
+            self.prompt_cache.observed(profile_name, prompt_n, cache_n)
 
     # -- the daemon's questions ----------------------------------------------------------------------
 

@@ -124,6 +124,10 @@ class LaneEvents(EngineEvents):
         if self.router is not None:
             self.router.events.publish("engine", profile=name, state=state, reason=reason)
 
+    def prompt_cache(self, what: str, data: dict) -> None:
+        if self.router is not None:
+            self.router.events.publish("prompt_cache", what=what, **data)
+
 
 class Service:
     def __init__(self, settings: Settings, *, host: str, port: int, only: Iterable[str] = (),

@@ -78,6 +78,11 @@ def build_router(settings: Settings, profiles: dict[str, Profile], backends: Bac
         backends = Engines(Supervisor(settings, die_with_parent=True), profiles, settings)
     box = box_scheduler(settings, backends) if isinstance(backends, Engines) else None
     router = Router(profiles.values(), backends, router_config(settings), box=box)
+    cache = getattr(backends, "prompt_cache", None)
+    if cache is not None:
+        from llamactl.daemon.prompt_cache import PromptCacheCollector
+
+        router.telemetry.registry.register(PromptCacheCollector(cache))
     plan_warm(router, profiles, settings)
     return router
 

@@ -31,13 +31,21 @@ def build_launch(profile: Profile, caps: Capabilities, inputs: LaunchInputs,
 def preview_argv(profile: Profile, settings: Settings) -> list[str]:
     """The argv `llamactl up` would run, with the port shown as a placeholder (it is chosen at launch)."""
     from llamactl.engines.binaries import find_binary
+    from llamactl.gguf import read_model_info
     from llamactl.models import resolve_model_path
+    from llamactl.promptcache import persist_decision
 
     found = find_binary(profile.engine, settings, profile.binary)
     caps = probe(found.path, settings.cache_dir)
     draft = profile.speculation.draft_model
-    inputs = LaunchInputs(binary=found.path, model_path=resolve_model_path(profile.model, settings), port=0,
-                          draft_model_path=resolve_model_path(draft, settings) if draft else None)
+    model_path = resolve_model_path(profile.model, settings)
+    try:
+        sliding = read_model_info(model_path).has_sliding_window
+    except Exception:  # noqa: BLE001 - a preview of a model not fetched yet: the start reads it
+        sliding = False
+    inputs = LaunchInputs(binary=found.path, model_path=model_path, port=0,
+                          draft_model_path=resolve_model_path(draft, settings) if draft else None,
+                          swa_full=persist_decision(profile, sliding_window=sliding).swa_full)
     argv = build_launch(profile, caps, inputs, os.environ).argv
     return [PORT_PLACEHOLDER if prev == "--port" else arg for prev, arg in zip([""] + argv, argv)]
 

@@ -33,6 +33,8 @@ class LaunchInputs:
     draft_model_path: Path | None = None
     api_key_file: Path | None = None  # a file, never argv: /proc/PID/cmdline is world-readable
     host: str = "127.0.0.1"
+    swa_full: bool = False  # the prompt cache needs the full KV of sliding-window layers (promptcache.Persist)
+    slot_save_path: Path | None = None  # where the engine may save and restore slots (the daemon's prompt cache)
 
 
 class ArgvBuilder:
@@ -176,6 +178,10 @@ def add_common_model_args(b: ArgvBuilder, inputs: LaunchInputs) -> None:
         b.add("pooling", ("--pooling",), p.pooling)
     if p.cache_ram_mib is not None and b.caps.accepts("--cache-ram"):
         b.add("cache_ram_mib", ("--cache-ram", "-cram"), p.cache_ram_mib)
+    if inputs.swa_full and "--swa-full" not in (a.split("=", 1)[0] for a in p.extra_args):
+        b.add("cache.persist (a sliding-window model)", ("--swa-full",))
+    if inputs.slot_save_path is not None:
+        b.add("cache.persist", ("--slot-save-path",), inputs.slot_save_path)
     if b.caps.accepts("--metrics"):
         b.argv.append("--metrics")
 

@@ -36,6 +36,7 @@ from llamactl.plan.placement import (
 from llamactl.plan.result import Plan, Suggestion
 from llamactl.plan.suggestions import SuggestionInput, suggest_changes
 from llamactl.profiles import Profile
+from llamactl.promptcache import persist_decision
 from llamactl.units import MIB, mib_ceil
 
 # The least context an unset ctx_size is lowered to (llama.cpp's --fit-ctx default).
@@ -56,8 +57,11 @@ def _has_flag(profile: Profile, *flags: str) -> bool:
     return any(a.split("=", 1)[0] in flags for a in profile.extra_args)
 
 
-def resolve_ctx(profile: Profile, spec: ModelSpec, *, draft: bool = False) -> ContextParams:
-    """The context llama-server will build for this profile (see reference/llama-server.md)."""
+def resolve_ctx(profile: Profile, spec: ModelSpec, *, draft: bool = False,
+                target_swa: bool | None = None) -> ContextParams:
+    """The context llama-server will build for this profile (see reference/llama-server.md). `target_swa`: whether
+    the target model has sliding-window layers (for a draft's context; the spec's own otherwise): the prompt
+    cache's --swa-full follows the target and applies to both contexts."""
     mainline = profile.engine == "llama.cpp"
     n_ctx = profile.ctx_size or spec.context_length or 4096
     if profile.parallel is None:
@@ -81,8 +85,13 @@ def resolve_ctx(profile: Profile, spec: ModelSpec, *, draft: bool = False) -> Co
     return ContextParams(
         n_ctx=n_ctx, n_seq=n_seq, unified=unified, type_k=type_k, type_v=type_v,
         flash_attn=profile.flash_attn != "off", n_ubatch=n_ubatch, n_batch=n_batch,
-        swa_full=_has_flag(profile, "--swa-full"), n_outputs=n_outputs,
+        swa_full=swa_full(profile, spec.has_swa if target_swa is None else target_swa), n_outputs=n_outputs,
     )
+
+
+def swa_full(profile: Profile, target_swa: bool) -> bool:
+    """Whether the engine runs with --swa-full: set in extra_args, or added for the prompt cache's restores."""
+    return _has_flag(profile, "--swa-full") or persist_decision(profile, sliding_window=target_swa).swa_full
 
 
 def has_cpu_moe_flag(profile: Profile) -> bool:
@@ -362,7 +371,7 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
     problems: list[str] = []
     notes: list[str] = []
     ctx = resolve_ctx(profile, target)
-    dctx = resolve_ctx(profile, draft, draft=True) if draft is not None else None
+    dctx = resolve_ctx(profile, draft, draft=True, target_swa=target.has_swa) if draft is not None else None
     if knobs.n_ctx is not None:
         ctx = replace(ctx, n_ctx=knobs.n_ctx)
     if dctx is not None:

@@ -13,6 +13,7 @@ from llamactl.plan.estimate import ContextParams
 from llamactl.plan.model import ModelSpec
 from llamactl.plan.placement import CPU, GPU_OVERHEAD_MIB, DeviceUse
 from llamactl.profiles import Profile
+from llamactl.promptcache import Persist, persist_decision
 from llamactl.units import mib_ceil as _mib
 
 
@@ -91,6 +92,11 @@ class Plan:
     def prompt_cache_mib(self) -> int:
         """The host RAM planned for the engine's prompt cache (--cache-ram), MiB."""
         return sum(_mib(u.prompt_cache) for u in self.uses)
+
+    @property
+    def persist(self) -> Persist:
+        """Whether the engine's slots are kept on disk across its stops (the prompt cache that outlives it)."""
+        return persist_decision(self.profile, sliding_window=self.target.has_swa)
 
     @property
     def fits(self) -> bool:
@@ -176,7 +182,8 @@ class Plan:
                 "n_layer": self.draft.n_layer, "file_mib": _mib(self.draft.file_size_bytes)},
             "context": {"n_ctx": c.n_ctx, "n_seq": c.n_seq, "unified": c.unified, "cells": c.cells,
                         "type_k": c.type_k, "type_v": c.type_v, "flash_attn": c.flash_attn,
-                        "n_ubatch": c.n_ubatch},
+                        "n_ubatch": c.n_ubatch, "swa_full": c.swa_full},
+            "persist": self.persist.to_json(),
             "margin_mib": self.margin_mib,
             "gpu_overhead_mib": GPU_OVERHEAD_MIB,
             "devices": devices,
@@ -235,6 +242,9 @@ class Plan:
         lines.append(f"  prompt cache: {cache} MiB of host RAM (--cache-ram {cache}"
                      + (", set by cache_ram_mib)" if self.profile.cache_ram_mib is not None else
                         ": twice the KV cache, at most 8192 MiB; cache_ram_mib sets it, 0 turns it off)"))
+        persist = self.persist
+        lines.append(f"  prompt cache on disk: {'on' if persist.on else 'off'} ({persist.reason})"
+                     + (", KV planned with --swa-full" if c.swa_full and self.target.has_swa else ""))
         if self.remote_devices:
             lines.append(f"  devices {','.join(self.devices)} (RPC workers first), n_gpu_layers {self.n_gpu_layers}, "
                          f"tensor split {self.tensor_split}")

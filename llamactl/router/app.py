@@ -238,6 +238,9 @@ class Router:
         self.telemetry.record(sample, evidence=lane is None or self.lanes.get(lane.name) is lane)
         if sample.status < 400:
             self.alerts.observe(sample.lane, sample.cls, sample.draft_n, sample.draft_accepted)
+            observed = getattr(self.backends, "prompt_observed", None)  # the daemon's prompt cache judges a restore
+            if observed is not None and sample.cache_n is not None:
+                observed(sample.profile, sample.timed_prompt_n, sample.cache_n)
         self.events.publish("request", **request_event(sample))
 
     async def _finish_from_log(self, lane: Lane, sample: Sample, upstream: Upstream, log_offset: int) -> None:
@@ -301,7 +304,8 @@ class Router:
                 "model_map": dict(routing.model_map), "default_model": routing.default_model,
                 "route_default_models": dict(routing.route_defaults),
                 "uptime_s": round(time.time() - self.started_at, 1), "alerts": self.alerts.active(),
-                "classes": self.class_summary(), **({"box": self.box.status()} if self.box is not None else {})}
+                "classes": self.class_summary(), **({"box": self.box.status()} if self.box is not None else {}),
+                **({"prompt_cache": cache.status()} if (cache := getattr(self.backends, "prompt_cache", None)) else {})}
 
     def class_summary(self) -> list[dict[str, Any]]:
         """Per (lane, class): each member's rolling tok/s and acceptance, the mean accepted length of its
@@ -406,7 +410,8 @@ def request_event(sample: Sample) -> dict[str, Any]:
     return {"lane": sample.lane, "member": sample.profile, "role": sample.role, "class": sample.cls,
             "endpoint": sample.endpoint, "status": sample.status, "queue_wait_s": r(sample.queue_wait_s),
             "ttft_s": r(sample.ttft_s), "total_s": r(sample.total_s), "tok_s": r(sample.gen_tok_s, 2),
-            "prompt_tokens": sample.prompt_tokens, "completion_tokens": sample.completion_tokens,
+            "prompt_tokens": sample.prompt_tokens, "cached_tokens": sample.cache_n,
+            "completion_tokens": sample.completion_tokens,
             "drafted": sample.draft_n, "accepted": sample.draft_accepted}
 
 

@@ -9,6 +9,7 @@ shown to the client.
 
 from __future__ import annotations
 
+import posixpath
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote
 
@@ -18,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from llamactl.errors import LlamactlError
 from llamactl.router.asgi import read_body, send_error, while_connected
-from llamactl.router.errors import BadRequest, EngineUnavailable, ModelNotFound, RouterError, UpstreamError
+from llamactl.router.errors import BadRequest, EngineUnavailable, Forbidden, ModelNotFound, RouterError, UpstreamError
 from llamactl.router.upstream import UpstreamBroken, UpstreamConnectError, UpstreamTimeout
 
 if TYPE_CHECKING:
@@ -91,6 +92,17 @@ def upstream_target(raw_path: bytes, profile: str) -> bytes | None:
     return b"/" + rest
 
 
+def slot_action(method: str, target: str) -> bool:
+    """Whether a request is a slot action (POST /slots/ID?action=save|restore|erase): those write and read files in
+    the engine's slot directory, which is llamactl's prompt cache, so no client may send one. The path is read as
+    the engine would (percent-decoded, repeated slashes and dot segments folded)."""
+    if method.upper() in ("GET", "HEAD", "OPTIONS"):
+        return False
+    path = posixpath.normpath("/" + unquote(target.split("?", 1)[0]))
+    path = "/" + path.lstrip("/")
+    return path == "/slots" or path.startswith("/slots/")
+
+
 class Passthrough:
     """/upstream/PROFILE/REST -> PROFILE's engine, REST (with the query string) as the path."""
 
@@ -114,6 +126,12 @@ class Passthrough:
         target = found.decode("latin-1")
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
+        if slot_action(scope["method"], target):
+            await send_error(send, Forbidden(
+                "slot actions (POST /slots/ID?action=save|restore|erase) are not forwarded: the engine's slot files "
+                "are llamactl's prompt cache", hint="llamactl saves long prompts' slots before it stops an engine and "
+                "restores them after; [cache] persist in the profile turns that on or off"))
+            return
         await _relay(self.router, profile, scope["method"], target, scope, receive, send)
 
 

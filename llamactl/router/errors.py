@@ -38,6 +38,10 @@ class BodyTooLarge(RouterError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
 
+class Forbidden(RouterError):
+    status, type, code = 403, "permission_error", "forbidden"
+
+
 class ModelNotFound(RouterError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 SUBSCRIBER_BUFFER = 512  # events held for one subscriber before it counts as stuck and is dropped
-RECENT_PER_KIND = {"request": 100, "lane": 50, "engine": 50, "alert": 20, "memory": 1}
+RECENT_PER_KIND = {"request": 100, "lane": 50, "engine": 50, "alert": 20, "memory": 1, "prompt_cache": 20}
 KEEPALIVE_S = 15.0
 LIVE_MARK = b": live\n\n"
 

@@ -44,6 +44,7 @@ class Sample:
     prompt_tok_s: float | None = None
     draft_n: int | None = None
     draft_accepted: int | None = None
+    cache_n: int | None = None  # prompt tokens the engine reused from its cache (timings.cache_n)
     at: float = field(default_factory=time.monotonic)
     _timed: frozenset[str] = field(default=frozenset(), repr=False)  # counts that came from the timings
 
@@ -64,6 +65,8 @@ class Sample:
         if (n := num("prompt_n")) is not None:
             self.prompt_tokens = int(n)
             self._timed |= {"prompt"}
+        if (n := num("cache_n")) is not None:
+            self.cache_n = int(n)
         if (v := num("predicted_per_second")) is not None and v > 0:
             self.gen_tok_s = v
         if (v := num("prompt_per_second")) is not None and v > 0:
@@ -71,6 +74,11 @@ class Sample:
         if (v := num("draft_n")) is not None:
             self.draft_n = int(v)
             self.draft_accepted = int(num("draft_n_accepted") or 0)
+
+    @property
+    def timed_prompt_n(self) -> int | None:
+        """The prompt tokens the engine processed, only as its timings said (usage counts cached ones too)."""
+        return self.prompt_tokens if "prompt" in self._timed else None
 
     def apply_usage(self, usage: Mapping[str, Any]) -> None:
         """Token counts from a `usage` object in any API's shape (OpenAI prompt/completion_tokens, Anthropic

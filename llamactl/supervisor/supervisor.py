@@ -70,6 +70,14 @@ def check_context(profile: Profile, model_path: Path, where: str) -> None:
         )
 
 
+def needs_swa_full(profile: Profile, model_path: Path) -> bool:
+    """The prompt cache of a sliding-window model that persists its slots needs --swa-full (promptcache)."""
+    from llamactl.gguf import read_model_info
+    from llamactl.promptcache import persist_decision
+
+    return persist_decision(profile, sliding_window=read_model_info(model_path).has_sliding_window).swa_full
+
+
 class Supervisor:
     """Starts and stops servers. Safe to use from several CLIs at once (per-profile locks)."""
 
@@ -113,8 +121,9 @@ class Supervisor:
 
     # -- start -----------------------------------------------------------------------------------
 
-    def prepare(self, profile: Profile) -> tuple[LaunchInputs, Capabilities]:
-        """Everything that can fail before a process exists: binary, flags, model files, context."""
+    def prepare(self, profile: Profile, slot_save_path: Path | None = None) -> tuple[LaunchInputs, Capabilities]:
+        """Everything that can fail before a process exists: binary, flags, model files, context.
+        `slot_save_path`: where the engine may save slots (the daemon's prompt cache; None: no slot files)."""
         where = str(profile.source or profile.name)
         found = find_binary(profile.engine, self.settings, profile.binary)
         caps = probe(found.path, self.settings.cache_dir)
@@ -124,12 +133,14 @@ class Supervisor:
             draft_path = ensure_model(profile.speculation.draft_model or "", self.settings,
                                       where=f"{where} (speculation.draft_model)")
         check_context(profile, model_path, where)
-        inputs = LaunchInputs(binary=found.path, model_path=model_path, port=0, draft_model_path=draft_path)
+        inputs = LaunchInputs(binary=found.path, model_path=model_path, port=0, draft_model_path=draft_path,
+                              swa_full=needs_swa_full(profile, model_path), slot_save_path=slot_save_path)
         build_launch(profile, caps, inputs, self.environ)  # refuses unsupported flags before any spawn
         return inputs, caps
 
     def start(self, profile: Profile, *, api_key: str | None = None,
-              cancelled: Callable[[], bool] | None = None, placement: str | None = None) -> ServerRecord:
+              cancelled: Callable[[], bool] | None = None, placement: str | None = None,
+              slot_save_path: Path | None = None) -> ServerRecord:
         """Start `profile` and block until it is ready. Returns the running record if already up.
 
         `cancelled` is polled while the engine loads: once it says True the engine is stopped and
@@ -145,7 +156,7 @@ class Supervisor:
                 stop_group(existing.pid, profile.stop_timeout_s)
                 self.store.remove_key(profile.name)
             self.store.remove(profile.name)
-            inputs, caps = self.prepare(profile)
+            inputs, caps = self.prepare(profile, slot_save_path)
             for attempt in range(1, PORT_ATTEMPTS + 1):
                 _check_cancelled(profile.name, cancelled)
                 try:
