@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from llamactl.errors import LlamactlError, ProfileError
-from llamactl.models import BUILTIN_MODELS, resolve_model_path
+from llamactl.models import BUILTIN_MODELS, NotDownloaded, resolve_model_path
 from llamactl.profiles import BUILTIN_PREFIX, Profile, load_all, load_profile
 from llamactl.settings import Settings
 from llamactl.supervisor.supervisor import check_context
@@ -49,8 +49,12 @@ def check_model_files(profile: Profile, settings: Settings) -> None:
 
 
 def _checked_model(value: str, key: str, where: str, settings: Settings) -> Path | None:
-    """The model file behind `value`, checked; None for a builtin model not assembled yet (its package is)."""
-    path = resolve_model_path(value, settings)
+    """The model file behind `value`, checked; None for a builtin model not assembled yet (its package is) or an
+    `hf:` model not pulled yet (its reference was checked when the profile loaded)."""
+    try:
+        path = resolve_model_path(value, settings)
+    except NotDownloaded:
+        return None
     if value.startswith(BUILTIN_PREFIX) and not path.exists():
         package, module, _ = BUILTIN_MODELS[value.removeprefix(BUILTIN_PREFIX)]
         try:
