@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from llamactl.settings import Settings
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
+
 
 
 @click.group("worker", invoke_without_command=True)
