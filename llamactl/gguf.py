@@ -213,11 +213,32 @@ class _Reader:
 
 
 def _type_tables() -> tuple[dict[int, tuple[int, int]], dict[int, str]]:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # lazy: numpy import costs ~0.1 s
-
-    sizes = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
-    names = {int(t): t.name for t in GGMLQuantizationType}
+    constants = _gguf_constants()
+    sizes = {int(k): v for k, v in constants.GGML_QUANT_SIZES.items()}
+    names = {int(t): t.name for t in constants.GGMLQuantizationType}
     return sizes, names
+
+
+def _gguf_constants():
+    """The `gguf` package's constants module (the type tables). Loaded by itself when the package is not yet
+    imported: `import gguf` runs the package's __init__, which imports its reader, writer and numpy (~0.25 s of
+    `llamactl up`), while gguf/constants.py needs only enum and typing."""
+    import importlib.util
+    import sys
+
+    if "gguf.constants" in sys.modules:
+        return sys.modules["gguf.constants"]
+    package = importlib.util.find_spec("gguf")
+    locations = list(package.submodule_search_locations or []) if package else []
+    spec = importlib.util.spec_from_file_location("llamactl._gguf_constants", Path(locations[0]) / "constants.py") \
+        if locations else None
+    if spec is None or spec.loader is None or not Path(spec.origin or "").is_file():
+        import gguf.constants  # an unusual install (a zip, a namespace package): the ordinary import
+
+        return gguf.constants
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_gguf(path: Path) -> GGUFFile:

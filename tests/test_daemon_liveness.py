@@ -41,6 +41,8 @@ def test_a_stopped_daemon_is_said_at_once_and_a_command_it_read_late_is_not_carr
                 assert "is not answering" in r.stderr and f"pid {daemon.proc.pid}, stopped" in r.stderr, r.stderr
                 assert f"kill -CONT {daemon.proc.pid}" in r.stderr and "nothing was asked of it" in r.stderr
                 assert "Traceback" not in r.stderr
+            r = cli("switch", "fake", "auto", "--url", daemon.url, env=ANSWER, timeout_s=30)  # over HTTP
+            assert r.returncode == 6 and f"{daemon.url} is not answering" in r.stderr, r.stderr
             # A client that sent its command while the daemon was stopped, then gave up.
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.connect(str(socket_path(settings)))

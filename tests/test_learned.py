@@ -300,3 +300,21 @@ def test_a_request_that_finishes_on_a_lane_a_reload_retired_is_counted_but_is_no
         "lane": "coding", "profile": "coding-spec", "class": "code", "endpoint": "chat", "status": "200"}) == 1
     router.record(late, router.lanes["coding"])
     assert router.telemetry.evidence("coding")["code"].n == {"coding-spec": 1}
+
+
+def test_learned_json_that_is_a_directory_is_a_sentence_naming_it(tmp_path, caplog):
+    import asyncio
+    import re
+    from types import SimpleNamespace
+
+    from llamactl.router.runs import Runs
+
+    path = tmp_path / "learned.json"
+    path.mkdir()
+    assert learned.read(path) is None  # before: IsADirectoryError "Is a directory: 13" (an fd number) escaped
+    assert f"{path}: not a regular file" in caplog.text
+    router = SimpleNamespace(telemetry=Telemetry(), profiles={},
+                             lanes={"coding": SimpleNamespace(spec=SimpleNamespace(members=[]), runs=Runs())})
+    assert not asyncio.run(learned.Saver(router, path).save())
+    assert f"{path}: not saved (Is a directory)" in caplog.text
+    assert not re.search(r"directory: \d+", caplog.text)

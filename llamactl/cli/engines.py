@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from llamactl.cli.main import main, pass_settings
 from llamactl.errors import LlamactlError
-from llamactl.settings import Settings
+
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
 
 
 
@@ -19,7 +23,7 @@ def engines(ctx: click.Context) -> None:
     from llamactl.engines import probe
     from llamactl.engines.binaries import ENGINE_NAMES, candidates
 
-    settings = ctx.find_object(Settings)
+    settings = ctx.obj
     for engine in ENGINE_NAMES:
         options = candidates(engine, settings)
         if not options:

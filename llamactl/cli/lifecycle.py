@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from typing import TYPE_CHECKING
 
 import click
 
 from llamactl.cli.main import main, pass_settings, profile_argument
 from llamactl.cli.target import daemon_client, supervisor
 from llamactl.errors import LlamactlError
-from llamactl.settings import Settings
+
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
 
 
 def _age(seconds: float | None) -> str:

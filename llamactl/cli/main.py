@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from llamactl.errors import ConfigError, LlamactlError
-from llamactl.settings import Settings
+
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
 
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE
 
@@ -30,7 +33,7 @@ class LlamactlGroup(click.Group):
         except OSError as e:
             if _debug():
                 raise
-            _fail(os_error(e, ctx.obj if isinstance(ctx.obj, Settings) else None))
+            _fail(os_error(e, ctx.obj))
         except Exception as e:
             if _debug():
                 raise
@@ -48,12 +51,12 @@ def _fail(error: LlamactlError, code: int | None = None):
     sys.exit(error.exit_code if code is None else code)
 
 
-def os_error(e: OSError, settings: Settings | None) -> LlamactlError:
+def os_error(e: OSError, settings: "Settings | None") -> LlamactlError:
     """An OSError as a sentence: the path, the system's reason; when the path is one of llamactl's own
     directories, which setting places it (a ConfigError: exit 2)."""
     path = e.filename if e.filename is not None else "a file"
     message = f"cannot use {path}: {e.strerror or e}"
-    if settings is not None and e.filename is not None:
+    if settings is not None and hasattr(settings, "state_dir") and e.filename is not None:
         failed = Path(os.fsdecode(e.filename))
         dirs = {"state": settings.state_dir, "cache": settings.cache_dir, "config": settings.config_dir}
         for purpose, directory in dirs.items():
@@ -74,7 +77,7 @@ def main(ctx: click.Context) -> None:
     ctx.obj = load_settings()
 
 
-pass_settings = click.make_pass_decorator(Settings)
+pass_settings = click.pass_obj  # ctx.obj is the Settings main() built (no import of them here: start-up time)
 
 
 def _checked_names(_ctx: click.Context, _param: click.Parameter, value):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from llamactl.cli.main import profile_argument
-from llamactl.settings import Settings
+
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
 
 GPUS_OPTION = click.option(
     "--gpus", "gpus_file", type=click.Path(dir_okay=False, path_type=Path), default=None,

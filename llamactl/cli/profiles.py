@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from llamactl.cli.main import main, pass_settings, profile_argument
 from llamactl.errors import ProfileError
-from llamactl.settings import Settings
+
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
 
 
 
@@ -17,7 +21,7 @@ def profiles(ctx: click.Context) -> None:
     if ctx.invoked_subcommand is None:
         from llamactl.profiles import load_all, profile_files
 
-        settings = ctx.find_object(Settings)
+        settings = ctx.obj
         files = profile_files(settings)
         loaded, errors = load_all(settings)
         for name, path in files.items():

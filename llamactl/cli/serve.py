@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
-import httpx
 
 from llamactl.cli.main import profile_argument
 from llamactl.cli.options import HTTP_URL, PORT, Seconds
 from llamactl.cli.target import daemon_client
 from llamactl.errors import LlamactlError, NotRunning
-from llamactl.settings import Settings
+
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
 
 
 @click.command()
@@ -49,7 +51,10 @@ def switch_command(settings: Settings, group: str, member: str, url: str | None,
             forced = "automatic" if status["forced"] is None else f"forced to {status['forced']}"
             click.echo(f"{status['lane']}: active {status['active']} ({status['state']}, {forced})")
             return
+    import httpx
+
     base = url or f"http://127.0.0.1:{settings.router_port}"
+    _check_answers(base, settings.daemon_answer_s)
     try:
         r = httpx.post(f"{base}/llamactl/switch", json={"group": group, "member": member, "timeout_s": timeout_s},
                        timeout=timeout_s + 10)
@@ -65,6 +70,23 @@ def switch_command(settings: Settings, group: str, member: str, url: str | None,
     status = r.json()
     forced = "automatic" if status["forced"] is None else f"forced to {status['forced']}"
     click.echo(f"{status['lane']}: active {status['active']} ({status['state']}, {forced})")
+
+
+def _check_answers(base: str, answer_s: float) -> None:
+    """Any HTTP answer from `base` within answer_s (a 401 too): a serve that accepts connections but does not
+    answer (stopped, wedged) is said at once rather than after the switch's whole timeout."""
+    import httpx
+
+    from llamactl.daemon.control import DaemonNotAnswering
+
+    try:
+        httpx.get(f"{base}/health", timeout=answer_s)
+    except httpx.TimeoutException:
+        raise DaemonNotAnswering(f"llamactl serve at {base} is not answering: no answer within {answer_s:g} s; "
+                                 "nothing was asked of it",
+                                 hint="was it stopped (SIGSTOP, Ctrl-Z)? `kill -CONT` its pid, or restart it") from None
+    except httpx.HTTPError:
+        pass  # not reachable at all: the switch request itself says so
 
 
 def box_lines(box: dict | None) -> list[str]:

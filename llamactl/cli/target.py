@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from llamactl.settings import Settings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
+
 
 
 def daemon_client(settings: Settings):

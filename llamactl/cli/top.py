@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from llamactl.cli.options import HTTP_URL
 from llamactl.errors import ConfigError
-from llamactl.settings import Settings
+
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
 
 
 def client_key(settings: Settings, key_file: Path | None) -> str | None:

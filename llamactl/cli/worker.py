@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from llamactl.settings import Settings
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
+
 
 
 @click.group("worker", invoke_without_command=True)
@@ -50,18 +53,18 @@ def status_command(settings: Settings, as_json: bool) -> None:
     """The workers `llamactl worker` runs on this box: address, state, rpc-server pid, restarts, protocol."""
     from dataclasses import asdict
 
-    import psutil
-
     from llamactl.errors import LlamactlError
     from llamactl.rpc.hello import worker_version
-    from llamactl.rpc.runner import read_records
+    from llamactl.rpc.runner import read_records, record_is_live
     from llamactl.rpc.workers import Worker
 
     rows = []
     for record in read_records(settings):
         row = asdict(record)
-        if not psutil.pid_exists(record.pid):
-            row["state"] = "gone (its `llamactl worker` is not running)"
+        if not record_is_live(record):  # its pids are stale (maybe another process's by now): not shown
+            row.update(pid=None, child_pid=None)
+            if record.state != "failed":  # a failed one says why in last_exit
+                row["state"] = "gone (its `llamactl worker` is not running)"
         elif record.state == "running":
             try:
                 row["protocol"] = worker_version(Worker("self", record.host, record.port), timeout_s=2.0)

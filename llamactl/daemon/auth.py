@@ -20,8 +20,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from llamactl.router.asgi import send_json
-from llamactl.router.errors import error_body
 from llamactl.errors import ConfigError
 from llamactl.settings import Settings
 
@@ -115,6 +113,9 @@ def check_bind(host: str, keys: Iterable[str], allow_insecure: bool) -> None:
 async def send_error(send: Send, status: int, message: str, code: str,
                      headers: list[tuple[bytes, bytes]] = ()) -> None:
     """An error response from a middleware (before any route runs), in the router's own error shape."""
+    from llamactl.router.asgi import send_json  # here, not at the top: `llamactl up` needs this module's keys,
+    from llamactl.router.errors import error_body  # not the router (most of the CLI's start-up time)
+
     await send_json(send, status, error_body(message, "invalid_request_error", code, "llamactl"),
                     {k.decode("latin-1"): v.decode("latin-1") for k, v in headers})
 

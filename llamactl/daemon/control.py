@@ -221,6 +221,7 @@ class ControlServer:
         self._stack.close()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = b""
         try:
             try:
                 line = await asyncio.wait_for(reader.readline(), REQUEST_READ_TIMEOUT_S)
@@ -241,7 +242,8 @@ class ControlServer:
                 return
             await _reply(writer, await self.dispatch(request))
         except (ConnectionError, asyncio.IncompleteReadError):
-            log.info("control: the client went away before its answer")  # Ctrl-C, or it stopped waiting
+            if line.strip():  # not a probe that connects and closes (listener_alive)
+                log.info("control: the client went away before its answer")  # Ctrl-C, or it stopped waiting
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):

@@ -46,6 +46,14 @@ from llamactl.supervisor.state import process_matches
 log = logging.getLogger("llamactl.daemon")
 
 
+
+def retrieved(future: asyncio.Future) -> None:
+    """A done-callback: mark the outcome as read. A cancelled shield() drops its own callback on the inner
+    future, so an exception the inner one ends with later would be logged as "Future exception was never
+    retrieved", with a traceback, although the code that cancelled expects it (a stopped start)."""
+    if not future.cancelled():
+        future.exception()
+
 class EngineState(enum.Enum):
     STOPPED = "stopped"
     STARTING = "starting"
@@ -158,6 +166,7 @@ class Engine:
                 continue
             if self._start is None:
                 self._start = asyncio.create_task(self._run_start(), name=f"start:{self.name}")
+                self._start.add_done_callback(retrieved)  # its callers may all have given up by the time it ends
             # shield: a caller that gives up (a client gone) does not cancel a start others wait for
             return await asyncio.shield(self._start)
 
@@ -222,13 +231,15 @@ class Engine:
         slots = await self.prompt_cache.slot_dir() if self.prompt_cache is not None else None
         future = self._spawner.submit(start_profile, self.supervisor, profile, api_key=key, cancelled=cancel.is_set,
                                       probe=probe, slot_save_path=slots)
+        waited = asyncio.wrap_future(future)
+        waited.add_done_callback(retrieved)  # after a cancel its StartCancelled is expected, and nobody reads it
         try:
-            record = await asyncio.shield(asyncio.wrap_future(future))
+            record = await asyncio.shield(waited)
         except asyncio.CancelledError:
             cancel.set()
-            while not future.done():
+            while not waited.done():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.shield(asyncio.wrap_future(future))
+                    await asyncio.shield(waited)
             raise
         if record.api_key != key and not record.api_key:
             raise StartError(

@@ -193,10 +193,11 @@ def read(path: Path) -> Any:
     except OSError as e:
         log.warning("%s: not read (%s); starting without what was learnt before", path, e.strerror or e)
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory naming only the fd
+        os.close(fd)
+        log.warning("%s: not a regular file, ignored; starting without what was learnt before", path)
+        return None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            log.warning("%s: not a regular file, ignored; starting without what was learnt before", path)
-            return None
         try:
             raw = f.read(MAX_BYTES + 1)
         except OSError as e:

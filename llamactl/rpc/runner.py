@@ -122,11 +122,40 @@ def _write(path: Path, record: WorkerRecord) -> None:
     tmp.replace(path)
 
 
-def _accepts(host: str, port: int) -> bool:
+BIND_FAILED = "Failed to create server socket"  # rpc-server's line when it cannot bind (it then exits 0)
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why rpc-server could not bind host:port (something listens there already), or None when it can."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as rpc-server does: TIME_WAIT is no conflict
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError as e:
+            return f"{host}:{port} is in use ({e.strerror})"
+    return None
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether the process `pid` itself listens on `port` (a connection that succeeds could be another's)."""
+    import psutil
+
     try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
+
+
+def record_is_live(record: WorkerRecord) -> bool:
+    """Whether the `llamactl worker` that wrote `record` still runs: its pid exists and is the same process
+    (not a newer one that reuses the pid: it started before the record was made)."""
+    import psutil
+
+    try:
+        return psutil.Process(record.pid).create_time() <= record.started_at + 1.0
+    except psutil.Error:
         return False
 
 
@@ -166,15 +195,27 @@ class WorkerRunner:
                                     preexec_fn=die_with_parent_preexec)
 
     def _wait_listening(self, child: subprocess.Popen[bytes]) -> bool:
-        """True once the port accepts connections; False if the child exits (or the deadline passes)."""
+        """True once the child itself listens on the port; False if it exits (or the deadline passes)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline and not self.stopping.is_set():
             if child.poll() is not None:
                 return False
-            if _accepts(self.options.host, self.options.port):
+            if _listens(child.pid, self.options.port):
                 return True
             self.stopping.wait(0.05)
         return False
+
+    def _check_port(self, log_tail: list[str] | None = None) -> None:
+        """StartError("port in use") when something else holds the port (seen before a start, or in rpc-server's
+        last lines): no restart fixes that, so no backoff and no crash loop."""
+        held = port_in_use(self.options.host, self.options.port)
+        if held is None and not any(BIND_FAILED in line for line in log_tail or ()):
+            return
+        why = held or f"{self.options.host}:{self.options.port} is in use (rpc-server: {BIND_FAILED!r})"
+        self._set(state="failed", child_pid=None, last_exit=f"port in use: {why}")
+        raise StartError(f"worker: port in use: {why}", cause="port in use", log_tail=list(log_tail or ()),
+                         hint=f"stop what listens there (`ss -ltnp 'sport = :{self.options.port}'` shows it), or "
+                              "give `llamactl worker --port` another port")
 
     def _set(self, **changes: object) -> None:
         for key, value in changes.items():
@@ -187,6 +228,7 @@ class WorkerRunner:
         try:
             while not self.stopping.is_set():
                 started = time.monotonic()
+                self._check_port()
                 self.child = child = self._spawn()
                 self._set(state="starting", child_pid=child.pid)
                 if self._wait_listening(child):
@@ -202,6 +244,7 @@ class WorkerRunner:
                     stop_group(child.pid, 5.0, reap=child)
                 reason = f"rpc-server (pid {child.pid}) {exit_reason(child.returncode)}"
                 tail = tail_lines(self.log_path, 15)
+                self._check_port(tail)
                 if first:
                     self._set(state="failed", child_pid=None, last_exit=reason)
                     raise StartError(f"{reason} before listening on {self.options.host}:{self.options.port}",

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import psutil
 
 from llamactl.engines.common import LaunchSpec
@@ -126,26 +125,22 @@ class ManagedProcess:
         """Poll /health until 200 (from a socket the child owns, when `port` is given), the process exits, or
         the deadline passes."""
         deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=HEALTH_TIMEOUT_S) as client:
-            while True:
-                if self.poll_exit() is not None:
+        while True:
+            if self.poll_exit() is not None:
+                self._move(State.FAILED)
+                return ReadyOutcome.EXITED
+            if health_status(url, HEALTH_TIMEOUT_S) == 200:
+                if port is not None and not self.listens_on(port):
                     self._move(State.FAILED)
-                    return ReadyOutcome.EXITED
-                try:
-                    if client.get(f"{url}/health").status_code == 200:
-                        if port is not None and not self.listens_on(port):
-                            self._move(State.FAILED)
-                            return ReadyOutcome.PORT_TAKEN
-                        self._move(State.READY)
-                        return ReadyOutcome.READY
-                except httpx.HTTPError:
-                    pass  # refused (not listening yet) or timed out (ik while loading): still starting
-                if on_tick:
-                    on_tick()
-                if time.monotonic() >= deadline:
-                    self._move(State.FAILED)
-                    return ReadyOutcome.TIMED_OUT
-                time.sleep(POLL_INTERVAL_S)
+                    return ReadyOutcome.PORT_TAKEN
+                self._move(State.READY)
+                return ReadyOutcome.READY
+            if on_tick:
+                on_tick()
+            if time.monotonic() >= deadline:
+                self._move(State.FAILED)
+                return ReadyOutcome.TIMED_OUT
+            time.sleep(POLL_INTERVAL_S)
 
     def stop(self, timeout_s: float) -> None:
         """SIGTERM the group, wait, SIGKILL the group, reap."""
@@ -155,6 +150,24 @@ class ManagedProcess:
         if self.popen is not None:
             stop_group(self.popen.pid, timeout_s, reap=self.popen)
         self._move(State.STOPPED)
+
+
+def health_status(url: str, timeout_s: float) -> int | None:
+    """GET URL/health: its status code, or None when there is no answer (refused: not listening yet; timed out:
+    ik while loading). The standard library's client: this runs in `llamactl up`, where importing httpx would be
+    a tenth of a second of the command."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=timeout_s)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
 
 
 def _group_members(pgid: int) -> list[psutil.Process]:

@@ -1,0 +1,34 @@
+"""What the CLI imports decides its start-up time (docs/startup-overhead.md measures it): `--help` loads no
+settings library, HTTP client, router or numpy, and `up`'s own modules load none of the router, httpx or numpy.
+Checked by module, not by a timer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("pydantic_settings", "httpx", "llamactl.router", "numpy", "starlette", "rich")
+
+
+def loaded_after(code: str) -> set[str]:
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_help_imports_nothing_heavy():
+    modules = loaded_after("from llamactl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")
+    assert not {m for m in modules if m.split(".")[0] in HEAVY or m.startswith("llamactl.router")}
+
+
+def test_what_up_runs_imports_no_router_httpx_or_numpy():
+    modules = loaded_after("from llamactl.cli import main\n"
+                           "from llamactl.daemon.auth import new_child_key\n"
+                           "from llamactl.daemon.control import try_daemon\n"
+                           "from llamactl.launch import start_profile\n"
+                           "from llamactl.profiles import load_profile\n"
+                           "import llamactl.gguf, llamactl.planning\n"
+                           "llamactl.gguf._type_tables()")
+    heavy = {m for m in modules if m.split(".")[0] in ("httpx", "numpy", "starlette") or m.startswith("llamactl.router")}
+    assert not heavy, sorted(heavy)
