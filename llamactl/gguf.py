@@ -71,6 +71,7 @@ class ModelInfo:
     context_length: int | None
     block_count: int | None
     file_size_bytes: int
+    n_vocab: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class GGUFFile:
             context_length=self.metadata.get(f"{arch}.context_length"),
             block_count=self.metadata.get(f"{arch}.block_count"),
             file_size_bytes=self.file_size_bytes,
+            n_vocab=self.n_vocab or None,
         )
 
 

@@ -51,6 +51,7 @@ from llamactl.router.events import EventHub, stream as event_stream
 from llamactl.router.lane import Lane, LaneConfig, Ticket
 from llamactl.router.learned import fingerprint
 from llamactl.router.routes import ENGINE_GETS, RELAYED, RouteInfo, multipart_field
+from llamactl.router.shapes import ShapeError, check_shape
 from llamactl.router.telemetry import (
     Sample, SSEScanner, Telemetry, acceptance_from_log, log_size, mean_accepted_length, parse_engine_metrics,
     scan_body,
@@ -343,6 +344,19 @@ class Router:
         if all(f.routes is not None and info.path not in f.routes for f in facts):
             raise await self.missing_route(members[0], info.path)
 
+    def check_shape(self, lane: Lane, pin: str | None, info: RouteInfo, payload: dict[str, Any]) -> None:
+        """Refuse, before queueing, a body whose fields the route cannot take (shapes.py), token ids included:
+        below the smallest vocabulary of the members that could serve it (their facts are known by now)."""
+        members = [pin] if pin else list(lane.spec.members)
+        known = [f.n_vocab for m in members if (f := self._facts_now(m)) is not None and f.n_vocab]
+        try:
+            check_shape(info.path, payload, min(known) if known else None)
+        except ShapeError as e:
+            raise BadRequest(str(e), extra={"param": e.field}) from None
+
+    def _facts_now(self, profile: str) -> EngineFacts | None:
+        return self.engine_facts.cached(self.catalog.profiles[profile]) if self.engine_facts else None
+
     async def missing_route(self, profile: str, path: str) -> RouteNotServed:
         facts = await self.facts(profile)
         return RouteNotServed(
@@ -464,7 +478,10 @@ class Relay:
             content_type = headers.get("content-type", "")
             if not content_type.startswith("multipart/form-data"):
                 raise BadRequest(f"{self.path} takes a multipart/form-data body (file, model, ...)")
-            return multipart_field(body, content_type, "model"), {}
+            try:
+                return multipart_field(body, content_type, "model"), {}
+            except ValueError as e:
+                raise BadRequest(f"{self.path}: {e}") from None
         try:
             payload = parse_json_object(body) if body else {}
         except ValueError as e:
@@ -481,6 +498,7 @@ class Relay:
             route = router.catalog.resolve(model, self.path)
             lane = router.lanes[route.lane]
             await router.check_route(lane, route.pin, self.info)
+            router.check_shape(lane, route.pin, self.info, payload)
         except RouterError as e:
             await self._error(send, e)
             return
