@@ -490,7 +490,7 @@ class Relay:
             raise BadRequest("request body must be a JSON object")
         return payload.get("model"), payload
 
-    async def _handle(self, scope: Scope, body: bytes, send: Send, arrived: float) -> None:
+    async def _handle(self, scope: Scope, body: bytes | bytearray, send: Send, arrived: float) -> None:
         router = self.router
         headers = {name.decode(): value.decode("latin-1") for name, value in scope["headers"] if name in WANTED_HEADERS}
         try:
@@ -507,6 +507,7 @@ class Relay:
         # Work that is not generation goes to whichever member serves now: it is no evidence for switching.
         pin = route.pin or (lane.active if self.info.kind != "generate" and lane.spec.is_group else None)
         stream = bool(payload.get("stream"))
+        del payload  # what was parsed is as large as the body: only the body itself is held while queued
         ticket = Ticket(cls=cls, pin=pin, enqueued_at=arrived, evidence=self.info.kind == "generate")
         sample: Sample | None = None
         retried = False
