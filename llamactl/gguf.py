@@ -72,6 +72,7 @@ class ModelInfo:
     block_count: int | None
     file_size_bytes: int
     sliding_window: int = 0  # tokens in a sliding-window attention layer's window (0: no such layers)
+    n_vocab: int | None = None
 
     @property
     def has_sliding_window(self) -> bool:
@@ -134,6 +135,7 @@ class GGUFFile:
             block_count=self.metadata.get(f"{arch}.block_count"),
             file_size_bytes=self.file_size_bytes,
             sliding_window=_int_or_zero(self.metadata.get(f"{arch}.attention.sliding_window")),
+            n_vocab=self.n_vocab or None,
         )
 
 

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
         description="Comma-separated browser origins (scheme://host:port) allowed to call the router "
                     "cross-origin; same-origin pages are always allowed, other origins get 403.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    max_body_bytes_in_flight: int = Field(
+        default=128 * 1024 * 1024, ge=1024,
+        description="Bytes of request bodies the router holds at once, across all requests (at least "
+                    "MAX_BODY_BYTES); a body past it gets 503 with Retry-After, so memory stays bounded.")
     # Daemon (`llamactl serve`): see llamactl/daemon/service.py
     daemon_answer_s: float = Field(
         default=5.0, gt=0, le=600, description="How long the CLI waits for a running daemon to answer at all "

@@ -32,7 +32,10 @@ def test_multipart_model_field_is_found_without_touching_the_file_part():
             b'--b0\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n--b0--\r\n')
     assert multipart_field(body, 'multipart/form-data; boundary="b0"', "model") == "whisper"
     assert multipart_field(body, "multipart/form-data; boundary=b0", "language") is None
-    assert multipart_field(body, "multipart/form-data", "model") is None  # no boundary
+    with pytest.raises(ValueError, match="names no boundary"):
+        multipart_field(body, "multipart/form-data", "model")
+    with pytest.raises(ValueError, match="does not use the boundary"):
+        multipart_field(body, "multipart/form-data; boundary=other", "model")
     huge = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + b"m" * 10_000 + b"\r\n--b--\r\n"
     assert len(multipart_field(huge, "multipart/form-data; boundary=b", "model")) == 257  # bounded
 

@@ -21,6 +21,7 @@ from tests.router_harness import lane_status, profile, served, wait_for
 ENGINE_KEY = "engine-key-only-llamactl-knows"
 CLIENT_KEY = "client-key-0123456789abcdef"
 MULTIPART = "multipart/form-data; boundary=XyZ"
+HI = [{"role": "user", "content": "hi"}]
 
 
 def multipart_body(model: str | None, audio: bytes = b"RIFF....WAVEfmt fake audio") -> bytes:
@@ -62,7 +63,8 @@ def post(url: str, path: str, model: str | None, **extra) -> httpx.Response:
     if RELAYED[path].multipart:
         return httpx.post(f"{url}{path}", content=multipart_body(model), headers={"content-type": MULTIPART},
                           timeout=10, **extra)
-    body = {"input": "hello", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    body = {"input": "hello", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "query": "which?", "documents": ["this one"]}
     if model is not None:
         body["model"] = model
     return httpx.post(f"{url}{path}", json=body, timeout=10, **extra)
@@ -228,7 +230,7 @@ def test_anthropic_stream_is_relayed_and_its_usage_counted(mixed):
 def test_anthropic_stream_broken_by_the_engine_ends_with_an_anthropic_error_event(mixed):
     url, _, _ = mixed
     with httpx.stream("POST", f"{url}/v1/messages", timeout=10, json={
-            "model": "chat", "max_tokens": 100, "stream": True, "messages": [], "fake": {"crash_after": 2}}) as r:
+            "model": "chat", "max_tokens": 100, "stream": True, "messages": HI, "fake": {"crash_after": 2}}) as r:
         text = "".join(r.iter_text())
     last = text.strip().split("\n\n")[-1]
     assert last.startswith("event: error\ndata: ")
@@ -277,7 +279,8 @@ def test_disconnect_mid_stream_stops_generation(guarded, path):
     url, backends = guarded
     backend = backends.backends["chat"]
     with httpx.stream("POST", f"{url}{path}", headers={"Authorization": f"Bearer {CLIENT_KEY}"}, timeout=10, json={
-            "model": "chat", "stream": True, "max_tokens": 1000, "messages": [], "fake": {"delay_s": 0.01}}) as r:
+            "model": "chat", "stream": True, "max_tokens": 1000, "messages": HI, "prompt": "hi", "input": "hi",
+            "fake": {"delay_s": 0.01}}) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -289,7 +292,7 @@ def test_disconnect_mid_stream_stops_generation(guarded, path):
 def test_slot_is_released_after_a_disconnect_on_the_anthropic_route(mixed):
     url, _, backends = mixed
     with httpx.stream("POST", f"{url}/v1/messages", timeout=10, json={
-            "model": "chat", "stream": True, "max_tokens": 1000, "messages": [], "fake": {"delay_s": 0.01}}) as r:
+            "model": "chat", "stream": True, "max_tokens": 1000, "messages": HI, "fake": {"delay_s": 0.01}}) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break

@@ -59,3 +59,17 @@ def test_upstream_head_large_headers_escaped_names_and_cors(url):
     preflight = httpx.options(f"{url}/upstream/gem/props", timeout=30, headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert not [name for name in preflight.headers if name.lower().startswith("access-control-")]
+
+
+def test_the_engines_500s_for_client_mistakes_are_400s_naming_the_field(url):
+    """The issue's instances against the real engine (it answered each with a 500); the vocabulary bound is
+    the model's own (Gemma 3: 262144 tokens), read from its GGUF."""
+    for path, body, field in (("/v1/messages/count_tokens", {}, "messages"), ("/tokenize", {"content": 12}, "content"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens"),
+                              ("/detokenize", {"tokens": [262144]}, "tokens")):
+        r = httpx.post(f"{url}{path}", json={"model": "gem", **body}, timeout=60)
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["param"] == field and "_M_range_check" not in error["message"]
+    ok = httpx.post(f"{url}/detokenize", json={"model": "gem", "tokens": [262143, 2]}, timeout=60)
+    assert ok.status_code == 200

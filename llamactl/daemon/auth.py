@@ -143,22 +143,48 @@ class ApiKeyMiddleware:
         await send_error(send, 401, message, "invalid_api_key", [(b"www-authenticate", b"Bearer")])
 
 
+class BodyBudget:
+    """Bytes of request bodies held now, across all requests, against a limit (one owner: the middleware).
+    Pure bookkeeping: the event loop is single-threaded, so a check and its reservation cannot interleave."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
+
+    def take(self, n: int) -> bool:
+        if self.held_bytes + n > self.limit_bytes:
+            return False
+        self.held_bytes += n
+        return True
+
+    def give_back(self, n: int) -> None:
+        self.held_bytes -= n
+
+
+RETRY_AFTER_S = 1
+
+
 class BodyLimitMiddleware:
-    """413 for a request body over `max_bytes`, by Content-Length or by counting a chunked body.
+    """413 for a request body over `max_bytes`, by Content-Length or by counting a chunked body; 503 with
+    Retry-After for a body that would take the bytes of bodies held at once past `in_flight_bytes`.
 
     The body is read (up to the limit) before the app runs, so the app never sees a partial body and
     a refusal never collides with a response already started. Request bodies for an LLM API are JSON
-    documents the router parses whole anyway.
+    documents the router parses whole anyway. It is read once, into one buffer (sized by Content-Length,
+    grown for a chunked body), and that same buffer is what the app gets: no copy is made on the way.
+    Its bytes count against the budget until the request has been answered.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, in_flight_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.budget = BodyBudget(max(in_flight_bytes or 0, max_bytes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        declared = None
         for name, value in scope.get("headers", []):
             if name.lower() == b"content-length":
                 try:
@@ -166,37 +192,62 @@ class BodyLimitMiddleware:
                 except ValueError:
                     await send_error(send, 400, "bad Content-Length", "bad_request")
                     return
+                if declared < 0:
+                    await send_error(send, 400, "bad Content-Length", "bad_request")
+                    return
                 if declared > self.max_bytes:
                     await self._too_large(send)
                     return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._too_large(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
+        held = 0
+        try:
+            if declared is not None:
+                if not self.budget.take(declared):
+                    await self._busy(send)
+                    return
+                held = declared
+            body = bytearray(declared) if declared is not None else bytearray()
+            size = 0
+            last = False
+            while not last:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                last = not message.get("more_body", False)
+                if size + len(chunk) > self.max_bytes or (declared is not None and size + len(chunk) > declared):
+                    await self._too_large(send)
+                    return
+                if declared is None:
+                    if not self.budget.take(len(chunk)):
+                        await self._busy(send)
+                        return
+                    held += len(chunk)
+                    body += chunk
+                else:
+                    body[size:size + len(chunk)] = chunk
+                size += len(chunk)
+            if declared is not None and size < declared:
+                del body[size:]  # the client sent less than it declared (the server ends the request)
+            replayed = False
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as a server would
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: wait for the disconnect, as a server would
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
+        finally:
+            self.budget.give_back(held)
 
     async def _too_large(self, send: Send) -> None:
         await send_error(send, 413, f"request body is larger than {self.max_bytes} bytes", "request_too_large")
+
+    async def _busy(self, send: Send) -> None:
+        await send_error(send, 503, f"the router holds {self.budget.limit_bytes} bytes of request bodies already "
+                         "(LLAMACTL_MAX_BODY_BYTES_IN_FLIGHT); retry shortly", "bodies_in_flight",
+                         [(b"retry-after", str(RETRY_AFTER_S).encode())])
 
 
 def middleware(settings: Settings, keys: tuple[str, ...] | None = None, *,
@@ -215,7 +266,8 @@ def middleware(settings: Settings, keys: tuple[str, ...] | None = None, *,
     stack = [Middleware(WebGuardMiddleware, bound_host=bound_host or settings.router_host,
                         allowed_hosts=comma_list(settings.allowed_hosts),
                         allowed_origins=comma_list(settings.allowed_origins), page_paths=UI_PAGES),
-             Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)]
+             Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                        in_flight_bytes=settings.max_body_bytes_in_flight)]
     if keys:
         stack.insert(0, Middleware(ApiKeyMiddleware, keys=keys, open_paths=OPEN_PATHS | UI_PATHS))  # reject unauthenticated before reading bodies
     return stack

@@ -53,6 +53,7 @@ from llamactl.router.events import EventHub, stream as event_stream
 from llamactl.router.lane import Lane, LaneConfig, Ticket
 from llamactl.router.learned import fingerprint
 from llamactl.router.routes import ENGINE_GETS, RELAYED, RouteInfo, multipart_field
+from llamactl.router.shapes import ShapeError, check_shape
 from llamactl.router.telemetry import (
     Sample, SSEScanner, Telemetry, acceptance_from_log, log_size, mean_accepted_length, parse_engine_metrics,
     scan_body,
@@ -377,6 +378,19 @@ class Router:
         if all(f.routes is not None and info.path not in f.routes for f in facts):
             raise await self.missing_route(members[0], info.path)
 
+    def check_shape(self, lane: Lane, pin: str | None, info: RouteInfo, payload: dict[str, Any]) -> None:
+        """Refuse, before queueing, a body whose fields the route cannot take (shapes.py), token ids included:
+        below the smallest vocabulary of the members that could serve it (their facts are known by now)."""
+        members = [pin] if pin else list(lane.spec.members)
+        known = [f.n_vocab for m in members if (f := self._facts_now(m)) is not None and f.n_vocab]
+        try:
+            check_shape(info.path, payload, min(known) if known else None)
+        except ShapeError as e:
+            raise BadRequest(str(e), extra={"param": e.field}) from None
+
+    def _facts_now(self, profile: str) -> EngineFacts | None:
+        return self.engine_facts.cached(self.catalog.profiles[profile]) if self.engine_facts else None
+
     async def missing_route(self, profile: str, path: str) -> RouteNotServed:
         facts = await self.facts(profile)
         return RouteNotServed(
@@ -500,7 +514,10 @@ class Relay:
             content_type = headers.get("content-type", "")
             if not content_type.startswith("multipart/form-data"):
                 raise BadRequest(f"{self.path} takes a multipart/form-data body (file, model, ...)")
-            return multipart_field(body, content_type, "model"), {}
+            try:
+                return multipart_field(body, content_type, "model"), {}
+            except ValueError as e:
+                raise BadRequest(f"{self.path}: {e}") from None
         try:
             payload = parse_json_object(body) if body else {}
         except ValueError as e:
@@ -509,7 +526,7 @@ class Relay:
             raise BadRequest("request body must be a JSON object")
         return payload.get("model"), payload
 
-    async def _handle(self, scope: Scope, body: bytes, send: Send, arrived: float) -> None:
+    async def _handle(self, scope: Scope, body: bytes | bytearray, send: Send, arrived: float) -> None:
         router = self.router
         headers = {name.decode(): value.decode("latin-1") for name, value in scope["headers"] if name in WANTED_HEADERS}
         try:
@@ -518,6 +535,7 @@ class Relay:
             lane = router.lanes[route.lane]
             router.learn_per_request(lane)
             await router.check_route(lane, route.pin, self.info)
+            router.check_shape(lane, route.pin, self.info, payload)
         except RouterError as e:
             await self._error(send, e)
             return
@@ -526,6 +544,7 @@ class Relay:
         # Work that is not generation goes to whichever member serves now: it is no evidence for switching.
         pin = route.pin or (lane.active if self.info.kind != "generate" and lane.spec.is_group else None)
         stream = bool(payload.get("stream"))
+        del payload  # what was parsed is as large as the body: only the body itself is held while queued
         ticket = Ticket(cls=cls, pin=pin, enqueued_at=arrived, evidence=self.info.kind == "generate")
         sample: Sample | None = None
         retried = False

@@ -29,7 +29,9 @@ async def send_error(send: Send, error: RouterError, *, anthropic: bool = False)
     await send_json(send, error.status, body, {"x-llamactl-error-source": error.source, **error.headers})
 
 
-async def read_body(receive: Receive, max_bytes: int) -> bytes:
+async def read_body(receive: Receive, max_bytes: int) -> bytes | bytearray:
+    """The whole body. A body that comes in one message (the daemon's body-limit middleware hands it over so)
+    is returned as it is, not copied: a large body is then held once, however far it travels."""
     chunks = []
     size = 0
     while True:
@@ -40,9 +42,12 @@ async def read_body(receive: Receive, max_bytes: int) -> bytes:
         size += len(chunk)
         if size > max_bytes:  # the daemon's body-limit middleware refuses it first, in the same shape
             raise BodyTooLarge(f"request body is larger than {max_bytes} bytes")
-        chunks.append(chunk)
         if not message.get("more_body", False):
+            if not chunks:
+                return chunk
+            chunks.append(chunk)
             return b"".join(chunks)
+        chunks.append(chunk)
 
 
 class DisconnectWatch:

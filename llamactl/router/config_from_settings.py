@@ -44,6 +44,7 @@ class EngineFacts:
     version: str
     routes: frozenset[str] | None  # None: not probed (binary not found or unreadable)
     train_ctx: int | None = None  # the model's training context (what ctx_size = 0 gives), from its GGUF
+    n_vocab: int | None = None  # how many tokens its vocabulary has (token ids a request may use are below)
 
 
 class EngineFactsProbe:
@@ -72,15 +73,17 @@ class EngineFactsProbe:
         except LlamactlError as e:
             log.warning("profile %s: cannot probe its engine's routes: %s", profile.name, e)
             binary, version, routes = None, "unknown", None
-        facts = EngineFacts(profile.engine, version, routes, self._train_ctx(profile))
+        train_ctx, n_vocab = self._model_facts(profile)
+        facts = EngineFacts(profile.engine, version, routes, train_ctx, n_vocab)
         self._known[profile.name] = facts
         return facts
 
-    def _train_ctx(self, profile: Profile) -> int | None:
+    def _model_facts(self, profile: Profile) -> tuple[int | None, int | None]:
         from llamactl.gguf import read_model_info
         from llamactl.models import resolve_model_path
 
         try:
-            return read_model_info(resolve_model_path(profile.model, self.settings)).context_length
+            info = read_model_info(resolve_model_path(profile.model, self.settings))
         except (LlamactlError, OSError):
-            return None  # not there yet (a builtin model not assembled): shown as unknown
+            return None, None  # not there yet (a builtin model not assembled): shown as unknown
+        return info.context_length, info.n_vocab

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from llamactl.names import shown
+
 Kind = Literal["generate", "embed", "rerank", "utility"]
 Api = Literal["openai", "llama", "anthropic", "responses"]
 
@@ -59,17 +61,29 @@ ENGINE_GETS = ("/props", "/slots")
 MAX_MODEL_NAME = 256  # a longer `model` is refused: it would become a log line and an error message
 
 
+MAX_BOUNDARY = 70  # RFC 2046
+
+
 def multipart_field(body: bytes, content_type: str, name: str, limit: int = MAX_MODEL_NAME) -> str | None:
     """The value of one small text field of a multipart/form-data body, or None when it is absent.
-    Only the part headers are inspected; the rest of the body (audio) is never copied or decoded."""
+    Only the part headers are inspected; the rest of the body (audio) is never copied or decoded.
+    A form that cannot be read (no boundary in the Content-Type, or one the body does not use) is a
+    ValueError saying so: the field is not merely absent."""
     boundary = None
     for piece in content_type.split(";")[1:]:
         key, _, value = piece.strip().partition("=")
         if key.lower() == "boundary":
             boundary = value.strip().strip('"')
     if not boundary:
-        return None
+        raise ValueError("the Content-Type names no boundary: send 'Content-Type: multipart/form-data; "
+                         "boundary=...' with the boundary the body's parts are separated by (a client library "
+                         "sets it when it builds the form; do not set the header by hand)")
+    if len(boundary) > MAX_BOUNDARY:
+        raise ValueError(f"the multipart boundary is longer than {MAX_BOUNDARY} characters")
     delimiter = b"--" + boundary.encode("latin-1")
+    if not body.startswith(delimiter) and body.find(b"\r\n" + delimiter) < 0:
+        raise ValueError(f"the body does not use the boundary its Content-Type names ({shown(boundary)}): no part "
+                         f"starts with '--{boundary[:MAX_BOUNDARY]}'; send the form with the boundary it was built with")
     wanted = f'name="{name}"'.encode()
     start = 0
     while True:

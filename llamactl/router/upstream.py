@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 import httptools
 
 
+WRITE_SLICE_BYTES = 256 * 1024
+
+
 class UpstreamConnectError(Exception):
     """The engine refused the connection (not running, restarting)."""
 
@@ -163,8 +166,28 @@ class UpstreamPool:
         else:
             conn.close()
 
+    async def _send(self, conn: _Conn, head: bytes, body: bytes | bytearray) -> None:
+        """The request, without copying a large body: written a slice at a time, each once the transport has
+        room (its buffer would otherwise take a copy of whatever the socket did not accept at once)."""
+        if len(body) <= WRITE_SLICE_BYTES:
+            conn.writer.write(head + body)
+            return
+        conn.writer.write(head)
+        view = memoryview(body)
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                for at in range(0, len(view), WRITE_SLICE_BYTES):
+                    conn.writer.write(view[at:at + WRITE_SLICE_BYTES])
+                    await conn.writer.drain()
+        except TimeoutError:
+            raise UpstreamTimeout(f"the engine took no data for {self.read_timeout_s:g}s") from None
+        except (ConnectionError, OSError) as e:
+            raise UpstreamBroken(f"connection to the engine failed while sending the body: {e}") from None
+        finally:
+            view.release()
+
     async def request(self, base_url: str, method: str, path: str, headers: dict[str, str],
-                      body: bytes) -> UpstreamResponse:
+                      body: bytes | bytearray) -> UpstreamResponse:
         split = urlsplit(base_url)
         key = (split.hostname or "127.0.0.1", split.port or 80)
         lines = [f"{method} {path} HTTP/1.1", f"Host: {key[0]}:{key[1]}", f"Content-Length: {len(body)}"]
@@ -178,7 +201,7 @@ class UpstreamPool:
                 continue
             response = UpstreamResponse(self, key, conn, self.read_timeout_s, method)
             try:
-                conn.writer.write(head + body)
+                await self._send(conn, head, body)
                 await response._read_headers()
                 return response
             except UpstreamBroken:
@@ -192,7 +215,7 @@ class UpstreamPool:
         conn = await self._connect(key)
         response = UpstreamResponse(self, key, conn, self.read_timeout_s, method)
         try:
-            conn.writer.write(head + body)
+            await self._send(conn, head, body)
             await response._read_headers()
         except BaseException:
             conn.close()
