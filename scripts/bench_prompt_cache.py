@@ -50,11 +50,12 @@ persist = true
 CASES = ("warm", "unload", "switch", "restart", "cold")
 
 
-def prefix(lines: int, salt: str = "") -> str:
-    """A coding agent's fixed prefix: a system prompt and a tool list, as code (about 30 tokens a line)."""
-    rows = [f"def tool_{salt}{i}(args):\n    return run('tool {i}', args, retries={i % 5})  # tool {i} of the agent\n"
+def prefix(lines: int, session: int = 0) -> str:
+    """A coding agent's fixed prefix: a system prompt and a tool list, as code (about 35 tokens a line). Another
+    session differs from its first line on, with the same token count: nothing of it is in any cache."""
+    rows = [f"def tool_{i}(args):\n    return run('tool {i}', args, retries={i % 5})  # tool {i} of the agent\n"
             for i in range(lines)]
-    return "# You are a coding agent. The tools you may call:\n" + "".join(rows)
+    return f"# session {session % 10}\n# You are a coding agent. The tools you may call:\n" + "".join(rows)
 
 
 class Serve:
@@ -133,7 +134,7 @@ def one_run(env: dict[str, str], lines: int, run: int, results: dict[str, list],
                 serve = Serve(env)
                 url = serve.url
                 loads["restart"].append(post(url, "/llamactl/switch", json={"group": "agent", "member": member}))
-            prompt = prefix(lines, salt=f"r{run}x") + turns if case == "cold" else base + turns
+            prompt = prefix(lines, session=run + 1) + turns if case == "cold" else base + turns
             seconds, timings = ttft(url, prompt)
             results[case].append((seconds, timings.get("prompt_n"), timings.get("cache_n")))
             print(f"run {run} {case:<8} ttft {seconds:6.2f} s  prompt_n {timings.get('prompt_n')}  "

@@ -26,6 +26,7 @@ def profile(**fields) -> Profile:
     ({"cache": {"persist": True}}, False, True, False, "persist = true"),
     ({"cache": {"persist": False}}, False, False, False, "persist = false"),
     ({"engine": "ik_llama.cpp"}, False, False, False, "ik_llama.cpp"),
+    ({"engine": "ik_llama.cpp", "cache": {"persist": True}}, True, False, False, "persist = true ignored"),
     ({"embeddings": True}, False, False, False, "embeddings"),
     ({"embeddings": True, "cache": {"persist": True}}, True, False, False, "embeddings"),
 ])
