@@ -135,3 +135,20 @@ def test_a_changed_profile_never_restores_an_old_file(cache_settings):
             assert len(store_files(settings)) == 2 and set(old) < set(store_files(settings))  # one key each
 
     asyncio.run(main())
+
+
+def test_an_unusable_cache_directory_starts_the_engine_without_the_cache(cache_settings, caplog):
+    name, settings, profiles = cache_settings()
+    settings.prompt_cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    settings.prompt_cache_dir.write_text("a file where the directory should be")
+
+    async def main() -> None:
+        engines = Engines(Supervisor(settings, die_with_parent=True), profiles, settings)
+        async with engines.running():
+            upstream = await engines.ensure_ready(name)
+            assert (await complete(upstream, PROMPT))["cache_n"] == 0
+            assert "--slot-save-path" not in engines.running_record(name).cmdline
+            await engines.stop(name)
+        assert "engines start without it" in caplog.text
+
+    asyncio.run(main())

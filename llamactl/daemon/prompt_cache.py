@@ -92,9 +92,15 @@ class PromptCache:
     def _counts(self, profile: str) -> ProfileCounts:
         return self.counts.setdefault(profile, ProfileCounts())
 
-    async def slot_dir(self):
-        """The directory engines save slots to (created, 0700, its manifest read), for --slot-save-path."""
-        await asyncio.to_thread(self.store.open)
+    async def slot_dir(self) -> Path | None:
+        """The directory engines save slots to (created, 0700, its manifest read), for --slot-save-path; None when
+        it cannot be made (the engine then starts without the cache: never a failed start)."""
+        try:
+            await asyncio.to_thread(self.store.open)
+        except OSError as e:
+            log.warning("prompt cache: %s is unusable (%s); engines start without it", self.store.directory,
+                        e.strerror or e)
+            return None
         return self.store.directory
 
     # -- the key of a running engine ---------------------------------------------------------------------
