@@ -39,6 +39,12 @@ class ProfileNotFound(ProfileError):
     pass
 
 
+class HubError(LlamactlError):
+    """A model could not be had from the Hugging Face Hub (no such repo, gated, offline, network, disk full)."""
+
+    exit_code = 2
+
+
 class EngineNotFound(LlamactlError):
     """No llama-server binary for the engine a profile asks for."""
 

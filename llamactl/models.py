@@ -1,11 +1,15 @@
-"""Model paths: a profile's `model` is a file path or `builtin:gemma3-270m` (the demo model)."""
+"""Model paths: a profile's `model` is a file path, `builtin:gemma3-270m` (the demo model) or an `hf:` reference
+(a file in huggingface_hub's cache, downloaded by `fetch_profile_models`, which `llamactl pull`, `up` and the
+daemon call before anything plans or starts)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from llamactl.errors import ProfileError
-from llamactl.profiles import BUILTIN_PREFIX
+from llamactl.hf.refs import is_hf_ref, parse_ref
+from llamactl.profiles import BUILTIN_PREFIX, Profile
 from llamactl.settings import Settings
 
 BUILTIN_MODELS = {
@@ -14,8 +18,15 @@ BUILTIN_MODELS = {
 }
 
 
+class NotDownloaded(ProfileError):
+    """An `hf:` model that is not in the cache yet: `llamactl pull` fetches it."""
+
+
 def resolve_model_path(model: str, settings: Settings) -> Path:
-    """Where the model file is (or will be, for a builtin model not yet assembled)."""
+    """Where the model file is (or will be, for a builtin model not yet assembled). An `hf:` model not in the
+    cache raises NotDownloaded."""
+    if is_hf_ref(model):
+        return _cached_hf(model, where=f"model = '{model}'")
     if not model.startswith(BUILTIN_PREFIX):
         return Path(model)
     name = model.removeprefix(BUILTIN_PREFIX)
@@ -26,7 +37,10 @@ def resolve_model_path(model: str, settings: Settings) -> Path:
 
 
 def ensure_model(model: str, settings: Settings, *, where: str) -> Path:
-    """Return an existing model file, assembling a builtin model on first use."""
+    """Return an existing model file, assembling a builtin model on first use. Never downloads: an `hf:` model
+    not pulled yet is a NotDownloaded error saying to run `llamactl pull`."""
+    if is_hf_ref(model):
+        return _cached_hf(model, where=where)
     path = resolve_model_path(model, settings)
     if path.is_file():
         return path
@@ -40,3 +54,41 @@ def ensure_model(model: str, settings: Settings, *, where: str) -> Path:
         return Path(assembler.assemble(path))
     raise ProfileError(f"{where}: model file not found: looked at {path}",
                        hint="fix the path in the profile (relative paths are relative to the profile file)")
+
+
+def _cached_hf(model: str, *, where: str) -> Path:
+    from llamactl.hf.pull import HubConfig, cached_model
+
+    ref = parse_ref(model)
+    config = HubConfig.from_environ()
+    found = cached_model(ref, config, where=where)
+    if found is None:
+        raise NotDownloaded(f"{where}: {ref} is not downloaded yet (not in the Hugging Face cache {config.cache_dir})",
+                            hint="run `llamactl pull` first (with the profile's name or the reference); `llamactl up` "
+                                 "and `serve` also fetch it themselves")
+    return found
+
+
+def hf_models(profile: Profile) -> list[tuple[str, str]]:
+    """(profile key, reference) for each `hf:` model the profile needs."""
+    keys = [("model", profile.model)]
+    if profile.speculation.uses_draft_model and profile.speculation.draft_model:
+        keys.append(("speculation.draft_model", profile.speculation.draft_model))
+    return [(key, value) for key, value in keys if is_hf_ref(value)]
+
+
+def fetch_profile_models(profile: Profile, settings: Settings, *, progress=None,
+                         cancelled: Callable[[], bool] | None = None) -> list[Path]:
+    """Download the profile's `hf:` models that are not in the cache (only the files each names); the cache
+    answers for the rest with no network. `progress` gets PullProgress updates; `cancelled` stops a download
+    (the partial file stays, the next pull resumes it)."""
+    from llamactl.hf.pull import HubConfig, cached_model, pull_model
+
+    config = HubConfig.from_environ()
+    where = f"profile '{profile.name}'" + (f" ({profile.source})" if profile.source else "")
+    paths = []
+    for key, value in hf_models(profile):
+        ref, here = parse_ref(value), f"{where}, key {key}"
+        paths.append(cached_model(ref, config, where=here)
+                     or pull_model(ref, config, where=here, progress=progress, cancelled=cancelled))
+    return paths

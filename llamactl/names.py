@@ -4,7 +4,9 @@ so no name can reach outside the directory it names a file in."""
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 
 from llamactl.errors import ProfileError
 
@@ -33,3 +35,15 @@ def check_profile_name(name: object, what: str = "profile name") -> str:
     if not is_profile_name(name):
         raise BadProfileName(f"{shown(name)} is not a valid {what}", hint=f"a profile name is {NAME_RULE}")
     return name  # type: ignore[return-value]
+
+
+def closest_names(name: str, known: Iterable[str], *, noun: str = "profiles", limit: int = 12) -> str:
+    """A hint for a name that is not there: the closest ones first ("did you mean ...?"), then the ones that
+    exist (bounded: a long list is cut with a count)."""
+    names = sorted(set(known))
+    if not names:
+        return f"no {noun} exist yet"
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    listed = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    prefix = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{prefix}{noun} that exist: {listed}"

@@ -14,10 +14,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llamactl.errors import ProfileError, ProfileNotFound
-from llamactl.names import check_profile_name
+from llamactl.hf.refs import HF_PREFIX, parse_ref
+from llamactl.names import check_profile_name, closest_names
 from llamactl.settings import Settings
 
 MAX_CTX = 524288
@@ -70,6 +71,17 @@ def owned_flag_problem(args: list[str]) -> str | None:
 PATH_KEYS = (("model",), ("binary",), ("speculation", "draft_model"))
 
 
+def _checked_ref(value: str | None) -> str | None:
+    """An `hf:` reference must parse (its syntax, and names that are never paths); other values pass."""
+    if value is not None and value.startswith(HF_PREFIX):
+        try:
+            parse_ref(value)
+        except ProfileError as e:
+            raise ValueError(f"{e.message.removeprefix('model reference ')}; write it as "
+                             "hf:OWNER/REPO:QUANT or hf:OWNER/REPO/FILE.gguf[@REVISION]") from None
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -102,6 +114,11 @@ class Speculation(_Strict):
     n_max: int | None = Field(default=None, ge=1, le=256)
     n_min: int | None = Field(default=None, ge=0, le=256)
     p_min: float | None = Field(default=None, ge=0, le=1)
+
+    @field_validator("draft_model")
+    @classmethod
+    def _draft_ref(cls, value: str | None) -> str | None:
+        return _checked_ref(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Speculation":
@@ -176,6 +193,11 @@ class Profile(_Strict):
     cache: Cache = Cache()
     load_timeout_s: float = Field(default=900, gt=0)
     stop_timeout_s: float = Field(default=15, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, value: str) -> str:
+        return _checked_ref(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Profile":
@@ -252,10 +274,8 @@ def find_profile_file(name: str, settings: Settings, *, after: Path | None = Non
     if name in files:
         return files[name]
     searched = ", ".join(str(d) for d in settings.profile_search_path())
-    close = difflib.get_close_matches(name, list(files), n=3)
-    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else (
-        f"create {settings.config_dir / 'profiles' / (name + '.toml')} or set LLAMACTL_PROFILES_DIRS"
-    )
+    hint = (closest_names(name, files) + f"; or create {settings.config_dir / 'profiles' / (name + '.toml')} "
+            "(or set LLAMACTL_PROFILES_DIRS)")
     raise ProfileNotFound(f"no profile named '{name}' (searched: {searched})", hint=hint)
 
 
@@ -297,7 +317,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _expand_path(value: Any, base: Path) -> Any:
-    if not isinstance(value, str) or value.startswith(BUILTIN_PREFIX):
+    if not isinstance(value, str) or value.startswith((BUILTIN_PREFIX, HF_PREFIX)):
         return value
     expanded = Path(os.path.expandvars(value)).expanduser()
     if not expanded.is_absolute():

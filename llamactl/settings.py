@@ -86,6 +86,9 @@ class Settings(BaseSettings):
                     "cross-origin; same-origin pages are always allowed, other origins get 403.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
     # Daemon (`llamactl serve`): see llamactl/daemon/service.py
+    daemon_answer_s: float = Field(
+        default=5.0, gt=0, le=600, description="How long the CLI waits for a running daemon to answer at all "
+                                               "before a command (and between progress lines during one).")
     preload: str = Field(default="", description="Comma-separated profiles loaded before READY=1 (`serve --preload`).")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="On SIGTERM, wait this long for requests in flight.")
     health_interval_s: float = Field(default=5.0, gt=0, description="How often a served child's /health is probed.")

@@ -7,10 +7,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from llamactl.errors import LlamactlError, ProfileError
-from llamactl.models import BUILTIN_MODELS, resolve_model_path
+from llamactl.models import BUILTIN_MODELS, NotDownloaded, resolve_model_path
 from llamactl.profiles import BUILTIN_PREFIX, Profile, load_all, load_profile
 from llamactl.settings import Settings
 from llamactl.supervisor.supervisor import check_context
+from llamactl.vocab import check_draft_vocabulary
 
 
 def validate_profiles(settings: Settings, names: list[str] | None = None, *,
@@ -43,14 +44,20 @@ def check_model_files(profile: Profile, settings: Settings) -> None:
     model = _checked_model(profile.model, "model", where, settings)
     draft = profile.speculation.draft_model
     if profile.speculation.uses_draft_model and draft:
-        _checked_model(draft, "speculation.draft_model", where, settings)
+        draft_path = _checked_model(draft, "speculation.draft_model", where, settings)
+        if model is not None and draft_path is not None:
+            check_draft_vocabulary(model, draft_path, where=f"{where}: speculation.draft_model")
     if model is not None:
         check_context(profile, model, where)
 
 
 def _checked_model(value: str, key: str, where: str, settings: Settings) -> Path | None:
-    """The model file behind `value`, checked; None for a builtin model not assembled yet (its package is)."""
-    path = resolve_model_path(value, settings)
+    """The model file behind `value`, checked; None for a builtin model not assembled yet (its package is) or an
+    `hf:` model not pulled yet (its reference was checked when the profile loaded)."""
+    try:
+        path = resolve_model_path(value, settings)
+    except NotDownloaded:
+        return None
     if value.startswith(BUILTIN_PREFIX) and not path.exists():
         package, module, _ = BUILTIN_MODELS[value.removeprefix(BUILTIN_PREFIX)]
         try:

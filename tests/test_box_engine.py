@@ -85,3 +85,38 @@ def test_a_second_model_replaces_the_idle_first_and_a_stream_is_never_cut(one_mo
     finally:
         server.stop()
     assert running(router) == set()
+
+
+@pytest.fixture
+def two_model_box(monkeypatch, write_profile, gemma_path, home, tmp_path):
+    monkeypatch.setenv(ENGINE_ENV["llama.cpp"], str(require_engine("llama.cpp")))
+    box = tmp_path / "box.json"
+    box.write_text(json.dumps({"gpus": [], "host": {"total_mib": 800, "free_mib": 800}}))
+    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(box))
+    common = f'model = "{gemma_path}"\nctx_size = 1024\ngpus = []\nthreads = 2\nparallel = 1\nload_timeout_s = 180\n'
+    for name in ("a", "b", "c"):
+        write_profile(name, common)
+    return Settings()
+
+
+def test_three_profiles_on_a_box_for_two_a_third_stops_one_idle_engine_not_both(two_model_box):
+    settings = two_model_box
+    router = build_router(settings, load_profiles(settings))
+    server = ServerThread(create_app(router))
+    names = {"a", "b", "c"}
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        for name in ("a", "b"):
+            assert client.completions.create(model=name, prompt="Hello", max_tokens=4).choices[0].text is not None
+        assert {n for n in names if router.backends.supervisor.running(n)} == {"a", "b"}  # two fit: no eviction
+        assert httpx.get(f"{server.url}/llamactl/status").json()["box"]["evictions"] == []
+
+        assert client.completions.create(model="c", prompt="Hello", max_tokens=4).choices[0].text is not None
+        now = {n for n in names if router.backends.supervisor.running(n)}
+        box = httpx.get(f"{server.url}/llamactl/status").json()["box"]
+        assert len(now) == 2 and "c" in now
+        (stopped,) = names - now
+        assert [e["lane"] for e in box["evictions"]] == [stopped] and box["evictions"][0]["for"] == "c"
+        assert box["devices"][0]["free_mib"] >= 0
+    finally:
+        server.stop()

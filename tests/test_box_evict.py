@@ -66,6 +66,14 @@ def test_a_lane_stays_at_least_as_long_as_its_load_took():
     assert choose({"CUDA0": 12000}, book, [old], requester="b").verdict == "evict"
 
 
+def test_a_wait_looks_again_when_an_idle_lane_comes_of_age_even_if_the_cheapest_pick_is_busy():
+    book = ledger({"CUDA0": 16000}, {"a": ("a", {"CUDA0": 6000}), "b": ("b", {"CUDA0": 6000})})
+    residents = [resident("a", idle_s=5, resident_s=5, reload_s=30), resident("b", idle=False, resident_s=1000,
+                                                                               reload_s=10)]
+    choice = choose({"CUDA0": 8000}, book, residents, requester="c")
+    assert choice.verdict == "wait" and choice.retry_in_s == pytest.approx(25)
+
+
 def test_kept_lanes_and_never_fits_are_refused_at_once():
     book = ledger({"CUDA0": 24000}, {"a": ("a", {"CUDA0": 20000})})
     kept = choose({"CUDA0": 12000}, book, [resident("a", keep=True)], requester="b")

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from llamactl.box.scheduler import BoxScheduler, Capacity, Sizing
+from llamactl.box.scheduler import BoxScheduler, Capacity, Placement, Sizing
 from llamactl.router.backends import Upstream
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.errors import EngineUnavailable
@@ -21,9 +21,11 @@ from tests.test_lane import ManualClock, RecordingEngines, settle
 class Sizes:
     """Each profile needs a fixed MiB per device; the box has `capacity`."""
 
-    def __init__(self, capacity: dict[str, int], needs: dict[str, dict[str, int]]) -> None:
+    def __init__(self, capacity: dict[str, int], needs: dict[str, dict[str, int]],
+                 elsewhere: dict[str, list[dict[str, int]]] | None = None) -> None:
         self.cap = capacity
         self.needs = needs
+        self.elsewhere = elsewhere or {}  # profile -> its other placements (a one-card model on another card)
         self.sized: list[str] = []
 
     def capacity(self) -> Capacity:
@@ -34,7 +36,9 @@ class Sizes:
         need = self.needs[profile]
         if any(need.get(d, 0) > empty.get(d, 0) for d in need):
             return Sizing(alone=need, never="does not fit even on an empty box")
-        return Sizing(alone=need, launch_alone=("alone", profile))
+        return Sizing(alone=need, launch_alone=("alone", profile),
+                      elsewhere=tuple(Placement(mib, ("elsewhere", profile, i), f" on {'+'.join(mib)}")
+                                      for i, mib in enumerate(self.elsewhere.get(profile, []))))
 
 
 async def inline(fn, *args):
@@ -49,10 +53,10 @@ class SupervisedEngines(RecordingEngines):
 
 
 class Box:
-    def __init__(self, capacity, needs, *, min_residence_s=0.0, reserve=None):
+    def __init__(self, capacity, needs, *, min_residence_s=0.0, reserve=None, elsewhere=None):
         self.clock = ManualClock()
         self.engines = SupervisedEngines()
-        self.sizes = Sizes(capacity, needs)
+        self.sizes = Sizes(capacity, needs, elsewhere)
         self.events: list[tuple[str, dict]] = []
         self.scheduler = BoxScheduler(self.sizes, clock=self.clock, min_residence_s=min_residence_s, reserve=reserve,
                                       run_io=inline, on_event=lambda what, data: self.events.append((what, data)))
@@ -292,3 +296,26 @@ async def test_an_engine_given_up_on_gives_its_memory_back(box):
     a.mark_failed("a", RuntimeError("crash loop"))
     await settle()
     assert box.scheduler.ledger.free() == {"CPU": 520}
+
+
+TWO_CARDS = dict(capacity={"CUDA0": 24064, "CUDA1": 24064},
+                 needs={"coder": {"CUDA0": 19456}, "coder2": {"CUDA1": 19456}, "chat": {"CUDA0": 7168}},
+                 elsewhere={"chat": [{"CUDA1": 7168}]})
+
+
+@box_test(**TWO_CARDS)
+async def test_a_one_card_model_goes_on_the_card_whose_engine_is_idle_not_where_its_plan_alone_put_it(box):
+    coder, coder2, chat = box.lane("coder"), box.lane("coder2"), box.lane("chat")
+    await serve_one(box, coder2)
+    busy, task = ask(coder)  # coder serves on CUDA0 and stays busy
+    await settle()
+    box.engines.finish("coder")
+    await task
+    _, chat_task = ask(chat)
+    await settle()
+    assert coder2.state is LaneState.UNLOADED and "coder" in coder.upstreams, "the idle card was not freed"
+    assert box.scheduler.launch_probe("chat") == ("elsewhere", "chat", 0)
+    box.engines.finish("chat")
+    await chat_task
+    assert box.scheduler.ledger.holdings["chat"].mib == {"CUDA1": 7168}
+    coder.release(busy)

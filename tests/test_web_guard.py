@@ -26,6 +26,7 @@ def served(settings: Settings, monkeypatch):
     profiles = group_profiles("coding")
     backends = fake_backends(profiles)
     app = create_app(Router(profiles, backends, RouterConfig()), middleware=auth.middleware(Settings()))
+    app.state.backends = backends  # what the tests check was started (nothing, for a foreign page)
     server = ServerThread(app)
     try:
         yield server.url, app
@@ -80,7 +81,8 @@ def test_a_text_plain_body_is_not_parsed_as_json(served):
             headers = {"Content-Type": content_type} if content_type else {}
             r = httpx.post(url + path, content=body, headers=headers)
             assert r.status_code == 415, (path, content_type, r.status_code)
-            assert "application/json" in r.json()["error"]["message"]
+            wanted = "multipart/form-data" if path.endswith("/transcriptions") else "application/json"
+            assert wanted in r.json()["error"]["message"]
 
 
 def test_same_origin_configured_origins_and_plain_clients_work(served):
@@ -104,9 +106,10 @@ def test_same_origin_configured_origins_and_plain_clients_work(served):
     evil_preflight = httpx.options(f"{url}/llamactl/switch", headers={
         "Origin": EVIL, "Access-Control-Request-Method": "POST"})
     assert evil_preflight.status_code == 403
-    # A link followed from another site is a navigation: it cannot read the answer, and it is not refused.
-    nav = httpx.get(f"{url}/llamactl/status", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"})
-    assert nav.status_code == 200
+    # A link followed from another site may open the dashboard's page, and nothing else.
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    assert httpx.get(f"{url}/ui", headers=link).status_code == 200
+    assert httpx.get(f"{url}/llamactl/status", headers=link).status_code == 403
 
 
 def test_keys_are_still_checked_first(settings: Settings, monkeypatch):
@@ -142,3 +145,43 @@ def test_host_and_origin_parsing():
     assert split_origin("http://127.0.0.1:8080") == ("http", "127.0.0.1", 8080)
     assert split_origin("https://x.test") == ("https", "x.test", 443)
     assert split_origin("null") is None and split_origin("ftp://x") is None and split_origin("http://a/b") is None
+
+
+# What a page on another site makes its browser send: a link, a form, an iframe, an image, a script, a fetch.
+FOREIGN_BROWSER_REQUESTS = [
+    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"},
+    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"},
+    {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"},
+    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"},
+    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "script"},
+    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"},
+    {"Referer": "http://evil.example/page.html"},  # a browser without Fetch Metadata
+]
+
+
+def test_no_route_but_the_page_answers_a_request_from_another_site(served):
+    """The issue's instances: an iframe of /upstream/P/ or a link to /props?model=P loaded P; the event stream
+    answered a navigation. Every route (and one added later), every kind of request a foreign page can make."""
+    url, app = served
+    routes = every_route(app) + [("GET", "/upstream/coding/"), ("GET", "/props?model=coding"),
+                                 ("GET", "/llamactl/events"), ("GET", "/a/route/added/later")]
+    for method, path in routes:
+        for headers in FOREIGN_BROWSER_REQUESTS:
+            if path.startswith("/ui") and headers.get("Sec-Fetch-Dest", "document") == "document" and method == "GET":
+                continue  # the page itself (below)
+            r = httpx.request(method, url + path.replace("{profile}", "coding").replace("{action}", "load")
+                              .replace("{file}", "app.js"), headers=headers, json={"model": "coding"}, timeout=10)
+            assert r.status_code == 403, (method, path, headers, r.status_code)
+            assert "another site" in r.json()["error"]["message"]
+    assert app.state.backends.events == []  # nothing was started
+    for page in ("/ui", "/ui/", "/ui/index.html"):
+        assert httpx.get(url + page, headers=FOREIGN_BROWSER_REQUESTS[0]).status_code == 200
+        assert httpx.get(url + page, headers=FOREIGN_BROWSER_REQUESTS[1]).status_code == 403  # not framed
+
+
+def test_text_plain_to_the_audio_route_is_told_it_takes_multipart(served):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/audio/transcriptions", content=b"model=coding", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    message = r.json()["error"]["message"]
+    assert "multipart/form-data" in message and "JSON" not in message

@@ -81,7 +81,9 @@ def choose(needs: Mapping[str, int], ledger: Ledger, residents: Sequence[Residen
                       why=f"short by {_words(short)}: stopping idle {', '.join(names)}")
     needed = _fewest(needs, ledger, movable) or movable
     waits = tuple(r.lane for r in needed if not evictable(r))
-    young = [max(min_residence_s, r.reload_s) - r.resident_s for r in needed if r.idle and not evictable(r)]
+    # Any idle lane coming of age may open a choice the cheapest pick (which may be busy) does not: look again
+    # then. A busy lane going idle wakes the scheduler by itself.
+    young = [max(min_residence_s, r.reload_s) - r.resident_s for r in movable if r.idle and not evictable(r)]
     return Choice("wait", waits_for=waits, shortfall=short, retry_in_s=min(young) if young else None,
                   why=f"short by {_words(short)}: waiting for {', '.join(waits)} "
                       "(busy, or not yet loaded as long as its load took)")

@@ -35,6 +35,16 @@ class Capacity:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Another way to place a profile on the empty box, as good as its plan alone (a one-card model on another
+    card): eviction weighs each, so a load frees the card that costs least to free."""
+
+    needs: Mapping[str, int]
+    launch: Any = None
+    where: str = ""
+
+
+@dataclass(frozen=True)
 class Sizing:
     """A profile's memory per device (MiB): planned alone on the empty box, and planned beside what runs where
     that keeps it as good as alone (then no eviction is needed); `launch_*` is what the engine's start plans
@@ -45,6 +55,7 @@ class Sizing:
     launch_alone: Any = None
     launch_beside: Any = None
     never: str | None = None  # the plan's words where it does not fit even on the empty box
+    elsewhere: tuple[Placement, ...] = ()
 
 
 class Sizer(Protocol):
@@ -125,11 +136,11 @@ class BoxScheduler:
                         raise self._refuse(profile, sizing.never)
                     if sizing.beside is not None and self.ledger.fits(sizing.beside):
                         return self._grant(lane, profile, sizing.beside, sizing.launch_beside, started, "beside what runs")
-                    choice = choose(sizing.alone, self.ledger, self._residents(), requester=lane,
-                                    min_residence_s=self.min_residence_s)
+                    choice, placement = self._choose(lane, sizing)
                     if choice.verdict == "fits":
-                        return self._grant(lane, profile, sizing.alone, sizing.launch_alone, started,
-                                           "as planned alone" if not self.ledger.holdings else "in the room made")
+                        made = "as planned alone" if not self.ledger.holdings else "in the room made"
+                        return self._grant(lane, profile, placement.needs, placement.launch, started,
+                                           f"{made}{placement.where}")
                     if choice.verdict == "never":
                         raise self._refuse(profile, choice.why)
                     if not may_evict:
@@ -228,6 +239,30 @@ class BoxScheduler:
                 resident_s=now - max(ready), reload_s=max(self.load_s.get(p, 0.0) for p in profiles),
                 keep=view is not None and view.box_keep()))
         return residents
+
+    def _choose(self, lane: str, sizing: Sizing) -> tuple[Choice, Placement]:
+        """The best of the profile's placements on the empty box: one that fits now, else the cheapest eviction
+        (fewest lanes, then least worth), else the soonest wait; `never` only where every placement is never."""
+        residents = self._residents()
+        worth = {r.lane: r.worth for r in residents}
+        options = [Placement(sizing.alone, sizing.launch_alone), *sizing.elsewhere]
+        rank = {"fits": 0, "evict": 1, "wait": 2, "never": 3}
+
+        def cost(choice: Choice) -> tuple[float, ...]:
+            if choice.verdict == "evict":
+                return (rank["evict"], len(choice.victims), sum(worth.get(v, 0.0) for v in choice.victims))
+            if choice.verdict == "wait":
+                return (rank["wait"], choice.retry_in_s if choice.retry_in_s is not None else float("inf"))
+            return (rank[choice.verdict],)
+
+        best: tuple[Choice, Placement] | None = None
+        for placement in options:
+            choice = choose(placement.needs, self.ledger, residents, requester=lane,
+                            min_residence_s=self.min_residence_s)
+            if best is None or cost(choice) < cost(best[0]):
+                best = (choice, placement)
+        assert best is not None
+        return best
 
     async def _evict(self, choice: Choice, profile: str, lane: str) -> bool:
         """Have each victim lane stop its engines; True if all did (a lane busy again by now says no)."""

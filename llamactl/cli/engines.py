@@ -36,7 +36,7 @@ def engines(ctx: click.Context) -> None:
 @engines.command("install")
 @click.argument("names", nargs=-1)
 @click.option("--cuda/--no-cuda", default=None, help="Default: CUDA when nvcc and an NVIDIA driver exist.")
-@click.option("--jobs", type=int, help="Parallel build jobs (default: all cores).")
+@click.option("--jobs", type=click.IntRange(1, 1024), help="Parallel build jobs (default: all cores).")
 @click.option("--force", is_flag=True, help="Rebuild even if a matching build exists.")
 @pass_settings
 def engines_install(settings: Settings, names: tuple[str, ...], cuda: bool | None, jobs: int | None,

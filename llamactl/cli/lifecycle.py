@@ -203,7 +203,7 @@ def _daemon_status(status: dict, as_json: bool) -> None:
 @main.command()
 @profile_argument()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
-@click.option("-n", "--lines", default=50, show_default=True, help="How many last lines to show first.")
+@click.option("-n", "--lines", type=click.IntRange(0, 1_000_000), default=50, show_default=True, help="How many last lines to show first.")
 @pass_settings
 def logs(settings: Settings, profile: str, follow: bool, lines: int) -> None:
     """Show PROFILE's llama-server log."""

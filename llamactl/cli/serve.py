@@ -8,6 +8,7 @@ import click
 import httpx
 
 from llamactl.cli.main import profile_argument
+from llamactl.cli.options import HTTP_URL, PORT, Seconds
 from llamactl.cli.target import daemon_client
 from llamactl.errors import LlamactlError, NotRunning
 from llamactl.settings import Settings
@@ -15,7 +16,7 @@ from llamactl.settings import Settings
 
 @click.command()
 @click.option("--host", default=None, help="Address to bind (default: LLAMACTL_ROUTER_HOST or 127.0.0.1).")
-@click.option("--port", type=int, default=None, help="Port to bind (default: LLAMACTL_ROUTER_PORT or 8080).")
+@click.option("--port", type=PORT, default=None, help="Port to bind (default: LLAMACTL_ROUTER_PORT or 8080).")
 @click.option("--profile", "profiles", multiple=True,
               help="Serve only these profiles (their switch groups come along). Default: every valid profile.")
 @click.option("--preload", "preload", multiple=True,
@@ -35,8 +36,9 @@ def serve_command(settings: Settings, host: str | None, port: int | None, profil
 @click.command()
 @profile_argument("group")
 @click.argument("member")
-@click.option("--url", default=None, help="The running serve (default: http://127.0.0.1:LLAMACTL_ROUTER_PORT).")
-@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True)
+@click.option("--url", type=HTTP_URL, default=None,
+              help="The running serve (default: http://127.0.0.1:LLAMACTL_ROUTER_PORT).")
+@click.option("--timeout", "timeout_s", type=Seconds(), default=600.0, show_default=True)
 @click.pass_obj
 def switch_command(settings: Settings, group: str, member: str, url: str | None, timeout_s: float) -> None:
     """Force MEMBER of switch GROUP to serve (MEMBER 'auto' hands it back to the policy)."""

@@ -63,6 +63,8 @@ def install_command(settings: Settings, user_unit: bool, dry_run: bool, system_d
         click.echo(text, nl=False)
         return
     path = output or unit_path(user_unit, name=params.unit_name)
+    if path.exists() and not path.is_file():  # --output /dev/null would replace the device with a file
+        raise LlamactlError(f"--output: {path} exists and is not a regular file", hint="give a file's path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -72,6 +74,9 @@ def install_command(settings: Settings, user_unit: bool, dry_run: bool, system_d
     except PermissionError:
         raise LlamactlError(f"cannot write {path}: permission denied",
                             hint="run it with sudo, or use --user for a user unit") from None
+    except OSError as e:
+        raise LlamactlError(f"cannot write {path}: {e.strerror}", hint="give --output a path in a writable "
+                            "directory") from None
     click.echo(f"wrote {path}")
     if params.protect_home == "read-only":
         click.echo("note: llamactl or its files live under a home directory, so the unit reads /home (read-only)")

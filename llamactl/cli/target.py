@@ -6,10 +6,13 @@ from llamactl.settings import Settings
 
 
 def daemon_client(settings: Settings):
-    """The running daemon's control client, or None (then work standalone)."""
+    """The running daemon's control client, or None (then work standalone). Progress of a long wait goes to
+    stderr."""
+    import click
+
     from llamactl.daemon.control import try_daemon
 
-    return try_daemon(settings)
+    return try_daemon(settings, say=lambda message: click.echo(message, err=True))
 
 
 def supervisor(settings: Settings, *, die_with_parent: bool = False):

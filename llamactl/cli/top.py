@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from llamactl.cli.options import HTTP_URL
 from llamactl.errors import ConfigError
 from llamactl.settings import Settings
 
@@ -31,7 +32,7 @@ def client_key(settings: Settings, key_file: Path | None) -> str | None:
 
 
 @click.command()
-@click.option("--url", default=None, help="The running serve (default: http://127.0.0.1:LLAMACTL_ROUTER_PORT).")
+@click.option("--url", type=HTTP_URL, default=None, help="The running serve (default: http://127.0.0.1:LLAMACTL_ROUTER_PORT).")
 @click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A file holding the API key (default: LLAMACTL_API_KEY, else the daemon's own keys).")
 @click.option("--once", is_flag=True, help="Print one picture and exit (no live redraw).")

@@ -208,13 +208,13 @@ def middleware(settings: Settings, keys: tuple[str, ...] | None = None, *,
 
     from llamactl.daemon.web_guard import WebGuardMiddleware, comma_list
 
+    from llamactl.router.dashboard import UI_PAGES, UI_PATHS  # the page's own files hold no data
+
     keys = load_keys(settings) if keys is None else keys
     stack = [Middleware(WebGuardMiddleware, bound_host=bound_host or settings.router_host,
                         allowed_hosts=comma_list(settings.allowed_hosts),
-                        allowed_origins=comma_list(settings.allowed_origins)),
+                        allowed_origins=comma_list(settings.allowed_origins), page_paths=UI_PAGES),
              Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)]
     if keys:
-        from llamactl.router.dashboard import UI_PATHS  # the page's own files hold no data
-
         stack.insert(0, Middleware(ApiKeyMiddleware, keys=keys, open_paths=OPEN_PATHS | UI_PATHS))  # reject unauthenticated before reading bodies
     return stack

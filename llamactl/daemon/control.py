@@ -2,8 +2,15 @@
 use to talk to a running `llamactl serve`, falling back to standalone when there is none.
 
 Protocol: one JSON object per line each way, one request per connection.
-  request:  {"op": "up" | "down" | "switch" | "status" | "logs-path", "args": {...}}
+  request:  {"op": "ping" | "up" | "down" | "switch" | "status" | "logs-path", "args": {...}}
   response: {"ok": true, "result": ...}  or  {"ok": false, "error": {"message", "hint", "type"}}
+
+Liveness: a daemon that accepts connections but does not answer (stopped with SIGSTOP, wedged) would hold a
+CLI for the whole of a long command's wait (900 s for `up`). So the client first asks `ping`, answered by the
+server itself within LLAMACTL_DAEMON_ANSWER_S, and only then sends the command; during the long wait it pings
+again on a second connection every few seconds (and says how long it has waited), giving up with
+DaemonNotAnswering as soon as a ping goes unanswered. A command read after its client went away (the daemon
+was stopped with it queued, then resumed) is not carried out: the log says it was given up.
 
 Safety: the socket is 0600 in a 0700 directory, and the server also checks the peer's uid
 (SO_PEERCRED): only the daemon's own user (or root) is answered. A socket file with no listener
@@ -23,16 +30,18 @@ import fcntl
 import json
 import logging
 import os
+import select
 import socket
 import stat
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from llamactl.errors import LlamactlError
 from llamactl.inputs import parse_json, switch_request
-from llamactl.names import check_profile_name
+from llamactl.names import check_profile_name, is_profile_name, shown
 from llamactl.settings import Settings
 
 log = logging.getLogger("llamactl.daemon.control")
@@ -41,7 +50,8 @@ SOCKET_NAME = "llamactl.sock"
 DAEMON_LOCK_NAME = "daemon.lock"
 MAX_MESSAGE_BYTES = 64 * 1024
 REQUEST_READ_TIMEOUT_S = 5.0
-OPS = ("up", "down", "switch", "status", "logs-path")
+OPS = ("ping", "up", "down", "switch", "status", "logs-path")
+PROGRESS_EVERY_ANSWERS = 2  # during a long wait: ping and say how long it has been, every 2 x answer_s
 
 
 class DaemonError(LlamactlError):
@@ -67,6 +77,13 @@ def exit_code_of(type_name: str) -> int:
 
 class DaemonRunning(LlamactlError):
     exit_code = 5
+
+
+class DaemonNotAnswering(LlamactlError):
+    """The daemon accepts connections but does not answer (stopped, wedged): nothing was asked of it, or what
+    was asked will not be carried out once it resumes."""
+
+    exit_code = 6
 
 
 class ControlHandler(Protocol):
@@ -218,9 +235,13 @@ class ControlServer:
             except ValueError as e:
                 await _reply(writer, _error(f"bad request: expected one JSON object per line ({e})", "bad_request"))
                 return
+            if _client_gone(writer):
+                log.warning("control: gave up %s: its client went away before the daemon read it (was the "
+                            "daemon stopped?); not carrying it out", _describe(request))
+                return
             await _reply(writer, await self.dispatch(request))
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the CLI went away (Ctrl-C): nothing to answer
+            log.info("control: the client went away before its answer")  # Ctrl-C, or it stopped waiting
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
@@ -233,6 +254,8 @@ class ControlServer:
         if not isinstance(args, dict):
             return _error("bad request: 'args' must be an object", "bad_request")
         op = request["op"]
+        if op == "ping":
+            return {"ok": True, "result": {"pid": os.getpid()}}
         try:
             if op == "status":
                 result = await self.handler.status()
@@ -258,6 +281,28 @@ class ControlServer:
 
 class _BadArgs(ValueError):
     pass
+
+
+def _client_gone(writer: asyncio.StreamWriter) -> bool:
+    """Whether the client closed its socket after sending its line. Linux reports POLLHUP on a unix socket once
+    the peer has shut both directions; a client that only shut its writing side (and waits for the answer,
+    like `nc -N`) gives no POLLHUP."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLHUP)
+    return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))
+
+
+def _describe(request: object) -> str:
+    """A request as a log line may show it: its op and profile or group, bounded (a client wrote them)."""
+    if not isinstance(request, dict):
+        return "a request"
+    op = request.get("op") if request.get("op") in OPS else "an unknown op"
+    args = request.get("args") if isinstance(request.get("args"), dict) else {}
+    target = args.get("profile") or args.get("group") or ""
+    return f"`{op} {target if is_profile_name(target) else shown(target, 64)}`"
 
 
 def _str_arg(args: dict[str, Any], key: str) -> str:
@@ -289,21 +334,31 @@ def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
 
 
 class DaemonClient:
-    """Synchronous client for CLIs. Each call opens one connection."""
+    """Synchronous client for CLIs. Each call opens one connection; every call but `ping` first checks the
+    daemon answers within `answer_s`, and a long wait pings it again and reports progress through `say`."""
 
-    def __init__(self, path: Path, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, *, timeout_s: float = 30.0, answer_s: float = 5.0,
+                 say: Callable[[str], None] | None = None) -> None:
         self.path = path
         self.timeout_s = timeout_s
+        self.answer_s = answer_s
+        self.say = say
 
     def request(self, op: str, args: dict[str, Any] | None = None, *, wait_s: float | None = None) -> Any:
         """Send one request; `wait_s` bounds the whole exchange (default: the client's timeout_s)."""
+        if op != "ping":
+            self.ping()
+        wait_s = wait_s or self.timeout_s
+        started = time.monotonic()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(wait_s or self.timeout_s)
             try:
+                s.settimeout(self.answer_s)
                 s.connect(str(self.path))
                 s.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
-                data = _read_line(s)
-            except (OSError, socket.timeout) as e:
+                data = self._wait_for_answer(s, op, args or {}, started, wait_s)
+            except socket.timeout:
+                raise self._not_answering(s, f"no answer to `{op}` within {wait_s:g} s", sent=True) from None
+            except OSError as e:
                 raise DaemonError(f"lost the llamactl daemon at {self.path}: {e}",
                                   hint="is `llamactl serve` still running? (systemctl status llamactl)") from None
         try:
@@ -315,6 +370,66 @@ class DaemonClient:
             raise DaemonError(str(error.get("message", "unknown error")), hint=error.get("hint"),
                               type_=str(error.get("type", "error")))
         return response.get("result")
+
+    def _wait_for_answer(self, s: socket.socket, op: str, args: dict[str, Any], started: float,
+                         wait_s: float) -> bytes:
+        """Read the answer line; every PROGRESS_EVERY_ANSWERS x answer_s, check the daemon still answers a
+        ping (a second connection) and say how long this has taken."""
+        if op == "ping":
+            return _read_line(s)
+        tick = self.answer_s * PROGRESS_EVERY_ANSWERS
+        chunks: list[bytes] = []
+        while True:
+            left = started + wait_s - time.monotonic()
+            if left <= 0:
+                raise socket.timeout
+            s.settimeout(min(tick, left))
+            try:
+                line = _read_line(s, chunks)
+                return line
+            except socket.timeout:
+                if started + wait_s - time.monotonic() <= 0:
+                    raise
+            try:
+                self.ping()
+            except DaemonNotAnswering:
+                raise self._not_answering(s, f"it stopped answering while `{op}` waited", sent=True) from None
+            if self.say is not None:
+                target = args.get("profile") or args.get("group") or ""
+                self.say(f"still waiting for the daemon: `{op} {target}` for {time.monotonic() - started:.0f} s "
+                         f"(gives up after {wait_s:g} s)")
+
+    def ping(self) -> Any:
+        """The daemon's own answer (its pid), within answer_s; DaemonNotAnswering otherwise."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(self.answer_s)
+            try:
+                s.connect(str(self.path))
+                s.sendall(b'{"op": "ping"}\n')
+                data = _read_line(s)
+            except socket.timeout:
+                raise self._not_answering(s, f"no answer within {self.answer_s:g} s") from None
+            except OSError as e:
+                raise DaemonError(f"lost the llamactl daemon at {self.path}: {e}",
+                                  hint="is `llamactl serve` still running? (systemctl status llamactl)") from None
+        if not data:
+            raise DaemonError(f"the llamactl daemon at {self.path} closed the connection without an answer",
+                              hint="is `llamactl serve` still running? (systemctl status llamactl)")
+        return data
+
+    def _not_answering(self, s: socket.socket, why: str, *, sent: bool = False) -> DaemonNotAnswering:
+        pid = _listener_pid(s)
+        state = _process_state(pid)
+        where = f"pid {pid}" + (f", {state}" if state else "") if pid else "its pid unknown"
+        if state == "stopped":
+            hint = f"it was stopped (SIGSTOP, Ctrl-Z): `kill -CONT {pid}` resumes it"
+        else:
+            hint = ("it may be wedged: `systemctl status llamactl` or its log; `systemctl restart llamactl` "
+                    "restarts it")
+        outcome = ("the command was sent: if the daemon read it before it stopped, it carries it out when it "
+                   "resumes (its log says)" if sent else "nothing was asked of it")
+        return DaemonNotAnswering(f"the llamactl daemon at {self.path} is not answering ({where}): {why}; "
+                                  f"{outcome}", hint=hint)
 
     def up(self, profile: str, timeout_s: float = 900.0) -> Any:
         return self.request("up", {"profile": profile}, wait_s=timeout_s)
@@ -333,23 +448,44 @@ class DaemonClient:
         return Path(self.request("logs-path", {"profile": profile}))
 
 
-def _read_line(s: socket.socket) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
+def _listener_pid(s: socket.socket) -> int | None:
+    """The pid of the process that listens on the socket `s` is connected to (SO_PEERCRED)."""
+    try:
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = struct.unpack("3i", creds)[0]
+    return pid or None
+
+
+def _process_state(pid: int | None) -> str | None:
+    if not pid:
+        return None
+    import psutil
+
+    try:
+        return psutil.Process(pid).status()
+    except psutil.Error:
+        return None
+
+
+def _read_line(s: socket.socket, chunks: list[bytes] | None = None) -> bytes:
+    """One line from `s`. `chunks` keeps what was read so far across a timeout, for a caller that retries."""
+    chunks = [] if chunks is None else chunks
     while True:
         chunk = s.recv(65536)
         if not chunk:
             break
         chunks.append(chunk)
-        size += len(chunk)
         if b"\n" in chunk:
             break
-        if size > 64 * MAX_MESSAGE_BYTES:
+        if sum(len(c) for c in chunks) > 64 * MAX_MESSAGE_BYTES:
             raise DaemonError("the daemon's answer is too large")
     return b"".join(chunks).split(b"\n", 1)[0]
 
 
-def try_daemon(settings: Settings, *, timeout_s: float = 30.0) -> DaemonClient | None:
+def try_daemon(settings: Settings, *, timeout_s: float = 30.0,
+               say: Callable[[str], None] | None = None) -> DaemonClient | None:
     """A client for the running daemon, or None when there is none (then work standalone).
 
     A socket file left by a daemon that died without cleaning up is detected here; it is removed only
@@ -359,7 +495,7 @@ def try_daemon(settings: Settings, *, timeout_s: float = 30.0) -> DaemonClient |
     if not path.exists():
         return None
     if listener_alive(path):
-        return DaemonClient(path, timeout_s=timeout_s)
+        return DaemonClient(path, timeout_s=timeout_s, answer_s=settings.daemon_answer_s, say=say)
     with contextlib.suppress(OSError, LlamactlError):  # DaemonRunning: one is starting; leave its socket
         with daemon_lock(settings):
             remove_stale_socket(path)

@@ -16,6 +16,7 @@ from llamactl.daemon.engine import Engine, EngineEvents, EngineState
 from llamactl.daemon.prompt_cache import PromptCache
 from llamactl.supervisor.state import process_matches
 from llamactl.errors import ProfileNotFound, StartCancelled
+from llamactl.names import closest_names
 from llamactl.profiles import Profile
 from llamactl.router import Upstream
 from llamactl.settings import Settings
@@ -45,7 +46,7 @@ class Engines:
         if engine is None:
             if name not in self.profiles:
                 raise ProfileNotFound(f"profile '{name}' is not served by this daemon",
-                                      hint="served: " + ", ".join(sorted(self.profiles)))
+                                      hint=closest_names(name, self.profiles, noun="profiles served"))
             engine = self.engines[name] = Engine(name, supervisor=self.supervisor, settings=self.settings,
                                                  profile_of=self._profile, events=self.events)
             engine.tasks = self._tasks

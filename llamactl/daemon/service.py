@@ -77,9 +77,9 @@ def bound_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
-    except OSError as e:
+    except (OSError, OverflowError, ValueError) as e:  # OverflowError: a port past 65535; ValueError: a NUL
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}",
+        raise ConfigError(f"cannot listen on {host[:200]}:{port}: {getattr(e, 'strerror', None) or e}",
                           hint="pick another port with `llamactl serve --port` (or LLAMACTL_ROUTER_PORT)") from None
     sock.listen(2048)
     sock.setblocking(False)

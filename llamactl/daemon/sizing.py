@@ -13,9 +13,9 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from llamactl.box.scheduler import Capacity, Sizing
+from llamactl.box.scheduler import Capacity, Placement, Sizing
 from llamactl.gpus import GpuInventory, probe_gpus
-from llamactl.plan import DEFAULT_MARGIN_MIB
+from llamactl.plan import DEFAULT_MARGIN_MIB, Plan
 from llamactl.planning import KnownInventory, plan_for_launch, with_workers, worse_beside
 from llamactl.profiles import Profile
 from llamactl.settings import Settings
@@ -70,7 +70,26 @@ class PlanSizer:
         return Sizing(alone=self._needs(alone.device_totals_mib(), empty),
                       beside=self._needs(beside.device_totals_mib(), free) if as_good else None,
                       launch_alone=KnownInventory(replace(alone_box, remote=())),
-                      launch_beside=KnownInventory(replace(beside_box, remote=())))
+                      launch_beside=KnownInventory(replace(beside_box, remote=())),
+                      elsewhere=self._other_cards(profile, base, empty, alone))
+
+    def _other_cards(self, profile: Profile, base: GpuInventory, empty: Mapping[str, int],
+                     alone: Plan) -> tuple[Placement, ...]:
+        """A profile without `gpus` that the plan puts on one card could as well go on another: each card where
+        it is planned as well as alone (the start plans on a box showing only that card, so it lands there)."""
+        if profile.gpus is not None or len(base.gpus) < 2 or len(alone.gpus) != 1:
+            return ()
+        others = []
+        for g in base.gpus:
+            card = f"CUDA{g.index}"
+            if g.index in alone.gpus:
+                continue
+            only = self._box(base, {d: (mib if d in (card, CPU) else 0) for d, mib in empty.items()})
+            plan = plan_for_launch(profile, self.settings, probe=KnownInventory(only), with_argv=False)
+            if plan.fits and worse_beside(plan, alone) is None:
+                others.append(Placement(self._needs(plan.device_totals_mib(), empty),
+                                        KnownInventory(replace(only, remote=())), f" on {card}"))
+        return tuple(others)
 
     def _box(self, base: GpuInventory, free: Mapping[str, int]) -> GpuInventory:
         """The inventory with each device's free memory as the ledger says (the plan's margin added back: the

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llamactl.daemon.unit_syntax import command_line, environment_item, escape_specifiers, plain_path, quoted
 from llamactl.settings import Settings
 
 HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
@@ -52,24 +53,21 @@ class UnitParams:
     stop_timeout_s: int = 120  # drain in-flight requests, then stop each child (SIGTERM, wait, SIGKILL)
     extra_rw: tuple[Path, ...] = field(default=())
     worker: bool = False  # `llamactl worker` (rpc-server for a main box) instead of `llamactl serve`
+    specifiers_on_purpose: bool = False  # the values use %h, %S... (the committed user example): keep their `%`
 
     @property
     def unit_name(self) -> str:
         return "llamactl-worker.service" if self.worker else "llamactl.service"
 
 
-def _quote(arg: str) -> str:
-    if arg and all(c.isalnum() or c in "/._-=:@+,%" for c in arg):
-        return arg
-    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _env_line(key: str, value: str) -> str:
-    return "Environment=" + _quote(f"{key}={value}")
-
-
 def render_unit(p: UnitParams) -> str:
-    """The unit file text. Pure: everything machine-specific is in `p`."""
+    """The unit file text. Pure: everything machine-specific is in `p`; every value is escaped (unit_syntax)
+    so systemd reads back the paths and settings as they are, whatever characters they hold."""
+    esc = not p.specifiers_on_purpose
+
+    def env_line(key: str, value: str) -> str:
+        return "Environment=" + environment_item(key, value, specifiers=esc)
+
     lines = [
         "# Rendered by `llamactl systemd install" + (" --user" if p.user_unit else "") + (" --worker" if p.worker else "")
         + "`; re-run it after moving llamactl.",
@@ -85,7 +83,7 @@ def render_unit(p: UnitParams) -> str:
         "",
         "[Service]",
         *(["Type=exec"] if p.worker else ["Type=notify", "NotifyAccess=main"]),
-        "ExecStart=" + " ".join(_quote(a) for a in p.exec_start),
+        "ExecStart=" + command_line(p.exec_start, specifiers=esc),
         *([] if p.worker else ["ExecReload=/bin/kill -HUP $MAINPID", f"WatchdogSec={p.watchdog_s}"]),
         "Restart=on-failure",
         "RestartSec=5",
@@ -93,17 +91,17 @@ def render_unit(p: UnitParams) -> str:
         f"TimeoutStopSec={p.stop_timeout_s}",
         "KillMode=mixed",
         "SyslogIdentifier=" + ("llamactl-worker" if p.worker else "llamactl"),
-        _env_line("PYTHONUNBUFFERED", "1"),
+        env_line("PYTHONUNBUFFERED", "1"),
     ]
-    lines += [_env_line(k, v) for k, v in p.environment]
-    lines.append(f"EnvironmentFile=-{p.config_dir / 'service.env'}" +
-                 "  # LLAMACTL_API_KEYS=... here, chmod 600, not in this world-readable file")
+    lines += [env_line(k, v) for k, v in p.environment]
+    lines += ["# LLAMACTL_API_KEYS=... here, chmod 600, not in this world-readable file",
+              "EnvironmentFile=-" + plain_path(str(p.config_dir / "service.env"), "EnvironmentFile", specifiers=esc)]
     if not p.user_unit:
         if p.user:
-            lines += [f"User={p.user}"]
+            lines += [f"User={escape_specifiers(p.user) if esc else p.user}"]
         if p.nvidia_modprobe:
             # setuid helper that loads nvidia-uvm and creates device nodes; cannot run under NoNewPrivileges
-            lines += [f"ExecStartPre=+-{p.nvidia_modprobe} -u -c=0"]
+            lines += ["ExecStartPre=+-" + command_line((p.nvidia_modprobe, "-u", "-c=0"), specifiers=esc)]
         if p.system_dirs:
             lines += ["StateDirectory=llamactl", "StateDirectoryMode=0700", "CacheDirectory=llamactl",
                       "CacheDirectoryMode=0700", "ConfigurationDirectory=llamactl"]
@@ -112,7 +110,8 @@ def render_unit(p: UnitParams) -> str:
             "# Hardening, as far as GPU access allows",
             "NoNewPrivileges=yes",
             "ProtectSystem=strict",
-            "ReadWritePaths=" + " ".join("-" + _quote(str(d)) for d in (p.state_dir, p.cache_dir, *p.extra_rw)),
+            "ReadWritePaths=" + " ".join(quoted("-" + str(d), specifiers=esc)
+                                         for d in (p.state_dir, p.cache_dir, *p.extra_rw)),
             f"ProtectHome={p.protect_home}",
             "PrivateTmp=yes",
             "DevicePolicy=closed",
@@ -127,7 +126,8 @@ def render_unit(p: UnitParams) -> str:
             "RestrictNamespaces=yes",
             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
             "CapabilityBoundingSet=",
-            "LimitMEMLOCK=infinity  # profiles that lock model memory (load_mode mlock)",
+            "# profiles that lock model memory (load_mode mlock)",
+            "LimitMEMLOCK=infinity",
         ]
     else:
         lines += ["", "# Hardening a user manager can apply without user namespaces", "NoNewPrivileges=yes"]
@@ -143,15 +143,7 @@ def render_unit(p: UnitParams) -> str:
         "WantedBy=" + ("default.target" if p.user_unit else "multi-user.target"),
         "",
     ]
-    return "\n".join(_strip_comment(line) for line in lines)
-
-
-def _strip_comment(line: str) -> str:
-    """systemd has no trailing comments: move a `  # note` onto its own line above the setting."""
-    if "  # " in line and not line.startswith("#"):
-        setting, note = line.split("  # ", 1)
-        return f"# {note}\n{setting}"
-    return line
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------- this machine
@@ -269,5 +261,5 @@ EXAMPLE_SYSTEM = UnitParams(
 )
 EXAMPLE_USER = UnitParams(
     exec_start=("%h/.local/bin/llamactl", "serve"), user_unit=True, state_dir=Path("%S/llamactl"),
-    cache_dir=Path("%C/llamactl"), config_dir=Path("%E/llamactl"),
+    cache_dir=Path("%C/llamactl"), config_dir=Path("%E/llamactl"), specifiers_on_purpose=True,
 )

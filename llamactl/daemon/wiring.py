@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from llamactl.errors import ConfigError, ProfileNotFound
+from llamactl.names import closest_names
 from llamactl.router.policy import PolicyConfig
 from llamactl.profiles import Profile, load_all
 from llamactl.router import Backends, LaneConfig, Router, RouterConfig
@@ -148,4 +149,5 @@ def lane_of(router: Router, profile: str) -> Lane:
         if profile in lane.spec.members:
             return lane
     raise ProfileNotFound(f"profile '{profile}' is not served by this daemon",
-                          hint="served: " + ", ".join(sorted(m for l in router.lanes.values() for m in l.spec.members)))
+                          hint=closest_names(profile, (m for lane in router.lanes.values() for m in lane.spec.members),
+                                             noun="profiles served"))

@@ -38,6 +38,8 @@ from llamactl.router.asgi import read_body, send_error, send_json, while_connect
 from llamactl.box.scheduler import BoxCollector, BoxScheduler
 from llamactl.router.backends import Backends, Upstream
 from llamactl.router.catalog import Catalog, Routing
+from llamactl.router.choices import host_candidates, hosts
+from llamactl.router.per_request import PerRequestProbe
 from llamactl.router.config_from_settings import EngineFacts, EngineFactsProbe, routing_from_settings
 from llamactl.router.direct import EngineGet, Passthrough, redirect_to_slash
 from llamactl.router.classifier import classify
@@ -94,6 +96,9 @@ class Router:
         self.routing = routing
         self.catalog = Catalog.from_profiles(profiles, routing)
         self.engine_facts = EngineFactsProbe(settings) if settings is not None else None
+        # Whether a drafting member's engine serves its plain twin per request: asked lazily (learn_per_request)
+        self.per_request = PerRequestProbe(settings) if settings is not None else None
+        self._per_request_asked: set[Lane] = set()
         for problem in self.catalog.problems:
             log.warning("%s", problem)
         self.backends = backends
@@ -132,6 +137,8 @@ class Router:
                 try:
                     yield self
                 finally:
+                    if self.per_request is not None:
+                        self.per_request.cancel_all()  # a self-test under way stops its server now
                     try:
                         if self.config.stop_on_shutdown:
                             await asyncio.gather(*(lane.shutdown() for lane in self.lanes.values()))
@@ -292,6 +299,29 @@ class Router:
             self.telemetry.mean_len.labels(lane, profile).set(length)
             self.mean_len[profile] = round(length, 3)
 
+    def learn_per_request(self, lane: Lane) -> None:
+        """The first time a group could use it: find out, in a thread, whether its drafting members' engines serve
+        their plain twins per request (the engine self-test; cached per binary). Until then, per process."""
+        if self.per_request is None or not lane.spec.is_group or lane in self._per_request_asked:
+            return
+        self._per_request_asked.add(lane)
+        candidates = host_candidates(lane.spec.members, self.catalog.profiles)
+        if candidates:
+            self._spawn(self._learn_hosts(lane, candidates), name=f"per-request:{lane.name}")
+
+    async def _learn_hosts(self, lane: Lane, candidates: dict[str, list[str]]) -> None:
+        assert self.per_request is not None
+        profiles = dict(self.catalog.profiles)
+        honours = {}
+        for member in sorted({s for found in candidates.values() for s in found}):
+            honours[member] = await asyncio.to_thread(self.per_request.verdict, profiles[member])
+        found = hosts(candidates, honours)
+        if found:
+            lane.set_hosts(found)
+        else:
+            log.info("lane %s: its members' engines do not honour a per-request draft depth: switched per process",
+                     lane.name)
+
     def lane(self, name: str) -> Lane:
         try:
             return self.lanes[name]
@@ -412,7 +442,8 @@ def request_event(sample: Sample) -> dict[str, Any]:
             "ttft_s": r(sample.ttft_s), "total_s": r(sample.total_s), "tok_s": r(sample.gen_tok_s, 2),
             "prompt_tokens": sample.prompt_tokens, "cached_tokens": sample.cache_n,
             "completion_tokens": sample.completion_tokens,
-            "drafted": sample.draft_n, "accepted": sample.draft_accepted}
+            "drafted": sample.draft_n, "accepted": sample.draft_accepted, "process": sample.process,
+            "drafting": sample.drafting, "depth": sample.depth, "why": sample.why}
 
 
 def member_state(lane: Lane, profile: str) -> str:
@@ -485,6 +516,7 @@ class Relay:
             model, payload = self._model_and_payload(body, headers)
             route = router.catalog.resolve(model, self.path)
             lane = router.lanes[route.lane]
+            router.learn_per_request(lane)
             await router.check_route(lane, route.pin, self.info)
         except RouterError as e:
             await self._error(send, e)
@@ -510,8 +542,15 @@ class Relay:
             log_offset = log_size(upstream.log_path) if measured and ticket.role == "spec" and single_slot else None
             sample = Sample(lane=lane.name, profile=ticket.profile, role=ticket.role, cls=cls, endpoint=self.path,
                             status=0, queue_wait_s=(ticket.granted_at or arrived) - arrived)
+            sent = body
+            if ticket.choice is not None:
+                c = ticket.choice
+                sample.process, sample.drafting, sample.depth, sample.why = c.process, c.drafting, c.depth, c.why
+                fields = c.request_fields() if measured and not self.info.multipart else {}
+                if fields:  # a drafting engine serving a plain member: drafting off for this request
+                    sent = json.dumps({**payload, **fields}).encode()
             try:
-                outcome = await self._forward(upstream, body, headers, send, stream, sample, arrived, ticket)
+                outcome = await self._forward(upstream, sent, headers, send, stream, sample, arrived, ticket)
             except BaseException:
                 lane.release(ticket)
                 sample.status = sample.status or 499
@@ -554,6 +593,9 @@ class Relay:
         try:
             extra = [(b"x-llamactl-profile", sample.profile.encode()), (b"x-llamactl-class", sample.cls.encode()),
                      (b"x-llamactl-queue-wait-ms", f"{sample.queue_wait_s * 1000:.1f}".encode())]
+            if sample.drafting is not None:
+                extra += [(b"x-llamactl-process", (sample.process or sample.profile).encode()),
+                          (b"x-llamactl-drafting", b"on" if sample.drafting else b"off")]
             content_type = response.headers.get("content-type", "application/json")
             if response.status >= 400:
                 raw = await response.read()
@@ -655,6 +697,7 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
             return error_response(BadRequest(f"{e}; send {{\"group\": ..., \"member\": ...}}"))
         try:
             lane = router.lane(group)
+            router.learn_per_request(lane)
             await lane.force(None if member == "auto" else member, timeout_s=timeout_s)
         except RouterError as e:
             return error_response(e)

@@ -29,6 +29,7 @@ class LaneSpec:
     members: dict[str, Role]  # profile name -> role ("spec" / "plain")
     slots: dict[str, int]  # profile name -> concurrent requests it serves
     is_group: bool
+    depths: dict[str, int | None] = field(default_factory=dict)  # speculative member -> its n_max (None: default)
 
     def member(self, role: Role) -> str | None:
         return next((name for name, r in self.members.items() if r == role), None)
@@ -82,7 +83,8 @@ class Catalog:
                 )
                 singles += members
                 continue
-            catalog._add_lane(LaneSpec(group, roles, {p.name: slots_of(p) for p in members}, True), members)
+            depths = {p.name: p.speculation.n_max for p in members if p.speculation.enabled}
+            catalog._add_lane(LaneSpec(group, roles, {p.name: slots_of(p) for p in members}, True, depths), members)
         for profile in singles:
             role: Role = "spec" if profile.speculation.enabled else "plain"
             catalog._add_lane(LaneSpec(profile.name, {profile.name: role}, {profile.name: slots_of(profile)}, False),

@@ -22,11 +22,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llamactl.errors import LlamactlError
+from llamactl.names import shown
 from llamactl.router.errors import RouterError, error_body
 
 UI_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
             "style.css": "text/css; charset=utf-8"}
 UI_PATHS = frozenset({"/ui", "/ui/", *(f"/ui/{name}" for name in UI_FILES)})  # open without a key: no data
+UI_PAGES = frozenset({"/ui", "/ui/", "/ui/index.html"})  # what a link from another site may open (web_guard)
 # Nothing the page loads may come from elsewhere (no CDN); no inline script either.
 UI_HEADERS = {"content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
               "x-content-type-options": "nosniff", "cache-control": "no-cache", "referrer-policy": "no-referrer"}
@@ -66,13 +68,14 @@ def routes(router: Any) -> list[Route]:
         name = request.path_params["profile"]
         if (refused := known_profile(name)) is not None:
             return refused
+        text = request.query_params.get("lines", "200")
+        if not (text.isascii() and text.isdigit()):
+            return _error(400, f"'lines' must be a whole number of lines from the end (0 for none: with follow=1, "
+                               f"new lines only; at most {MAX_LOG_LINES}), got {shown(text)}", "bad_request")
+        lines = min(MAX_LOG_LINES, int(text))
         follow_log = control("follow_log")
         if follow_log is None:
             return _error(501, "engine logs are served by the daemon (`llamactl serve`) only", "not_supported")
-        try:
-            lines = min(MAX_LOG_LINES, max(0, int(request.query_params.get("lines", "200"))))
-        except ValueError:
-            return _error(400, "lines must be a whole number", "bad_request")
         follow = request.query_params.get("follow", "0") in ("1", "true", "yes")
 
         async def body() -> AsyncIterator[bytes]:
@@ -82,16 +85,30 @@ def routes(router: Any) -> list[Route]:
 
         return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
+    in_progress: dict[str, str] = {}  # profile -> the page's action running on it (one at a time per profile)
+
     async def action(request: Request) -> Response:
         name, what = request.path_params["profile"], request.path_params["action"]
         if what not in ACTIONS:
             return _error(404, f"no action '{what[:32]}'; actions: {', '.join(ACTIONS)}", "not_found")
         if (refused := known_profile(name)) is not None:
             return refused
+        if (running := in_progress.get(name)) is not None:
+            # A second action would cancel the first one's load half-way, and the first would fail with words
+            # about a stop nobody asked it for.
+            return _error(409, f"a {running} of '{name}' is in progress; {what} it again once that has finished",
+                          "action_in_progress")
+        in_progress[name] = what
+        try:
+            return await run_action(name, what)
+        finally:
+            del in_progress[name]
+
+    async def run_action(name: str, what: str) -> Response:
         lane = router.lane_of_profile(name)
         try:
             if what in ("unload", "restart"):
-                await lane.unload(name)
+                await lane.unload(name, why=f"{what} from the dashboard")
             if what in ("load", "restart"):
                 up = control("up")
                 if up is not None:

@@ -9,8 +9,8 @@ shown to the client.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import posixpath
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote
 
 from starlette.requests import Request
@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from llamactl.errors import LlamactlError
 from llamactl.router.asgi import read_body, send_error, while_connected
-from llamactl.router.errors import EngineUnavailable, Forbidden, ModelNotFound, RouterError, UpstreamError
+from llamactl.router.errors import BadRequest, EngineUnavailable, Forbidden, ModelNotFound, RouterError, UpstreamError
 from llamactl.router.upstream import UpstreamBroken, UpstreamConnectError, UpstreamTimeout
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ async def _relay(router: "Router", profile: str, method: str, target: str, scope
             return
         try:
             out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()
-                   if k not in HOP_BY_HOP or k == "content-length"]
+                   if relayed_response_header(k)]
             out.append((b"x-llamactl-profile", profile.encode()))
             await send({"type": "http.response.start", "status": response.status, "headers": out})
             async for chunk in response.aiter_body():
@@ -70,6 +70,26 @@ async def _relay(router: "Router", profile: str, method: str, target: str, scope
             await response.aclose()
 
     await while_connected(receive, relay())
+
+
+def relayed_response_header(name: str) -> bool:
+    """Whether an engine's response header reaches the client. Not its CORS headers: llama-server echoes any
+    Origin with Allow-Credentials, and which pages may read the router's answers is the router's to say
+    (web_guard, LLAMACTL_ALLOWED_ORIGINS), never with credentials."""
+    return (name not in HOP_BY_HOP or name == "content-length") and not name.startswith("access-control-")
+
+
+def upstream_target(raw_path: bytes, profile: str) -> bytes | None:
+    """The engine's path for /upstream/PROFILE/REST, taken from the raw (still encoded) request path, so REST
+    reaches the engine as the client wrote it; None when the raw segment is not PROFILE (encoded otherwise
+    than a name can be, e.g. an encoded '/')."""
+    prefix = b"/upstream/"
+    if not raw_path.startswith(prefix):
+        return None
+    segment, slash, rest = raw_path[len(prefix):].partition(b"/")
+    if unquote(segment.decode("latin-1")) != profile:
+        return None
+    return b"/" + rest
 
 
 def slot_action(method: str, target: str) -> bool:
@@ -98,9 +118,12 @@ class Passthrough:
                                                  extra={"valid_profiles": names}))
             return
         raw_path = scope.get("raw_path") or scope["path"].encode()
-        prefix = b"/upstream/" + profile.encode()
-        rest = raw_path[raw_path.find(prefix) + len(prefix):] if prefix in raw_path else b"/"
-        target = (rest or b"/").decode("latin-1")
+        found = upstream_target(raw_path.split(b"?", 1)[0], profile)
+        if found is None:
+            await send_error(send, BadRequest(f"/upstream/{profile}/...: the profile's name is spelled with escapes "
+                                              "that do not decode to it; send /upstream/PROFILE/PATH"))
+            return
+        target = found.decode("latin-1")
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         if slot_action(scope["method"], target):

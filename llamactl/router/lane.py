@@ -32,6 +32,7 @@ from typing import Any
 from llamactl.router.policy import Decision, GroupState, PolicyConfig, Role, decide
 from llamactl.router.backends import Backends, Upstream, serving_now
 from llamactl.router.catalog import LaneSpec
+from llamactl.router.choices import Choice, choose, process_for
 from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, QueueTimeout
 from llamactl.router.runs import Runs
 from llamactl.box.scheduler import BoxScheduler
@@ -69,8 +70,9 @@ class Ticket:
     pin: str | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
     future: asyncio.Future[Upstream] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    profile: str | None = None  # the member that granted it
+    profile: str | None = None  # the member that granted it (whose behaviour the request gets)
     role: Role | None = None
+    choice: Choice | None = None  # what it was given: member, the process serving it, drafting, depth, why
     granted_at: float | None = None  # perf_counter, for the request's queue wait
     held_since: float | None = None  # the lane's clock, for its service time
     released: bool = False
@@ -104,7 +106,12 @@ class Lane:
         self.clock = clock
         self.queue: deque[Ticket] = deque()
         self.in_flight = 0
-        self.active: str = spec.member("spec") or next(iter(spec.members))
+        self.active: str = spec.member("spec") or next(iter(spec.members))  # the member whose engine serves now
+        # The member whose behaviour unpinned requests get now: `active`, or a member `active`'s engine serves
+        # per request (a plain twin of a drafting process, drafting off: `hosts`).
+        self.serving: str = self.active
+        self.hosts: dict[str, str] = {}  # member -> the member whose engine serves it per request (self-tested)
+        self._why = "policy"  # the trigger behind `serving` (a bounded label)
         self.upstreams: dict[str, Upstream] = {}  # members that serve now
         self.state = LaneState.UNLOADED
         self.forced: str | None = None
@@ -250,10 +257,11 @@ class Lane:
             if previous is None and self.forced == member:
                 await self.force(None)
 
-    async def unload(self, profile: str) -> bool:
+    async def unload(self, profile: str, why: str = "llamactl down") -> bool:
         """Stop `profile` now (`llamactl down`), cancelling a load in progress; returns once it is stopped.
-        Requests queued for it fail; a later request loads it again. True if it was loaded or loading."""
-        return await self._ask(lambda f: self._unload(profile, f))
+        Requests queued for it fail (their error names `why`: who stopped it); a later request loads it again.
+        True if it was loaded or loading."""
+        return await self._ask(lambda f: self._unload(profile, f, why))
 
     def engine_down(self, profile: str) -> None:
         """The engine of `profile` died or hung: the next grant asks the backends again (they restart it)."""
@@ -298,7 +306,9 @@ class Lane:
             "group": self.spec.is_group,
             "members": dict(self.spec.members),
             "slots": dict(self.spec.slots),
-            "active": self.active,
+            "active": self.serving,
+            "process": self.active,
+            "per_request": dict(self.hosts),
             "loaded": sorted(self.upstreams),
             "loading": sorted(self._loads),
             "state": self.state.value,
@@ -390,8 +400,12 @@ class Lane:
                 # the switch it drained for was called off (its member stopped, or back to automatic)
                 self.state = LaneState.READY if self.active in self.upstreams else LaneState.UNLOADED
             return
-        profile, trigger = target
+        member, trigger = target
+        profile = self._process_of(member)  # the engine that serves it: its own, or a host's per request
         if profile == self.active and profile in self.upstreams:
+            if member != self.serving:
+                self._switch_within(member, trigger)
+            self._why = trigger
             self._dispatch()
             return
         if profile == self.active and profile in self._loads:
@@ -400,27 +414,72 @@ class Lane:
             self.state = LaneState.DRAINING
             return
         self._bring_up(profile, trigger)
+        if profile == self.active and profile in self.upstreams:  # both were loaded: a warm switch, served now
+            if member != self.serving:
+                self._switch_within(member, trigger)
+            self._why = trigger
+            self._dispatch()
+
+    def _process_of(self, member: str) -> str:
+        return process_for(member, self.hosts, set(self.upstreams))
+
+    def set_hosts(self, hosts: dict[str, str]) -> None:
+        """Members a speculative twin's engine serves per request (drafting off), from the engine self-test."""
+        self._post(lambda: self._set_hosts(hosts))
+
+    def _set_hosts(self, hosts: dict[str, str]) -> None:
+        self.hosts = {m: h for m, h in hosts.items() if m in self.spec.members and h in self.spec.members}
+        for member, host in self.hosts.items():
+            if member != self.active and (member in self.upstreams or member in self._loads) and (
+                    host in self.upstreams or host in self._loads):
+                log.info("lane %s: stopping %s, kept warm beside %s, which serves it per request", self.name, member, host)
+                self._emit("unloaded", member=member, reason="served per request")
+                self._stop(member, "per_request")
+        if self.hosts:
+            log.info("lane %s: served per request from one engine: %s", self.name,
+                     ", ".join(f"{m} by {h} (drafting off)" for m, h in self.hosts.items()))
+            self._emit("per_request", hosts=dict(self.hosts))
+
+    def _switch_within(self, member: str, trigger: str) -> None:
+        """The engine serving now serves `member` too, per request: a switch that costs nothing (no reload, no
+        drain), recorded like one."""
+        old, self.serving = self.serving, member
+        if self._exploring is not None and self._exploring[1] != member:
+            self._exploring, self._trial_left = None, 0
+        self.last_switch_at = self.clock()
+        self.telemetry.switches.labels(self.name, old, member, trigger).inc()
+        reason = self.last_decision.reason if trigger in ("policy", "explore") and self.last_decision else trigger
+        self.switches.append({"from": old, "to": member, "trigger": trigger, "seconds": 0.0, "reason": reason,
+                              "at_unix": round(time.time(), 3), "process": self.active})
+        log.info("lane %s: %s -> %s per request on %s's engine (%s)", self.name, old, member, self.active, reason)
+        self._emit("switched", member=member, previous=old, trigger=trigger, reason=reason, seconds=0.0, warm=True,
+                   process=self.active)
+        self._resolve_waiters(member, None)
 
     def _dispatch(self) -> None:
         slots = self.spec.slots.get(self.active, 1)
         upstream = self.upstreams[self.active]
         while self.in_flight < slots:
             head = self._head()
-            if head is None or (head.pin is not None and head.pin != self.active):
+            if head is None or (head.pin is not None and self._process_of(head.pin) != self.active):
                 break
             self.queue.popleft()
             self.in_flight += 1
+            serving = self.serving
             if head.pin is None:
                 self._granted[head.cls] = self._granted.get(head.cls, 0) + 1
                 exploring = self._exploring
-                if exploring is not None and exploring[:2] == (head.cls, self.active):
+                if exploring is not None and exploring[:2] == (head.cls, serving):
                     self._explored[head.cls] = self._explored.get(head.cls, 0) + 1
-                    self._exploring = (head.cls, self.active, exploring[2] - 1) if exploring[2] > 1 else None
-                elif exploring is not None and exploring[1] == self.active and self._trial_left > 0:
+                    self._exploring = (head.cls, serving, exploring[2] - 1) if exploring[2] > 1 else None
+                elif exploring is not None and exploring[1] == serving and self._trial_left > 0:
                     self._trial_left -= 1
                 if self._exploring is None:
                     self._trial_left = 0
-            head.profile, head.role = self.active, self.role_of(self.active)
+            member = head.pin or serving
+            head.profile, head.role = member, self.role_of(member)
+            head.choice = choose(member, self.active, self.spec.members, self.spec.depths,
+                                 "pinned" if head.pin is not None else self._why)
             head.granted_at, head.held_since = time.perf_counter(), self.clock()
             head.future.set_result(upstream)
         self.state = LaneState.READY
@@ -436,13 +495,16 @@ class Lane:
             if t.waiting and t.pin is None:
                 queued[t.cls] = queued.get(t.cls, 0) + 1
         loaded = self.active in self.upstreams
-        # a switch to a member that is loaded is only a drain, of what is in flight now; else a restart
+        # a switch to a member that is loaded is only a drain, of what is in flight now; else a restart; to one
+        # the serving engine serves per request, nothing
         drain_s = self.in_flight * (self.service_s or 0.0) / max(1, self.spec.slots.get(self.active, 1))
-        costs = {m: WARM_SWITCH_COST_S + drain_s if m in self.upstreams else self.switch_cost_s
-                 for m in self.spec.members if m != self.active}
+        running = set(self.upstreams)
+        costs = {m: 0.0 if loaded and process_for(m, self.hosts, running) == self.active else
+                 WARM_SWITCH_COST_S + drain_s if m in self.upstreams else self.switch_cost_s
+                 for m in self.spec.members if m != self.serving}
         head = self._head()
         return GroupState(
-            active=self.active if loaded else None,
+            active=self.serving if loaded else None,
             seconds_since_switch=self.clock() - self.last_switch_at,
             switch_cost_s=costs or self.switch_cost_s,
             queued=queued,
@@ -451,7 +513,7 @@ class Lane:
             members=self._choosable(),
             head_class=head.cls if head is not None and head.pin is None else None,
             explore_due=self._explore_due(),
-            loaded=frozenset(self.upstreams),
+            loaded=frozenset(m for m in self.spec.members if process_for(m, self.hosts, running) in running),
             head_run=self._head_run(),
             explored=frozenset(k for k, at in self._explored_at.items()
                                if self.clock() - at < self.config.policy.explore_memory_s),
@@ -498,7 +560,7 @@ class Lane:
             return self.active, "only"
         exploring = self._exploring
         if exploring is not None and (exploring[0] == head.cls or (
-                exploring[1] == self.active and self._trial_left > 0)):
+                exploring[1] == self.serving and self._trial_left > 0)):
             return exploring[1], "explore"
         if self.active in self._loads and self.active not in self.upstreams:
             return self.active, "loading"  # decided already: let the load finish before deciding again
@@ -560,17 +622,17 @@ class Lane:
                             f"switched to '{member}' instead" if member else "handed back to the policy")))
             self._waiters = [(m, f) for m, f in self._waiters if not f.done()]
         self.forced = member
-        if member is None or (self.active == member and member in self.upstreams):
+        if member is None or (self.serving == member and self.active in self.upstreams):
             fut.set_result(None)
         else:
             self._waiters.append((member, fut))
 
-    def _unload(self, profile: str, fut: asyncio.Future[bool]) -> None:
+    def _unload(self, profile: str, fut: asyncio.Future[bool], why: str = "llamactl down") -> None:
         if self.forced == profile:
             self.forced = None
         self._not_warm.add(profile)  # stopped on purpose: not loaded again in the background
         was = profile in self.upstreams or profile in self._loads
-        stopped = EngineUnavailable(f"profile '{profile}' was stopped (llamactl down) before it served",
+        stopped = EngineUnavailable(f"profile '{profile}' was stopped ({why}) before it served",
                                     extra={"profile": profile})
         if profile == self.active:
             self._fail_waiting(profile, stopped)
@@ -636,7 +698,6 @@ class Lane:
         self.active = profile
         if switching and profile in self.upstreams:  # both loaded: a switch is only a drain, done now
             self._served(profile, self.clock(), old, trigger, warm=True)
-            self._dispatch()
             return
         self.state = LaneState.SWITCHING if switching else LaneState.LOADING
         self._emit("loading", member=profile, previous=old, trigger=trigger,
@@ -782,6 +843,7 @@ class Lane:
         if self._serving_since is None:
             self._serving_since = self.clock()
         elapsed = self.clock() - started
+        self.serving = profile
         self.state = LaneState.READY
         self.last_error = None
         self.last_switch_at = self.clock()
@@ -810,6 +872,8 @@ class Lane:
     def _warm_others(self) -> None:
         """Load the members that are not loaded, in the background: the next switch is then a drain."""
         for member in self.spec.members:
+            if self.hosts.get(member) in (*self.upstreams, *self._loads):
+                continue  # served per request by an engine that runs: a second copy of the weights buys nothing
             if member not in self.upstreams and member not in self._loads and member not in self._not_warm:
                 self._start_load(member)
 
@@ -926,12 +990,12 @@ class Lane:
             self._gauges = (t.queue_depth.labels(self.name), t.in_flight.labels(self.name))
         self._gauges[0].set(self.waiting())
         self._gauges[1].set(self.in_flight)
-        shape = (self.active, self.state, tuple(sorted(self.upstreams)))
+        shape = (self.serving, self.state, tuple(sorted(self.upstreams)))
         if shape == self._gauge_shape:
             return  # member gauges only change with the lane's state
         self._gauge_shape = shape
         for member in self.spec.members:
-            t.active_member.labels(self.name, member).set(1 if member == self.active else 0)
+            t.active_member.labels(self.name, member).set(1 if member == self.serving else 0)
             state = "ready" if member in self.upstreams else (
                 self.state.value if member == self.active and self.state in (
                     LaneState.LOADING, LaneState.SWITCHING, LaneState.FAILED) else "stopped")

@@ -45,6 +45,11 @@ class Sample:
     draft_n: int | None = None
     draft_accepted: int | None = None
     cache_n: int | None = None  # prompt tokens the engine reused from its cache (timings.cache_n)
+    # What it was given (the lane's Choice): the engine that served it, drafting on/off, depth, why
+    process: str | None = None
+    drafting: bool | None = None
+    depth: int | None = None
+    why: str | None = None
     at: float = field(default_factory=time.monotonic)
     _timed: frozenset[str] = field(default=frozenset(), repr=False)  # counts that came from the timings
 
@@ -331,6 +336,7 @@ class Telemetry:
         self.acceptance = Gauge("llamactl_draft_acceptance_ratio", "Rolling acceptance per class on the speculative member", ["lane", "class", "profile"], registry=r)
         self.rolling_tok_s = Gauge("llamactl_rolling_tokens_per_second", "Rolling mean decode speed per class and member", ["lane", "class", "profile"], registry=r)
         self.mean_len = Gauge("llamactl_mean_accepted_length", "1 + accepted / verification steps, from engine /metrics deltas", ["lane", "profile"], registry=r)
+        self.choices = Counter("llamactl_request_choices", "Requests by what they were given: the member, the engine serving it, drafting on/off, depth (0: off; default: the engine's own) and why", ["lane", "profile", "process", "drafting", "depth", "why"], registry=r)
         self.switches = Counter("llamactl_switches", "Member switches", ["lane", "from_profile", "to_profile", "trigger"], registry=r)
         self.switch_seconds = Histogram("llamactl_switch_seconds", "Drain + stop + start time of a switch", ["lane"], buckets=BUCKETS_S, registry=r)
         self.loads = Counter("llamactl_profile_loads", "Profile starts requested by the router", ["profile"], registry=r)
@@ -367,6 +373,10 @@ class Telemetry:
         if counter is None:
             counter = self._request_children[key] = self.requests.labels(*key[:4], str(sample.status))
         counter.inc()
+        if sample.drafting is not None:
+            self.choices.labels(sample.lane, sample.profile, sample.process or sample.profile,
+                                "on" if sample.drafting else "off",
+                                "default" if sample.depth is None else str(sample.depth), sample.why or "").inc()
         wait.observe(sample.queue_wait_s)
         if sample.status >= 400:
             return

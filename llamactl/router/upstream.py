@@ -47,8 +47,10 @@ class _Conn:
 class UpstreamResponse:
     """Status and headers are read; the body is read by aiter_body() / read()."""
 
-    def __init__(self, pool: "UpstreamPool", key: tuple[str, int], conn: _Conn, read_timeout_s: float) -> None:
+    def __init__(self, pool: "UpstreamPool", key: tuple[str, int], conn: _Conn, read_timeout_s: float,
+                 method: str = "GET") -> None:
         self._pool, self._key, self._conn = pool, key, conn
+        self._head = method == "HEAD"
         self._timeout = read_timeout_s
         self._parser = httptools.HttpResponseParser(self)
         self._chunks: deque[bytes] = deque()
@@ -68,6 +70,11 @@ class UpstreamResponse:
         self._headers_done = True
         self.status = self._parser.get_status_code()
         self._keep_alive = self._parser.should_keep_alive()  # only meaningful while parsing this message
+        if self._head or self.status in (204, 304) or 100 <= self.status < 200:
+            # No body follows, whatever Content-Length says (the parser does not know the request was HEAD);
+            # the connection is not reused, since the parser would wait for that body on the next answer.
+            self._complete = True
+            self._keep_alive = False
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -90,9 +97,16 @@ class UpstreamResponse:
                 return
             raise UpstreamBroken("the engine closed the connection before the response was complete")
         self._got_bytes = True
+        if self._complete:
+            return  # after a body-less answer (HEAD): nothing more belongs to it
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
+            if self._complete or (self._head and self._headers_done):
+                # The answer is whole; what came after it (an engine that answered an oversized request with
+                # "Connection: close" and then kept writing) is not ours to relay.
+                self._keep_alive = False
+                return
             raise UpstreamBroken(f"the engine sent an invalid HTTP response: {e}") from None
 
     async def _read_headers(self) -> None:
@@ -162,7 +176,7 @@ class UpstreamPool:
             if not conn.usable():
                 conn.close()
                 continue
-            response = UpstreamResponse(self, key, conn, self.read_timeout_s)
+            response = UpstreamResponse(self, key, conn, self.read_timeout_s, method)
             try:
                 conn.writer.write(head + body)
                 await response._read_headers()
@@ -176,7 +190,7 @@ class UpstreamPool:
                 conn.close()
                 raise
         conn = await self._connect(key)
-        response = UpstreamResponse(self, key, conn, self.read_timeout_s)
+        response = UpstreamResponse(self, key, conn, self.read_timeout_s, method)
         try:
             conn.writer.write(head + body)
             await response._read_headers()

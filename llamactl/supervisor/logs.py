@@ -61,6 +61,8 @@ def tail_lines(path: Path, n: int = 20, max_bytes: int = 64 * 1024) -> list[str]
             data = f.read().decode(errors="replace")
     except OSError:
         return []
+    if n <= 0:
+        return []  # [-0:] would be every line
     return [line for line in data.splitlines() if line.strip()][-n:]
 
 
@@ -169,8 +171,8 @@ async def relay_log(name: str, path: Path, from_end: bool, poll_s: float = 0.5) 
 async def follow_lines(path: Path, lines: int, follow: bool, poll_s: float = 0.25,
                        max_line_bytes: int = 65536,
                        keep_going: Callable[[], bool] = lambda: True) -> AsyncIterator[str]:
-    """The last `lines` lines of a log, then (with `follow`) each line appended to it, as the event stream of
-    /llamactl/logs shows them. A rotation (the file shrinks or is replaced) continues from the new start."""
+    """The last `lines` lines of a log (none for 0), then (with `follow`) each line appended to it, as the event
+    stream of /llamactl/logs shows them. A rotation (the file shrinks or is replaced) continues from the new start."""
     for line in tail_lines(path, lines):
         yield line.rstrip("\n")
     if not follow:

@@ -19,6 +19,7 @@ from llamactl.engines.common import LaunchInputs
 from llamactl.engines.logs import classify_exit
 from llamactl.errors import ProfileError, StartCancelled, StartError
 from llamactl.models import ensure_model
+from llamactl.vocab import check_draft_vocabulary
 from llamactl.names import check_profile_name
 from llamactl.profiles import Profile
 from llamactl.settings import Settings
@@ -132,6 +133,7 @@ class Supervisor:
         if profile.speculation.uses_draft_model:
             draft_path = ensure_model(profile.speculation.draft_model or "", self.settings,
                                       where=f"{where} (speculation.draft_model)")
+            check_draft_vocabulary(model_path, draft_path, where=f"{where} (speculation.draft_model)")
         check_context(profile, model_path, where)
         inputs = LaunchInputs(binary=found.path, model_path=model_path, port=0, draft_model_path=draft_path,
                               swa_full=needs_swa_full(profile, model_path), slot_save_path=slot_save_path)
