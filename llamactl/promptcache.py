@@ -39,10 +39,10 @@ def persist_decision(profile: Profile, *, sliding_window: bool) -> Persist:
             return Persist(False, False, "embeddings/reranking keep no prompt between requests (persist ignored)")
         return Persist(False, False, "embeddings/reranking keep no prompt between requests")
     if profile.engine != "llama.cpp":
-        if wanted:
-            return Persist(True, sliding_window, "[cache] persist = true (not verified on ik_llama.cpp)")
-        return Persist(False, False, "off by default on ik_llama.cpp (its slot files are not verified here); "
-                                     "[cache] persist = true turns it on")
+        # The pinned ik_llama.cpp writes each slot's tokens to a FILE.tokens.json beside FILE (and its context
+        # checkpoints elsewhere): the store keeps one file per slot, so a restore there would come back without them.
+        return Persist(False, False, "not on ik_llama.cpp: its slot files carry sidecar files (FILE.tokens.json) "
+                                     "this store does not keep" + ("; [cache] persist = true ignored" if wanted else ""))
     if wanted is False:
         return Persist(False, False, "[cache] persist = false")
     if wanted:

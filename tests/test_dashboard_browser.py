@@ -96,6 +96,9 @@ def test_dashboard_in_a_real_browser(daemon, page, tmp_path):
     chat(daemon.url, "Name a colour.")
     cell = page.wait_for_selector("#activity tbody tr td.tok-s:not(:empty)")
     assert float(cell.inner_text()) > 0
+    # The prompt cache says, for the member that started, whether it persists and why (a sliding-window model: off).
+    page.wait_for_selector("#prompt-cache [data-prompt-cache]")
+    assert "off (off by default: a sliding-window model" in page.inner_text("#prompt-cache")
 
     # Drafting with a rejected draft raises the acceptance alert: on the page and in sd_notify's STATUS.
     answer = chat(daemon.url, REPEATED, model="ui-spec", max_tokens=48)

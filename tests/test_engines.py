@@ -260,3 +260,21 @@ def test_extra_args_that_change_the_plan_or_the_protocol_are_refused_with_the_ke
     unchecked = profile().model_copy(update={"extra_args": args})  # as a planner's model_copy would make it
     with pytest.raises(ProfileError, match=f"extra_args sets {args[0].split('=')[0]}.*{re.escape(key)}"):
         mainline.build_argv(unchecked, caps(MAINLINE_HELP), inputs())
+
+
+def test_the_prompt_cache_adds_its_slot_directory_and_swa_full_where_the_binary_has_them():
+    import dataclasses
+
+    with_cache = dataclasses.replace(inputs(), swa_full=True, slot_save_path=Path("/c/prompts"))
+    help_text = MAINLINE_HELP + "--slot-save-path PATH\n--swa-full\n"
+    argv = mainline.build_argv(profile(), caps(help_text), with_cache)
+    assert flag_value(argv, "--slot-save-path") == "/c/prompts" and argv.count("--swa-full") == 1
+    argv = mainline.build_argv(profile(extra_args=["--swa-full"]), caps(help_text), with_cache)
+    assert argv.count("--swa-full") == 1  # already in extra_args: not twice
+    # a build without slot files runs without the cache; one without --swa-full cannot honour persist = true
+    argv = mainline.build_argv(profile(), caps(MAINLINE_HELP + "--swa-full\n"), with_cache)
+    assert "--slot-save-path" not in argv
+    with pytest.raises(UnsupportedFlag, match="--swa-full"):
+        mainline.build_argv(profile(), caps(MAINLINE_HELP), with_cache)
+    with pytest.raises(ValueError, match="--slot-save-path, which llamactl manages"):
+        profile(extra_args=["--slot-save-path", "/tmp"])

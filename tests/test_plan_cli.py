@@ -99,3 +99,25 @@ def test_bad_gpus_file_is_a_clean_error(home, write_profile, tmp_path) -> None:
     out = run("plan", "small", "--gpus", str(bad))
     assert out.exit_code == 2 and "missing" in out.output
     assert os.environ.get("LLAMACTL_GPUS_FILE") is None
+
+
+def test_the_plan_says_whether_the_prompt_cache_persists_and_counts_swa_full(home, write_profile, tmp_path) -> None:
+    from tests.synth_gguf import write_gemma3
+
+    swa = write_gemma3(tmp_path / "swa.gguf")
+    plain = write_llama(tmp_path / "plain.gguf")
+    base = 'ctx_size = 65536\ngpus = []\nparallel = 1\n'
+    write_profile("swa-default", f'model = "{swa}"\n{base}')
+    write_profile("swa-persist", f'model = "{swa}"\n{base}[cache]\npersist = true\n')
+    write_profile("plain-default", f'model = "{plain}"\n{base}')
+    cpu = str(FAKES / "gpus_cpu.json")
+    plans = {name: json.loads(run("plan", name, "--gpus", cpu, "--json").output)
+             for name in ("swa-default", "swa-persist", "plain-default")}
+    assert plans["swa-default"]["persist"]["on"] is False and "sliding-window" in plans["swa-default"]["persist"]["reason"]
+    assert plans["swa-persist"]["persist"] == {"on": True, "swa_full": True, "reason": plans["swa-persist"]["persist"]["reason"]}
+    assert plans["plain-default"]["persist"]["on"] is True and plans["plain-default"]["context"]["swa_full"] is False
+    # --swa-full holds the whole context in the sliding-window layers too: the plan counts it
+    assert plans["swa-persist"]["context"]["swa_full"] is True
+    assert plans["swa-persist"]["devices"][0]["kv_mib"] > 3 * plans["swa-default"]["devices"][0]["kv_mib"]
+    text = run("plan", "swa-persist", "--gpus", cpu).output
+    assert "prompt cache on disk: on ([cache] persist = true" in text and "KV planned with --swa-full" in text

@@ -6,6 +6,8 @@ re-processes under 15% of the prompt; without the cache the same repeat re-proce
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -81,6 +83,10 @@ def test_a_long_prompt_survives_unload_a_reloading_switch_and_a_restart(cache_ho
         cache = cache_of(daemon.url, member)
         assert cache["restores"] == 1 and cache["bytes"] > 0 and cache["reused_tokens"] == again["cache_n"]
         assert cache["last_restore"]["prefill_saved_s"] > 0
+        assert cache["persist"]["on"] is True and "--swa-full" in cache["persist"]["reason"]
+        shown = subprocess.run([sys.executable, "-m", "llamactl", "status"], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert f"{member}: on ([cache] persist = true" in shown.stdout and "1 restore(s)" in shown.stdout
 
         # a switch that reloads: the other member (same model, same KV layout) gets the slot
         other = "pc-spec" if member == "pc-plain" else "pc-plain"

@@ -214,6 +214,18 @@ def test_upstream_reaches_anything_on_a_profile_loading_it_on_demand(mixed):
     assert r.status_code == 404 and r.json()["error"]["valid_profiles"] == ["chat", "embed", "ranker"]
 
 
+def test_slot_actions_through_upstream_are_refused_so_no_client_writes_the_prompt_cache(mixed):
+    url, _, backends = mixed
+    for path in ("/slots/0?action=save", "/slots/0?action=restore", "/slots/1?action=erase", "//slots/0?action=save",
+                 "/%73lots/0?action=save", "/x/../slots/0?action=save", "/slots"):
+        r = httpx.post(f"{url}/upstream/chat{path}", json={"filename": "../../../etc/cron.d/x"}, timeout=10)
+        assert r.status_code == 403, path
+        assert "prompt cache" in r.json()["error"]["message"] and r.json()["error"]["hint"]
+    assert backends.events == []  # refused before anything was started or forwarded
+    r = httpx.get(f"{url}/upstream/chat/slots", timeout=10)
+    assert r.status_code == 200  # reading the slots is still allowed
+
+
 def test_anthropic_stream_is_relayed_and_its_usage_counted(mixed):
     url, _, _ = mixed
     with httpx.stream("POST", f"{url}/v1/messages", timeout=10, json={

@@ -108,6 +108,26 @@ def box_lines(box: dict | None) -> list[str]:
     return lines
 
 
+def prompt_cache_lines(cache: dict | None) -> list[str]:
+    """The prompt cache on disk: its use of the budget, then per profile on/off and why, what it holds, its restores
+    and the prefill they saved."""
+    if not cache:
+        return []
+    lines = [f"prompt cache: {cache['bytes'] / 2**20:.1f} MiB of {cache['budget_bytes'] / 2**20:.0f} MiB in "
+             f"{cache['dir']}"]
+    for name, row in cache["profiles"].items():
+        persist = row.get("persist")
+        words = "" if persist is None else f"{'on' if persist['on'] else 'off'} ({persist['reason']}); "
+        words += f"{row['files']} slot file(s), {row['bytes'] / 2**20:.1f} MiB"
+        if row["restores"]:
+            words += (f"; {row['restores']} restore(s), {row['restored_tokens']} tokens in {row['restore_s']:.2f} s, "
+                      f"{row['reused_tokens']} reused (about {row['prefill_saved_s']:.1f} s of prefill saved)")
+        if row["not_taken"] or row["failed"]:
+            words += f"; {row['not_taken'] + row['failed']} dropped (did not take or failed)"
+        lines.append(f"  {name}: {words}")
+    return lines
+
+
 def router_status_lines(status: dict) -> list[str]:
     """Human lines per lane: the group, its active member, the last decision and why; then the names
     clients use that are mapped to profiles, and the router's problems."""
@@ -130,6 +150,7 @@ def router_status_lines(status: dict) -> list[str]:
         if lane.get("last_error"):
             lines.append(f"  last error: {lane['last_error']}")
     lines.extend(box_lines(status.get("box")))
+    lines.extend(prompt_cache_lines(status.get("prompt_cache")))
     if status.get("model_map"):
         lines.append("model names: " + ", ".join(f"{glob} -> {target}" for glob, target in status["model_map"].items()))
     if status.get("default_model"):

@@ -140,8 +140,7 @@ class Engine:
     def _prompt_cache_status(self) -> dict[str, Any] | None:
         if self.prompt_cache is None:
             return None
-        return {"persist": self.prompt_cache.enabled(self.record) if self.record is not None else None,
-                **self.prompt_cache.status(self.name)}
+        return self.prompt_cache.status(self.name)
 
     def load_progress(self) -> str | None:
         """While starting: the engine's own latest log line (what it is loading)."""

@@ -17,15 +17,17 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from llamactl.errors import LlamactlError
 from llamactl.profiles import Profile
 from llamactl.promptcache import (
-    ModelIdentity, SlotState, cache_key, layout_of, parse_slots, prefill_tok_s, restore_taken, unified_kv,
-    worth_saving,
+    ModelIdentity, Persist, SlotState, cache_key, layout_of, parse_slots, persist_decision, prefill_tok_s,
+    restore_taken, unified_kv, worth_saving,
 )
 from llamactl.promptstore import Entry, PromptStore
 from llamactl.settings import Settings
@@ -77,6 +79,7 @@ class PromptCache:
     settings: Settings
     publish: Callable[[str, dict[str, Any]], None] = lambda what, data: None
     counts: dict[str, ProfileCounts] = field(default_factory=dict)
+    persist: dict[str, Persist] = field(default_factory=dict)  # per profile, as its last start decided
     _pending: dict[str, _Pending] = field(default_factory=dict)
 
     @classmethod
@@ -89,9 +92,15 @@ class PromptCache:
     def _counts(self, profile: str) -> ProfileCounts:
         return self.counts.setdefault(profile, ProfileCounts())
 
-    async def slot_dir(self):
-        """The directory engines save slots to (created, 0700, its manifest read), for --slot-save-path."""
-        await asyncio.to_thread(self.store.open)
+    async def slot_dir(self) -> Path | None:
+        """The directory engines save slots to (created, 0700, its manifest read), for --slot-save-path; None when
+        it cannot be made (the engine then starts without the cache: never a failed start)."""
+        try:
+            await asyncio.to_thread(self.store.open)
+        except OSError as e:
+            log.warning("prompt cache: %s is unusable (%s); engines start without it", self.store.directory,
+                        e.strerror or e)
+            return None
         return self.store.directory
 
     # -- the key of a running engine ---------------------------------------------------------------------
@@ -108,6 +117,18 @@ class PromptCache:
         layout = layout_of(profile, engine_version=record.version, n_ctx_slot=slots[0].n_ctx, n_slots=len(slots),
                            unified_kv=unified_kv(profile), swa_full="--swa-full" in record.cmdline)
         return cache_key(model, layout)
+
+    @staticmethod
+    def _decision(profile: Profile, record: ServerRecord) -> Persist:
+        from llamactl.gguf import read_model_info
+
+        try:
+            decision = persist_decision(profile, sliding_window=read_model_info(Path(record.model)).has_sliding_window)
+        except LlamactlError as e:
+            return Persist(False, False, f"the model cannot be read ({e.message})")
+        if decision.on and not PromptCache.enabled(record):
+            return Persist(False, False, f"this {record.engine} build has no --slot-save-path")
+        return decision
 
     @staticmethod
     def _client(record: ServerRecord) -> httpx.AsyncClient:
@@ -191,6 +212,7 @@ class PromptCache:
         """Put the saved slots of this engine's key back; returns the tokens restored. Never raises (but a
         cancel: a stop during a start)."""
         self._pending.pop(name, None)
+        self.persist[name] = await asyncio.to_thread(self._decision, profile, record)
         if not self.enabled(record):
             return 0
         timeout_s = self.settings.prompt_cache_restore_timeout_s
@@ -276,12 +298,14 @@ class PromptCache:
 
     def status(self, name: str | None = None) -> dict[str, Any]:
         usage = self.store.usage()
-        profiles = {p: {**usage["profiles"].get(p, {"files": 0, "bytes": 0, "tokens": 0}), **c.to_json()}
-                    for p, c in self.counts.items()}
-        for p, row in usage["profiles"].items():
-            profiles.setdefault(p, {**row, **ProfileCounts().to_json()})
+        names = set(self.counts) | set(usage["profiles"]) | set(self.persist)
+        profiles = {p: {**usage["profiles"].get(p, {"files": 0, "bytes": 0, "tokens": 0}),
+                        **self.counts.get(p, ProfileCounts()).to_json(),
+                        "persist": self.persist[p].to_json() if p in self.persist else None}
+                    for p in sorted(names)}
         if name is not None:
-            return profiles.get(name, {"files": 0, "bytes": 0, "tokens": 0, **ProfileCounts().to_json()})
+            return profiles.get(name, {"files": 0, "bytes": 0, "tokens": 0, **ProfileCounts().to_json(),
+                                       "persist": None})
         return {"dir": usage["dir"], "budget_bytes": usage["budget_bytes"], "bytes": usage["bytes"],
                 "profiles": profiles}
 

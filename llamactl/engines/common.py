@@ -180,7 +180,7 @@ def add_common_model_args(b: ArgvBuilder, inputs: LaunchInputs) -> None:
         b.add("cache_ram_mib", ("--cache-ram", "-cram"), p.cache_ram_mib)
     if inputs.swa_full and "--swa-full" not in (a.split("=", 1)[0] for a in p.extra_args):
         b.add("cache.persist (a sliding-window model)", ("--swa-full",))
-    if inputs.slot_save_path is not None:
+    if inputs.slot_save_path is not None and b.caps.accepts("--slot-save-path"):  # else: no slot files to keep
         b.add("cache.persist", ("--slot-save-path",), inputs.slot_save_path)
     if b.caps.accepts("--metrics"):
         b.argv.append("--metrics")

@@ -184,6 +184,20 @@ function renderLedger(box) {
   $("ledger").replaceChildren(...rows);
 }
 
+function renderPromptCache(cache) {
+  const mib = (b) => (b / 1048576).toFixed(1);
+  const rows = [el("div", {}, `${mib(cache.bytes)} MiB of ${mib(cache.budget_bytes)} MiB on disk`)];
+  for (const [profile, r] of Object.entries(cache.profiles)) {
+    const p = r.persist;
+    let text = `${profile}: ` + (p ? `${p.on ? "on" : "off"} (${p.reason}) · ` : "") + `${r.files} slot file(s), ${mib(r.bytes)} MiB`;
+    if (r.restores) text += ` · ${r.restores} restore(s), ${r.restored_tokens} tokens in ${r.restore_s.toFixed(2)} s, ` +
+      `${r.reused_tokens} reused (about ${r.prefill_saved_s.toFixed(1)} s of prefill saved)`;
+    if (r.not_taken || r.failed) text += ` · ${r.not_taken + r.failed} dropped`;
+    rows.push(el("div", {"data-prompt-cache": profile}, text));
+  }
+  $("prompt-cache").replaceChildren(...rows);
+}
+
 // ------------------------------------------------------------------ lanes
 
 const loadProgress = {};
@@ -206,6 +220,7 @@ function renderStatus() {
   $("alerts").replaceChildren(...alerts);
   $("lanes").replaceChildren(...status.lanes.map(renderLane));
   if (status.box) renderLedger(status.box);
+  if (status.prompt_cache) renderPromptCache(status.prompt_cache);
   for (const lane of status.lanes) {
     const s = queueSeries.get(lane.lane) || [];
     s.push(lane.queue_depth); if (s.length > SERIES) s.shift();

@@ -12,6 +12,10 @@ Behaviour is chosen by FAKE_LLAMA_MODE (set through the profile's `env`):
   grandchild      becomes ready after starting a grandchild process in the same process group
   hang_later      becomes ready, then after FAKE_HANG_AFTER_S seconds stops answering (process lives)
   oom             prints a CUDA out-of-memory line while loading and exits 1
+Slots (with --slot-save-path, as llama-server): GET /slots, POST /slots/N?action=save|restore writing and reading
+files with llama.cpp's state header; a request's prompt fills slot 0 (one token per character) and its timings say
+how much of it slot 0 held (cache_n). FAKE_SLOTS picks a fault: hang_save (a save never answers),
+refuse_restore (every restore fails), not_taken (a restore loads but the next request reuses nothing).
 With --api-key-file, every request but /health needs "Authorization: Bearer <key>" (else 401), as in
 llama-server. POST requests with "stream": true get SSE chunks (chunked transfer encoding, so a kill
 mid-stream is a broken response); a "fake" object in the body sets "tokens" and "delay_s".
@@ -27,6 +31,7 @@ import socket
 import subprocess
 import sys
 import threading
+import struct
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -53,7 +58,10 @@ HELP = """usage: llama-server [options]
 --embedding, --embeddings      restrict to only support embedding use case
 --pooling {none,mean,cls,last,rank}
 --rerank, --reranking          enable reranking endpoint on server
+--slot-save-path PATH          path to save slot kv cache (default: disabled)
+--swa-full                     use full-size SWA cache
 """
+STATE_HEADER = struct.Struct("<III")  # llama.cpp's sequence state file: magic 'ggsq', version, token count
 
 
 def arg_value(flag: str, default: str | None = None) -> str | None:
@@ -67,6 +75,9 @@ class Handler(BaseHTTPRequestHandler):
     mode = "normal"
     api_key: str | None = None
     protocol_version = "HTTP/1.1"
+    slots: list[int] = [0]  # tokens each slot holds
+    slot_dir: str | None = None
+    slot_fault = ""
 
     def _authorised(self) -> bool:
         if self.api_key is None or self.path.startswith("/health"):
@@ -99,6 +110,16 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok"})
         elif self.path.startswith("/v1/models"):
             self._json(200, {"object": "list", "data": [{"id": arg_value("-a", "fake")}]})
+        elif self.path.startswith("/slots"):
+            n_ctx = int(arg_value("-c", "4096") or 4096)
+            self._json(200, [{"id": i, "n_ctx": n_ctx, "is_processing": False, **({"n_prompt_tokens": t} if t else {})}
+                             for i, t in enumerate(self.slots)])
+        elif self.path.startswith("/metrics"):
+            data = b"llamacpp:prompt_tokens_total 1000\nllamacpp:prompt_seconds_total 2\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         else:
             self._json(404, {"error": {"code": 404, "message": "not found"}})
 
@@ -114,11 +135,42 @@ class Handler(BaseHTTPRequestHandler):
             request = json.loads(raw or b"{}")
         except ValueError:
             request = {}
+        if self.path.startswith("/slots/"):
+            self._slot_action(request)
+            return
         if isinstance(request, dict) and request.get("stream"):
             self._stream(request)
             return
-        self._json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "fake"}}],
-                         "timings": {"predicted_n": 1}})
+        timings = {"predicted_n": 1}
+        prompt = request.get("prompt") if isinstance(request, dict) else None
+        if isinstance(prompt, str):
+            cached = 0 if self.slot_fault == "not_taken" else min(self.slots[0], len(prompt))
+            Handler.slots[0] = len(prompt)
+            timings.update(prompt_n=len(prompt) - cached, cache_n=cached)
+        self._json(200, {"choices": [{"index": 0, "text": "fake", "message": {"role": "assistant", "content": "fake"}}],
+                         "timings": timings})
+
+    def _slot_action(self, request: dict) -> None:
+        slot = int(self.path.split("/")[2].split("?")[0])
+        action = self.path.split("action=")[-1]
+        path = os.path.join(self.slot_dir or "", str(request.get("filename")))
+        if action == "save":
+            if self.slot_fault == "hang_save":
+                time.sleep(3600)
+                return
+            n = self.slots[slot]
+            with open(path, "wb") as f:
+                f.write(STATE_HEADER.pack(0x67677371, 3, n) + b"\0" * (4 * n + 64))
+            self._json(200, {"id_slot": slot, "n_saved": n, "n_written": os.path.getsize(path)})
+            return
+        if self.slot_fault == "refuse_restore":
+            self._json(400, {"error": {"code": 400, "message": "No available space in KV cache or invalid slot save "
+                                                               "file", "type": "invalid_request_error"}})
+            return
+        with open(path, "rb") as f:
+            magic, _version, n = STATE_HEADER.unpack(f.read(STATE_HEADER.size))
+        Handler.slots[slot] = n
+        self._json(200, {"id_slot": slot, "n_restored": n, "n_read": os.path.getsize(path)})
 
 
     def _stream(self, request: dict) -> None:
@@ -187,6 +239,9 @@ def main() -> int:
         print(f"grandchild pid {child.pid}", flush=True)
 
     Handler.mode = mode
+    Handler.slots = [0] * int(arg_value("-np", "1") or 1)
+    Handler.slot_dir = arg_value("--slot-save-path")
+    Handler.slot_fault = os.environ.get("FAKE_SLOTS", "")
     server = ThreadingHTTPServer((host, port), Handler)
     server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     threading.Thread(target=server.serve_forever, daemon=True).start()
