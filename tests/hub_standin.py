@@ -46,6 +46,7 @@ class HubStandin:
         self.repos: dict[str, StandinRepo] = {}
         self.requests: list[Request] = []
         self.cut_after: dict[str, int] = {}  # path in a repo -> where every download of it is dropped
+        self.gates: dict[str, threading.Event] = {}  # path in a repo -> its bytes wait until the event is set
         self.cut_once: dict[str, int] = {}  # the same for the first download only (a resume gets through)
         self._lock = threading.Lock()
         self._connections: set = set()  # kept-alive client connections: stop() drops them too
@@ -176,6 +177,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        gate = self.hub.gates.get(file)
+        if gate is not None:
+            gate.wait(60)  # a test holds the download here while it looks at the progress
         cut = self.hub.cut_after.get(file)
         if cut is None and not wanted:
             cut = self.hub.cut_once.pop(file, None)

@@ -205,6 +205,8 @@ def _daemon_status(status: dict, as_json: bool) -> None:
         waiting = engine.get("waiting_for_worker") if isinstance(engine, dict) else None
         if waiting:
             click.echo(f"{name:<16} waiting   for worker '{waiting['worker']}': {waiting['reason']}")
+        elif isinstance(engine, dict) and engine.get("downloading"):
+            click.echo(f"{name:<16} starting  {engine['downloading']}")
         elif isinstance(engine, dict) and engine.get("state") == "starting":  # load progress: its latest line
             click.echo(f"{name:<16} starting  {engine.get('progress') or ''}")
     for alert in (status.get("router") or {}).get("alerts", []):
