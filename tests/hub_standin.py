@@ -11,10 +11,12 @@ maps to its exceptions. Faults a test asks for: a gated repo (a token is needed)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +45,11 @@ class HubStandin:
     def __init__(self) -> None:
         self.repos: dict[str, StandinRepo] = {}
         self.requests: list[Request] = []
-        self.cut_after: dict[str, int] = {}  # path in a repo -> bytes sent before the connection is dropped
+        self.cut_after: dict[str, int] = {}  # path in a repo -> where every download of it is dropped
+        self.gates: dict[str, threading.Event] = {}  # path in a repo -> its bytes wait until the event is set
+        self.cut_once: dict[str, int] = {}  # the same for the first download only (a resume gets through)
         self._lock = threading.Lock()
+        self._connections: set = set()  # kept-alive client connections: stop() drops them too
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -66,12 +71,22 @@ class HubStandin:
         return self
 
     def stop(self) -> None:
+        """The Hub is gone: no new connections, and the kept-alive ones are dropped."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            with self._lock:
+                for connection in self._connections:
+                    with contextlib.suppress(OSError):
+                        connection.shutdown(socket.SHUT_RDWR)
+                self._connections.clear()
             assert self._thread is not None
             self._thread.join()
             self._server = None
+
+    def track(self, connection, alive: bool) -> None:
+        with self._lock:
+            (self._connections.add if alive else self._connections.discard)(connection)
 
     def record(self, request: Request) -> None:
         with self._lock:
@@ -93,6 +108,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args) -> None:  # quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.hub.track(self.connection, True)
+
+    def finish(self) -> None:
+        self.hub.track(self.connection, False)
+        super().finish()
 
     def do_GET(self) -> None:
         self._serve(body=True)
@@ -154,7 +177,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        gate = self.hub.gates.get(file)
+        if gate is not None:
+            gate.wait(60)  # a test holds the download here while it looks at the progress
         cut = self.hub.cut_after.get(file)
+        if cut is None and not wanted:
+            cut = self.hub.cut_once.pop(file, None)
         with source.open("rb") as f:
             f.seek(start)
             sent = start

@@ -1,6 +1,6 @@
 """The command line. `main` (cli/main.py) is the entry point; each module beside it adds its commands."""
 
-from llamactl.cli import engines, lifecycle, profiles  # noqa: F401 - they register their commands on main
+from llamactl.cli import engines, hub, lifecycle, profiles  # noqa: F401 - they register their commands on main
 from llamactl.cli.main import main
 from llamactl.cli.plan import gpus_command, plan_command
 from llamactl.cli.serve import serve_command, switch_command

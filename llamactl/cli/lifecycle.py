@@ -38,6 +38,7 @@ def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> 
     from llamactl.launch import start_profile
     from llamactl.profiles import load_profile
 
+    _pull_missing(settings, load_profile(profile, settings))
     client = daemon_client(settings)
     if client is not None and foreground:
         click.echo("note: a llamactl daemon (`llamactl serve`) owns this box's memory; a --foreground start runs "
@@ -78,6 +79,25 @@ def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> 
     finally:
         if foreground and record is not None:
             sup.stop(prof.name, prof.stop_timeout_s)
+
+
+def _pull_missing(settings: Settings, prof) -> None:
+    """`hf:` models not in the cache yet are downloaded first, with progress here (the daemon would fetch them
+    too, but out of sight); Ctrl-C stops the download, and the next `up` or `pull` resumes it."""
+    from llamactl.cli.hub import PullDisplay, pull_profile
+    from llamactl.hf.pull import HubConfig, cached_model
+    from llamactl.hf.refs import parse_ref
+    from llamactl.models import hf_models
+
+    config = HubConfig.from_environ()
+    if all(cached_model(parse_ref(v), config, where=k) for k, v in hf_models(prof)):
+        return
+    try:
+        with interrupted_by_signals(), PullDisplay() as display:
+            pull_profile(prof, settings, display)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {prof.name} was not started; what was downloaded is kept", err=True)
+        raise SystemExit(130) from None
 
 
 @contextlib.contextmanager
@@ -188,6 +208,8 @@ def _daemon_status(status: dict, as_json: bool) -> None:
         waiting = engine.get("waiting_for_worker") if isinstance(engine, dict) else None
         if waiting:
             click.echo(f"{name:<16} waiting   for worker '{waiting['worker']}': {waiting['reason']}")
+        elif isinstance(engine, dict) and engine.get("downloading"):
+            click.echo(f"{name:<16} starting  {engine['downloading']}")
         elif isinstance(engine, dict) and engine.get("state") == "starting":  # load progress: its latest line
             click.echo(f"{name:<16} starting  {engine.get('progress') or ''}")
     for alert in (status.get("router") or {}).get("alerts", []):

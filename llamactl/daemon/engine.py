@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import threading
 import time
@@ -32,7 +33,9 @@ from llamactl.daemon import auth
 from llamactl.daemon.prompt_cache import PromptCache
 from llamactl.engines.logs import classify_exit
 from llamactl.errors import LlamactlError, StartCancelled, StartError
+from llamactl.hf.pull import PullProgress
 from llamactl.launch import start_profile
+from llamactl.models import fetch_profile_models, hf_models
 from llamactl.profiles import Profile
 from llamactl.rpc.errors import WorkerError
 from llamactl.settings import Settings
@@ -112,6 +115,8 @@ class Engine:
         # The box scheduler's grant: what this engine's start plans with (None: the GPUs as they are now).
         self.launch_probe: Callable[[str], Any] | None = None
         self.waiting_for: WorkerError | None = None  # an RPC worker that is down: restarts wait for it
+        self.download: PullProgress | None = None  # while its hf: models download (before the start)
+        self._fetch_cancel = threading.Event()
         self._worker_waits = 0
         self.prompt_cache: PromptCache | None = None  # the daemon's: slots saved at a stop, restored at a start
         self._started_as: Profile | None = None  # the profile the running engine was started with (its cache key)
@@ -134,7 +139,8 @@ class Engine:
                 "reason": failed.reason if failed else None,
                 "waiting_for_worker": None if self.waiting_for is None else {
                     "worker": self.waiting_for.worker, "reason": self.waiting_for.message},
-                "progress": self.load_progress() if self.state is EngineState.STARTING else None,
+                "downloading": self.download.text() if self.download is not None else None,
+                "progress": self.load_progress() if self.state is EngineState.STARTING or self.download else None,
                 "prompt_cache": self._prompt_cache_status()}
 
     def _prompt_cache_status(self) -> dict[str, Any] | None:
@@ -143,8 +149,35 @@ class Engine:
         return self.prompt_cache.status(self.name)
 
     def load_progress(self) -> str | None:
-        """While starting: the engine's own latest log line (what it is loading)."""
+        """While its models download: how far; while starting: the engine's own latest log line."""
+        download = self.download
+        if download is not None:
+            return download.text()
         return last_line(self.supervisor.log_path(self.name))
+
+    async def fetch_models(self) -> None:
+        """Download the profile's hf: models that are not in the cache (in a thread; `download` says how far).
+        Cancelling it (a stop, a shutdown) stops the download at its next chunk and waits until it has."""
+        profile = self.profile_of(self.name)
+        if not hf_models(profile):
+            return
+        self._fetch_cancel = cancel = threading.Event()
+
+        def progress(state: PullProgress) -> None:
+            self.download = state
+
+        future = asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            fetch_profile_models, profile, self.settings, progress=progress, cancelled=cancel.is_set))
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.shield(future)
+            raise
+        finally:
+            self.download = None
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -274,6 +307,7 @@ class Engine:
         async with self._stop_lock:
             start, was = self._start, self.record is not None or self._start is not None
             self._cancel.set()
+            self._fetch_cancel.set()
             self._stop_watching()
             if start is not None:
                 start.cancel()

@@ -93,6 +93,9 @@ class Engines:
                 raise  # we were cancelled
             raise StartCancelled(f"{profile_name}: start cancelled (llamactl down or shutdown)") from None
 
+    async def fetch_models(self, profile_name: str) -> None:
+        await self.engine(profile_name).fetch_models()
+
     async def stop(self, profile_name: str) -> None:
         engine = self.engines.get(profile_name)
         if engine is not None:

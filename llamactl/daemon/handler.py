@@ -31,6 +31,7 @@ class DaemonControl:
     async def up(self, profile: str) -> Any:
         lane = lane_of(self.router, profile)
         self.engines.clear_failure(profile)
+        await self.engines.fetch_models(profile)  # a download does not count against the load timeout
         try:
             await lane.serve_once(profile, timeout_s=self.engines.profiles[profile].load_timeout_s + 60)
         except TimeoutError:
@@ -93,7 +94,7 @@ class DaemonControl:
         self.last_memory = sample
         self.router.events.publish("memory", **sample)
         for name, engine in list(self.engines.engines.items()):
-            if engine.state is EngineState.STARTING:
+            if engine.state is EngineState.STARTING or engine.download is not None:  # loading, or downloading first
                 progress = await asyncio.to_thread(engine.load_progress)
                 self.router.events.publish("engine", profile=name, state="starting", progress=progress,
                                            rss_mib=sample_rss(sample, name))

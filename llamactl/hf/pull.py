@@ -3,8 +3,10 @@ downloads, its cache layout, HF_ENDPOINT / HF_TOKEN / HF_HUB_OFFLINE / HF_HUB_CA
 
 A reference whose files are all in the cache resolves with no network at all (`cached_model`); `pull_model`
 asks the Hub for the repo's file list, picks the files (llamactl.hf.select) and downloads only those. Every
-failure is a HubError saying what to do; a cut download stays as the library's `.incomplete` file, which the
-next pull resumes, and is never taken for a complete one.
+failure is a HubError saying what to do. A connection that drops mid-file is resumed by the library within the
+same pull (a Range request); a download that fails for good leaves nothing that passes for complete (the
+library writes to a temporary file, renamed only once whole) and the next pull fetches that file again, while
+the parts of a split GGUF already fetched stay.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ ProgressFn = Callable[[PullProgress], None]
 
 
 class PullCancelled(Exception):
-    """Raised inside a download when its caller says stop; the partial file stays for the next pull."""
+    """Raised inside a download when its caller says stop; the library removes the partial file."""
 
 
 @dataclass(frozen=True)
@@ -292,11 +294,11 @@ class hub_errors:
                             hint="unset HF_HUB_OFFLINE and pull once online")
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return HubError(f"{what}: the disk filled up while downloading into {self.config.cache_dir}; the "
-                            "partial file is kept and the next pull resumes it",
+                            "partial file was removed",
                             hint="free some space (or set HF_HUB_CACHE elsewhere), then `llamactl pull` again")
         if isinstance(error, (httpx2.TransportError, hf.HfHubHTTPError, ConnectionError, TimeoutError)):
-            mapped = HubError(f"{what}: the Hub at {endpoint} could not be reached or failed ({_short(error)}); what was "
-                              "downloaded is kept and the next pull resumes it",
+            mapped = HubError(f"{what}: the Hub at {endpoint} could not be reached or failed ({_short(error)}); "
+                              "nothing incomplete was kept (files already whole stay in the cache)",
                               hint="check the network (and HF_ENDPOINT), then `llamactl pull` again")
             mapped.network = True  # type: ignore[attr-defined]
             return mapped

@@ -32,3 +32,12 @@ def serving_now(backends: Backends, profile_name: str) -> bool:
     or a worker's return). Backends that cannot tell (`serving` absent) say no."""
     serving = getattr(backends, "serving", None)
     return bool(serving(profile_name)) if serving is not None else False
+
+
+async def fetch_models(backends: Backends, profile_name: str) -> None:
+    """Have the profile's model files fetched (models from the Hub) before the lane makes room for it, so a
+    download neither holds box memory nor counts against the load timeout. Backends without the step
+    (`fetch_models` absent) have their files already."""
+    fetch = getattr(backends, "fetch_models", None)
+    if fetch is not None:
+        await fetch(profile_name)

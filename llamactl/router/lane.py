@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamactl.router.policy import Decision, GroupState, PolicyConfig, Role, decide
-from llamactl.router.backends import Backends, Upstream, serving_now
+from llamactl.router.backends import Backends, Upstream, fetch_models, serving_now
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.choices import Choice, choose, process_for
 from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, QueueTimeout
@@ -736,6 +736,8 @@ class Lane:
 
     async def _load_or_raise(self, profile: str, stop_first: str | None, hard_fallback: str | None,
                              background: bool = False) -> Upstream:
+        if not serving_now(self.backends, profile):
+            await fetch_models(self.backends, profile)  # before stopping the other member: it serves meanwhile
         if stop_first is not None:
             await self._stop_engine(stop_first)
         pending_stop = self._stops.get(profile)
