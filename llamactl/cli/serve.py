@@ -145,6 +145,13 @@ def router_status_lines(status: dict) -> list[str]:
             lines.append(f"  last decision ({decision['age_s']:.0f}s ago): {decision['reason']}")
         for switch in lane.get("recent_switches", [])[-3:]:
             lines.append(f"  switched {switch['from']} -> {switch['to']} in {switch['seconds']}s ({switch['trigger']})")
+        for member, host in (lane.get("per_request") or {}).items():
+            lines.append(f"  per request: {member} is served by {host}'s engine with drafting off (one process)")
+        choice = lane.get("last_choice")
+        if lane["group"] and choice:
+            drafting = f"drafting on (depth {choice['depth'] or 'default'})" if choice["drafting"] else "drafting off"
+            where = f" in {choice['process']}'s engine" if choice["process"] != choice["member"] else ""
+            lines.append(f"  last request: {choice['member']}{where}, {drafting}, {choice['why']}")
         for member, why in (lane.get("passed_over") or {}).items():
             lines.append(f"  {member} passed over for {why['for_s']:.0f}s more: it failed to start: {why['reason']}")
         if lane.get("last_error"):

@@ -20,6 +20,7 @@ Time comes from the injected `clock` (monotonic seconds), so tests drive a lane 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import math
@@ -112,6 +113,7 @@ class Lane:
         self.serving: str = self.active
         self.hosts: dict[str, str] = {}  # member -> the member whose engine serves it per request (self-tested)
         self._why = "policy"  # the trigger behind `serving` (a bounded label)
+        self.last_choice: Choice | None = None  # what the last request granted was given
         self.upstreams: dict[str, Upstream] = {}  # members that serve now
         self.state = LaneState.UNLOADED
         self.forced: str | None = None
@@ -309,6 +311,7 @@ class Lane:
             "active": self.serving,
             "process": self.active,
             "per_request": dict(self.hosts),
+            "last_choice": None if self.last_choice is None else dataclasses.asdict(self.last_choice),
             "loaded": sorted(self.upstreams),
             "loading": sorted(self._loads),
             "state": self.state.value,
@@ -478,8 +481,8 @@ class Lane:
                     self._trial_left = 0
             member = head.pin or serving
             head.profile, head.role = member, self.role_of(member)
-            head.choice = choose(member, self.active, self.spec.members, self.spec.depths,
-                                 "pinned" if head.pin is not None else self._why)
+            head.choice = self.last_choice = choose(member, self.active, self.spec.members, self.spec.depths,
+                                                    "pinned" if head.pin is not None else self._why)
             head.granted_at, head.held_since = time.perf_counter(), self.clock()
             head.future.set_result(upstream)
         self.state = LaneState.READY

@@ -258,11 +258,21 @@ function renderLane(lane) {
     d ? el("div", {class: "muted"}, `last decision: ${d.target} — ${d.reason}`) : null,
     ...Object.entries(lane.passed_over || {}).map(([m, p]) =>
       el("div", {class: "error"}, `${m} passed over for ${Math.round(p.for_s)}s more: it failed to start: ${p.reason}`)),
+    Object.keys(lane.per_request || {}).length ? el("div", {class: "per-request"}, "served per request, one engine: " +
+      Object.entries(lane.per_request).map(([m, h]) => `${m} by ${h}'s (drafting off)`).join(", ")) : null,
     lane.last_error ? el("div", {class: "error"}, lane.last_error) : null,
     switches.length ? el("div", {class: "timeline"}, el("div", {}, "switches:"), ...switches) : null);
 }
 
 // ------------------------------------------------------------------ activity
+
+// What the request was given: drafting on (at which depth) or off, on which member's engine, and why.
+function choiceText(r) {
+  if (r.drafting === null || r.drafting === undefined) return "";
+  const what = r.drafting ? "on" + (r.depth ? ` (depth ${r.depth})` : "") : "off";
+  const where = r.process && r.process !== r.member ? ` in ${r.process}'s engine` : "";
+  return `${what}${where}, ${r.why}`;
+}
 
 function addRequest(r) {
   requests.unshift(r);
@@ -278,7 +288,8 @@ function addRequest(r) {
     el("td", {}, r["class"]), el("td", {}, r.status), el("td", {}, ms(r.queue_wait_s)), el("td", {}, ms(r.ttft_s)),
     el("td", {class: "tok-s"}, r.tok_s ? r.tok_s.toFixed(1) : ""), el("td", {}, r.prompt_tokens ?? ""),
     el("td", {}, r.completion_tokens ?? ""),
-    el("td", {}, r.drafted ? `${r.accepted}/${r.drafted} (${(100 * r.accepted / r.drafted).toFixed(0)}%)` : ""));
+    el("td", {}, r.drafted ? `${r.accepted}/${r.drafted} (${(100 * r.accepted / r.drafted).toFixed(0)}%)` : ""),
+    el("td", {class: "choice"}, choiceText(r)));
   const body = $("activity").tBodies[0];
   body.prepend(row);
   while (body.rows.length > MAX_ROWS) body.deleteRow(-1);
