@@ -16,8 +16,10 @@ nothing sleeps, three hours take a fraction of a second):
             takes a fit first, then the cheapest eviction (the fewest victims, the least worth), then waits.
   lru-N     llama.cpp's router (`llama-server --models-max N`): a request for a model not loaded unloads the
             least recently used model once N are loaded (or loading), whatever memory says and even while
-            it streams (its streams are cut); a load that does not fit beside what runs fails (out of
-            memory) and its requests with it.
+            it streams (its streams are cut); a model that does not fit beside what runs starts as
+            mainline's default `--fit on` starts it: what its cards have left, the rest of its layers in host
+            RAM, serving slower (HOST_SLOWDOWN per such layer); only where host RAM has no room either does
+            the load fail (out of memory) and its requests with it.
   swap      llama-swap's default (one model at a time): requests are taken in arrival order; one for another
             model waits for the running model's requests in flight to finish, stops it and loads its own.
 
@@ -25,7 +27,8 @@ Every policy places a one-card model on a card where it fits (the fullest card t
 70B on both cards, loads at the same speed and serves with the same slots; every client gives up after
 TIMEOUT_S without a first token (llamactl's default queue timeout). Metrics per policy: loads per hour,
 failed (out-of-memory) loads, mean and p95 wait of the requests served (arrival to service start: the
-queue for memory, the loads, the slots), requests failed (out of memory, streams cut, timed out).
+queue for memory, the loads, the slots), mean latency (arrival to last token), requests served from host RAM,
+requests failed (out of memory, streams cut, timed out, 429). docs/box-bench.md has the tables and reads them.
 """
 
 from __future__ import annotations
@@ -680,9 +683,10 @@ def verdict(results: Mapping[str, Outcome]) -> tuple[bool, list[str]]:
 
 
 def _row(o: Outcome) -> str:
-    failed = f"{o.failed}" + (f" ({', '.join(f'{k} {v}' for k, v in (('oom', o.oom), ('cut', o.cut), ('timed out', o.timed_out), ('429', o.rejected)) if v)})" if o.failed else "")
+    kinds = (("oom", o.oom), ("cut", o.cut), ("timed out", o.timed_out), ("429", o.rejected))
+    failed = f"{o.failed}" + (f" ({', '.join(f'{k} {v}' for k, v in kinds if v)})" if o.failed else "")
     return (f"| {o.policy} | {o.loads_per_hour:.1f} | {o.failed_loads} | {o.mean_wait_s:.1f} | {o.p95_wait_s:.1f} | "
-            f"{o.served} | {failed} | {o.evictions} |")
+            f"{o.mean_latency_s:.1f} | {o.served} | {o.slowed} | {failed} | {o.evictions} |")
 
 
 def table(hours: float, seed: int, seeds: int, min_residence_s: float = 0.0) -> tuple[str, dict[str, Any]]:
@@ -697,8 +701,9 @@ def table(hours: float, seed: int, seeds: int, min_residence_s: float = 0.0) -> 
         data[name] = {"requests": len(trace.requests), "met": met, "met_seeds": held, "seeds": seeds,
                       "policies": {k: v.to_json() for k, v in results.items()}, "misses": misses}
         lines += [f"### {name}", "", f"{trace.about}; {len(trace.requests)} requests over {hours:g} h.", "",
-                  "| policy | loads/h | failed loads | mean wait s | p95 wait s | served | failed | evictions |",
-                  "|---|---|---|---|---|---|---|---|", *(_row(o) for o in results.values()), "",
+                  "| policy | loads/h | failed loads | mean wait s | p95 wait s | mean latency s | served | "
+                  "served from host RAM | failed | evictions |",
+                  "|---|---|---|---|---|---|---|---|---|---|", *(_row(o) for o in results.values()), "",
                   f"Goal (llamactl no more loads, waits or failures than any other): "
                   f"{'met' if met else 'NOT met: ' + '; '.join(misses)}. Seeds {seed}..{seed + seeds - 1}: met on "
                   f"{held} of {seeds}.", ""]
