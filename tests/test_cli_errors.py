@@ -152,3 +152,11 @@ def test_fuzz_every_command_option_and_setting(home: Path, quiet_entry_points, d
     assert result.exception is None or isinstance(result.exception, SystemExit), (
         f"{path} {args} {env}: {result.exception!r}\n{result.output}")
     assert result.exit_code != 70, f"{path} {args} {env}:\n{result.output}"
+
+
+@pytest.mark.parametrize("args", [["top", "--once", "--key-file", "k\x00"], ["plan", "demo", "--gpus", "\x00"],
+                                  ["worker", "--binary", "b\x00"], ["systemd", "install", "--output", "\x00u"]])
+def test_a_path_option_holding_a_nul_byte_is_a_usage_error_naming_the_option(home, args):
+    result = CliRunner().invoke(main, args, env={"LLAMACTL_GPUS_FILE": ""})
+    option = next(a for a in args if a.startswith("--") and a != "--once")
+    assert result.exit_code == 2 and option in result.output and "NUL" in result.output, result.output

@@ -50,3 +50,12 @@ class Seconds(click.ParamType):
 
 
 HTTP_URL = HttpUrl()
+
+
+class FsPath(click.Path):
+    """click.Path that also refuses what no file system path can hold (a NUL byte), as a usage error."""
+
+    def convert(self, value, param, ctx):
+        if "\x00" in str(value):
+            self.fail(f"{str(value)[:200]!r} holds a NUL byte, which no path can", param, ctx)
+        return super().convert(value, param, ctx)

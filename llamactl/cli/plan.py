@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING
 import click
 
 from llamactl.cli.main import profile_argument
+from llamactl.cli.options import FsPath
 
 if TYPE_CHECKING:
     from llamactl.settings import Settings
 
 GPUS_OPTION = click.option(
-    "--gpus", "gpus_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--gpus", "gpus_file", type=FsPath(dir_okay=False, path_type=Path), default=None,
     help="JSON file describing the GPUs (as printed by `llamactl gpus --json`); replaces the NVML probe. "
          "Default: LLAMACTL_GPUS_FILE, else NVML.",
 )

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from llamactl.errors import LlamactlError
+from llamactl.cli.options import FsPath
 
 if TYPE_CHECKING:
     from llamactl.settings import Settings
@@ -27,7 +28,7 @@ def systemd_command() -> None:
                    "/etc/llamactl (created by systemd) instead of the installing user's directories.")
 @click.option("--service-user", default=None,
               help="System unit: run as this user (default: the user who ran sudo, else the current user).")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--output", type=FsPath(dir_okay=False, path_type=Path), default=None,
               help="Write the unit here instead of the standard location.")
 @click.option("--worker", is_flag=True, help="A unit for `llamactl worker` (rpc-server for a main box) instead.")
 @click.option("--host", "worker_host", default=None, help="--worker: the private address rpc-server binds.")

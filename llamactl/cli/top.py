@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from llamactl.cli.options import HTTP_URL
+from llamactl.cli.options import HTTP_URL, FsPath
 from llamactl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def client_key(settings: Settings, key_file: Path | None) -> str | None:
 
 @click.command()
 @click.option("--url", type=HTTP_URL, default=None, help="The running serve (default: http://127.0.0.1:LLAMACTL_ROUTER_PORT).")
-@click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--key-file", type=FsPath(path_type=Path, dir_okay=False), default=None,
               help="A file holding the API key (default: LLAMACTL_API_KEY, else the daemon's own keys).")
 @click.option("--once", is_flag=True, help="Print one picture and exit (no live redraw).")
 @click.pass_obj

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from llamactl.cli.options import FsPath
 
 if TYPE_CHECKING:
     from llamactl.settings import Settings
@@ -20,12 +21,12 @@ if TYPE_CHECKING:
 @click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True)
 @click.option("--device", "devices", multiple=True,
               help="Device(s) to serve, e.g. CUDA0 (repeat or comma-separate; default: rpc-server's choice).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--cache-dir", type=FsPath(file_okay=False, path_type=Path), default=None,
               help="Keep tensors the main box sent before here (rpc-server -c): later loads skip the network.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for a CPU device.")
 @click.option("--allow-public", is_flag=True,
               help="Allow a wildcard or public bind address (rpc-server has NO authentication or encryption).")
-@click.option("--binary", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--binary", type=FsPath(dir_okay=False, path_type=Path), default=None,
               help="rpc-server to run (default: PATH, then llamactl's llama.cpp build).")
 @click.pass_context
 def worker_command(ctx: click.Context, host: str | None, port: int, devices: tuple[str, ...], cache_dir: Path | None,
