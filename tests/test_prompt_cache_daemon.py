@@ -71,7 +71,7 @@ def test_slots_saved_at_a_stop_come_back_before_the_next_start_serves(cache_sett
             assert status["reused_tokens"] == len(PROMPT)
             # the saving engine prefilled 1000 tokens in 2 s (its /metrics): 2000 tokens would have taken 4 s
             assert status["last_restore"]["prefill_saved_s"] == pytest.approx(4.0)
-            assert engines.states()[name]["prompt_cache"]["persist"] is True
+            assert engines.states()[name]["prompt_cache"]["persist"]["on"] is True
 
     asyncio.run(main())
 
