@@ -160,3 +160,14 @@ def test_no_network_needed_once_pulled_and_offline_mode_uses_the_cache(hub, tmp_
     assert "not in the Hugging Face cache" in offline.output and "HF_HUB_OFFLINE is set" in offline.output
     unreachable = run("pull", "other", code=2)
     assert "could not be reached" in unreachable.output
+
+
+def test_a_download_its_caller_stops_ends_at_once_and_leaves_nothing(hub, tmp_path):
+    from llamactl.hf.pull import HubConfig, PullCancelled, pull_model
+    from llamactl.hf.refs import parse_ref
+
+    seen = []
+    with pytest.raises(PullCancelled):
+        pull_model(parse_ref(f"hf:{REPO}:Q8_0"), HubConfig.from_environ(), where="t", progress=seen.append,
+                   cancelled=lambda: True)
+    assert not list(cache(tmp_path).rglob("*.gguf")) and not list(cache(tmp_path).rglob("*.incomplete"))
