@@ -160,3 +160,36 @@ def test_no_network_needed_once_pulled_and_offline_mode_uses_the_cache(hub, tmp_
     assert "not in the Hugging Face cache" in offline.output and "HF_HUB_OFFLINE is set" in offline.output
     unreachable = run("pull", "other", code=2)
     assert "could not be reached" in unreachable.output
+
+
+def test_a_download_its_caller_stops_ends_at_once_and_leaves_nothing(hub, tmp_path):
+    from llamactl.hf.pull import HubConfig, PullCancelled, pull_model
+    from llamactl.hf.refs import parse_ref
+
+    seen = []
+    with pytest.raises(PullCancelled):
+        pull_model(parse_ref(f"hf:{REPO}:Q8_0"), HubConfig.from_environ(), where="t", progress=seen.append,
+                   cancelled=lambda: True)
+    assert not list(cache(tmp_path).rglob("*.gguf")) and not list(cache(tmp_path).rglob("*.incomplete"))
+
+
+def test_the_terminal_bar_and_the_plain_lines_show_bytes_rate_and_eta(capsys):
+    from llamactl.cli.hub import PullDisplay
+    from llamactl.hf.pull import PullProgress
+
+    state = PullProgress(ref=f"hf:{REPO}:Q8_0", file="tiny-Q8_0.gguf", done_bytes=0, total_bytes=4_000_000)
+    with PullDisplay(tty=True) as bar:
+        for done in (1_000_000, 2_000_000, 4_000_000):
+            state.done_bytes = done
+            bar(state)
+        [task] = bar._bars.tasks
+        assert task.completed == 4_000_000 and task.total == 4_000_000
+    with PullDisplay(tty=False) as plain:
+        state.done_bytes = 1_000_000
+        plain(state)
+        plain(state)  # within a couple of seconds: no second line
+        state.done_bytes = 4_000_000
+        plain(state)  # done: always said
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("downloading")]
+    assert len(lines) == 2 and "1.0/4.0 MB (25%)" in lines[0] and "MB/s" in lines[0]
+    assert "4.0/4.0 MB (100%)" in lines[1]

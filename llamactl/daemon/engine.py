@@ -33,7 +33,7 @@ from llamactl.daemon import auth
 from llamactl.daemon.prompt_cache import PromptCache
 from llamactl.engines.logs import classify_exit
 from llamactl.errors import LlamactlError, StartCancelled, StartError
-from llamactl.hf.pull import PullProgress
+from llamactl.hf.pull import PullCancelled, PullProgress
 from llamactl.launch import start_profile
 from llamactl.models import fetch_profile_models, hf_models
 from llamactl.profiles import Profile
@@ -176,6 +176,8 @@ class Engine:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.shield(future)
             raise
+        except PullCancelled:  # a stop of this engine while nobody cancelled the caller
+            raise StartCancelled(f"{self.name}: download stopped (llamactl down or shutdown)") from None
         finally:
             self.download = None
 

@@ -1,0 +1,64 @@
+"""End to end with the real engine: the bundled Gemma served by the stand-in Hub as a repo with a decoy quant,
+target and drafter as `hf:` references; `llamactl pull`, then `up`; again with the Hub gone, online and
+offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import ENGINE_ENV, require_engine, write_tiny_gguf
+from tests.hub_standin import HubStandin, StandinRepo
+from tests.test_engine_real import llamactl
+
+pytestmark = pytest.mark.engine
+GEMMA_REPO = "acme/gemma-3-270m-it-GGUF"
+
+
+@pytest.fixture
+def gemma_hub(tmp_path, monkeypatch, home, gemma_path):
+    for key in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(ENGINE_ENV["llama.cpp"], str(require_engine("llama.cpp")))
+    standin = HubStandin().start()
+    standin.repos[GEMMA_REPO] = StandinRepo({"gemma-3-270m-it-Q4_K_M.gguf": gemma_path,
+                                             "gemma-3-270m-it-Q8_0.gguf": write_tiny_gguf(tmp_path / "decoy.gguf")})
+    monkeypatch.setenv("HF_ENDPOINT", standin.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    yield standin
+    standin.stop()
+
+
+def test_pull_then_up_with_hf_target_and_drafter_and_again_without_the_hub(gemma_hub, write_profile,
+                                                                           monkeypatch, gemma_path):
+    write_profile("hub-spec", f"""
+        model = "hf:{GEMMA_REPO}:Q4_K_M"
+        ctx_size = 2048
+        gpus = []
+        threads = 2
+        parallel = 1
+        load_timeout_s = 180
+        [speculation]
+        type = "draft"
+        draft_model = "hf:{GEMMA_REPO}:Q4_K_M"
+        n_max = 4
+    """)
+    pulled = llamactl("pull", "hub-spec")
+    assert pulled.stdout.count("gemma-3-270m-it-Q4_K_M.gguf") == 2  # target and drafter: one file
+    assert [r.path.rsplit("/", 1)[1] for r in gemma_hub.downloads()] == ["gemma-3-270m-it-Q4_K_M.gguf"]
+
+    def up_and_down() -> None:
+        llamactl("up", "hub-spec")
+        try:
+            [row] = json.loads(llamactl("status", "--json").stdout)["servers"]
+            assert row["state"] == "ready" and row["model"].endswith("gemma-3-270m-it-Q4_K_M.gguf")
+        finally:
+            llamactl("down", "hub-spec")
+
+    up_and_down()
+    gemma_hub.stop()  # the Hub is gone
+    up_and_down()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    up_and_down()
+    assert len(gemma_hub.downloads()) == 1
