@@ -141,9 +141,10 @@ def test_acceptance_of_an_ik_engine_is_read_from_its_log(monkeypatch, write_prof
 
 
 def test_the_pinned_build_still_drafts_when_a_request_turns_speculation_off(gemma_group):
-    """Why llamactl has no soft switch: per-request `speculative.*` fields are accepted by this build but do
-    not stop drafting. If this test fails after an engine update, a per-request soft switch (no second
-    server) has become possible: prove it here, then teach the lane to use it."""
+    """Why a mainline group switches per process: per-request `speculative.*` fields are accepted by this build
+    but do not stop drafting (the engine self-test finds the same, tests/test_selftest.py, and the router then
+    keeps the members apart). If this fails after an engine update, the self-test will find per-request
+    switching possible there too: check that tests/test_selftest.py expects it."""
     settings = gemma_group
     from llamactl.profiles import load_profile
     from llamactl.supervisor import Supervisor

@@ -277,6 +277,8 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         # in one visit, not one per reload).
         unknown = all(m != member for _, m in state.explored) and all(
             e.n.get(member, 0) < config.min_samples for e in state.evidence.values())
+        if loaded and not state.members.get(member, False) and not unknown:
+            continue  # a plain member's speed hardly depends on the content: measured elsewhere is known here
         for_run = unknown and run >= config.min_samples
         for_long_run = unknown and 2 * switch_cost(state, config, member) <= state.explore_budget_s
         if loaded or (for_run and _worth_finding_out(state, config, cls, member)) or (

@@ -4,6 +4,7 @@ front of simulated engines (each member decodes each class at a given tok/s and 
 The scenario format (docs/switching-sim.md documents it; keep it stable):
     {"slots": 1, "fit_together": false,
      "members": {"plain": {"spec": false, "load_s": 12}, "d1b": {"spec": true, "load_s": 13}},
+     (a member with "shares": "d1b" is served per request by d1b's engine, drafting off: a switch costs 0)
      "classes": {"code": {"plain": 26, "d1b": 154, "acceptance": {"d1b": 0.85}}, ...},
      "requests": [{"t": 0.0, "class": "code", "tokens": 300}, ...]}
 
@@ -47,7 +48,8 @@ class Scenario:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], where: str = "scenario") -> "Scenario":
         try:
-            members = {str(m): {"spec": bool(v.get("spec", False)), "load_s": float(v.get("load_s", 0.0))}
+            members = {str(m): {"spec": bool(v.get("spec", False)), "load_s": float(v.get("load_s", 0.0)),
+                                **({"shares": str(v["shares"])} if v.get("shares") is not None else {})}
                        for m, v in dict(data["members"]).items()}
             classes = {str(c): dict(v) for c, v in dict(data["classes"]).items()}
             requests = sorted(({"t": float(r["t"]), "class": str(r["class"]), "tokens": int(r["tokens"])}
@@ -67,6 +69,11 @@ class Scenario:
             raise ScenarioError(f"{where}: requests name classes not in 'classes': {', '.join(unknown)}")
         if slots < 1:
             raise ScenarioError(f"{where}: slots must be >= 1")
+        for m, v in members.items():
+            host = v.get("shares")
+            if host is not None and (v["spec"] or host not in members or not members[host]["spec"]):
+                raise ScenarioError(f"{where}: members.{m}.shares: a plain member shares a speculative member's "
+                                    f"engine; {host!r} is not one")
         return cls(slots, fit, members, classes, requests)
 
     def tok_s(self, cls: str, member: str) -> float:
@@ -208,6 +215,8 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
     telemetry = Telemetry(clock=clock)
     engines = SimulatedEngines(scenario, free_loads=clairvoyant)
     lane = Lane(spec, engines, telemetry, config, clock=clock)
+    lane.hosts = {m: v["shares"] for m, v in scenario.members.items()
+                  if "shares" in v and m in members and v["shares"] in members}
     if learnt is not None:
         learned.restore(telemetry, learnt, _lanes(scenario), learnt["saved_at_unix"], {"sim": lane.runs})
     outcome = Outcome()
@@ -274,7 +283,9 @@ def hindsight(scenario: Scenario) -> Outcome | None:
             options = []
             for previous, (finish, switches, per) in best.items():
                 switching = previous is not None and previous != member
-                cost = 0.0 if previous == member or (switching and scenario.fit_together) \
+                shared = switching and (scenario.members[member].get("shares") == previous
+                                        or scenario.members[previous].get("shares") == member)
+                cost = 0.0 if previous == member or (switching and (scenario.fit_together or shared)) \
                     else scenario.members[member]["load_s"]
                 start = max(arrival, (finish if previous is not None else arrival) + cost)
                 options.append((start + service, switches + switching, per))
