@@ -235,9 +235,15 @@ class Clock:
         self._seq += 1
         heapq.heappush(self._events, (max(t, self.now), self._seq, fn))
 
-    def run(self) -> None:
+    def run(self, max_at_one_instant: int = 100_000) -> None:
+        """Raises where the events keep coming at one instant (a retry that does not move the clock): stalled."""
+        same = 0
         while self._events:
-            self.now, _, fn = heapq.heappop(self._events)
+            t, _, fn = heapq.heappop(self._events)
+            same = same + 1 if t == self.now else 0
+            if same > max_at_one_instant:
+                raise RuntimeError(f"the simulation stalled at t={t:.3f} s: events keep coming at one instant")
+            self.now = t
             fn()
 
 

@@ -76,6 +76,24 @@ def test_llamactl_does_not_ping_pong_two_models_that_cannot_share():
     assert stops >= 3 and out.cut == 0
 
 
+def test_a_retry_a_hair_away_moves_the_clock():
+    """On big-split the 8B was idle and 2e-13 s short of its load time: a retry at now + 2e-13 is now itself at
+    t = 8566 s, and the simulation spun there for ever. It now retries at the next representable instant."""
+    out = bench.Llamactl().run(bench.make_trace("big-split", hours=3, seed=1))
+    assert out.served + out.failed == out.requests
+
+
+def test_the_clock_says_when_it_stalls():
+    clock = bench.Clock()
+
+    def again() -> None:
+        clock.at(clock.now, again)
+
+    clock.at(1.0, again)
+    with pytest.raises(RuntimeError, match="stalled at t=1.000"):
+        clock.run(max_at_one_instant=1000)
+
+
 def test_lru_by_count_stops_the_least_recently_used_even_while_it_streams_and_memory_has_room():
     requests = ((0, "coder", 1000), (1, "chat", 1), (100, "embed", 1))
     lru = bench.LruByCount(2).run(trace(*requests))
