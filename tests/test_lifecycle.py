@@ -26,6 +26,8 @@ from llamactl.supervisor.process import ManagedProcess
 from llamactl.supervisor.state import StateStore
 from tests.test_service_daemon import Daemon, gone, ours, own_home  # noqa: F401 - own_home is a fixture
 
+HI = [{"role": "user", "content": "hi"}]  # the least a chat request must hold
+
 
 def wait_until(predicate, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
@@ -52,7 +54,7 @@ def test_down_during_a_load_cancels_it_and_the_engine_stays_stopped(own_home, fa
     try:
         waiting = {}
         request = threading.Thread(target=lambda: waiting.setdefault("r", httpx.post(
-            f"{daemon.url}/v1/chat/completions", json={"model": "slow"}, timeout=60)))
+            f"{daemon.url}/v1/chat/completions", json={"model": "slow", "messages": HI}, timeout=60)))
         request.start()
         pid = loading_pid(settings, "slow")
         started = time.monotonic()
@@ -84,7 +86,7 @@ def test_sigterm_to_the_daemon_during_a_load_cancels_the_load(own_home, fake_pro
     fake_profile("slow", load_timeout_s=120, FAKE_LOAD_S="60", LLAMACTL_TEST_HOME=str(settings.home))
     daemon = Daemon(tmp_path, "--profile", "slow", env={"LLAMACTL_DRAIN_TIMEOUT_S": "1"})
     try:
-        threading.Thread(target=lambda: httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "slow"},
+        threading.Thread(target=lambda: httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "slow", "messages": HI},
                                                    timeout=60), daemon=True).start()
         pid = loading_pid(settings, "slow")
         started = time.monotonic()
@@ -165,7 +167,7 @@ def test_the_daemon_refuses_an_engine_started_without_a_key(own_home, fake_profi
         # as `llamactl up --foreground fake` does beside a running daemon (it does not go through it)
         outside = Supervisor(settings).start(load_profile("fake", settings))
         assert outside.api_key is None
-        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake"}, timeout=30)
+        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake", "messages": HI}, timeout=30)
         assert r.status_code == 503, r.text
         assert "without an API key" in r.json()["error"]["message"]
         assert daemon.stop() == 0
@@ -230,7 +232,7 @@ def test_a_reload_that_changes_routing_takes_effect(own_home, fake_profile, writ
     daemon = Daemon(tmp_path)
     try:
         daemon.wait_notify(r"READY=1")
-        assert httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake"}, timeout=30).status_code == 200
+        assert httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake", "messages": HI}, timeout=30).status_code == 200
         first_pid = ours(settings)[0].pid
         from tests.conftest import FAKE_SERVER
         common = f"""
@@ -248,13 +250,13 @@ def test_a_reload_that_changes_routing_takes_effect(own_home, fake_profile, writ
         lanes = {lane["lane"]: lane for lane in httpx.get(f"{daemon.url}/llamactl/status", timeout=5).json()["lanes"]}
         assert "pair" in lanes and "fake" not in lanes and lanes["pair"]["group"] is True
         assert lanes["pair"]["slots"]["fake"] == 3 and set(lanes["pair"]["members"]) == {"fake", "twin"}
-        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "renamed"}, timeout=30)
+        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "renamed", "messages": HI}, timeout=30)
         assert r.status_code == 200 and r.headers["x-llamactl-profile"] == "fake", r.text
         # The twin may be warming up beside it (both fit): find fake's engine by the alias it now serves.
         engine = wait_until(lambda: [p for p in ours(settings) if "renamed" in p.cmdline()], 10, "fake's engine")
         cmdline = engine[0].cmdline()
         assert len(engine) == 1 and cmdline[cmdline.index("-np") + 1] == "3"
-        assert httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "twin"}, timeout=30).status_code == 200
+        assert httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "twin", "messages": HI}, timeout=30).status_code == 200
         assert daemon.stop() == 0
     finally:
         daemon.stop(signal.SIGKILL)
@@ -267,7 +269,7 @@ def test_a_stream_cut_at_the_drain_deadline_ends_with_an_error_event(own_home, f
     events: list[str] = []
     try:
         daemon.wait_notify(r"READY=1")
-        body = {"model": "fake", "stream": True, "fake": {"tokens": 200, "delay_s": 0.1}}  # a 20 s stream
+        body = {"model": "fake", "messages": HI, "stream": True, "fake": {"tokens": 200, "delay_s": 0.1}}  # a 20 s stream
         with httpx.stream("POST", f"{daemon.url}/v1/chat/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             for line in r.iter_lines():

@@ -25,6 +25,8 @@ from llamactl.cli import main
 from llamactl.settings import Settings
 from llamactl.supervisor import Supervisor
 
+HI = [{"role": "user", "content": "hi"}]  # the least a chat request must hold
+
 KEY = "test-key-0123456789abcdef"
 FAST = {  # a monitor that notices within a second, restarts quickly, gives up after 3 crashes
     "LLAMACTL_HEALTH_INTERVAL_S": "0.2", "LLAMACTL_HEALTH_TIMEOUT_S": "0.5", "LLAMACTL_HANG_PROBES": "2",
@@ -166,9 +168,9 @@ def test_daemon_keys_control_kill_child_midstream_reload_and_drain(own_home: Set
         # Keys: /health open, no key / wrong key 401 (OpenAI shape), and the child refuses its own port without its key.
         assert httpx.get(f"{daemon.url}/health").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}):
-            r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake"}, headers=headers)
+            r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake", "messages": HI}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.post(f"{record.url}/v1/chat/completions", json={"model": "fake"}).status_code == 401
+        assert httpx.post(f"{record.url}/v1/chat/completions", json={"model": "fake", "messages": HI}).status_code == 401
         assert record.api_key and record.api_key not in " ".join(psutil.Process(pid).cmdline())
         assert stream(daemon.url, {"model": "fake"}, auth)[-1] == "[DONE]"
 
@@ -179,7 +181,7 @@ def test_daemon_keys_control_kill_child_midstream_reload_and_drain(own_home: Set
 
         # kill -9 the child mid-stream: a clean error event and [DONE], then the monitor restarts it.
         mark = len(daemon.lines)
-        events = stream(daemon.url, {"model": "fake", "fake": {"tokens": 200, "delay_s": 0.02}}, auth,
+        events = stream(daemon.url, {"model": "fake", "messages": HI, "fake": {"tokens": 200, "delay_s": 0.02}}, auth,
                         on_first=lambda: os.kill(pid, signal.SIGKILL))
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "upstream_stream_broken"
@@ -199,7 +201,7 @@ def test_daemon_keys_control_kill_child_midstream_reload_and_drain(own_home: Set
         # SIGTERM with a stream in flight: it completes, then the daemon stops its child and exits 0.
         got: list[str] = []
         t = threading.Thread(target=lambda: got.extend(
-            stream(daemon.url, {"model": "fake", "fake": {"tokens": 30, "delay_s": 0.03}}, auth,
+            stream(daemon.url, {"model": "fake", "messages": HI, "fake": {"tokens": 30, "delay_s": 0.03}}, auth,
                    on_first=lambda: daemon.proc.send_signal(signal.SIGTERM))))
         t.start()
         t.join(30)
@@ -225,10 +227,10 @@ def test_hung_child_is_restarted_and_a_crash_loop_ends_failed(own_home: Settings
         assert gone(first, 10), "the hung child was not stopped"
 
         # crashes: every start dies soon after ready -> 3 crashes -> failed, with the reason.
-        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "crashes"}, timeout=30)
+        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "crashes", "messages": HI}, timeout=30)
         assert r.status_code == 200, r.text
         daemon.wait_line(r"crashes: crash loop: 3 crashes in .*; not restarting", timeout_s=30)
-        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "crashes"}, timeout=30)
+        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "crashes", "messages": HI}, timeout=30)
         assert r.status_code == 503, r.text
         assert "crash loop" in r.json()["error"]["message"]
         out = CliRunner().invoke(main, ["status"])
@@ -251,10 +253,10 @@ def test_slow_load_and_oom_fail_cleanly_and_a_child_ignoring_sigterm_is_killed(o
     try:
         daemon.wait_notify(r"READY=1")
         stubborn = child_pids(settings)["stubborn"]
-        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "slow"}, timeout=30)
+        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "slow", "messages": HI}, timeout=30)
         assert r.status_code == 503 and "not ready after 0.5 s (load_timeout_s)" in r.json()["error"]["message"]
         assert "slow" not in child_pids(settings)
-        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "oom"}, timeout=30)
+        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "oom", "messages": HI}, timeout=30)
         message = r.json()["error"]["message"]
         assert r.status_code == 503 and "out of memory" in message and "memory plan for 'oom'" in message, message
         assert daemon.stop() == 0
@@ -286,7 +288,7 @@ def test_kill9_daemon_children_die_and_the_next_start_sweeps_orphans(own_home: S
         daemon.wait_line(r"stopping orphan llama-server fake \(pid %d\): started without an API key" % standalone.pid)
         daemon.wait_notify(r"READY=1")
         assert gone(standalone.pid, 5)
-        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake"}, timeout=30)
+        r = httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake", "messages": HI}, timeout=30)
         assert r.status_code == 200
         assert daemon.stop() == 0
     finally:
@@ -323,7 +325,7 @@ def test_what_the_router_learnt_survives_a_restart_of_the_daemon(own_home: Setti
     daemon = Daemon(tmp_path, "--profile", "fake")
     try:
         for _ in range(2):  # answers that say how many tokens they decoded: a speed to learn
-            assert httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake"}, timeout=30).status_code == 200
+            assert httpx.post(f"{daemon.url}/v1/chat/completions", json={"model": "fake", "messages": HI}, timeout=30).status_code == 200
         assert daemon.stop() == 0
     finally:
         daemon.stop(signal.SIGKILL)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from llamactl.cli.main import main, pass_settings
 from llamactl.errors import LlamactlError
-from llamactl.settings import Settings
+
+if TYPE_CHECKING:
+    from llamactl.settings import Settings
 
 PLAIN_LINE_EVERY_S = 2.0
 
@@ -103,6 +106,7 @@ def models(ctx: click.Context) -> None:
         return
     from llamactl.hf.cache import cached_models
     from llamactl.hf.pull import HubConfig
+    from llamactl.settings import Settings
 
     settings = ctx.find_object(Settings)
     config = HubConfig.from_environ()

@@ -567,7 +567,8 @@ class Relay:
                 sample.process, sample.drafting, sample.depth, sample.why = c.process, c.drafting, c.depth, c.why
                 fields = c.request_fields() if measured and not self.info.multipart else {}
                 if fields:  # a drafting engine serving a plain member: drafting off for this request
-                    sent = json.dumps({**payload, **fields}).encode()
+                    # parsed again here, not kept while queued (it is as large as the body)
+                    sent = json.dumps({**parse_json_object(body), **fields}).encode()
             try:
                 outcome = await self._forward(upstream, sent, headers, send, stream, sample, arrived, ticket)
             except BaseException:
