@@ -122,7 +122,7 @@ def gone(pid: int, timeout_s: float = 10) -> bool:
 
 def stream(url: str, body: dict, headers: dict | None = None, on_first=None) -> list[str]:
     events = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={"stream": True, **body},
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={"stream": True, "messages": HI, **body},
                       headers=headers or {}, timeout=30) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():

@@ -33,6 +33,7 @@ from llamactl.promptstore import Entry, PromptStore
 from llamactl.settings import Settings
 from llamactl.supervisor import ServerRecord
 
+SLOTS_ANSWER_S = 3.0  # how long a stop waits for the engine to list its slots before it saves none
 log = logging.getLogger("llamactl.promptcache")
 
 SLOT_SAVE_FLAG = "--slot-save-path"
@@ -150,7 +151,10 @@ class PromptCache:
         started, saved, temp = time.monotonic(), 0, None
         try:
             async with asyncio.timeout(timeout_s), self._client(record) as client:
-                slots = await self._slots(client)
+                # A hung engine (the reason for many a stop) does not answer this: give up quickly, the stop
+                # must still meet its own timeout.
+                async with asyncio.timeout(SLOTS_ANSWER_S):
+                    slots = await self._slots(client)
                 if not slots:
                     return 0
                 keep = [s for s in slots if not s.busy and worth_saving(s.tokens, self.settings.prompt_cache_min_tokens)]
