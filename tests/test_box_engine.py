@@ -21,15 +21,20 @@ from tests.router_harness import wait_for
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture
-def one_model_box(monkeypatch, write_profile, gemma_path, home, tmp_path):
+def described_host_box(monkeypatch, write_profile, gemma_path, tmp_path, host_mib: int, names: tuple[str, ...]):
+    """A described box of `host_mib` MiB of host RAM and no GPU, with a demo-sized profile per name."""
     monkeypatch.setenv(ENGINE_ENV["llama.cpp"], str(require_engine("llama.cpp")))
     box = tmp_path / "box.json"
-    box.write_text(json.dumps({"gpus": [], "host": {"total_mib": 520, "free_mib": 520}}))
+    box.write_text(json.dumps({"gpus": [], "host": {"total_mib": host_mib, "free_mib": host_mib}}))
     monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(box))
     common = f'model = "{gemma_path}"\nctx_size = 1024\ngpus = []\nthreads = 2\nparallel = 1\nload_timeout_s = 180\n'
-    for name in ("a", "b"):
+    for name in names:
         write_profile(name, common)
+
+
+@pytest.fixture
+def one_model_box(monkeypatch, write_profile, gemma_path, home, tmp_path):
+    described_host_box(monkeypatch, write_profile, gemma_path, tmp_path, 520, ("a", "b"))
     write_profile("huge", f'model = "{gemma_path}"\nctx_size = 32768\ngpus = []\nthreads = 2\nparallel = 4\n')
     return Settings()
 
@@ -89,13 +94,7 @@ def test_a_second_model_replaces_the_idle_first_and_a_stream_is_never_cut(one_mo
 
 @pytest.fixture
 def two_model_box(monkeypatch, write_profile, gemma_path, home, tmp_path):
-    monkeypatch.setenv(ENGINE_ENV["llama.cpp"], str(require_engine("llama.cpp")))
-    box = tmp_path / "box.json"
-    box.write_text(json.dumps({"gpus": [], "host": {"total_mib": 800, "free_mib": 800}}))
-    monkeypatch.setenv("LLAMACTL_GPUS_FILE", str(box))
-    common = f'model = "{gemma_path}"\nctx_size = 1024\ngpus = []\nthreads = 2\nparallel = 1\nload_timeout_s = 180\n'
-    for name in ("a", "b", "c"):
-        write_profile(name, common)
+    described_host_box(monkeypatch, write_profile, gemma_path, tmp_path, 800, ("a", "b", "c"))
     return Settings()
 
 

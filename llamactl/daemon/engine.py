@@ -49,13 +49,27 @@ from llamactl.supervisor.state import process_matches
 log = logging.getLogger("llamactl.daemon")
 
 
-
 def retrieved(future: asyncio.Future) -> None:
     """A done-callback: mark the outcome as read. A cancelled shield() drops its own callback on the inner
     future, so an exception the inner one ends with later would be logged as "Future exception was never
     retrieved", with a traceback, although the code that cancelled expects it (a stopped start)."""
     if not future.cancelled():
         future.exception()
+
+
+async def wait_in_thread(future: asyncio.Future, cancel: threading.Event):
+    """The outcome of work running in a thread. Cancelling the wait asks the work to stop (`cancel`) and waits
+    until it has, so nothing it started is left behind; its outcome then is expected and marked as read."""
+    future.add_done_callback(retrieved)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(future)
+        raise
+
 
 class EngineState(enum.Enum):
     STOPPED = "stopped"
@@ -169,13 +183,7 @@ class Engine:
         future = asyncio.get_running_loop().run_in_executor(None, functools.partial(
             fetch_profile_models, profile, self.settings, progress=progress, cancelled=cancel.is_set))
         try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            cancel.set()
-            while not future.done():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.shield(future)
-            raise
+            await wait_in_thread(future, cancel)
         except PullCancelled:  # a stop of this engine while nobody cancelled the caller
             raise StartCancelled(f"{self.name}: download stopped (llamactl down or shutdown)") from None
         finally:
@@ -265,16 +273,7 @@ class Engine:
         slots = await self.prompt_cache.slot_dir() if self.prompt_cache is not None else None
         future = self._spawner.submit(start_profile, self.supervisor, profile, api_key=key, cancelled=cancel.is_set,
                                       probe=probe, slot_save_path=slots)
-        waited = asyncio.wrap_future(future)
-        waited.add_done_callback(retrieved)  # after a cancel its StartCancelled is expected, and nobody reads it
-        try:
-            record = await asyncio.shield(waited)
-        except asyncio.CancelledError:
-            cancel.set()
-            while not waited.done():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.shield(waited)
-            raise
+        record = await wait_in_thread(asyncio.wrap_future(future), cancel)
         if record.api_key != key and not record.api_key:
             raise StartError(
                 f"profile '{self.name}' is already running outside the daemon (pid {record.pid}) without an API "
