@@ -7,13 +7,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 from llamactl.names import NAME_RULE, is_profile_name, shown
 
 MAX_TIMEOUT_S = 7 * 86400.0
 
 
-def parse_json(raw: bytes | str, what: str = "request body") -> Any:
-    """json.loads, with nesting too deep for the parser (RecursionError) reported like any other bad JSON."""
+def parse_json(raw: bytes | bytearray | str, what: str = "request body") -> Any:
+    """The JSON document in `raw`, parsed from its bytes as they are (orjson: no decoded copy of a large body is
+    made on the way, json.loads would make one); what orjson refuses is given to json.loads, so that what it
+    accepts (NaN, lone surrogates) still parses and a refusal reads the same. Nesting too deep for the parser
+    (RecursionError) is reported like any other bad JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(raw)
     except RecursionError:

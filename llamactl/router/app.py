@@ -37,6 +37,7 @@ from llamactl.profiles import Profile
 from llamactl.router.asgi import read_body, send_error, send_json, while_connected
 from llamactl.box.scheduler import BoxCollector, BoxScheduler
 from llamactl.router.backends import Backends, Upstream
+from llamactl.router.body_fields import with_fields
 from llamactl.router.catalog import Catalog, Routing
 from llamactl.router.choices import host_candidates, hosts
 from llamactl.router.per_request import PerRequestProbe
@@ -59,7 +60,7 @@ from llamactl.router.telemetry import (
     scan_body,
 )
 from llamactl.router.upstream import (
-    UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse, UpstreamTimeout,
+    Body, UpstreamBroken, UpstreamConnectError, UpstreamPool, UpstreamResponse, UpstreamTimeout,
 )
 
 log = logging.getLogger("llamactl.router")
@@ -567,8 +568,7 @@ class Relay:
                 sample.process, sample.drafting, sample.depth, sample.why = c.process, c.drafting, c.depth, c.why
                 fields = c.request_fields() if measured and not self.info.multipart else {}
                 if fields:  # a drafting engine serving a plain member: drafting off for this request
-                    # parsed again here, not kept while queued (it is as large as the body)
-                    sent = json.dumps({**parse_json_object(body), **fields}).encode()
+                    sent = with_fields(body, fields)
             try:
                 outcome = await self._forward(upstream, sent, headers, send, stream, sample, arrived, ticket)
             except BaseException:
@@ -592,7 +592,7 @@ class Relay:
             router.finish(lane, sample, upstream, log_offset)
             return
 
-    async def _forward(self, upstream: Upstream, body: bytes, headers: dict[str, str], send: Send, stream: bool,
+    async def _forward(self, upstream: Upstream, body: Body, headers: dict[str, str], send: Send, stream: bool,
                        sample: Sample, arrived: float, ticket: Ticket) -> str:
         pool = self.router.pool
         assert pool is not None, "Router.running() is not active"

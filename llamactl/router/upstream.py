@@ -20,6 +20,12 @@ import httptools
 
 
 WRITE_SLICE_BYTES = 256 * 1024
+# A request body: one buffer, or pieces sent one after the other (router/body_fields.py adds fields so).
+Body = bytes | bytearray | tuple[bytes | bytearray | memoryview, ...]
+
+
+def body_length(body: Body) -> int:
+    return sum(len(piece) for piece in body) if isinstance(body, tuple) else len(body)
 
 
 class UpstreamConnectError(Exception):
@@ -166,31 +172,31 @@ class UpstreamPool:
         else:
             conn.close()
 
-    async def _send(self, conn: _Conn, head: bytes, body: bytes | bytearray) -> None:
+    async def _send(self, conn: _Conn, head: bytes, body: Body) -> None:
         """The request, without copying a large body: written a slice at a time, each once the transport has
         room (its buffer would otherwise take a copy of whatever the socket did not accept at once)."""
-        if len(body) <= WRITE_SLICE_BYTES:
-            conn.writer.write(head + body)
+        pieces = body if isinstance(body, tuple) else (body,)
+        if body_length(body) <= WRITE_SLICE_BYTES:
+            conn.writer.write(b"".join((head, *pieces)))
             return
         conn.writer.write(head)
-        view = memoryview(body)
         try:
             async with asyncio.timeout(self.read_timeout_s):
-                for at in range(0, len(view), WRITE_SLICE_BYTES):
-                    conn.writer.write(view[at:at + WRITE_SLICE_BYTES])
-                    await conn.writer.drain()
+                for piece in pieces:
+                    with memoryview(piece) as view:
+                        for at in range(0, len(view), WRITE_SLICE_BYTES):
+                            conn.writer.write(view[at:at + WRITE_SLICE_BYTES])
+                            await conn.writer.drain()
         except TimeoutError:
             raise UpstreamTimeout(f"the engine took no data for {self.read_timeout_s:g}s") from None
         except (ConnectionError, OSError) as e:
             raise UpstreamBroken(f"connection to the engine failed while sending the body: {e}") from None
-        finally:
-            view.release()
 
     async def request(self, base_url: str, method: str, path: str, headers: dict[str, str],
-                      body: bytes | bytearray) -> UpstreamResponse:
+                      body: Body) -> UpstreamResponse:
         split = urlsplit(base_url)
         key = (split.hostname or "127.0.0.1", split.port or 80)
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {key[0]}:{key[1]}", f"Content-Length: {len(body)}"]
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {key[0]}:{key[1]}", f"Content-Length: {body_length(body)}"]
         lines += [f"{k}: {v}" for k, v in headers.items()]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         idle = self._idle.get(key)
