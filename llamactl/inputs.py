@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import orjson
+import msgspec
 
 from llamactl.names import NAME_RULE, is_profile_name, shown
 
@@ -15,14 +15,17 @@ MAX_TIMEOUT_S = 7 * 86400.0
 
 
 def parse_json(raw: bytes | bytearray | str, what: str = "request body") -> Any:
-    """The JSON document in `raw`, parsed from its bytes as they are (orjson: no decoded copy of a large body is
-    made on the way, json.loads would make one); what orjson refuses is given to json.loads, so that what it
-    accepts (NaN, lone surrogates) still parses and a refusal reads the same. Nesting too deep for the parser
+    """The JSON document in `raw`, parsed from its bytes as they are: msgspec makes each string straight from
+    them, where json.loads first decodes the whole body into a str (and orjson copies it): a large body's
+    parse costs one body more, not two. What msgspec refuses goes to json.loads, so that what it accepts (NaN,
+    lone surrogates) still parses and a refusal reads as it always has. Nesting too deep for the parser
     (RecursionError) is reported like any other bad JSON."""
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
         pass
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply") from None
     try:
         return json.loads(raw)
     except RecursionError:
