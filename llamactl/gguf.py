@@ -9,6 +9,7 @@ Large arrays (the tokenizer's tokens, scores, merges) are skipped and only their
 from __future__ import annotations
 
 import functools
+import os
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -246,8 +247,9 @@ def _gguf_constants():
 def read_gguf(path: Path) -> GGUFFile:
     """Parse the GGUF header: metadata (long arrays skipped) and the tensor table.
 
-    Raises ProfileError if the file is missing or not a GGUF. Cached per (path, mtime, size): one
-    `llamactl up` reads a header for the context check and again for the plan.
+    Raises ProfileError if the file is missing or not a GGUF. Cached per (path, mtime, size, inode): one
+    `llamactl up` reads a header for the context check and again for the plan; and on disk between commands
+    where the command set a directory for it (llamactl/gguf_cache.py).
     """
     path = Path(path)
     try:
@@ -255,7 +257,7 @@ def read_gguf(path: Path) -> GGUFFile:
         if not stat.S_ISREG(st.st_mode):  # a directory, a device (/dev/zero) or a FIFO (opening it would block)
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
             raise ProfileError(f"{path}: {kind}, not a model file", hint="point `model` at a .gguf file")
-        return _read_cached(path, st.st_mtime_ns, st.st_size)
+        return _read_cached(path, st.st_mtime_ns, st.st_size, st.st_ino)
     except OSError as e:
         raise ProfileError(f"{path}: cannot read model file: {e.strerror}",
                            hint="check the path, or re-download the model") from e
@@ -270,9 +272,17 @@ def clear_header_cache() -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _read_cached(path: Path, mtime_ns: int, size: int) -> GGUFFile:
+def _read_cached(path: Path, mtime_ns: int, size: int, inode: int) -> GGUFFile:
+    from llamactl import gguf_cache  # headers kept between commands, where a command asked for it
+
     with path.open("rb") as f:
-        return _parse(path, f, size)
+        st = os.fstat(f.fileno())
+        kept = gguf_cache.load(path, st)
+        if kept is not None:
+            return kept
+        header = _parse(path, f, size)
+    gguf_cache.save(path, st, header)
+    return header
 
 
 def _parse(path: Path, f: BinaryIO, size: int) -> GGUFFile:

@@ -14,7 +14,6 @@ LLAMACTL_MAX_BODY_BYTES_IN_FLIGHT). The trees run one after the other in the sam
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -22,7 +21,6 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 from collections import Counter
@@ -34,19 +32,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_trees import llamactl_file, tree_of  # noqa: E402
 from llamactl.settings import Settings  # noqa: E402
 
 MIB = 1024 * 1024
-
-
-def tree_of(rev: str) -> Path:
-    """The llamactl package and bundled profiles of `rev`, unpacked into a temporary directory (for PYTHONPATH)."""
-    out = Path(tempfile.mkdtemp(prefix="llamactl-bench-tree-"))
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "llamactl", "profiles"], check=True,
-                             capture_output=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(out, filter="data")
-    return out
 
 
 def status_kib(pid: int, key: str) -> int:
@@ -97,9 +86,7 @@ def measure(tree: Path, n: int, body_bytes: int) -> dict:
         assert daemon.url is not None
         pid = daemon.proc.pid
         assert chat(daemon.url) == 200, "the warm-up request failed"
-        print(f"  {tree}: llamactl from", subprocess.run(  # which tree the daemon runs, said, not assumed
-            [sys.executable, "-c", "import llamactl; print(llamactl.__file__)"], cwd=tree, capture_output=True,
-            text=True, env={**os.environ, "PYTHONPATH": str(tree)}).stdout.strip(), flush=True)
+        print(f"  {tree}: llamactl from", llamactl_file(tree), flush=True)
         baseline = status_kib(pid, "VmRSS")
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
         pad = "x" * (body_bytes - 120)

@@ -72,9 +72,11 @@ def os_error(e: OSError, settings: "Settings | None") -> LlamactlError:
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Plan, start, supervise and route llama.cpp servers."""
+    from llamactl import gguf_cache
     from llamactl.settings import load_settings
 
     ctx.obj = load_settings()
+    gguf_cache.use(ctx.obj.cache_dir / "gguf-headers")  # a model's header is parsed once, not at every `up`
 
 
 pass_settings = click.pass_obj  # ctx.obj is the Settings main() built (no import of them here: start-up time)
