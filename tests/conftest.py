@@ -51,6 +51,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LLAMACTL_PROFILES_DIRS", str(h / "profiles"))
     monkeypatch.setenv("LLAMACTL_ETC_PROFILES_DIR", str(h / "etc-profiles"))
     monkeypatch.setenv("LLAMACTL_ENGINES_DIR", str(h / "no-engines"))
+    from llamactl import gguf_cache
+
+    monkeypatch.setattr(gguf_cache, "_directory", None)  # a command run in-process sets it for that test only
     return h
 
 
