@@ -40,7 +40,7 @@ say() { echo "[gpu_check $(( $(date +%s) - STARTED ))s] $*"; }
 # --- Python: llamactl from the tree; carried wheels for the dependencies the machine's Python lacks -------
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-DEPS="import click, pydantic, pydantic_settings, httpx, psutil, pynvml, gguf, numpy, prometheus_client, uvicorn, starlette, httptools"
+DEPS="import click, pydantic, msgspec, httpx, psutil, pynvml, gguf, numpy, prometheus_client, uvicorn, starlette, httptools"
 if ! "$PY" -c "$DEPS" 2>/dev/null; then
     if ! ls "$PREP"/wheels/*.whl >/dev/null 2>&1; then
         echo "missing Python packages and no wheels in .gpu-check/wheels: run scripts/gpu_check_prepare.py here first" >&2

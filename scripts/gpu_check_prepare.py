@@ -51,7 +51,7 @@ DROPPED_GLOBS = ("convert_*.py", "build-xcframework.sh")
 # requests, anyio, h11 and uvloop are there already. typing-extensions is there too, but pydantic needs a
 # recent one (>= 4.16): the carried copy comes first on PYTHONPATH.
 MISSING_ON_DEVICE = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
-                     "pydantic-settings", "python-dotenv", "gguf", "uvicorn", "starlette", "httptools")
+                     "msgspec", "gguf", "uvicorn", "starlette", "httptools")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "any")
 
