@@ -6,6 +6,9 @@
         them (the file's "gap_s" spaces them); --write OUT.json saves the scenario with its requests.
     .venv/bin/python scripts/sim_switching.py --table docs/sim --out docs/switching-sim.md
         every scenario in the folder under every workload, as Markdown tables, with the targets checked.
+    .venv/bin/python scripts/sim_switching.py --unseen N [--seed S]
+        N random per-process groups (llamactl/router/unseen.py: seeds S..S+N-1) under every workload: auto / best
+        fixed and the share of hindsight's gain captured, the worst cases; exit 1 if any is under 0.98x.
 
 Prints total tok/s and switches for auto, each always-<member>, clairvoyant (every request on its fastest
 member, switches free: the upper bound) and, with one slot, hindsight (every future request known, switches
@@ -24,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llamactl.router.sim import Scenario, ScenarioError, compare, generate  # noqa: E402
+from llamactl.router.unseen import unseen_scenario  # noqa: E402
 
 WORKLOADS = ("phased", "mixed", "drifting")
 TOLERANCE = 0.02  # auto may trail the best fixed member by this much
@@ -106,6 +110,28 @@ def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
     return "\n".join(lines), all_ok
 
 
+def unseen(count: int, seed: int, n: int, phase: int) -> tuple[str, bool]:
+    """Scenarios seed .. seed + count - 1 of llamactl/router/unseen.py under every workload: auto / best fixed and
+    the share of hindsight's gain captured, each, then the worst; ok when auto >= 1 - TOLERANCE everywhere."""
+    rows, worst = [], []
+    for s in range(seed, seed + count):
+        for workload in WORKLOADS:
+            result = compare(unseen_scenario(s, workload, n=n, phase=phase))
+            fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
+            auto, bound = result["auto"]["tok_s"], result["hindsight"]["tok_s"]
+            ratio, reachable = auto / fixed, _share(auto, fixed, bound)
+            worst.append((ratio, s, workload))
+            rows.append(f"seed {s:>4} {workload:<8} auto {auto:7.2f} ({result['auto']['switches']:>3} switches)  "
+                        f"best fixed {fixed:7.2f}  hindsight {bound:7.2f}  auto / best fixed {ratio:.3f}  "
+                        f"of hindsight's gain {_pct(reachable):>5}" + ("  BELOW" if ratio < 1 - TOLERANCE else ""))
+    worst.sort()
+    below = [w for w in worst if w[0] < 1 - TOLERANCE]
+    rows += ["", f"{len(worst)} runs ({count} scenarios, seeds {seed}-{seed + count - 1}, x {len(WORKLOADS)} "
+                 f"workloads): {len(below)} under {1 - TOLERANCE:.2f}x the best fixed member; the worst:"]
+    rows += [f"  {r:.3f}  seed {s} {w}" for r, s, w in worst[:5]]
+    return "\n".join(rows), not below
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", type=Path)
@@ -115,10 +141,16 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--phase", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--unseen", type=int, metavar="N",
+                    help="N random per-process groups (llamactl/router/unseen.py), seeds --seed.., every workload")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--write", type=Path, help="save the scenario with its requests")
     args = ap.parse_args()
     try:
+        if args.unseen:
+            text, ok = unseen(args.unseen, args.seed, args.n, args.phase)
+            print(text)
+            return 0 if ok else 1
         if args.table:
             text, ok = table(args.table, args.n, args.phase, args.seed)
             command = (f".venv/bin/python scripts/sim_switching.py --table {args.table} --out {args.out} "
