@@ -3,10 +3,11 @@ policy on work unlike the calibrated scenarios (docs/sim/) it was tuned on.
 
 A scenario of seed S is one plain member and one or two drafters, every switch a reload (the members do not fit
 together), one slot, loads of 5-45 s, two to four classes. The plain member's speed hardly depends on the
-content (+-5% around a base of 8-80 tok/s); a drafter's speed-up per class is drawn from three kinds: a clear
-help (1.2-2.6x), a near-tie (0.95-1.06x) or a loss (0.6-0.92x), so a drafter may help on some classes and hurt
-on others. The acceptance reported is what the policy's speed-up model would give for that speed-up, with noise
-(what the telemetry would measure on a drafter the model fits only roughly). Requests arrive faster than the
+content (+-5% around a base of 8-80 tok/s). A drafter's acceptance on a class is the policy's prior for the
+class +-0.3 (code drafts well, creative writing badly, but not always), and its speed-up is the policy's
+speed-up model at that acceptance with the gain (or loss) scaled by the drafter's strength (0.6-2.5x: a strong
+drafter is several times the n-gram model's gain), +-10%: a drafter helps on some classes and hurts on others,
+with near-ties between. Requests arrive faster than the
 plain member serves them (a queue builds up, as in the calibrated scenarios), under each of sim.generate's
 workloads.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from llamactl.router.policy import DEFAULT_PRIOR_ACCEPTANCE, PolicyConfig
 from llamactl.router.sim import Scenario, generate
 
 CLASSES = ("code", "chat", "creative", "structured")
@@ -33,17 +35,17 @@ def unseen_group(seed: int) -> dict[str, Any]:
     classes = list(CLASSES[:rng.choice((2, 3, 4))])
     base = rng.uniform(8, 80)
     table: dict[str, dict[str, Any]] = {}
+    strength = {d: rng.uniform(0.6, 2.5) for d in drafters}
     for cls in classes:
         plain = base * rng.uniform(0.95, 1.05)
         speeds: dict[str, Any] = {"plain": round(plain, 2)}
         acceptance: dict[str, float] = {}
         for d in drafters:
-            kind = rng.random()
-            speedup = (rng.uniform(1.2, 2.6) if kind < 0.4 else rng.uniform(0.95, 1.06) if kind < 0.7
-                       else rng.uniform(0.6, 0.92))
+            accepted = min(0.95, max(0.02, DEFAULT_PRIOR_ACCEPTANCE[cls] + rng.uniform(-0.3, 0.3)))
+            model = PolicyConfig().speedup(accepted)
+            speedup = max(0.5, 1 + (model - 1) * strength[d]) * rng.uniform(0.9, 1.1)
             speeds[d] = round(plain * speedup, 2)
-            # the policy's default speed-up model, inverted, with noise: what a drafter it fits roughly reports
-            acceptance[d] = round(min(0.95, max(0.02, (speedup - 0.71) / 0.84 + rng.uniform(-0.15, 0.15))), 2)
+            acceptance[d] = round(accepted, 2)
         speeds["acceptance"] = acceptance
         table[cls] = speeds
     service_s = TOKENS / base
