@@ -30,8 +30,9 @@ from llamactl.router.sim import Scenario, ScenarioError, compare, generate  # no
 from llamactl.router.unseen import unseen_scenario  # noqa: E402
 
 WORKLOADS = ("phased", "mixed", "drifting")
-TOLERANCE = 0.02  # auto may trail the best fixed member by this much
-CAPTURE = 0.80  # on phased and drifting work, auto's share of clairvoyant's gain over the best fixed member
+TOLERANCE = 0.02  # issue 25: a per-process group's auto stays at least 0.98x the best fixed member
+PER_REQUEST_TOLERANCE = 0.01  # ... and a group switched per request in one engine within 1% of it
+CAPTURE = 0.90  # per request: on phased and mixed work, auto's share of the clairvoyant's gain at least this
 
 
 def scenario_from(path: Path, workload: str | None, n: int, phase: int, seed: int) -> Scenario:
@@ -50,25 +51,27 @@ def _share(value: float, fixed: float, bound: float) -> float | None:
     return (value - fixed) / (bound - fixed) if bound - fixed > 1e-9 else None
 
 
-def verdict(result: dict, workload: str) -> tuple[float, float | None, float | None, str]:
-    """(auto / best fixed, share of the clairvoyant's gain captured, share of hindsight's, the verdict).
-    The verdict is "met", "MISSED", or "met (reachable)" where even hindsight (every future request known,
-    switches at their real cost) captures under CAPTURE of the clairvoyant's gain and auto captures CAPTURE of
-    what hindsight reaches."""
+def per_request(scenario: Scenario) -> bool:
+    """Switched per request in one engine (a member `shares` another's): switches cost nothing."""
+    return any("shares" in m for m in scenario.members.values())
+
+
+def verdict(result: dict, workload: str, shared: bool) -> tuple[float, float | None, float | None, str]:
+    """(auto / best fixed, share of the clairvoyant's gain captured, share of hindsight's, "met" or "MISSED"),
+    on issue 25's targets: per process, auto >= 1 - TOLERANCE times the best fixed member; per request
+    (`shared`), within PER_REQUEST_TOLERANCE of it and at least CAPTURE of the clairvoyant's gain on phased and
+    mixed work."""
     fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
     auto = result["auto"]["tok_s"]
     ratio = auto / fixed
     clairvoyant, hindsight = result["clairvoyant"]["tok_s"], result.get("hindsight", {}).get("tok_s")
     capture = _share(auto, fixed, clairvoyant)
     reachable = _share(auto, fixed, hindsight) if hindsight is not None else None
-    if ratio < 1 - TOLERANCE:
+    if ratio < 1 - (PER_REQUEST_TOLERANCE if shared else TOLERANCE):
         return ratio, capture, reachable, "MISSED"
-    if workload == "mixed" or capture is None or capture >= CAPTURE:
-        return ratio, capture, reachable, "met"
-    bound = _share(hindsight, fixed, clairvoyant) if hindsight is not None else None
-    if bound is not None and bound < CAPTURE and (reachable is None or reachable >= CAPTURE):
-        return ratio, capture, reachable, "met (reachable)"
-    return ratio, capture, reachable, "MISSED"
+    if shared and workload in ("phased", "mixed") and capture is not None and capture < CAPTURE:
+        return ratio, capture, reachable, "MISSED"
+    return ratio, capture, reachable, "met"
 
 
 def _latencies(result: dict) -> str:
@@ -92,10 +95,11 @@ def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
                   "of hindsight's, targets | mean latency s: auto, restarted, best fixed, clairvoyant |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for workload in WORKLOADS:
-            result = compare(scenario_from(path, workload, n, phase, seed),
-                             before=scenario_from(path, workload, n, phase, seed + 1))
-            ratio, capture, reachable, said = verdict(result, workload)
-            restarted = verdict({**result, "auto": result["auto-restarted"]}, workload)
+            scenario = scenario_from(path, workload, n, phase, seed)
+            result = compare(scenario, before=scenario_from(path, workload, n, phase, seed + 1))
+            shared = per_request(scenario)
+            ratio, capture, reachable, said = verdict(result, workload, shared)
+            restarted = verdict({**result, "auto": result["auto-restarted"]}, workload, shared)
             all_ok &= said != "MISSED"
             fixed = ", ".join(f"{k[7:]} {v['tok_s']:.1f}" for k, v in result.items() if k.startswith("always-"))
             hind = result.get("hindsight")
@@ -156,8 +160,10 @@ def main() -> int:
             command = (f".venv/bin/python scripts/sim_switching.py --table {args.table} --out {args.out} "
                        f"--n {args.n} --phase {args.phase} --seed {args.seed}")
             doc = (f"Command: `{command}` (virtual time; {platform.machine()}, Python "
-                   f"{platform.python_version()}). Targets: auto within {TOLERANCE:.0%} of the best fixed member "
-                   f"everywhere; at least {CAPTURE:.0%} of the clairvoyant's gain on phased and drifting work. "
+                   f"{platform.python_version()}). Targets (issue 25): per process, auto at least "
+                   f"{1 - TOLERANCE:.2f}x the best fixed member on every workload; per request in one engine, "
+                   f"within {PER_REQUEST_TOLERANCE:.0%} of it and at least {CAPTURE:.0%} of the clairvoyant's "
+                   f"gain on phased and mixed work. "
                    f"'restarted': auto after a restart that kept what it learnt serving the same kind of work the "
                    f"day before (seed {args.seed + 1}), as a daemon does with its learned.json.\n\n"
                    + text)
