@@ -6,6 +6,9 @@
         them (the file's "gap_s" spaces them); --write OUT.json saves the scenario with its requests.
     .venv/bin/python scripts/sim_switching.py --table docs/sim --out docs/switching-sim.md
         every scenario in the folder under every workload, as Markdown tables, with the targets checked.
+    .venv/bin/python scripts/sim_switching.py --unseen N [--seed S]
+        N random per-process groups (llamactl/router/unseen.py: seeds S..S+N-1) under every workload: auto / best
+        fixed and the share of hindsight's gain captured, the worst cases; exit 1 if any is under 0.98x.
 
 Prints total tok/s and switches for auto, each always-<member>, clairvoyant (every request on its fastest
 member, switches free: the upper bound) and, with one slot, hindsight (every future request known, switches
@@ -24,10 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llamactl.router.sim import Scenario, ScenarioError, compare, generate  # noqa: E402
+from llamactl.router.unseen import unseen_scenario  # noqa: E402
 
 WORKLOADS = ("phased", "mixed", "drifting")
-TOLERANCE = 0.02  # auto may trail the best fixed member by this much
-CAPTURE = 0.80  # on phased and drifting work, auto's share of clairvoyant's gain over the best fixed member
+TOLERANCE = 0.02  # issue 25: a per-process group's auto stays at least 0.98x the best fixed member
+PER_REQUEST_TOLERANCE = 0.01  # ... and a group switched per request in one engine within 1% of it
+CAPTURE = 0.90  # per request: on phased and mixed work, auto's share of the clairvoyant's gain at least this
 
 
 def scenario_from(path: Path, workload: str | None, n: int, phase: int, seed: int) -> Scenario:
@@ -46,25 +51,27 @@ def _share(value: float, fixed: float, bound: float) -> float | None:
     return (value - fixed) / (bound - fixed) if bound - fixed > 1e-9 else None
 
 
-def verdict(result: dict, workload: str) -> tuple[float, float | None, float | None, str]:
-    """(auto / best fixed, share of the clairvoyant's gain captured, share of hindsight's, the verdict).
-    The verdict is "met", "MISSED", or "met (reachable)" where even hindsight (every future request known,
-    switches at their real cost) captures under CAPTURE of the clairvoyant's gain and auto captures CAPTURE of
-    what hindsight reaches."""
+def per_request(scenario: Scenario) -> bool:
+    """Switched per request in one engine (a member `shares` another's): switches cost nothing."""
+    return any("shares" in m for m in scenario.members.values())
+
+
+def verdict(result: dict, workload: str, shared: bool) -> tuple[float, float | None, float | None, str]:
+    """(auto / best fixed, share of the clairvoyant's gain captured, share of hindsight's, "met" or "MISSED"),
+    on issue 25's targets: per process, auto >= 1 - TOLERANCE times the best fixed member; per request
+    (`shared`), within PER_REQUEST_TOLERANCE of it and at least CAPTURE of the clairvoyant's gain on phased and
+    mixed work."""
     fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
     auto = result["auto"]["tok_s"]
     ratio = auto / fixed
     clairvoyant, hindsight = result["clairvoyant"]["tok_s"], result.get("hindsight", {}).get("tok_s")
     capture = _share(auto, fixed, clairvoyant)
     reachable = _share(auto, fixed, hindsight) if hindsight is not None else None
-    if ratio < 1 - TOLERANCE:
+    if ratio < 1 - (PER_REQUEST_TOLERANCE if shared else TOLERANCE):
         return ratio, capture, reachable, "MISSED"
-    if workload == "mixed" or capture is None or capture >= CAPTURE:
-        return ratio, capture, reachable, "met"
-    bound = _share(hindsight, fixed, clairvoyant) if hindsight is not None else None
-    if bound is not None and bound < CAPTURE and (reachable is None or reachable >= CAPTURE):
-        return ratio, capture, reachable, "met (reachable)"
-    return ratio, capture, reachable, "MISSED"
+    if shared and workload in ("phased", "mixed") and capture is not None and capture < CAPTURE:
+        return ratio, capture, reachable, "MISSED"
+    return ratio, capture, reachable, "met"
 
 
 def _latencies(result: dict) -> str:
@@ -88,10 +95,11 @@ def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
                   "of hindsight's, targets | mean latency s: auto, restarted, best fixed, clairvoyant |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for workload in WORKLOADS:
-            result = compare(scenario_from(path, workload, n, phase, seed),
-                             before=scenario_from(path, workload, n, phase, seed + 1))
-            ratio, capture, reachable, said = verdict(result, workload)
-            restarted = verdict({**result, "auto": result["auto-restarted"]}, workload)
+            scenario = scenario_from(path, workload, n, phase, seed)
+            result = compare(scenario, before=scenario_from(path, workload, n, phase, seed + 1))
+            shared = per_request(scenario)
+            ratio, capture, reachable, said = verdict(result, workload, shared)
+            restarted = verdict({**result, "auto": result["auto-restarted"]}, workload, shared)
             all_ok &= said != "MISSED"
             fixed = ", ".join(f"{k[7:]} {v['tok_s']:.1f}" for k, v in result.items() if k.startswith("always-"))
             hind = result.get("hindsight")
@@ -106,6 +114,28 @@ def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
     return "\n".join(lines), all_ok
 
 
+def unseen(count: int, seed: int, n: int, phase: int) -> tuple[str, bool]:
+    """Scenarios seed .. seed + count - 1 of llamactl/router/unseen.py under every workload: auto / best fixed and
+    the share of hindsight's gain captured, each, then the worst; ok when auto >= 1 - TOLERANCE everywhere."""
+    rows, worst = [], []
+    for s in range(seed, seed + count):
+        for workload in WORKLOADS:
+            result = compare(unseen_scenario(s, workload, n=n, phase=phase))
+            fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
+            auto, bound = result["auto"]["tok_s"], result["hindsight"]["tok_s"]
+            ratio, reachable = auto / fixed, _share(auto, fixed, bound)
+            worst.append((ratio, s, workload))
+            rows.append(f"seed {s:>4} {workload:<8} auto {auto:7.2f} ({result['auto']['switches']:>3} switches)  "
+                        f"best fixed {fixed:7.2f}  hindsight {bound:7.2f}  auto / best fixed {ratio:.3f}  "
+                        f"of hindsight's gain {_pct(reachable):>5}" + ("  BELOW" if ratio < 1 - TOLERANCE else ""))
+    worst.sort()
+    below = [w for w in worst if w[0] < 1 - TOLERANCE]
+    rows += ["", f"{len(worst)} runs ({count} scenarios, seeds {seed}-{seed + count - 1}, x {len(WORKLOADS)} "
+                 f"workloads): {len(below)} under {1 - TOLERANCE:.2f}x the best fixed member; the worst:"]
+    rows += [f"  {r:.3f}  seed {s} {w}" for r, s, w in worst[:5]]
+    return "\n".join(rows), not below
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", type=Path)
@@ -115,17 +145,25 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--phase", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--unseen", type=int, metavar="N",
+                    help="N random per-process groups (llamactl/router/unseen.py), seeds --seed.., every workload")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--write", type=Path, help="save the scenario with its requests")
     args = ap.parse_args()
     try:
+        if args.unseen:
+            text, ok = unseen(args.unseen, args.seed, args.n, args.phase)
+            print(text)
+            return 0 if ok else 1
         if args.table:
             text, ok = table(args.table, args.n, args.phase, args.seed)
             command = (f".venv/bin/python scripts/sim_switching.py --table {args.table} --out {args.out} "
                        f"--n {args.n} --phase {args.phase} --seed {args.seed}")
             doc = (f"Command: `{command}` (virtual time; {platform.machine()}, Python "
-                   f"{platform.python_version()}). Targets: auto within {TOLERANCE:.0%} of the best fixed member "
-                   f"everywhere; at least {CAPTURE:.0%} of the clairvoyant's gain on phased and drifting work. "
+                   f"{platform.python_version()}). Targets (issue 25): per process, auto at least "
+                   f"{1 - TOLERANCE:.2f}x the best fixed member on every workload; per request in one engine, "
+                   f"within {PER_REQUEST_TOLERANCE:.0%} of it and at least {CAPTURE:.0%} of the clairvoyant's "
+                   f"gain on phased and mixed work. "
                    f"'restarted': auto after a restart that kept what it learnt serving the same kind of work the "
                    f"day before (seed {args.seed + 1}), as a daemon does with its learned.json.\n\n"
                    + text)

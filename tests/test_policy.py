@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from llamactl.router.policy import ClassEvidence, GroupState, PolicyConfig, decide, demand, speed
 
 
@@ -173,3 +175,22 @@ def test_a_tie_goes_to_the_member_measured_not_to_the_first_name():
     first = GroupState(active=None, seconds_since_switch=0, switch_cost_s=0.2, queued={"code": 1}, evidence=ev,
                        members=members)
     assert decide(first, PolicyConfig()).target == "auto-mod"
+
+
+def test_a_deep_queue_goes_to_a_four_slot_plain_member_over_a_faster_one_slot_drafter():
+    """The drafter decodes code twice as fast per request (60 vs 30 tok/s) but serves one at a time (ik drafts
+    with -np 1); the plain member serves four at once. Twelve queued: 12 x 256 / 60 = 51 s on the drafter,
+    12 x 256 / 30 / 4 = 26 s on the plain member. One queued: 4.3 s vs 8.5 s, the drafter stays."""
+    evidence = {"code": ClassEvidence(tok_s={"spec": 60.0, "plain": 30.0}, n={"spec": 5, "plain": 5},
+                                      acceptance={"spec": 0.8}, acceptance_n={"spec": 5}, mean_tokens=256)}
+
+    def queue(n):
+        return GroupState(active="spec", seconds_since_switch=100.0, switch_cost_s=2.0, queued={"code": n},
+                          evidence=evidence, slots={"spec": 1, "plain": 4})
+
+    deep = decide(queue(12))
+    assert deep.switch and deep.target == "plain", deep.reason
+    assert deep.seconds["plain"] == pytest.approx(12 * 256 / 30 / 4)
+    one = decide(queue(1))
+    assert not one.switch and one.target == "spec", one.reason
+    assert one.seconds["plain"] == pytest.approx(256 / 30)  # a queue of one runs on one slot

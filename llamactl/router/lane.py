@@ -522,6 +522,7 @@ class Lane:
                                if self.clock() - at < self.config.policy.explore_memory_s),
             explore_budget_s=self._explore_budget_s(),
             mix=self.telemetry.mix(self.name),
+            slots=dict(self.spec.slots),
         )
 
     def _explore_budget_s(self) -> float:

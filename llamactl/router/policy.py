@@ -7,8 +7,10 @@ the decision depends on is in the snapshot, so a trace of snapshots replays exac
 
 Model of the work: a class c has an expected completion length tokens_c and a decode speed on each
 member m, speed(c, m), in tokens/s. The expected time of the demand on a member is
-    W(member) = sum_c weight_c * tokens_c / speed(c, member)
-where weight_c is the demand of class c: every queued request, and when fewer than `horizon` requests are
+    W(member) = sum_c weight_c * tokens_c / speed(c, member) / parallelism(member)
+where parallelism is 1 + (k - 1) * slot_gain for the k = min(slots, requests queued) requests the member serves
+at once (a multi-slot plain member can beat a faster one-slot drafter on a deep queue, not on a queue of one),
+and weight_c is the demand of class c: every queued request, and when fewer than `horizon` requests are
 queued, the rest of the horizon filled in the proportions of the recent arrivals (with a sequential client
 the queue is nearly always empty, and the recent mix is the best guess of what comes next; with a queued
 burst the queue itself is the truth).
@@ -86,6 +88,12 @@ class PolicyConfig:
     # the hoped-for saving on the recent mix over explore_horizon_s of work pays the round trip, within the
     # lane's budget (explore_share of the time it has served, less what exploring reloads cost so far).
     explore_horizon_s: float = 1800.0
+    # A member with several slots serves up to that many queued requests at once. Assumed: each request served
+    # beside others keeps `slot_gain` of its one-at-a-time speed's worth of aggregate throughput (1.0: decoding
+    # is memory-bound and a small batch costs next to nothing per sequence, the simulator's model; lower it for
+    # compute-bound engines). Only requests actually queued run together: the horizon's guessed future
+    # arrivals come one after another.
+    slot_gain: float = 1.0
 
     def speedup(self, acceptance: float) -> float:
         return max(0.05, self.speedup_intercept + self.speedup_slope * acceptance)
@@ -119,6 +127,7 @@ class GroupState:
     explored: frozenset[tuple[str, str]] = frozenset()  # (class, member) explored within explore_memory_s
     explore_budget_s: float = 0.0  # seconds of reloads the lane may still spend exploring
     mix: Mapping[str, float] = field(default_factory=dict)  # class -> arrivals, decayed: the long-run mix
+    slots: Mapping[str, int] = field(default_factory=dict)  # member -> requests it serves at once (absent: 1)
 
 
 @dataclass(frozen=True)
@@ -239,7 +248,8 @@ def expected_seconds(state: GroupState, member: str, config: PolicyConfig) -> fl
 
 
 def _work_seconds(state: GroupState, config: PolicyConfig, weights: Mapping[str, float], member: str) -> float:
-    """Expected seconds on `member` of `weights` requests per class."""
+    """Expected seconds on `member` of `weights` requests per class: one after another, divided by how many of
+    them the member's slots serve at once (`parallelism`)."""
     total = 0.0
     for cls, weight in weights.items():
         if weight <= 0:
@@ -247,7 +257,15 @@ def _work_seconds(state: GroupState, config: PolicyConfig, weights: Mapping[str,
         ev = state.evidence.get(cls, ClassEvidence())
         tokens = ev.mean_tokens if ev.mean_tokens else config.default_tokens
         total += weight * tokens / _speed_in(state, cls, member, config)
-    return total
+    return total / parallelism(state, config, member, sum(w for w in weights.values() if w > 0))
+
+
+def parallelism(state: GroupState, config: PolicyConfig, member: str, requests: float) -> float:
+    """How many requests' worth of decoding `member` does at once on `requests` of work: its slots, at most the
+    requests really queued (guessed future arrivals do not overlap), each beyond the first adding `slot_gain`."""
+    together = min(float(state.slots.get(member, 1)), float(sum(n for n in state.queued.values() if n > 0)),
+                   requests)
+    return 1.0 + max(0.0, together - 1.0) * config.slot_gain
 
 
 def _speed_in(state: GroupState, cls: str, member: str, config: PolicyConfig) -> float:
