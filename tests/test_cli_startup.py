@@ -1,5 +1,6 @@
 """What the CLI imports decides its start-up time (docs/startup-overhead.md measures it): `--help` loads no
-settings library, HTTP client, router or numpy, and `up`'s own modules load none of the router, httpx or numpy.
+settings library, HTTP client, router or numpy, and `up`'s own modules load none of the router, httpx, numpy or
+asyncio (an event loop is the daemon's).
 Checked by module, not by a timer."""
 
 from __future__ import annotations
@@ -30,5 +31,15 @@ def test_what_up_runs_imports_no_router_httpx_or_numpy():
                            "from llamactl.profiles import load_profile\n"
                            "import llamactl.gguf, llamactl.planning\n"
                            "llamactl.gguf._type_tables()")
-    heavy = {m for m in modules if m.split(".")[0] in ("httpx", "numpy", "starlette") or m.startswith("llamactl.router")}
+    heavy = {m for m in modules if m.split(".")[0] in ("httpx", "numpy", "starlette", "pydantic_settings", "asyncio")
+             or m.startswith("llamactl.router")}
     assert not heavy, sorted(heavy)
+
+
+def test_pydantic_looks_for_no_plugins_in_a_command():
+    """Its scan of every installed package's entry points ran when the first model class was made (`_plugins`
+    stays None until a scan)."""
+    probe = ("from llamactl.cli import main\nfrom llamactl.profiles import Profile\nimport llamactl.settings\n"
+             "from pydantic.plugin import _loader\nprint(_loader._plugins is None)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "True"

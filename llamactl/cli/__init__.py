@@ -1,5 +1,11 @@
 """The command line. `main` (cli/main.py) is the entry point; each module beside it adds its commands."""
 
+import os
+
+# pydantic looks for plugins among every installed package's entry points when the first model class is made:
+# about 20 ms of every command, and llamactl uses none. A value the user set is kept.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
 from llamactl.cli import engines, hub, lifecycle, profiles  # noqa: F401 - they register their commands on main
 from llamactl.cli.main import main
 from llamactl.cli.plan import gpus_command, plan_command

@@ -23,7 +23,6 @@ name could be a profile's.)
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -37,12 +36,15 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llamactl.errors import LlamactlError
 from llamactl.inputs import parse_json, switch_request
 from llamactl.names import check_profile_name, is_profile_name, shown
 from llamactl.settings import Settings
+
+if TYPE_CHECKING:
+    import asyncio  # the server's, imported where it runs: the CLI's client side needs no event loop
 
 log = logging.getLogger("llamactl.daemon.control")
 
@@ -194,6 +196,8 @@ class ControlServer:
         await self.close()
 
     async def start(self) -> None:
+        import asyncio
+
         _secure_dir(self.path.parent)
         self._stack.enter_context(daemon_lock(self.settings))
         try:
@@ -221,6 +225,8 @@ class ControlServer:
         self._stack.close()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
+
         line = b""
         try:
             try:

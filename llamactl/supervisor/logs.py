@@ -6,7 +6,6 @@ error's last lines, and the daemon (which rotates running engines' logs and rela
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -141,6 +140,8 @@ def _lines_from(path: str, offset: int, pending: bytes) -> Iterator[str]:
 
 async def relay_log(name: str, path: Path, from_end: bool, poll_s: float = 0.5) -> None:
     """Copy a child's log lines into the daemon's log as `llamactl[NAME]: line` (journald-friendly)."""
+    from asyncio import sleep  # here, not at the top: `llamactl up` imports this module and needs no event loop
+
     logger = logging.getLogger(f"llamactl[{name}]")
     pos: int | None = None
     pending = b""
@@ -165,7 +166,7 @@ async def relay_log(name: str, path: Path, from_end: bool, poll_s: float = 0.5) 
             if len(pending) > 65536:
                 logger.info("%s", pending.decode(errors="replace"))
                 pending = b""
-        await asyncio.sleep(poll_s)
+        await sleep(poll_s)
 
 
 async def follow_lines(path: Path, lines: int, follow: bool, poll_s: float = 0.25,
@@ -173,6 +174,8 @@ async def follow_lines(path: Path, lines: int, follow: bool, poll_s: float = 0.2
                        keep_going: Callable[[], bool] = lambda: True) -> AsyncIterator[str]:
     """The last `lines` lines of a log (none for 0), then (with `follow`) each line appended to it, as the event
     stream of /llamactl/logs shows them. A rotation (the file shrinks or is replaced) continues from the new start."""
+    from asyncio import sleep
+
     for line in tail_lines(path, lines):
         yield line.rstrip("\n")
     if not follow:
@@ -184,7 +187,7 @@ async def follow_lines(path: Path, lines: int, follow: bool, poll_s: float = 0.2
         pos, inode = 0, None
     pending = b""
     while keep_going():
-        await asyncio.sleep(poll_s)
+        await sleep(poll_s)
         try:
             st = path.stat()
         except FileNotFoundError:
