@@ -56,6 +56,10 @@ class Settings(BaseModel):
     router_keep_both_warm: bool | Literal["auto"] = Field(
         default="auto", description="Switch without stopping the other member: auto = when the memory plan says "
                                     "both members fit together; true / false = always / never.")
+    router_per_process_groups: str = Field(
+        default="", max_length=2000,
+        description="Switch groups served per process even where a drafting member's engine could serve its plain "
+                    "twin per request (drafting off): comma-separated group names, '*' for every group.")
     router_classes: str = Field(
         default="", max_length=2000,
         description="Extra traffic classes clients may name in X-Llamactl-Class, comma-separated (each one becomes "

@@ -114,6 +114,10 @@ class Router:
             box.on_event = lambda what, data: self.events.publish("box", what=what, **data)
             self.telemetry.registry.register(BoxCollector(box))
         self.lanes = {name: self._new_lane(spec) for name, spec in self.catalog.lanes.items()}
+        if self.per_request is not None and (typos := self.per_request.unknown(
+                name for name, spec in self.catalog.lanes.items() if spec.is_group)):
+            log.warning("LLAMACTL_ROUTER_PER_PROCESS_GROUPS names no switch group %s: use the "
+                        "profiles' `group` names, or '*'", ", ".join(repr(t) for t in typos))
         self.pool: UpstreamPool | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._dispatchers: dict[Lane, asyncio.Task[None]] = {}
@@ -307,6 +311,9 @@ class Router:
         if self.per_request is None or not lane.spec.is_group or lane in self._per_request_asked:
             return
         self._per_request_asked.add(lane)
+        if not self.per_request.allowed(lane.name):
+            log.info("lane %s: served per process (LLAMACTL_ROUTER_PER_PROCESS_GROUPS)", lane.name)
+            return
         candidates = host_candidates(lane.spec.members, self.catalog.profiles)
         if candidates:
             self._spawn(self._learn_hosts(lane, candidates), name=f"per-request:{lane.name}")

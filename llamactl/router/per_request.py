@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from llamactl.errors import LlamactlError
@@ -20,12 +21,26 @@ log = logging.getLogger("llamactl.router")
 BUNDLED_MODEL = "builtin:gemma3-270m"
 
 
+def per_process_groups(setting: str) -> frozenset[str]:
+    """LLAMACTL_ROUTER_PER_PROCESS_GROUPS: the groups never served per request ('*': all of them)."""
+    return frozenset(name.strip() for name in setting.split(",") if name.strip())
+
+
 class PerRequestProbe:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.per_process = per_process_groups(settings.router_per_process_groups)
         self._lock = threading.Lock()
         self._running: set = set()  # SelfTests under way
         self._closed = False
+
+    def allowed(self, group: str) -> bool:
+        """May `group` be served per request at all? Not where the settings keep it per process."""
+        return "*" not in self.per_process and group not in self.per_process
+
+    def unknown(self, groups: Iterable[str]) -> list[str]:
+        """Names in LLAMACTL_ROUTER_PER_PROCESS_GROUPS that are no switch group here (a typo keeps nothing per process)."""
+        return sorted(self.per_process - {"*", *groups})
 
     def verdict(self, profile: Profile) -> bool:
         """Does `profile`'s binary honour a per-request draft depth? False where it cannot be told."""
