@@ -32,10 +32,6 @@ def use(directory: Path | None) -> None:
     _directory = directory
 
 
-def directory() -> Path | None:
-    return _directory
-
-
 def _identity(path: Path, st: os.stat_result) -> dict[str, Any]:
     return {"path": str(path.resolve()), "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
             "mtime_ns": st.st_mtime_ns}

@@ -21,13 +21,10 @@ def parse_json(raw: bytes | bytearray | str, what: str = "request body") -> Any:
     lone surrogates) still parses and a refusal reads as it always has. Nesting too deep for the parser
     (RecursionError) is reported like any other bad JSON."""
     try:
-        return msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        pass
-    except RecursionError:
-        raise ValueError(f"{what} is nested too deeply") from None
-    try:
-        return json.loads(raw)
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return json.loads(raw)
     except RecursionError:
         raise ValueError(f"{what} is nested too deeply") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
