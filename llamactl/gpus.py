@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -206,6 +207,9 @@ class NvmlProbe:
     our_pids: frozenset[int] = field(default_factory=frozenset)
 
     def probe(self) -> GpuInventory:
+        if not _nvml_library_loads():
+            return _with_host(GpuInventory(gpus=(), source="nvml",
+                                           note="no NVIDIA GPU (NVML Shared Library Not Found): CPU plan"))
         try:
             import pynvml
         except ImportError:  # pragma: no cover - nvidia-ml-py is a dependency
@@ -297,6 +301,20 @@ def _with_host(inv: GpuInventory) -> GpuInventory:
     from dataclasses import replace
 
     return replace(inv, host_total_mib=int(vm.total) // MIB, host_free_mib=int(vm.available) // MIB)
+
+
+def _nvml_library_loads() -> bool:
+    """Whether the driver's NVML library loads, as pynvml would load it on Linux: where it does not, importing
+    pynvml (a tenth of every `llamactl up` on a box without NVIDIA's driver) would only say so."""
+    if not sys.platform.startswith("linux"):
+        return True  # pynvml's own search (Windows paths) decides
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def _is_no_driver(nv: Any, e: Exception) -> bool:

@@ -143,6 +143,11 @@ class Settings(BaseModel):
         return self.state_dir / "logs"
 
     @property
+    def daemon_socket(self) -> Path:
+        """The running daemon's control socket (daemon/control.py); a command with no socket here needs no client."""
+        return self.state_dir / "llamactl.sock"
+
+    @property
     def cache_dir(self) -> Path:
         return self.home / "cache" if self.home else _xdg("XDG_CACHE_HOME", ".cache") / "llamactl"
 

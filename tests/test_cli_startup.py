@@ -43,3 +43,32 @@ def test_pydantic_looks_for_no_plugins_in_a_command():
              "from pydantic.plugin import _loader\nprint(_loader._plugins is None)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_up_spawns_before_importing_what_only_other_paths_need(fake_profile, home):
+    """At the moment `llamactl up` spawns the engine (a local model, no daemon running): the Hub's client, the
+    daemon's control client and pynvml (on a box whose NVIDIA library does not load) are not imported, and the
+    HTTP client of the readiness poll comes only after the spawn."""
+    from llamactl.gpus import _nvml_library_loads
+
+    name = fake_profile()
+    probe = ("import json, subprocess, sys\n"
+             "real = subprocess.Popen\n"
+             "class Spy(real):\n"
+             "    def __init__(self, args, *a, **k):\n"
+             "        if '--help' not in args and '--version' not in args:\n"
+             "            print('AT-SPAWN ' + json.dumps(sorted(sys.modules)), flush=True)\n"
+             "            raise SystemExit(0)\n"
+             "        super().__init__(args, *a, **k)\n"
+             "subprocess.Popen = Spy\n"
+             "from llamactl.cli import main\n"
+             f"main(['up', {name!r}])\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("AT-SPAWN ")), None)
+    assert line is not None, out.stdout + out.stderr
+    modules = set(json.loads(line.removeprefix("AT-SPAWN ")))
+    assert "llamactl.supervisor.process" in modules  # the spy really stood at the engine's spawn
+    unwanted = {"llamactl.hf.pull", "llamactl.hf.select", "llamactl.daemon.control", "http.client"}
+    if not _nvml_library_loads():
+        unwanted.add("pynvml")
+    assert not modules & unwanted, sorted(modules & unwanted)

@@ -92,6 +92,7 @@ def _fake_pynvml(monkeypatch: pytest.MonkeyPatch, init_error: int | None = None,
 
     mod.nvmlDeviceGetTemperature = temp
     monkeypatch.setitem(sys.modules, "pynvml", mod)
+    monkeypatch.setattr("llamactl.gpus._nvml_library_loads", lambda: True)  # the fake stands for a driver
 
 
 def test_no_driver_is_a_cpu_plan_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,6 +105,19 @@ def test_real_machine_probe_never_raises_without_a_driver() -> None:
     inv = NvmlProbe().probe()  # the real pynvml: on a machine without a driver this is the CPU value
     assert inv.source == "nvml"
     assert inv.gpus or inv.note
+
+
+def test_no_nvml_library_is_a_cpu_plan_without_importing_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+
+    def no_library(name, *args, **kwargs):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    inv = NvmlProbe().probe()
+    assert inv.gpus == () and "no NVIDIA GPU" in (inv.note or "") and inv.source == "nvml"
+    assert "pynvml" not in sys.modules
 
 
 def test_other_nvml_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,7 +38,8 @@ def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> 
     from llamactl.launch import start_profile
     from llamactl.profiles import load_profile
 
-    _pull_missing(settings, load_profile(profile, settings))
+    prof = load_profile(profile, settings)
+    _pull_missing(settings, prof)
     client = daemon_client(settings)
     if client is not None and foreground:
         click.echo("note: a llamactl daemon (`llamactl serve`) owns this box's memory; a --foreground start runs "
@@ -50,7 +51,6 @@ def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> 
         result = client.up(profile)
         click.echo(f"{profile} ready (pid {result['pid']}), served by the daemon at {result['router']}/v1")
         return
-    prof = load_profile(profile, settings)
     sup = supervisor(settings, die_with_parent=foreground)
     already = sup.running(prof.name)
     if already is not None and already.state == "ready":
@@ -84,13 +84,17 @@ def up(settings: Settings, profile: str, foreground: bool, ignore_fit: bool) -> 
 def _pull_missing(settings: Settings, prof) -> None:
     """`hf:` models not in the cache yet are downloaded first, with progress here (the daemon would fetch them
     too, but out of sight); Ctrl-C stops the download, and the next `up` or `pull` resumes it."""
+    from llamactl.models import hf_models
+
+    wanted = hf_models(prof)
+    if not wanted:  # local and built-in models: the Hub's client is not even imported
+        return
     from llamactl.cli.hub import PullDisplay, pull_profile
     from llamactl.hf.pull import HubConfig, cached_model
     from llamactl.hf.refs import parse_ref
-    from llamactl.models import hf_models
 
     config = HubConfig.from_environ()
-    if all(cached_model(parse_ref(v), config, where=k) for k, v in hf_models(prof)):
+    if all(cached_model(parse_ref(v), config, where=k) for k, v in wanted):
         return
     try:
         with interrupted_by_signals(), PullDisplay() as display:

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 def daemon_client(settings: Settings):
     """The running daemon's control client, or None (then work standalone). Progress of a long wait goes to
     stderr."""
+    if not settings.daemon_socket.exists():  # no daemon: its client's modules are not even imported
+        return None
     import click
 
     from llamactl.daemon.control import try_daemon

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llamactl.daemon.control")
 
-SOCKET_NAME = "llamactl.sock"
 DAEMON_LOCK_NAME = "daemon.lock"
 MAX_MESSAGE_BYTES = 64 * 1024
 REQUEST_READ_TIMEOUT_S = 5.0
@@ -107,7 +106,7 @@ class ControlHandler(Protocol):
 
 
 def socket_path(settings: Settings) -> Path:
-    return settings.state_dir / SOCKET_NAME
+    return settings.daemon_socket
 
 
 @contextlib.contextmanager

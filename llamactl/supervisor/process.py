@@ -37,7 +37,10 @@ TRANSITIONS: dict[State, set[State]] = {
 }
 
 HEALTH_TIMEOUT_S = 2.0  # ik accepts the connection and hangs while loading: a short timeout means "loading"
-POLL_INTERVAL_S = 0.05  # readiness seen within 50 ms; each poll is about a millisecond of CPU beside the loading engine
+POLL_INTERVAL_S = 0.05  # /health at least this often; each poll is about a millisecond of CPU beside the loading engine
+# Between polls the log's size is looked at this often (a stat: microseconds): an engine logs a line as it becomes
+# ready ("model loaded", "listening"), so a log that grew is polled at once instead of up to 50 ms later.
+LOG_WATCH_S = 0.01
 PR_SET_PDEATHSIG = 1
 
 
@@ -123,24 +126,36 @@ class ManagedProcess:
     def wait_ready(self, url: str, timeout_s: float, on_tick: Callable[[], None] | None = None,
                    port: int | None = None) -> ReadyOutcome:
         """Poll /health until 200 (from a socket the child owns, when `port` is given), the process exits, or
-        the deadline passes."""
+        the deadline passes. /health is asked every POLL_INTERVAL_S, and at once when the log has grown."""
         deadline = time.monotonic() + timeout_s
+        next_poll = 0.0
+        logged = -1
         while True:
             if self.poll_exit() is not None:
                 self._move(State.FAILED)
                 return ReadyOutcome.EXITED
-            if health_status(url, HEALTH_TIMEOUT_S) == 200:
-                if port is not None and not self.listens_on(port):
-                    self._move(State.FAILED)
-                    return ReadyOutcome.PORT_TAKEN
-                self._move(State.READY)
-                return ReadyOutcome.READY
+            now = time.monotonic()
+            size = self._log_size()
+            if now >= next_poll or size != logged:
+                logged, next_poll = size, now + POLL_INTERVAL_S
+                if health_status(url, HEALTH_TIMEOUT_S) == 200:
+                    if port is not None and not self.listens_on(port):
+                        self._move(State.FAILED)
+                        return ReadyOutcome.PORT_TAKEN
+                    self._move(State.READY)
+                    return ReadyOutcome.READY
             if on_tick:
                 on_tick()
             if time.monotonic() >= deadline:
                 self._move(State.FAILED)
                 return ReadyOutcome.TIMED_OUT
-            time.sleep(POLL_INTERVAL_S)
+            time.sleep(LOG_WATCH_S)
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return -1
 
     def stop(self, timeout_s: float) -> None:
         """SIGTERM the group, wait, SIGKILL the group, reap."""
