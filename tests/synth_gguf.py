@@ -74,10 +74,20 @@ class _Model:
         self.t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
         self.t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
 
-    def write(self, n_vocab: int, fim: bool = False) -> None:
+    def write(self, n_vocab: int, fim: bool = False, seed: int | None = None) -> None:
+        """Zero weights, or with `seed` random ones (norm weights near 1, the rest small): a model whose
+        outputs differ from token to token, for engines that must run more than a forward pass of zeros."""
         _vocab(self.w, n_vocab, fim)
+        rng = None if seed is None else np.random.default_rng(seed)
         for name, ne, dtype in self.tensors:
-            self.w.add_tensor(name, np.zeros(tuple(reversed(ne)), dtype=dtype))
+            shape = tuple(reversed(ne))
+            if rng is None:
+                data = np.zeros(shape, dtype=dtype)
+            elif "norm" in name:
+                data = (1.0 + 0.1 * rng.standard_normal(shape)).astype(dtype)
+            else:
+                data = (0.2 * rng.standard_normal(shape)).astype(dtype)
+            self.w.add_tensor(name, data)
         self.w.write_header_to_file()
         self.w.write_kv_data_to_file()
         self.w.write_tensors_to_file()
