@@ -17,6 +17,8 @@ from pathlib import Path
 from tests.synth_gguf import _Model
 
 N_TRUNK = 2  # ordinary blocks; the NextN block is block N_TRUNK
+# A larger shape (about 4 MB) for comparing the plan with the engine's buffers: whole MiB of weights and KV.
+MTP_BENCH_SHAPE = {"n_embd": 256, "n_head": 4, "head_dim": 64, "n_ff": 512, "n_ff_exp": 128}
 
 
 def write_glm4moe_mtp(path: Path, *, n_trunk: int = N_TRUNK, n_nextn: int = 1, n_embd: int = 64, n_head: int = 2,

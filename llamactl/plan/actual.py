@@ -7,7 +7,7 @@ Lines (src/llama-model.cpp, llama-kv-cache.cpp, llama-memory-recurrent.cpp, llam
   llama_memory_recurrent:        CPU RS buffer size =     1.50 MiB
   llama_context:        CPU  output buffer size =     4.00 MiB
   sched_reserve:        CPU compute buffer size =    28.27 MiB
-The draft model repeats the set after the target's. On a CUDA build the same lines name CUDA0, CUDA1, ...
+The draft model repeats the set after the target's; an MTP context repeats it without the model buffer. On a CUDA build the same lines name CUDA0, CUDA1, ...
 and CUDA_Host (pinned host memory: the output buffer, the host side of the compute graph).
 
 At exit (and during --fit's probes) common_memory_breakdown_print adds a table (common/fit.cpp):
@@ -49,7 +49,10 @@ class ActualMemory:
 
 
 def parse_memory_log(lines: list[str]) -> list[ActualMemory]:
-    """Buffers per model in load order (target first, then the draft)."""
+    """Buffers per context in load order: the target first, then the draft model's, or the MTP context's (which
+    has no model buffer of its own: it runs on the target's weights). A context ends with its compute buffers; a
+    context that reserves its graph again (mainline's MTP context does, at the same size) reports each device's
+    compute buffer once, at its largest."""
     models: list[ActualMemory] = []
     current: ActualMemory | None = None
     for line in lines:
@@ -59,11 +62,12 @@ def parse_memory_log(lines: list[str]) -> list[ActualMemory]:
         kind = _KIND[m.group("what")]
         d = _DEVICE.search(line[: m.end()])
         dev = d.group("dev") if d else "?"
-        if current is None or (kind == "model" and current.compute):
+        if current is None or (kind != "compute" and current.compute):
             current = ActualMemory()
             models.append(current)
         bucket = getattr(current, kind)
-        bucket[dev] = bucket.get(dev, 0.0) + float(m.group("mib"))
+        mib = float(m.group("mib"))
+        bucket[dev] = max(bucket.get(dev, 0.0), mib) if kind == "compute" else bucket.get(dev, 0.0) + mib
     return models
 
 
