@@ -1,0 +1,108 @@
+"""The plan counts a model's NextN/MTP layers only when it drafts with them (speculation.type = 'mtp'), and checks
+against the pinned mainline's own buffers that it counts them right (weights, the MTP context's KV at the draft
+cache types, its compute)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llamactl.gpus import Gpu, GpuInventory
+from llamactl.plan import plan_profile
+from llamactl.plan.estimate import row_bytes
+from llamactl.planning import load_spec
+from llamactl.profiles import Profile, Speculation
+from tests.conftest import require_engine
+from tests.mtp_gguf import MTP_BENCH_SHAPE, write_glm4moe_mtp
+from tests.test_plan_engine import _bench, _check
+
+MIB = 1 << 20
+CPU_BOX = GpuInventory(gpus=(), source="test", host_total_mib=1 << 20, host_free_mib=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_glm4moe_mtp(tmp_path_factory.mktemp("mtp") / "glm4moe-mtp.gguf", **MTP_BENCH_SHAPE)
+
+
+@pytest.fixture(scope="module")
+def trunk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_glm4moe_mtp(tmp_path_factory.mktemp("trunk") / "glm4moe.gguf", n_nextn=0, **MTP_BENCH_SHAPE)
+
+
+def profile(model: Path, engine: str = "llama.cpp", **spec) -> Profile:
+    return Profile(name="glm", engine=engine, model=str(model), ctx_size=32768, parallel=1, gpus=[],
+                   speculation=Speculation(**spec))
+
+
+def kv_layer(n_ctx: int, kv_type: str) -> int:
+    """One layer of the synthetic model's KV: 1 KV head of 64, K and V."""
+    return n_ctx * 2 * row_bytes(kv_type, 64)
+
+
+def test_the_nextn_layer_weighs_nothing_without_mtp_and_its_weights_and_kv_count_with_it(glm: Path) -> None:
+    spec = load_spec(glm)
+    assert spec.n_layer == 3 and spec.n_nextn == 1
+    off = plan_profile(profile(glm), spec, CPU_BOX).uses[-1]
+    assert off.weights == spec.tensor_bytes - spec.layer_bytes[2]  # the engine skips the NextN block's tensors
+    assert off.kv == 2 * kv_layer(32768, "f16") and off.draft_kv == off.draft_compute == 0
+    on_plan = plan_profile(profile(glm, type="mtp", draft_cache_type_k="q8_0", draft_cache_type_v="q8_0"),
+                           spec, CPU_BOX)
+    on = on_plan.uses[-1]
+    assert on.weights == spec.tensor_bytes
+    assert on.kv == off.kv  # mainline's target context caches the trunk only
+    assert on.draft_kv == kv_layer(32768, "q8_0")  # the MTP context: the NextN layer, at the draft cache types
+    assert on.draft_compute > 0 and on.draft_weights == 0
+    text = on_plan.text()
+    assert "MTP: the model's 1 NextN layer draft" in text and "KV q8_0/q8_0" in text
+    assert on_plan.to_json()["mtp"] == {"n_nextn": 1, "type_k": "q8_0", "type_v": "q8_0"}
+    assert "MTP: off; the engine skips the model's 1 NextN layer" in plan_profile(profile(glm), spec, CPU_BOX).text()
+
+
+def test_ik_caches_the_nextn_layer_in_both_contexts_at_the_targets_cache_types(glm: Path) -> None:
+    spec = load_spec(glm)
+    p = profile(glm, "ik_llama.cpp", type="mtp", draft_cache_type_k="q4_0").model_copy(
+        update={"cache_type_k": "q8_0", "cache_type_v": "q8_0"})
+    use = plan_profile(p, spec, CPU_BOX).uses[-1]
+    assert use.kv == 3 * kv_layer(32768, "q8_0")
+    assert use.draft_kv == kv_layer(32768, "q8_0")  # -ctkd does not reach ik's MTP context
+
+
+def test_mtp_on_a_model_without_nextn_layers_is_a_plan_problem_that_says_what_to_do(trunk: Path) -> None:
+    plan = plan_profile(profile(trunk, type="mtp"), load_spec(trunk), CPU_BOX)
+    assert not plan.fits
+    [problem] = plan.problems
+    assert "speculation.type = 'mtp'" in problem and "no NextN/MTP layers" in problem
+    assert "glm4moe.nextn_predict_layers" in problem and "speculation.type = 'draft'" in problem
+    assert "problem: speculation.type = 'mtp'" in plan.text()
+
+
+def test_on_gpus_the_mtp_context_goes_where_the_nextn_and_output_layers_are_and_a_shortfall_is_told(glm) -> None:
+    spec = load_spec(glm)
+    box = GpuInventory(gpus=(Gpu(index=0, name="card 0", total_mib=2048, free_mib=2000),
+                             Gpu(index=1, name="card 1", total_mib=2048, free_mib=2000)), source="test",
+                       host_total_mib=1 << 20, host_free_mib=1 << 20)
+    p = profile(glm, type="mtp").model_copy(update={"gpus": [0, 1], "tensor_split": [1.0, 3.0],
+                                                     "n_gpu_layers": "all"})
+    plan = plan_profile(p, spec, box)
+    cuda0, cuda1, cpu = plan.uses
+    assert 2 in cuda1.layers and 3 in cuda1.layers  # the NextN block and the output
+    assert cuda1.draft_kv == kv_layer(32768, "f16") and cuda0.draft_kv == 0
+    assert cuda1.draft_compute > 0 and cuda0.draft_compute == 0
+    assert cpu.draft_compute > 0  # the host builds the MTP graph's inputs
+    # A context too long for the cards: the shortfall lines of the text (one device short, one not)
+    long = plan_profile(p.model_copy(update={"ctx_size": 524288, "tensor_split": [3.0, 1.0]}), spec, box)
+    assert not long.fits
+    text = long.text()
+    assert "fits: NO" in text and "short by" in text
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("ctx,kv,parallel,mtp,draft_kv", [
+    (32768, "f16", 1, False, None), (32768, "f16", 1, True, None), (65536, "q8_0", 2, True, "q4_0"),
+    (16384, "f16", None, True, None)])
+def test_the_plan_matches_mainlines_buffers_with_and_without_mtp(glm: Path, ctx, kv, parallel, mtp, draft_kv):
+    binary = require_engine("llama.cpp")
+    bench = _bench()
+    _check(bench, binary, bench.Case("glm4moe-mtp", glm, ctx, kv, parallel=parallel, mtp=mtp, draft_kv=draft_kv))
