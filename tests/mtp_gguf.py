@@ -26,7 +26,7 @@ def write_glm4moe_mtp(path: Path, *, n_trunk: int = N_TRUNK, n_nextn: int = 1, n
                       n_expert: int = 4, n_expert_used: int = 2, n_vocab: int = 320, ctx_train: int = 4096,
                       seed: int = 25) -> Path:
     """`n_nextn = 0` writes the same trunk without the NextN block (a model without MTP heads)."""
-    m = _Model(path, "glm4moe", "synthetic glm4moe with a NextN block")
+    m = _Model(path, "glm4moe", "synthetic glm4moe" + (" with a NextN block" if n_nextn else ""))
     n_layer = n_trunk + n_nextn
     m.kv("context_length", ctx_train)
     m.kv("embedding_length", n_embd)

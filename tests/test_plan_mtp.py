@@ -76,6 +76,7 @@ def test_mtp_on_a_model_without_nextn_layers_is_a_plan_problem_that_says_what_to
     assert "speculation.type = 'mtp'" in problem and "no NextN/MTP layers" in problem
     assert "glm4moe.nextn_predict_layers" in problem and "speculation.type = 'draft'" in problem
     assert "problem: speculation.type = 'mtp'" in plan.text()
+    assert [s.change for s in plan.suggestions if s.fits] == ["no MTP (speculation.type = 'none')"]
 
 
 def test_on_gpus_the_mtp_context_goes_where_the_nextn_and_output_layers_are_and_a_shortfall_is_told(glm) -> None:
@@ -96,6 +97,8 @@ def test_on_gpus_the_mtp_context_goes_where_the_nextn_and_output_layers_are_and_
     assert not long.fits
     text = long.text()
     assert "fits: NO" in text and "short by" in text
+    no_mtp = next(s for s in long.suggestions if s.change.startswith("no MTP"))
+    assert sum(no_mtp.needs_mib.values()) < sum(long.device_totals_mib().values())  # it frees the MTP context
 
 
 @pytest.mark.engine
