@@ -1,5 +1,6 @@
 """A tiny GLM-4.5-style model with one NextN/MTP block, written with the tests' GGUF writer: random weights (so
-the MTP head drafts real, if meaningless, tokens), the synthetic byte-level vocabulary, about 400 KB.
+the MTP head drafts real, if meaningless, tokens), an ASCII vocabulary without byte tokens (every answer is valid
+UTF-8: the pinned ik_llama.cpp answers 500 to a completion ending in a lone byte token), about 350 KB.
 
 Architecture `glm4moe`, the one both pinned engines run MTP for (ik_llama.cpp 0.1.5 runs MTP for glm4moe
 only; mainline llama.cpp 0.3.36 for glm4moe, the Qwen 3.5 family, DeepSeek and others): `block_count` counts
@@ -79,5 +80,5 @@ def write_glm4moe_mtp(path: Path, *, n_trunk: int = N_TRUNK, n_nextn: int = 1, n
             m.t(f"blk.{i}.nextn.enorm.weight", n_embd)
             m.t(f"blk.{i}.nextn.hnorm.weight", n_embd)
             m.t(f"blk.{i}.nextn.shared_head_norm.weight", n_embd)
-    m.write(n_vocab, seed=seed)
+    m.write(n_vocab, seed=seed, ascii_vocab=True)
     return path

@@ -73,3 +73,23 @@ def test_the_mtp_context_is_a_context_of_its_own_without_weights_and_its_second_
     target, mtp = parse_memory_log(MTP_CONTEXT)
     assert target.model == {"CPU_Mapped": 0.33} and target.kv == {"CPU": 0.25} and target.compute == {"CPU": 2.01}
     assert mtp.model == {} and mtp.kv == {"CPU": 0.12} and mtp.compute == {"CPU": 1.51}
+
+
+# The pinned ik_llama.cpp with -mtp (CPU build): its weights line has no "model", its MTP context follows.
+IK_MTP = """\
+llm_load_tensors:        CPU buffer size =     4.14 MiB
+llama_kv_cache_init:        CPU KV buffer size =    24.00 MiB
+llama_init_from_model: KV self size  =   24.00 MiB, K (f16):   12.00 MiB, V (f16):   12.00 MiB
+llama_init_from_model:        CPU  output buffer size =     0.00 MiB
+Free memory 0 MiB on device 0 is less the required compute buffer size 3.5 MiB
+llama_init_from_model:        CPU compute buffer size =    36.00 MiB
+llama_kv_cache_init:        CPU KV buffer size =     8.00 MiB
+llama_init_from_model:        CPU  output buffer size =     0.00 MiB
+llama_init_from_model:        CPU compute buffer size =    34.51 MiB
+""".splitlines()
+
+
+def test_iks_weights_line_and_its_mtp_context() -> None:
+    target, mtp = parse_memory_log(IK_MTP)
+    assert target.model == {"CPU": 4.14} and target.kv == {"CPU": 24.0} and target.compute == {"CPU": 36.0}
+    assert mtp.model == {} and mtp.kv == {"CPU": 8.0} and mtp.compute == {"CPU": 34.51}

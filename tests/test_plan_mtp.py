@@ -109,3 +109,50 @@ def test_the_plan_matches_mainlines_buffers_with_and_without_mtp(glm: Path, ctx,
     binary = require_engine("llama.cpp")
     bench = _bench()
     _check(bench, binary, bench.Case("glm4moe-mtp", glm, ctx, kv, parallel=parallel, mtp=mtp, draft_kv=draft_kv))
+
+
+def ik_buffers(binary: Path, model: Path, log: Path, *args: str) -> list:
+    """Start the pinned ik_llama.cpp on `model` (CPU), read its memory lines once its slots are up, stop it."""
+    import socket
+    import subprocess
+
+    from llamactl.plan.actual import parse_memory_log
+    from tests.router_harness import wait_for
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [str(binary), "-m", str(model), "-ngl", "0", "-t", "1", "--host", "127.0.0.1", "--port", str(port), *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=log.parent)
+    try:
+        wait_for(lambda: "all slots are idle" in log.read_text(errors="replace") or proc.poll() is not None,
+                 timeout_s=120, what="ik's slots")
+    finally:
+        proc.kill()
+        proc.wait()
+    return parse_memory_log(log.read_text(errors="replace").splitlines())
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("mtp,kv", [(False, "f16"), (True, "f16"), (True, "q8_0")])
+def test_the_plan_matches_iks_buffers_with_and_without_mtp(glm: Path, tmp_path: Path, mtp: bool, kv: str) -> None:
+    binary = require_engine("ik_llama.cpp")
+    p = profile(glm, "ik_llama.cpp", type="mtp" if mtp else "none").model_copy(
+        update={"cache_type_k": kv, "cache_type_v": kv})
+    use = plan_profile(p, load_spec(glm), CPU_BOX, suggest=False).uses[-1]
+    args = ["-c", "32768", "-np", "1", "-ctk", kv, "-ctv", kv, *(["-mtp"] if mtp else [])]
+    contexts = ik_buffers(binary, glm, tmp_path / "ik.log", *args)
+    assert len(contexts) == (2 if mtp else 1), contexts
+    target = contexts[0]
+    assert abs(target.total("model") - use.weights / MIB) < 0.02, (target, use)
+    assert abs(target.total("kv") - use.kv / MIB) < 0.02, (target, use)  # ik caches the NextN layer here too
+    planned = {"target": (use.weights + use.kv + use.compute) / MIB,
+               "mtp": (use.draft_kv + use.draft_compute) / MIB}
+    actual = {"target": target.total("model") + target.total("kv") + target.total("compute"),
+              "mtp": sum(c.total("kv") + c.total("compute") for c in contexts[1:])}
+    if mtp:
+        assert abs(contexts[1].total("kv") - use.draft_kv / MIB) < 0.02, (contexts[1], use)
+    for role in planned:
+        assert planned[role] >= actual[role] - 0.01, f"{role} underestimated: {planned} vs {actual}"
+        assert planned[role] - actual[role] <= max(64, 0.03 * actual[role]), f"{role}: {planned} vs {actual}"

@@ -1,5 +1,6 @@
 """The engine's own memory accounting, parsed from llama-server's log (-lv 4 on mainline; ik prints
-the same lines unconditionally). Pure: lines in, numbers out. Used to check estimates.
+the same lines unconditionally, its weights as "llm_load_tensors: CPU buffer size = ..."). Pure: lines in, numbers
+out. Used to check estimates.
 
 Lines (src/llama-model.cpp, llama-kv-cache.cpp, llama-memory-recurrent.cpp, llama-context.cpp):
   load_tensors:   CPU_Mapped model buffer size =   235.16 MiB
@@ -26,6 +27,8 @@ _LINE = re.compile(
     r"(?P<what>model buffer size|KV buffer size|RS buffer size|output buffer size|compute buffer size)"
     r"\s*=\s*(?P<mib>[0-9.]+)\s*MiB"
 )
+# ik_llama.cpp names its weights "llm_load_tensors:        CPU buffer size =     4.14 MiB".
+_IK_MODEL = re.compile(r"llm_load_tensors:\s+(?P<dev>\S+) buffer size\s*=\s*(?P<mib>[0-9.]+)\s*MiB")
 _DEVICE = re.compile(r":\s+(?P<dev>\S+)\s+(?:model|KV|RS|output|compute|buffer)")
 _KIND = {"model buffer size": "model", "KV buffer size": "kv", "RS buffer size": "kv",
          "output buffer size": "output", "compute buffer size": "compute"}
@@ -56,17 +59,19 @@ def parse_memory_log(lines: list[str]) -> list[ActualMemory]:
     models: list[ActualMemory] = []
     current: ActualMemory | None = None
     for line in lines:
-        m = _LINE.search(line)
-        if not m:
+        if ik := _IK_MODEL.search(line):
+            kind, dev, mib_text = "model", ik.group("dev"), ik.group("mib")
+        elif m := _LINE.search(line):
+            kind = _KIND[m.group("what")]
+            d = _DEVICE.search(line[: m.end()])
+            dev, mib_text = (d.group("dev") if d else "?"), m.group("mib")
+        else:
             continue
-        kind = _KIND[m.group("what")]
-        d = _DEVICE.search(line[: m.end()])
-        dev = d.group("dev") if d else "?"
         if current is None or (kind != "compute" and current.compute):
             current = ActualMemory()
             models.append(current)
         bucket = getattr(current, kind)
-        mib = float(m.group("mib"))
+        mib = float(mib_text)
         bucket[dev] = max(bucket.get(dev, 0.0), mib) if kind == "compute" else bucket.get(dev, 0.0) + mib
     return models
 
