@@ -164,7 +164,8 @@ def cases(tmp: Path, quick: bool) -> list[Case]:
     glm = write_glm4moe_mtp(tmp / "glm4moe-mtp.gguf", **MTP_BENCH_SHAPE)
     out.append(Case("glm4moe, MTP off (synth)", glm, 32768, "f16", parallel=1))
     out.append(Case("glm4moe + its MTP layer (synth)", glm, 32768, "f16", parallel=1, mtp=True))
-    out.append(Case("glm4moe + its MTP layer (synth)", glm, 65536, "q8_0", parallel=2, mtp=True, draft_kv="q4_0"))
+    out.append(Case("glm4moe + its MTP layer, MTP KV q4_0 (synth)", glm, 65536, "q8_0", parallel=2, mtp=True,
+                    draft_kv="q4_0"))
     return out
 
 
@@ -190,7 +191,8 @@ def main() -> int:
                 print(f"{case.label} ctx {case.ctx} {case.kv}: engine reported nothing\n{tail}", file=sys.stderr)
                 rows.append((case, "target", None, est_t))
                 continue
-            for role, est, act in (("target", est_t, acts[0]), ("draft", est_d, acts[1] if len(acts) > 1 else None)):
+            second = "MTP" if case.mtp else "draft"  # the MTP context: the target's NextN layers' own context
+            for role, est, act in (("target", est_t, acts[0]), (second, est_d, acts[1] if len(acts) > 1 else None)):
                 if est is None:
                     continue
                 a = actual_dict(act) if act else None

@@ -79,5 +79,8 @@ def test_ik_drafts_with_the_models_mtp_layer_through_the_router(monkeypatch, wri
             assert sum(a.generated for a in acceptance_lines(engine_log, start)) > 0
         engine = router.backends.supervisor.running("glm")
         assert "-mtp" in engine.cmdline and "-md" not in engine.cmdline
+        # the router read ik's acceptance lines (its timings carry no draft counts)
+        wait_for(lambda: 'llamactl_draft_tokens_total{' in httpx.get(f"{server.url}/metrics").text,
+                 what="the router's drafted-token counter")
     finally:
         server.stop()
