@@ -103,6 +103,20 @@ def test_on_gpus_the_mtp_context_goes_where_the_nextn_and_output_layers_are_and_
     assert sum(no_mtp.needs_mib.values()) < sum(long.device_totals_mib().values())  # it frees the MTP context
 
 
+def test_the_automatic_placement_keeps_room_for_the_mtp_context(glm: Path) -> None:
+    """One card that holds everything without MTP but not the MTP context beside it: the search keeps the output
+    layer (and the context's compute and logits with it) on the CPU instead of planning a card over its memory."""
+    spec = load_spec(glm)
+    box = GpuInventory(gpus=(Gpu(index=0, name="card", total_mib=4096, free_mib=1700),), source="test",
+                       host_total_mib=1 << 20, host_free_mib=1 << 20)
+    off = plan_profile(profile(glm).model_copy(update={"gpus": None, "ctx_size": 262144}), spec, box)
+    on = plan_profile(profile(glm, type="mtp").model_copy(update={"gpus": None, "ctx_size": 262144}), spec, box)
+    assert off.fits and off.n_gpu_layers == spec.n_layer + 1
+    assert on.fits and on.n_gpu_layers == spec.n_layer  # every block on the card, the output on the CPU
+    cuda0 = on.uses[0]
+    assert cuda0.draft_kv > 0 and cuda0.draft_compute > 0  # the NextN block's KV and its share of the graph
+
+
 @pytest.mark.engine
 @pytest.mark.parametrize("ctx,kv,parallel,mtp,draft_kv", [
     (32768, "f16", 1, False, None), (32768, "f16", 1, True, None), (65536, "q8_0", 2, True, "q4_0"),
