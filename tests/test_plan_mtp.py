@@ -64,9 +64,12 @@ def test_ik_caches_the_nextn_layer_in_both_contexts_at_the_targets_cache_types(g
     spec = load_spec(glm)
     p = profile(glm, "ik_llama.cpp", type="mtp", draft_cache_type_k="q4_0").model_copy(
         update={"cache_type_k": "q8_0", "cache_type_v": "q8_0"})
-    use = plan_profile(p, spec, CPU_BOX).uses[-1]
+    plan = plan_profile(p, spec, CPU_BOX)
+    use = plan.uses[-1]
     assert use.kv == 3 * kv_layer(32768, "q8_0")
     assert use.draft_kv == kv_layer(32768, "q8_0")  # -ctkd does not reach ik's MTP context
+    assert any(n.startswith("speculation.draft_cache_type_k: ik_llama.cpp's MTP context takes the target's")
+               for n in plan.notes), plan.notes
 
 
 def test_mtp_on_a_model_without_nextn_layers_is_a_plan_problem_that_says_what_to_do(trunk: Path) -> None:

@@ -379,6 +379,8 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
     if why := mtp.problem(profile, target):
         problems.append(why)
     mspec = mtp.context_spec(target) if mtp.is_on(profile) and target.n_nextn else None
+    if why := mtp.ignored_keys(profile):
+        notes.append(why)
     target = mtp.target_view(target, profile)
     ctx = resolve_ctx(profile, target)
     dctx = resolve_ctx(profile, draft, draft=True, target_swa=target.has_swa) if draft is not None else None

@@ -38,6 +38,18 @@ def problem(profile: Profile, spec: ModelSpec) -> str | None:
             "type, or 'none'")
 
 
+def ignored_keys(profile: Profile) -> str | None:
+    """A note when the profile sets draft cache types its engine's MTP context does not take."""
+    sp = profile.speculation
+    if not is_on(profile) or engine_facts.mtp_uses_draft_cache_types(profile.engine):
+        return None
+    keys = [k for k in ("draft_cache_type_k", "draft_cache_type_v") if getattr(sp, k)]
+    if not keys:
+        return None
+    return (f"speculation.{' and '.join(keys)}: {profile.engine}'s MTP context takes the target's cache types "
+            f"(cache_type_k / cache_type_v: {profile.cache_type_k}/{profile.cache_type_v}), as planned")
+
+
 def _drop(values: tuple[int, ...], layers: range) -> tuple[int, ...]:
     return tuple(0 if il in layers else v for il, v in enumerate(values))
 
