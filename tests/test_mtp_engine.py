@@ -1,7 +1,7 @@
 """MTP speculation that really runs: a tiny GLM-4.5-style model with one NextN block (tests/mtp_gguf.py, random
 weights, so acceptance means nothing) starts with `[speculation] type = "mtp"` on the pinned mainline
 (--spec-type draft-mtp) and on the pinned ik_llama.cpp (-mtp), and drafts for requests sent through the router
-`llamactl serve` runs: judged by what the engine itself reports (mainline: the response's timings.draft_n and its
+`llamactl serve` runs (in-process, and as the daemon process itself): judged by what the engine itself reports (mainline: the response's timings.draft_n and its
 acceptance log line; ik: its acceptance log line)."""
 
 from __future__ import annotations
@@ -84,3 +84,19 @@ def test_ik_drafts_with_the_models_mtp_layer_through_the_router(monkeypatch, wri
                  what="the router's drafted-token counter")
     finally:
         server.stop()
+
+
+def test_llamactl_serve_as_a_process_serves_an_mtp_profile_that_drafts(monkeypatch, write_profile, home, tmp_path):
+    """The same through `llamactl serve` run as the daemon it is: its own process, its router, its engine."""
+    from tests.test_service_daemon import Daemon
+
+    monkeypatch.setenv(ENGINE_ENV["llama.cpp"], str(require_engine("llama.cpp")))
+    mtp_profile(write_profile, write_glm4moe_mtp(tmp_path / "glm.gguf"), "llama.cpp")
+    daemon = Daemon(tmp_path, "--profile", "glm")
+    try:
+        r = httpx.post(f"{daemon.url}/completion", timeout=300, json={
+            "model": "glm", "prompt": PROMPT, "n_predict": 16, "temperature": 0, "cache_prompt": False})
+        assert r.status_code == 200, r.text
+        assert r.json()["timings"]["draft_n"] > 0, r.json()["timings"]
+    finally:
+        assert daemon.stop() == 0
