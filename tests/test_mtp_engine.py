@@ -1,8 +1,8 @@
 """MTP speculation that really runs: a tiny GLM-4.5-style model with one NextN block (tests/mtp_gguf.py, random
 weights, so acceptance means nothing) starts with `[speculation] type = "mtp"` on the pinned mainline
 (--spec-type draft-mtp) and on the pinned ik_llama.cpp (-mtp), and drafts for requests sent through the router
-`llamactl serve` runs (in-process, and as the daemon process itself): judged by what the engine itself reports (mainline: the response's timings.draft_n and its
-acceptance log line; ik: its acceptance log line)."""
+`llamactl serve` runs (in-process, and as the daemon process itself): judged by what the engine itself reports
+(mainline: the response's timings.draft_n and its acceptance log line; ik: its acceptance log line)."""
 
 from __future__ import annotations
 
