@@ -136,6 +136,12 @@ class Speculation(_Strict):
     def uses_draft_model(self) -> bool:
         return self.type == "draft"
 
+    @property
+    def uses_draft_context(self) -> bool:
+        """A second context beside the target's: a draft model's, or MTP's (the target's NextN layers, with
+        their own KV cache). Mainline sizes its KV with draft_cache_type_k / _v."""
+        return self.type in ("draft", "mtp")
+
 
 class Cache(_Strict):
     """The prompt cache that outlives the engine: slots saved to disk before llamactl stops the engine, restored

@@ -58,9 +58,17 @@ class Case:
     parallel: int | None = None
     draft: Path | None = None
     flash_attn: str = "on"
+    mtp: bool = False  # draft with the model's own NextN layers (--spec-type draft-mtp)
+    draft_kv: str | None = None  # the draft / MTP context's cache type (-ctkd / -ctvd); None: the engine's default
+
+    @property
+    def n_contexts(self) -> int:
+        return 2 if self.draft or self.mtp else 1
 
     def profile(self) -> Profile:
         spec = Speculation(type="draft", draft_model=str(self.draft)) if self.draft else Speculation()
+        if self.mtp:
+            spec = Speculation(type="mtp", draft_cache_type_k=self.draft_kv, draft_cache_type_v=self.draft_kv)
         return Profile(name=self.label, model=str(self.model), ctx_size=self.ctx, cache_type_k=self.kv,
                        cache_type_v=self.kv, flash_attn=self.flash_attn, parallel=self.parallel, gpus=[],
                        speculation=spec)
@@ -73,6 +81,10 @@ class Case:
             a += ["-np", str(self.parallel)]
         if self.draft:
             a += ["-md", str(self.draft), "--spec-type", "draft-simple", "-ngld", "0"]
+        if self.mtp:
+            a += ["--spec-type", "draft-mtp"]
+        if self.draft_kv:
+            a += ["-ctkd", self.draft_kv, "-ctvd", self.draft_kv]
         return a
 
 
@@ -107,9 +119,9 @@ def planned(case: Case) -> tuple[dict[str, float], dict[str, float] | None]:
     t = {"model": cpu.weights / MIB, "kv": cpu.kv / MIB, "compute": cpu.compute / MIB,
          "output": target.n_vocab * plan.ctx.n_seq * 4 / MIB}
     d = None
-    if draft is not None:
+    if draft is not None or case.mtp:  # the MTP context: no weights of its own, logits for one row per slot
         d = {"model": cpu.draft_weights / MIB, "kv": cpu.draft_kv / MIB, "compute": cpu.draft_compute / MIB,
-             "output": draft.n_vocab * plan.ctx.n_seq * 4 / MIB}
+             "output": (draft or target).n_vocab * plan.ctx.n_seq * 4 / MIB}
     return t, d
 
 
@@ -120,6 +132,7 @@ def actual_dict(a: ActualMemory) -> dict[str, float]:
 
 def cases(tmp: Path, quick: bool) -> list[Case]:
     import synth_gguf as s
+    from mtp_gguf import MTP_BENCH_SHAPE, write_glm4moe_mtp
 
     models = {}
     try:
@@ -148,6 +161,11 @@ def cases(tmp: Path, quick: bool) -> list[Case]:
         out.append(Case("gemma3-270m + itself as draft", real, 65536, "q8_0", parallel=1, draft=real))
     out.append(Case("llama GQA + gemma3 SWA draft", models["llama GQA (synth)"], 32768, "f16", parallel=1,
                     draft=models["gemma3 SWA (synth)"]))
+    glm = write_glm4moe_mtp(tmp / "glm4moe-mtp.gguf", **MTP_BENCH_SHAPE)
+    out.append(Case("glm4moe, MTP off (synth)", glm, 32768, "f16", parallel=1))
+    out.append(Case("glm4moe + its MTP layer (synth)", glm, 32768, "f16", parallel=1, mtp=True))
+    out.append(Case("glm4moe + its MTP layer, MTP KV q4_0 (synth)", glm, 65536, "q8_0", parallel=2, mtp=True,
+                    draft_kv="q4_0"))
     return out
 
 
@@ -168,12 +186,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmp:
         for case in cases(Path(tmp), args.quick):
             est_t, est_d = planned(case)
-            acts, tail = run_engine(case.argv(binary), 2 if case.draft else 1)
+            acts, tail = run_engine(case.argv(binary), case.n_contexts)
             if not acts:
                 print(f"{case.label} ctx {case.ctx} {case.kv}: engine reported nothing\n{tail}", file=sys.stderr)
                 rows.append((case, "target", None, est_t))
                 continue
-            for role, est, act in (("target", est_t, acts[0]), ("draft", est_d, acts[1] if len(acts) > 1 else None)):
+            second = "MTP" if case.mtp else "draft"  # the MTP context: the target's NextN layers' own context
+            for role, est, act in (("target", est_t, acts[0]), (second, est_d, acts[1] if len(acts) > 1 else None)):
                 if est is None:
                     continue
                 a = actual_dict(act) if act else None

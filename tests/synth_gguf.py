@@ -42,6 +42,30 @@ def _vocab(w: GGUFWriter, n_vocab: int, fim: bool = False) -> None:
     w.add_add_bos_token(True)
 
 
+def _ascii_vocab(w: GGUFWriter, n_vocab: int) -> None:
+    """An SPM vocabulary of text only: the space marker, printable ASCII, newline and tab, then letter pairs. Every
+    token decodes to whole UTF-8 (no byte tokens: an engine answering with a lone byte token can fail to encode
+    it; the pinned ik_llama.cpp answers 500). ASCII prompts only: a character outside it has no token."""
+    import itertools
+    import string
+
+    tokens = ["<unk>", "<s>", "</s>", "\u2581", "\n", "\t"] + [chr(c) for c in range(0x21, 0x7F)]
+    pairs = ("".join(p) for p in itertools.product(string.ascii_lowercase, repeat=2))
+    tokens += list(itertools.islice(pairs, max(0, n_vocab - len(tokens))))
+    if len(tokens) < n_vocab:
+        raise ValueError(f"an ASCII vocabulary holds at most {len(tokens)} tokens, not {n_vocab}")
+    tokens = tokens[:n_vocab]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 4 + [-1.0] * (n_vocab - 4))
+    w.add_token_types([2, 3, 3] + [1] * (n_vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+
+
 class _Model:
     def __init__(self, path: Path, arch: str, name: str, wtype: Any = F16) -> None:
         self.w = GGUFWriter(str(path), arch)
@@ -74,10 +98,24 @@ class _Model:
         self.t(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
         self.t(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
 
-    def write(self, n_vocab: int, fim: bool = False) -> None:
-        _vocab(self.w, n_vocab, fim)
+    def write(self, n_vocab: int, fim: bool = False, seed: int | None = None, ascii_vocab: bool = False) -> None:
+        """Zero weights, or with `seed` random ones (norm weights near 1, the rest small): a model whose
+        outputs differ from token to token, for engines that must run more than a forward pass of zeros.
+        `ascii_vocab`: text tokens only (_ascii_vocab), not the byte tokens."""
+        if ascii_vocab:
+            _ascii_vocab(self.w, n_vocab)
+        else:
+            _vocab(self.w, n_vocab, fim)
+        rng = None if seed is None else np.random.default_rng(seed)
         for name, ne, dtype in self.tensors:
-            self.w.add_tensor(name, np.zeros(tuple(reversed(ne)), dtype=dtype))
+            shape = tuple(reversed(ne))
+            if rng is None:
+                data = np.zeros(shape, dtype=dtype)
+            elif "norm" in name:
+                data = (1.0 + 0.1 * rng.standard_normal(shape)).astype(dtype)
+            else:
+                data = (0.2 * rng.standard_normal(shape)).astype(dtype)
+            self.w.add_tensor(name, data)
         self.w.write_header_to_file()
         self.w.write_kv_data_to_file()
         self.w.write_tensors_to_file()

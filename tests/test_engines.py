@@ -41,6 +41,8 @@ MAINLINE_HELP = """
 --spec-draft-n-max N
 --spec-draft-n-min N
 --spec-draft-p-min P
+--spec-draft-type-k, -ctkd, --cache-type-k-draft TYPE
+--spec-draft-type-v, -ctvd, --cache-type-v-draft TYPE
 --spec-ngram-mod-n-max N
 --metrics
 """
@@ -123,6 +125,21 @@ def test_mainline_ngram_mod_uses_its_own_n_max():
     argv = mainline.build_argv(profile(speculation={"type": "ngram-mod", "n_max": 32}), caps(MAINLINE_HELP), inputs())
     assert flag_value(argv, "--spec-type") == "ngram-mod"
     assert flag_value(argv, "--spec-ngram-mod-n-max") == "32"
+
+
+def test_mainline_mtp_runs_draft_mtp_with_the_draft_cache_types():
+    """MTP drafts from the target's NextN layers in a context of its own, whose KV takes the draft cache types."""
+    p = profile(speculation={"type": "mtp", "n_max": 2, "draft_cache_type_k": "q8_0", "draft_cache_type_v": "q8_0"})
+    argv = mainline.build_argv(p, caps(MAINLINE_HELP), inputs())
+    assert flag_value(argv, "--spec-type") == "draft-mtp" and flag_value(argv, "--spec-draft-n-max") == "2"
+    assert flag_value(argv, "--spec-draft-type-k") == "q8_0" and flag_value(argv, "--spec-draft-type-v") == "q8_0"
+    assert "--spec-draft-model" not in argv and "-md" not in argv
+
+
+def test_ik_legacy_mtp_is_its_own_flag():
+    argv = ik.build_argv(profile(engine="ik_llama.cpp", speculation={"type": "mtp", "n_max": 2}),
+                         caps(IK_LEGACY_HELP), inputs())
+    assert "-mtp" in argv and flag_value(argv, "--draft-max") == "2" and "--spec-type" not in argv
 
 
 def test_ik_legacy_uses_draft_max_and_no_spec_type_for_draft():

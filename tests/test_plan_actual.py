@@ -51,3 +51,45 @@ def test_the_breakdown_is_the_last_table_with_the_device_and_host_rows() -> None
 
 def test_no_breakdown_table_gives_no_rows() -> None:
     assert parse_memory_breakdown(CUDA_TARGET_AND_DRAFT) == []
+
+
+# The pinned mainline (CPU build, -lv 4) with --spec-type draft-mtp: the MTP context has no model buffer (it runs
+# on the target's weights) and reserves its graph twice, at the same size.
+MTP_CONTEXT = """\
+0.00.041.279 I load_tensors:   CPU_Mapped model buffer size =     0.33 MiB
+0.00.041.647 I llama_context:        CPU  output buffer size =     0.00 MiB
+0.00.041.675 I llama_kv_cache:        CPU KV buffer size =     0.25 MiB
+0.00.042.629 I sched_reserve:        CPU compute buffer size =     2.01 MiB
+0.00.664.563 I common_speculative_init_result: creating MTP draft context against the target model '/m/glm.gguf'
+0.00.665.004 I llama_context:        CPU  output buffer size =     0.00 MiB
+0.00.665.377 I llama_kv_cache:        CPU KV buffer size =     0.12 MiB
+0.00.685.351 I sched_reserve:        CPU compute buffer size =     1.51 MiB
+0.01.340.217 I spec common_specu: adding speculative implementation 'draft-mtp'
+0.01.341.483 I sched_reserve:        CPU compute buffer size =     1.51 MiB
+""".splitlines()
+
+
+def test_the_mtp_context_is_a_context_of_its_own_without_weights_and_its_second_reserve_is_not_added() -> None:
+    target, mtp = parse_memory_log(MTP_CONTEXT)
+    assert target.model == {"CPU_Mapped": 0.33} and target.kv == {"CPU": 0.25} and target.compute == {"CPU": 2.01}
+    assert mtp.model == {} and mtp.kv == {"CPU": 0.12} and mtp.compute == {"CPU": 1.51}
+
+
+# The pinned ik_llama.cpp with -mtp (CPU build): its weights line has no "model", its MTP context follows.
+IK_MTP = """\
+llm_load_tensors:        CPU buffer size =     4.14 MiB
+llama_kv_cache_init:        CPU KV buffer size =    24.00 MiB
+llama_init_from_model: KV self size  =   24.00 MiB, K (f16):   12.00 MiB, V (f16):   12.00 MiB
+llama_init_from_model:        CPU  output buffer size =     0.00 MiB
+Free memory 0 MiB on device 0 is less the required compute buffer size 3.5 MiB
+llama_init_from_model:        CPU compute buffer size =    36.00 MiB
+llama_kv_cache_init:        CPU KV buffer size =     8.00 MiB
+llama_init_from_model:        CPU  output buffer size =     0.00 MiB
+llama_init_from_model:        CPU compute buffer size =    34.51 MiB
+""".splitlines()
+
+
+def test_iks_weights_line_and_its_mtp_context() -> None:
+    target, mtp = parse_memory_log(IK_MTP)
+    assert target.model == {"CPU": 4.14} and target.kv == {"CPU": 24.0} and target.compute == {"CPU": 36.0}
+    assert mtp.model == {} and mtp.kv == {"CPU": 8.0} and mtp.compute == {"CPU": 34.51}

@@ -39,7 +39,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _check(bench, binary: Path, case) -> None:
     est_t, est_d = bench.planned(case)
-    actual, tail = bench.run_engine(case.argv(binary), 2 if case.draft else 1)
+    actual, tail = bench.run_engine(case.argv(binary), case.n_contexts)
     assert actual, f"llama-server reported no buffers:\n{tail}"
     for est, act in ((est_t, actual[0]), (est_d, actual[1] if len(actual) > 1 else None)):
         if est is None:

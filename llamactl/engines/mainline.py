@@ -49,6 +49,7 @@ def _add_speculation(b: ArgvBuilder, profile: Profile, inputs: LaunchInputs) -> 
         devices = draft_devices(profile)
         if devices:
             b.add("speculation.draft_gpus", ("--spec-draft-device", "-devd", "--device-draft"), ",".join(devices))
+    if spec.uses_draft_context:  # a draft model's context, or the MTP context on the target's weights
         if spec.draft_cache_type_k:
             b.add("speculation.draft_cache_type_k", ("--spec-draft-type-k", "-ctkd"), spec.draft_cache_type_k)
         if spec.draft_cache_type_v:

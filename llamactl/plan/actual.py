@@ -1,5 +1,6 @@
 """The engine's own memory accounting, parsed from llama-server's log (-lv 4 on mainline; ik prints
-the same lines unconditionally). Pure: lines in, numbers out. Used to check estimates.
+the same lines unconditionally, its weights as "llm_load_tensors: CPU buffer size = ..."). Pure: lines in, numbers
+out. Used to check estimates.
 
 Lines (src/llama-model.cpp, llama-kv-cache.cpp, llama-memory-recurrent.cpp, llama-context.cpp):
   load_tensors:   CPU_Mapped model buffer size =   235.16 MiB
@@ -7,7 +8,7 @@ Lines (src/llama-model.cpp, llama-kv-cache.cpp, llama-memory-recurrent.cpp, llam
   llama_memory_recurrent:        CPU RS buffer size =     1.50 MiB
   llama_context:        CPU  output buffer size =     4.00 MiB
   sched_reserve:        CPU compute buffer size =    28.27 MiB
-The draft model repeats the set after the target's. On a CUDA build the same lines name CUDA0, CUDA1, ...
+The draft model repeats the set after the target's; an MTP context repeats it without the model buffer. On a CUDA build the same lines name CUDA0, CUDA1, ...
 and CUDA_Host (pinned host memory: the output buffer, the host side of the compute graph).
 
 At exit (and during --fit's probes) common_memory_breakdown_print adds a table (common/fit.cpp):
@@ -26,6 +27,8 @@ _LINE = re.compile(
     r"(?P<what>model buffer size|KV buffer size|RS buffer size|output buffer size|compute buffer size)"
     r"\s*=\s*(?P<mib>[0-9.]+)\s*MiB"
 )
+# ik_llama.cpp names its weights "llm_load_tensors:        CPU buffer size =     4.14 MiB".
+_IK_MODEL = re.compile(r"llm_load_tensors:\s+(?P<dev>\S+) buffer size\s*=\s*(?P<mib>[0-9.]+)\s*MiB")
 _DEVICE = re.compile(r":\s+(?P<dev>\S+)\s+(?:model|KV|RS|output|compute|buffer)")
 _KIND = {"model buffer size": "model", "KV buffer size": "kv", "RS buffer size": "kv",
          "output buffer size": "output", "compute buffer size": "compute"}
@@ -49,21 +52,27 @@ class ActualMemory:
 
 
 def parse_memory_log(lines: list[str]) -> list[ActualMemory]:
-    """Buffers per model in load order (target first, then the draft)."""
+    """Buffers per context in load order: the target first, then the draft model's, or the MTP context's (which
+    has no model buffer of its own: it runs on the target's weights). A context ends with its compute buffers; a
+    context that reserves its graph again (mainline's MTP context does, at the same size) reports each device's
+    compute buffer once, at its largest."""
     models: list[ActualMemory] = []
     current: ActualMemory | None = None
     for line in lines:
-        m = _LINE.search(line)
-        if not m:
+        if ik := _IK_MODEL.search(line):
+            kind, dev, mib_text = "model", ik.group("dev"), ik.group("mib")
+        elif m := _LINE.search(line):
+            kind = _KIND[m.group("what")]
+            d = _DEVICE.search(line[: m.end()])
+            dev, mib_text = (d.group("dev") if d else "?"), m.group("mib")
+        else:
             continue
-        kind = _KIND[m.group("what")]
-        d = _DEVICE.search(line[: m.end()])
-        dev = d.group("dev") if d else "?"
-        if current is None or (kind == "model" and current.compute):
+        if current is None or (kind != "compute" and current.compute):
             current = ActualMemory()
             models.append(current)
         bucket = getattr(current, kind)
-        bucket[dev] = bucket.get(dev, 0.0) + float(m.group("mib"))
+        mib = float(mib_text)
+        bucket[dev] = max(bucket.get(dev, 0.0), mib) if kind == "compute" else bucket.get(dev, 0.0) + mib
     return models
 
 

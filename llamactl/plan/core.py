@@ -15,6 +15,7 @@ from typing import Any
 
 from llamactl.engines import facts as engine_facts
 from llamactl.gpus import GpuInventory
+from llamactl.plan import mtp
 from llamactl.plan.estimate import ContextParams
 from llamactl.plan.model import ModelSpec
 from llamactl.plan.placement import (
@@ -24,6 +25,7 @@ from llamactl.plan.placement import (
     DeviceUse,
     ModelLoad,
     apply_draft,
+    apply_mtp,
     apply_target,
     auto_counts,
     capacities,
@@ -59,7 +61,8 @@ def _has_flag(profile: Profile, *flags: str) -> bool:
 
 def resolve_ctx(profile: Profile, spec: ModelSpec, *, draft: bool = False,
                 target_swa: bool | None = None) -> ContextParams:
-    """The context llama-server will build for this profile (see reference/llama-server.md). `target_swa`: whether
+    """The context llama-server will build for this profile (see reference/llama-server.md); `draft`: the draft
+    model's, or the MTP context's (speculation.type = 'mtp', `spec` the target). `target_swa`: whether
     the target model has sliding-window layers (for a draft's context; the spec's own otherwise): the prompt
     cache's --swa-full follows the target and applies to both contexts."""
     mainline = profile.engine == "llama.cpp"
@@ -72,7 +75,10 @@ def resolve_ctx(profile: Profile, spec: ModelSpec, *, draft: bool = False,
     n_batch = profile.batch_size or 2048
     n_ubatch = min(profile.ubatch_size or 512, n_batch)
     sp = profile.speculation
-    if draft:
+    if draft and sp.type == "mtp" and not engine_facts.mtp_uses_draft_cache_types(profile.engine):
+        type_k, type_v = profile.cache_type_k, profile.cache_type_v
+        n_outputs = n_seq
+    elif draft:
         type_k = sp.draft_cache_type_k or ("f16" if mainline else profile.cache_type_k)
         type_v = sp.draft_cache_type_v or ("f16" if mainline else profile.cache_type_v)
         n_outputs = n_seq
@@ -370,6 +376,12 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
     all_gpus, host = _slots(inventory)
     problems: list[str] = []
     notes: list[str] = []
+    if why := mtp.problem(profile, target):
+        problems.append(why)
+    mspec = mtp.context_spec(target) if mtp.is_on(profile) and target.n_nextn else None
+    if why := mtp.ignored_keys(profile):
+        notes.append(why)
+    target = mtp.target_view(target, profile)
     ctx = resolve_ctx(profile, target)
     dctx = resolve_ctx(profile, draft, draft=True, target_swa=target.has_swa) if draft is not None else None
     if knobs.n_ctx is not None:
@@ -379,6 +391,10 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
     cpu_moe = cpu_moe_layers(profile, target.n_layer) if knobs.cpu_moe is None else knobs.cpu_moe
     tload = ModelLoad.build(target, ctx, cpu_extra_weights=target.cpu_repack_bytes, cpu_moe_layers=cpu_moe)
     dload = ModelLoad.build(draft, dctx, cpu_extra_weights=draft.cpu_repack_bytes) if draft and dctx else None
+    mload = None
+    if mspec is not None:
+        mload = ModelLoad.build(mspec, replace(resolve_ctx(profile, mspec, draft=True), n_ctx=ctx.n_ctx))
+        tload = tload.with_mtp(mload)
     if inventory.note:
         notes.append(inventory.note)
 
@@ -433,7 +449,7 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
     best: Plan | None = None
     for dgpus in draft_options:
         candidate = _place_target(profile, tload, dload, cands, dgpus, dngl if dgpus else 0, ngl_req, host,
-                                  margin_mib, explicit_gpus, inventory, ctx, dctx)
+                                  margin_mib, explicit_gpus, inventory, ctx, dctx, mload)
         candidate.problems[:0] = problems
         candidate.notes[:0] = notes
         if best is None or _better(candidate, best):
@@ -509,7 +525,7 @@ def _choose_order(tload: ModelLoad, gpus: list[DeviceSlot], caps: list[int], ngl
 def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, cands: list[DeviceSlot],
                   dgpus: list[DeviceSlot], dngl: int, ngl_req: int | None, host: DeviceSlot, margin_mib: int,
                   explicit_gpus: bool, inventory: GpuInventory, ctx: ContextParams,
-                  dctx: ContextParams | None) -> Plan:
+                  dctx: ContextParams | None, mload: ModelLoad | None = None) -> Plan:
     n = tload.n_layer
     auto = places_automatically(profile)
     if not dngl:
@@ -571,6 +587,8 @@ def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, c
 
     uses_map = fresh_uses(gpus, host)
     apply_target(uses_map, gpus, tload, assign)
+    if mload is not None:
+        apply_mtp(uses_map, gpus, mload, assign)
     draft_gpu_ids: list[int] | None = None
     if dload is not None:
         dpos = {g.key: i for i, g in enumerate(gpus)}
@@ -584,7 +602,8 @@ def _place_target(profile: Profile, tload: ModelLoad, dload: ModelLoad | None, c
         notes = []
 
     return Plan(
-        profile=profile, target=tload.spec, draft=None if dload is None else dload.spec, ctx=ctx, draft_ctx=dctx,
+        profile=profile, target=tload.spec, draft=None if dload is None else dload.spec, ctx=ctx,
+        draft_ctx=mload.ctx if mload is not None else dctx,
         uses=uses, margin_mib=margin_mib, n_gpu_layers=ngl if gpus else 0,
         gpus=[g.gpu_index for g in gpus if g.gpu_index is not None],
         tensor_split=counts if gpus and (len(gpus) > 1 or gpus[0].remote) else None,

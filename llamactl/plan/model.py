@@ -54,6 +54,7 @@ class ModelSpec:
     layer_repack_bytes: tuple[int, ...] = ()  # the same, per layer (the CPU's layers of a partial offload)
     n_expert: int = 0
     n_expert_used: int = 0
+    n_nextn: int = 0  # the last n_nextn blocks are NextN / MTP heads (`nextn_predict_layers`)
 
     @property
     def total_weight_bytes(self) -> int:
@@ -213,4 +214,5 @@ def spec_from_gguf(g: GGUFFile) -> ModelSpec:
         layer_repack_bytes=tuple(layer_repack),
         n_expert=n_expert,
         n_expert_used=n_expert_used,
+        n_nextn=min(int(g.get("nextn_predict_layers", 0) or 0), n_layer),
     )

@@ -9,7 +9,7 @@ as per-device layer counts therefore lands exactly those layers on each device.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llamactl.plan.estimate import MIB, ContextParams, compute_bytes, layer_costs, output_buffer_bytes
 from llamactl.plan.model import ModelSpec
@@ -81,6 +81,7 @@ class ModelLoad:
     compute_gpu_extra: int = 0
     cpu_extra_weights: int = 0  # e.g. repacked copies on the CPU backend
     layer_cpu_weights: tuple[int, ...] = ()  # per layer, weights kept on the CPU anyway (MoE experts)
+    output_extra: int = 0  # what the search keeps free beside the output layer (the MTP context's compute)
 
     @classmethod
     def build(cls, spec: ModelSpec, ctx: ContextParams, cpu_extra_weights: int = 0,
@@ -102,6 +103,12 @@ class ModelLoad:
     @property
     def n_layer(self) -> int:
         return self.spec.n_layer
+
+    def with_mtp(self, mtp: "ModelLoad") -> "ModelLoad":
+        """This target as the placement search sees it beside its MTP context: each NextN layer carries its KV
+        there too, the output layer the context's compute (apply_mtp books them)."""
+        return replace(self, layer_cost=tuple(c + k for c, k in zip(self.layer_cost, mtp.layer_kv)),
+                       output_extra=mtp.compute_base + mtp.compute_output + mtp.compute_gpu_extra)
 
 
 def layer_devices(n_layer: int, ngl: int, split: list[float]) -> list[int | None]:
@@ -190,6 +197,30 @@ def _apply(uses: dict[str, DeviceUse], gpus: list[DeviceSlot], load: ModelLoad,
     cpu.output += load.output_buffer
 
 
+def apply_mtp(uses: dict[str, DeviceUse], gpus: list[DeviceSlot], load: ModelLoad,
+              assign: list[int | None]) -> None:
+    """Add the MTP context (`load`: plan.mtp.context_spec and its context) for the target's layer assignment, as
+    draft memory: the NextN layers' KV on their devices, its compute where its graph runs (those layers' devices
+    and the output layer's, which computes its logits; the host builds the inputs), its logits buffer on the host."""
+    spec = load.spec
+    n = spec.n_layer
+
+    def key(il: int) -> str:
+        return CPU if assign[il] is None else gpus[assign[il]].key
+
+    nextn = range(n - spec.n_nextn, n)
+    for il in nextn:
+        uses[key(il)].draft_kv += load.layer_kv[il]
+    out_key = key(n)
+    graph = {key(il) for il in nextn} | {out_key}
+    for k in graph:
+        uses[k].draft_compute += (load.compute_base + (load.compute_output if k == out_key else 0)
+                                  + (load.compute_gpu_extra if k != CPU else 0))
+    if CPU not in graph:
+        uses[CPU].draft_compute += load.ctx.n_ubatch * spec.n_embd * 4 * 2
+    uses[CPU].output += load.output_buffer
+
+
 def fresh_uses(gpus: list[DeviceSlot], host: DeviceSlot) -> dict[str, DeviceUse]:
     uses = {g.key: DeviceUse(g, overhead=GPU_OVERHEAD_MIB * MIB) for g in gpus}
     uses[CPU] = DeviceUse(host)
@@ -211,7 +242,8 @@ def _gpu_costs(load: ModelLoad, ngl: int) -> tuple[list[int], int]:
     GPU holding layers pays."""
     n = load.n_layer
     first = max(n + 1 - ngl, 0)
-    costs = [load.layer_cost[il] for il in range(first, n)] + [load.spec.output_bytes + load.compute_output]
+    costs = [load.layer_cost[il] for il in range(first, n)] + [
+        load.spec.output_bytes + load.compute_output + load.output_extra]
     return costs, load.compute_base + load.compute_gpu_extra
 
 

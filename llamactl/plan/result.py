@@ -45,7 +45,7 @@ class Plan:
     target: ModelSpec
     draft: ModelSpec | None
     ctx: ContextParams
-    draft_ctx: ContextParams | None
+    draft_ctx: ContextParams | None  # the draft model's context, or the MTP context's
     uses: list[DeviceUse]
     margin_mib: int
     n_gpu_layers: int
@@ -176,7 +176,10 @@ class Plan:
             "engine": self.profile.engine,
             "fits": self.fits,
             "model": {"name": self.target.name, "architecture": self.target.architecture,
-                      "n_layer": self.target.n_layer, "file_mib": _mib(self.target.file_size_bytes)},
+                      "n_layer": self.target.n_layer, "n_nextn": self.target.n_nextn,
+                      "file_mib": _mib(self.target.file_size_bytes)},
+            "mtp": None if self.profile.speculation.type != "mtp" or self.draft_ctx is None else {
+                "n_nextn": self.target.n_nextn, "type_k": self.draft_ctx.type_k, "type_v": self.draft_ctx.type_v},
             "draft_model": None if self.draft is None else {
                 "name": self.draft.name, "architecture": self.draft.architecture,
                 "n_layer": self.draft.n_layer, "file_mib": _mib(self.draft.file_size_bytes)},
@@ -212,6 +215,14 @@ class Plan:
         if self.draft is not None:
             lines.append(f"  draft: {self.draft.name} ({self.draft.architecture}, {self.draft.n_layer} layers, "
                          f"{_mib(self.draft.file_size_bytes)} MiB)")
+        if self.profile.speculation.type == "mtp" and t.n_nextn and self.draft_ctx is not None:
+            d = self.draft_ctx
+            lines.append(f"  MTP: the model's {t.n_nextn} NextN layer{'s' if t.n_nextn > 1 else ''} draft (weights "
+                         f"with the target's), in a context of their own with KV {d.type_k}/{d.type_v} "
+                         "(the 'draft' column)")
+        elif t.n_nextn:
+            lines.append(f"  MTP: off; the engine skips the model's {t.n_nextn} NextN layer"
+                         f"{'s' if t.n_nextn > 1 else ''} (speculation.type = 'mtp' drafts with them)")
         slots = f"{c.n_seq} slots, " + ("unified KV" if c.unified else "KV split per slot")
         lines.append(f"  context: {c.n_ctx} tokens ({slots}), KV {c.type_k}/{c.type_v}, "
                      f"flash attention {'on' if c.flash_attn else 'off'}, ubatch {c.n_ubatch}")
@@ -269,12 +280,13 @@ class Plan:
                 lines.append(f"  problem: {p}")
             for u in self.uses:
                 short = self.shortfall(u)
-                if short:
-                    where = f" {u.device.name}" if u.device.remote else ""
+                if not short:
+                    continue
+                where = f" {u.device.name}" if u.device.remote else ""
                 lines.append(f"  {u.device.key}{where}: short by {_mib(short)} MiB "
-                                 f"(needs {_mib(u.total)} MiB"
-                                 + (f" + {self.margin_mib} MiB margin" if u.device.is_gpu else "")
-                                 + f", {u.device.free_mib} MiB free)")
+                             f"(needs {_mib(u.total)} MiB"
+                             + (f" + {self.margin_mib} MiB margin" if u.device.is_gpu else "")
+                             + f", {u.device.free_mib} MiB free)")
             if self.suggestions:
                 lines.append("  changes that would make it fit:" if any(s.fits for s in self.suggestions)
                              else "  no single change makes it fit; closest:")

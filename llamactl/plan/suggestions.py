@@ -148,6 +148,8 @@ def _single_changes(given: SuggestionInput, trials: Trials) -> Iterator[Tried | 
         yield _if_fits(trials.run(_cpu_only(given.profile), "gpus = [] (the CPU only)"))
     if given.draft is not None and given.profile.speculation.uses_draft_model:
         yield trials.run({"speculation": Speculation()}, "no draft model (speculation.type = 'none')")
+    if given.profile.speculation.type == "mtp":
+        yield trials.run({"speculation": Speculation()}, "no MTP (speculation.type = 'none')")
 
 
 def _if_fits(t: Tried | None) -> Tried | None:
