@@ -39,7 +39,12 @@ requests go there, if that member is loaded (a switch is a drain) or its reload 
 `explore_share` of the work waiting: evidence for every member, and a reload only where finding out could change the choice (a drafter accepting `explore_acceptance_hope`
 more than its estimate, or the plain member `explore_optimism` times faster, would win the work queued), or for the long run: were it as fast as hoped, it would win the long-run mix by
 the hysteresis and repay the round trip over `explore_horizon_s`, within the lane's exploration budget (a
-member reloaded so serves a short trial of every class). Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
+member reloaded so serves a short trial of every class; the budget is `explore_share` of the time served, less
+what exploring cost, plus the same share of the work already queued). A plain member hoped faster is hoped so on
+every class (its speed hardly depends on the content), and, never measured, as fast as its drafters' own
+speed-against-acceptance line says at the model's break-even (`fit_min_spread`): the model's figure for it is
+the drafters' figure divided by the model's speed-up, which is far off for a drafter that gains or loses more
+steeply than the model. Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
 model is fitted to llama-server's n-gram speculation on a CPU (reference: 79 vs 63 tok/s at acceptance
 0.65, 54 vs 68 tok/s at acceptance 0.10), break-even near acceptance 0.35.
 """
@@ -94,6 +99,12 @@ class PolicyConfig:
     # compute-bound engines). Only requests actually queued run together: the horizon's guessed future
     # arrivals come one after another.
     slot_gain: float = 1.0
+    # An unmeasured plain member's speed, as hoped when finding out about it: where the speed-up model derives it
+    # from a drafter's figures, the figures of different classes disagree about it once the drafter gains or
+    # loses more steeply than the model (a strong drafter). Its speed against acceptance, a line over classes
+    # this far apart in acceptance at least, read where the model breaks even, says what plain may run.
+    # 0.2: a fifth of the acceptance range; narrower, the line's slope is mostly noise (0.1-0.3 gave the same
+    # unseen results, seeds 0-19).
     fit_min_spread: float = 0.2
 
     def speedup(self, acceptance: float) -> float:
@@ -299,15 +310,21 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         if loaded and not state.members.get(member, False) and not unknown:
             continue  # a plain member's speed hardly depends on the content: measured elsewhere is known here
         for_run = unknown and run >= config.min_samples
-        for_long_run = unknown and 2 * switch_cost(state, config, member) <= _explore_budget_s(state, config, seconds)
+        budget = _explore_budget_s(state, config)
+        for_long_run = unknown and 2 * switch_cost(state, config, member) <= budget
         if loaded or (for_run and _worth_finding_out(state, config, cls, member)) or (
                 for_long_run and _pays_in_the_long_run(state, config, cls, member)):
+            why = "" if loaded or (for_run and _worth_finding_out(state, config, cls, member)) else (
+                f"; for the long run: hoped {_hopeful_speed(state, config, cls, member):.1f} tok/s on {cls}"
+                f"{'' if state.members.get(member, False) else ' and every class'}, a "
+                f"{2 * switch_cost(state, config, member):.0f}s round trip within a budget of {budget:.0f}s")
             return Decision(member, member != state.active,
-                            f"explore: {cls} has {ev.n.get(member, 0)} samples on {member}", seconds, explore=True)
+                            f"explore: {cls} has {ev.n.get(member, 0)} samples on {member}{why}", seconds,
+                            explore=True)
     return None
 
 
-def _explore_budget_s(state: GroupState, config: PolicyConfig, seconds: Mapping[str, float]) -> float:
+def _explore_budget_s(state: GroupState, config: PolicyConfig) -> float:
     """The lane's exploration budget (a share of the time served, less what exploring cost), plus the same share
     of the work already waiting (its expected seconds where it is served now): queued work is served whatever
     is chosen, and a share of it may go to finding out as a share of the work served may."""
