@@ -6,9 +6,10 @@
         them (the file's "gap_s" spaces them); --write OUT.json saves the scenario with its requests.
     .venv/bin/python scripts/sim_switching.py --table docs/sim --out docs/switching-sim.md
         every scenario in the folder under every workload, as Markdown tables, with the targets checked.
-    .venv/bin/python scripts/sim_switching.py --unseen N [--seed S]
+    .venv/bin/python scripts/sim_switching.py --unseen N [--seed S] [--why]
         N random per-process groups (llamactl/router/unseen.py: seeds S..S+N-1) under every workload: auto / best
-        fixed and the share of hindsight's gain captured, the worst cases; exit 1 if any is under 0.98x.
+        fixed and the share of hindsight's gain captured, the worst cases; exit 1 if any is under 0.98x. With
+        --why, every switch auto made in each run under 0.98x: when, after how many requests, and the reason.
 
 Prints total tok/s and switches for auto, each always-<member>, clairvoyant (every request on its fastest
 member, switches free: the upper bound) and, with one slot, hindsight (every future request known, switches
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llamactl.router.sim import Scenario, ScenarioError, compare, generate  # noqa: E402
+from llamactl.router.sim import Scenario, ScenarioError, compare, generate, run  # noqa: E402
 from llamactl.router.unseen import unseen_scenario  # noqa: E402
 
 WORKLOADS = ("phased", "mixed", "drifting")
@@ -114,9 +115,18 @@ def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
     return "\n".join(lines), all_ok
 
 
-def unseen(count: int, seed: int, n: int, phase: int) -> tuple[str, bool]:
+def switches(scenario: Scenario) -> list[str]:
+    """Auto's switches on `scenario`, one line each: virtual time, requests served so far, from -> to, the reason."""
+    kept: dict = {}
+    run(scenario, "auto", keep=kept)
+    return [f"    {s['t']:>7.1f}s after {s['served']:>3}: {s['from']} -> {s['to']} ({s['trigger']}): {s['reason']}"
+            for s in kept["switches"]]
+
+
+def unseen(count: int, seed: int, n: int, phase: int, why: bool = False) -> tuple[str, bool]:
     """Scenarios seed .. seed + count - 1 of llamactl/router/unseen.py under every workload: auto / best fixed and
-    the share of hindsight's gain captured, each, then the worst; ok when auto >= 1 - TOLERANCE everywhere."""
+    the share of hindsight's gain captured, each, then the worst; ok when auto >= 1 - TOLERANCE everywhere.
+    `why`: under each run below it, auto's switches and their reasons."""
     rows, worst = [], []
     for s in range(seed, seed + count):
         for workload in WORKLOADS:
@@ -128,6 +138,8 @@ def unseen(count: int, seed: int, n: int, phase: int) -> tuple[str, bool]:
             rows.append(f"seed {s:>4} {workload:<8} auto {auto:7.2f} ({result['auto']['switches']:>3} switches)  "
                         f"best fixed {fixed:7.2f}  hindsight {bound:7.2f}  auto / best fixed {ratio:.3f}  "
                         f"of hindsight's gain {_pct(reachable):>5}" + ("  BELOW" if ratio < 1 - TOLERANCE else ""))
+            if why and ratio < 1 - TOLERANCE:
+                rows += switches(unseen_scenario(s, workload, n=n, phase=phase))
     worst.sort()
     below = [w for w in worst if w[0] < 1 - TOLERANCE]
     rows += ["", f"{len(worst)} runs ({count} scenarios, seeds {seed}-{seed + count - 1}, x {len(WORKLOADS)} "
@@ -147,12 +159,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--unseen", type=int, metavar="N",
                     help="N random per-process groups (llamactl/router/unseen.py), seeds --seed.., every workload")
+    ap.add_argument("--why", action="store_true", help="with --unseen: auto's switches in each run under 0.98x")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--write", type=Path, help="save the scenario with its requests")
     args = ap.parse_args()
     try:
         if args.unseen:
-            text, ok = unseen(args.unseen, args.seed, args.n, args.phase)
+            text, ok = unseen(args.unseen, args.seed, args.n, args.phase, args.why)
             print(text)
             return 0 if ok else 1
         if args.table:

@@ -39,7 +39,12 @@ requests go there, if that member is loaded (a switch is a drain) or its reload 
 `explore_share` of the work waiting: evidence for every member, and a reload only where finding out could change the choice (a drafter accepting `explore_acceptance_hope`
 more than its estimate, or the plain member `explore_optimism` times faster, would win the work queued), or for the long run: were it as fast as hoped, it would win the long-run mix by
 the hysteresis and repay the round trip over `explore_horizon_s`, within the lane's exploration budget (a
-member reloaded so serves a short trial of every class). Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
+member reloaded so serves a short trial of every class; the budget is `explore_share` of the time served, less
+what exploring cost, plus the same share of the work already queued). A plain member hoped faster is hoped so on
+every class (its speed hardly depends on the content), and, never measured, as fast as its drafters' own
+speed-against-acceptance line says at the model's break-even (`fit_min_spread`): the model's figure for it is
+the drafters' figure divided by the model's speed-up, which is far off for a drafter that gains or loses more
+steeply than the model. Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
 model is fitted to llama-server's n-gram speculation on a CPU (reference: 79 vs 63 tok/s at acceptance
 0.65, 54 vs 68 tok/s at acceptance 0.10), break-even near acceptance 0.35.
 """
@@ -94,6 +99,13 @@ class PolicyConfig:
     # compute-bound engines). Only requests actually queued run together: the horizon's guessed future
     # arrivals come one after another.
     slot_gain: float = 1.0
+    # An unmeasured plain member's speed, as hoped when finding out about it: where the speed-up model derives it
+    # from a drafter's figures, the figures of different classes disagree about it once the drafter gains or
+    # loses more steeply than the model (a strong drafter). Its speed against acceptance, a line over classes
+    # this far apart in acceptance at least, read where the model breaks even, says what plain may run.
+    # 0.2: a fifth of the acceptance range; narrower, the line's slope is mostly noise (0.1-0.3 gave the same
+    # unseen results, seeds 0-19).
+    fit_min_spread: float = 0.2
 
     def speedup(self, acceptance: float) -> float:
         return max(0.05, self.speedup_intercept + self.speedup_slope * acceptance)
@@ -298,12 +310,27 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         if loaded and not state.members.get(member, False) and not unknown:
             continue  # a plain member's speed hardly depends on the content: measured elsewhere is known here
         for_run = unknown and run >= config.min_samples
-        for_long_run = unknown and 2 * switch_cost(state, config, member) <= state.explore_budget_s
+        budget = _explore_budget_s(state, config)
+        for_long_run = unknown and 2 * switch_cost(state, config, member) <= budget
         if loaded or (for_run and _worth_finding_out(state, config, cls, member)) or (
                 for_long_run and _pays_in_the_long_run(state, config, cls, member)):
+            why = "" if loaded or (for_run and _worth_finding_out(state, config, cls, member)) else (
+                f"; for the long run: hoped {_hopeful_speed(state, config, cls, member):.1f} tok/s on {cls}"
+                f"{'' if state.members.get(member, False) else ' and every class'}, a "
+                f"{2 * switch_cost(state, config, member):.0f}s round trip within a budget of {budget:.0f}s")
             return Decision(member, member != state.active,
-                            f"explore: {cls} has {ev.n.get(member, 0)} samples on {member}", seconds, explore=True)
+                            f"explore: {cls} has {ev.n.get(member, 0)} samples on {member}{why}", seconds,
+                            explore=True)
     return None
+
+
+def _explore_budget_s(state: GroupState, config: PolicyConfig) -> float:
+    """The lane's exploration budget (a share of the time served, less what exploring cost), plus the same share
+    of the work already waiting (its expected seconds where it is served now): queued work is served whatever
+    is chosen, and a share of it may go to finding out as a share of the work served may."""
+    queued = {c: float(n) for c, n in state.queued.items() if n > 0}
+    waiting = _work_seconds(state, config, queued, state.active) if queued and state.active else 0.0
+    return state.explore_budget_s + config.explore_share * waiting
 
 
 def _worth_finding_out(state: GroupState, config: PolicyConfig, cls: str, member: str) -> bool:
@@ -322,7 +349,9 @@ def _pays_in_the_long_run(state: GroupState, config: PolicyConfig, cls: str, mem
     mix = {c: n for c, n in state.mix.items() if n > 0}
     if not mix.get(cls):
         return False
-    hoping = replace(state, hopeful={(cls, member): _hopeful_speed(state, config, cls, member)})
+    # A plain member's speed hardly depends on the content: hoped faster on one class, it is hoped so on all.
+    hoped_on = list(mix) if not state.members.get(member, False) else [cls]
+    hoping = replace(state, hopeful={(c, member): _hopeful_speed(state, config, c, member) for c in hoped_on})
 
     now = {m: _work_seconds(state, config, mix, m) for m in state.members}
     best_now = min(v for m, v in now.items() if m != member)
@@ -350,6 +379,9 @@ def _hopeful_speed(state: GroupState, config: PolicyConfig, cls: str, member: st
             hopeful = max(hopeful, peer * config.explore_optimism)
     else:
         hopeful = speed(cls, member, state.evidence, config, state.members) * config.explore_optimism
+        fitted = _plain_from_drafters_fit(state.evidence, state.members, config)
+        if fitted is not None and not _plain_measured(state.evidence, state.members, config):
+            hopeful = max(hopeful, fitted)
         # Speculation that accepts most of its drafts is not slower than decoding without it: the plain
         # member is no hope for a class a speculative member serves well.
         good = [v for m, v in ev.tok_s.items() if state.members.get(m) and ev.n.get(m, 0) >= config.min_samples
@@ -357,6 +389,42 @@ def _hopeful_speed(state: GroupState, config: PolicyConfig, cls: str, member: st
         if good:
             hopeful = min(hopeful, max(good))
     return hopeful
+
+
+def _plain_measured(evidence: Mapping[str, ClassEvidence], members: Mapping[str, bool], config: PolicyConfig) -> bool:
+    return any(_measured(ev, m, config) is not None for ev in evidence.values()
+               for m, is_spec in members.items() if not is_spec)
+
+
+def _plain_from_drafters_fit(evidence: Mapping[str, ClassEvidence], members: Mapping[str, bool],
+                             config: PolicyConfig) -> float | None:
+    """The plain speed a drafter's own figures imply, not the speed-up model's: its speed against its measured
+    acceptance over the classes it served (a line, least squares), read at the acceptance where the model says
+    drafting neither helps nor hurts. The model fixes where speculation breaks even; how steeply a drafter gains
+    or loses about that point is its own (a strong drafter gains and loses several times the model's). The
+    highest over the drafters measured on classes at least `fit_min_spread` apart in acceptance; None without."""
+    if config.speedup_slope <= 0:
+        return None
+    even = (1.0 - config.speedup_intercept) / config.speedup_slope
+    best = None
+    for m, is_spec in members.items():
+        if not is_spec:
+            continue
+        points = [(ev.acceptance[m], v) for ev in evidence.values()
+                  if (v := _measured(ev, m, config)) is not None and m in ev.acceptance
+                  and ev.acceptance_n.get(m, 0) >= config.min_samples]
+        if len(points) < 2:
+            continue
+        xs = [a for a, _ in points]
+        if max(xs) - min(xs) < config.fit_min_spread:
+            continue
+        mean_a, mean_v = sum(xs) / len(xs), sum(v for _, v in points) / len(points)
+        slope = (sum((a - mean_a) * (v - mean_v) for a, v in points) /
+                 sum((a - mean_a) ** 2 for a in xs))
+        value = mean_v + slope * (even - mean_a)
+        if value > 0:
+            best = value if best is None else max(best, value)
+    return best
 
 
 def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision:

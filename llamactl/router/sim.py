@@ -179,7 +179,8 @@ def run(scenario: Scenario, mode: str, policy: PolicyConfig | None = None,
         learnt: Mapping[str, Any] | None = None, keep: dict[str, Any] | None = None) -> Outcome:
     """Simulate `mode` ("auto", "always-<member>", "clairvoyant") over the scenario's requests. `learnt`: a
     snapshot (`learn`) put back into the telemetry first, as a restarted daemon does with its learned.json;
-    `keep`: gets the snapshot at the end, under "learnt"."""
+    `keep`: gets the snapshot at the end, under "learnt", and every switch the lane made, under "switches" (virtual
+    time, request count, from, to, trigger and the decision's reason: what each choice was made on)."""
     clock = _VirtualClock()
     loop = _VirtualLoop(clock)
     try:
@@ -217,6 +218,15 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
     lane = Lane(spec, engines, telemetry, config, clock=clock)
     lane.hosts = {m: v["shares"] for m, v in scenario.members.items()
                   if "shares" in v and m in members and v["shares"] in members}
+    switches: list[dict[str, Any]] = []
+    if keep is not None:
+        def on_event(what: str, data: dict[str, Any]) -> None:
+            if what == "switched" or (what == "ready" and not switches):
+                switches.append({"t": round(clock.now, 1), "served": sum(outcome.per_member.values()),
+                                 "from": data.get("previous"), "to": data.get("member"),
+                                 "trigger": data.get("trigger", "first load"),
+                                 "reason": data.get("reason") or (lane.last_decision and lane.last_decision.reason)})
+        lane.on_event = on_event
     if learnt is not None:
         learned.restore(telemetry, learnt, _lanes(scenario), learnt["saved_at_unix"], {"sim": lane.runs})
     outcome = Outcome()
@@ -254,6 +264,7 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
     outcome.switches = sum(1 for s in _switch_counts(telemetry))
     if keep is not None:
         keep["learnt"] = learned.snapshot(telemetry, _lanes(scenario), clock.now, {"sim": lane.runs})
+        keep["switches"] = switches
     return outcome
 
 
