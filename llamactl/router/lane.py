@@ -250,12 +250,12 @@ class Lane:
         """Force a member (None: back to automatic). Returns once it serves; raises if it fails to start.
         `transient`: only until it serves (serve_once), so requests pinned to another member wait meanwhile."""
         if member is not None and member not in self.spec.members:
-            self._check_depth_choice(member)
+            self.check_choice(member)
         fut = self._ask(lambda f: self._force(member, f, transient))
         async with asyncio.timeout(timeout_s):
             await fut
 
-    def _check_depth_choice(self, name: str) -> None:
+    def check_choice(self, name: str) -> None:
         """`name` is no member: it must be one of a member's depth choices (MEMBER@DEPTH), else a BadRequest
         saying what there is."""
         member, depth = split_choice(name)
