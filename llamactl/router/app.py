@@ -394,8 +394,9 @@ class Router:
         out = []
         for name, lane in self.lanes.items():
             for cls, ev in sorted(self.telemetry.evidence(name).items()):
-                spec = [m for m, role in lane.spec.members.items() if role == "spec" and m in ev.tok_s]
-                plain = [m for m, role in lane.spec.members.items() if role != "spec" and m in ev.tok_s]
+                roles = {**lane.spec.members, **lane.choices()}  # depth choices are measured on their own
+                spec = [m for m, role in roles.items() if role == "spec" and m in ev.tok_s]
+                plain = [m for m, role in roles.items() if role != "spec" and m in ev.tok_s]
                 speedup = (max(ev.tok_s[m] for m in spec) / ev.tok_s[plain[0]]
                            if spec and plain and ev.tok_s[plain[0]] else None)
                 out.append({"lane": name, "class": cls, "tok_s": {m: round(v, 2) for m, v in ev.tok_s.items()},
