@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from llamactl.profiles import Profile
-from llamactl.router.policy import Role
+from llamactl.router.policy import Role, split_depth
 
 # What must be equal for two profiles to give the same output from one process (the rest, slots, timeouts,
 # placement, only changes how fast or where it runs).
@@ -60,10 +60,7 @@ def depth_choice(member: str, depth: int) -> str:
 
 def split_choice(name: str) -> tuple[str, int | None]:
     """'d1b@4' -> ('d1b', 4); a member's own name -> (name, None)."""
-    member, sep, depth = name.rpartition(DEPTH_SEP)
-    if sep and member and depth.isdigit() and not depth.startswith("0"):
-        return member, int(depth)
-    return name, None
+    return split_depth(name)
 
 
 def depth_choices(depths: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
@@ -71,10 +68,17 @@ def depth_choices(depths: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
     return {depth_choice(member, d): member for member, ds in depths.items() for d in ds}
 
 
-def entry_depth(depths: tuple[int, ...], n_max: int | None) -> int:
-    """The depth a member with depth choices serves at when nothing chose one yet: its n_max where that is
-    one of them, else the middle one (exploration then tries its neighbours first)."""
-    return n_max if n_max in depths else depths[len(depths) // 2]
+def entry_depth(depths: tuple[int, ...], n_max: int | None = None) -> int:
+    """The depth a member with depth choices serves at when nothing chose one yet: the middle one (the policy
+    then tries the depths beside it: policy._depth_beside)."""
+    return sorted(depths)[len(depths) // 2]
+
+
+def middle_out(depths: tuple[int, ...]) -> list[int]:
+    """The depths from the middle one outwards (the order the policy breaks ties in: the entry depth first)."""
+    ordered = sorted(depths)
+    mid = len(ordered) // 2
+    return sorted(ordered, key=lambda d: (abs(ordered.index(d) - mid), -d))
 
 
 @dataclass(frozen=True)

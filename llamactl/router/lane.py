@@ -33,7 +33,9 @@ from typing import Any
 from llamactl.router.policy import Decision, GroupState, PolicyConfig, Role, decide
 from llamactl.router.backends import Backends, Upstream, fetch_models, serving_now
 from llamactl.router.catalog import LaneSpec
-from llamactl.router.choices import Choice, choose, depth_choice, depth_choices, entry_depth, process_for, split_choice
+from llamactl.router.choices import (
+    Choice, choose, depth_choice, depth_choices, entry_depth, middle_out, process_for, split_choice,
+)
 from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, QueueTimeout
 from llamactl.router.runs import Runs
 from llamactl.box.scheduler import BoxScheduler
@@ -276,7 +278,7 @@ class Lane:
         out: dict[str, Role] = {}
         for member, role in self.spec.members.items():
             depths = self.live_depths.get(member)
-            out.update({depth_choice(member, d): role for d in depths} if depths else {member: role})
+            out.update({depth_choice(member, d): role for d in middle_out(depths)} if depths else {member: role})
         return out
 
     def base_of(self, name: str) -> str:

@@ -22,7 +22,8 @@ least `horizon` requests (all real work, nothing guessed), the narrower `run_hys
 reload's own cost is the barrier there.
 A cheap switch (both members loaded: a drain, at most `cheap_switch_s`) needs no amortising: the demand is
 the queue alone, with no horizon of guessed future work, and no dwell applies, so the first request of a
-new phase already goes to the member that suits it. Hysteresis still applies.
+new phase already goes to the member that suits it. Hysteresis still applies; for a switch that costs nothing
+at all (choices one engine serves per request) only the narrow `free_hysteresis`.
 
 Speeds come from measurements when a class has `min_samples` of them on that member (what a member measured
 stays known for a while after it stops serving: the telemetry's memory); a drafter not measured on a class
@@ -69,6 +70,9 @@ class PolicyConfig:
     min_samples: int = 2
     hysteresis: float = 0.12
     run_hysteresis: float = 0.05  # for a run of one class at the queue's head, whose round trip is paid too
+    # for a switch that costs nothing at all (choices one engine serves per request: a depth, drafting off): a
+    # flap costs nothing either, so only a gain beyond measurement noise is asked for
+    free_hysteresis: float = 0.03
     min_dwell_s: float = 10.0
     horizon: float = 4.0  # requests of demand to plan for; the recent mix fills what the queue lacks
     cheap_switch_s: float = 0.5  # a switch this cheap (both members warm) plans on the queue alone, no dwell
@@ -280,9 +284,16 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
     `explore_optimism` times faster than estimated for this class (a drafter: `explore_acceptance_hope` more
     acceptance), the policy would switch to it for the run of this class at the queue's head."""
     cls = state.head_class
-    if cls is None or not state.explore_due.get(cls) or config.explore_share <= 0 or state.active is None:
+    if cls is None or config.explore_share <= 0 or state.active is None:
         return None
     ev = state.evidence.get(cls, ClassEvidence())
+    beside = _depth_beside(state, config, cls, ev)
+    if beside is not None:
+        where = "the depth serving" if beside == state.active else "the depth beside the fastest measured"
+        return Decision(beside, beside != state.active, f"explore: {cls} has {ev.n.get(beside, 0)} samples on "
+                        f"{beside}, {where}", seconds, explore=True)
+    if not state.explore_due.get(cls):
+        return None
     run = state.head_run[1] if state.head_run is not None and state.head_run[0] == cls else 0
     for member in state.members:
         if ev.n.get(member, 0) >= config.min_samples:
@@ -303,6 +314,34 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
                 for_long_run and _pays_in_the_long_run(state, config, cls, member)):
             return Decision(member, member != state.active,
                             f"explore: {cls} has {ev.n.get(member, 0)} samples on {member}", seconds, explore=True)
+    return None
+
+
+def split_depth(name: str) -> tuple[str, int | None]:
+    """A depth choice's name, MEMBER@DEPTH, as (MEMBER, DEPTH); any other name as (name, None)."""
+    member, sep, depth = name.rpartition("@")
+    if sep and member and depth.isdigit() and not depth.startswith("0"):
+        return member, int(depth)
+    return name, None
+
+
+def _depth_beside(state: GroupState, config: PolicyConfig, cls: str, ev: ClassEvidence) -> str | None:
+    """Depths of the member serving, one engine's free choices: the depth beside the fastest one measured on
+    `cls`, where it is not measured yet (a hill climb: speed rises with depth while drafts are accepted and falls
+    once the rejected drafting costs more, so the best depth is found without trying every one on every class).
+    Costs no switch and at most `min_samples` requests per depth tried; not counted against `explore_share`."""
+    member, depth = split_depth(state.active or "")
+    if depth is None:
+        return None
+    family = sorted((d, m) for m in state.members if (b := split_depth(m))[0] == member and (d := b[1]) is not None)
+    names = [m for _, m in family]
+    timed = {m: v for m in names if (v := _measured(ev, m, config)) is not None}
+    if not timed:  # a class new to these depths: measure the one serving first (no guess moves it away)
+        return state.active if state.active in state.members else None
+    best = names.index(max(timed, key=lambda m: timed[m]))
+    for i in (best - 1, best + 1):
+        if 0 <= i < len(names) and names[i] not in timed and switch_cost(state, config, names[i]) <= 0.0:
+            return names[i]
     return None
 
 
@@ -410,7 +449,9 @@ def _judge(state: GroupState, config: PolicyConfig, seconds: Mapping[str, float]
     # The lower band where the switch's own cost is the barrier to flapping: a round trip paid for a run, or
     # a reload judged on a queue long enough to be all real work (no guessed horizon).
     real_queue = sum(state.queued.values()) >= config.horizon and cost > config.cheap_switch_s
-    hysteresis = config.run_hysteresis if round_trip or real_queue else config.hysteresis
+    measured = _unmeasured(state, config, current) == 0 and _unmeasured(state, config, best) == 0
+    hysteresis = config.free_hysteresis if cost <= 0.0 and measured else (
+        config.run_hysteresis if round_trip or real_queue else config.hysteresis)
     if work[best] > (1 - hysteresis) * work[current]:
         return Decision(current, False, f"gain under hysteresis {hysteresis:.0%}; {detail}", seconds)
     if saving <= config.cost_factor * cost:
