@@ -80,6 +80,7 @@ class Ticket:
     held_since: float | None = None  # the lane's clock, for its service time
     released: bool = False
     evidence: bool = True  # generation the policy learns from; tokenize, embeddings etc. are not
+    pending: tuple[str, str] | None = None  # (class, choice) it is counted under as a sample on its way
 
     @property
     def waiting(self) -> bool:
@@ -151,6 +152,7 @@ class Lane:
         self._explored: dict[str, int] = {}  # class -> of those, sent to an under-measured member
         self._exploring: tuple[str, str, int] | None = None  # (class, member, requests left) being explored
         self._explored_at: dict[tuple[str, str], float] = {}  # (class, member) -> when last explored
+        self._pending: dict[tuple[str, str], int] = {}  # (class, choice) -> evidence requests granted, not done
         # A member reloaded to be explored serves every class for a trial of this many more requests (besides
         # the explored class's), so one reload measures it on the whole mix before the policy judges it.
         self._trial_left = 0
@@ -556,6 +558,9 @@ class Lane:
                             "pinned" if head.pin is not None else self._why)
             head.profile, head.role = choice.member, self.role_of(choice.member)
             head.choice = self.last_choice = choice
+            if head.evidence:
+                head.pending = (head.cls, choice.key)
+                self._pending[head.pending] = self._pending.get(head.pending, 0) + 1
             head.granted_at, head.held_since = time.perf_counter(), self.clock()
             head.future.set_result(upstream)
         self.state = LaneState.READY
@@ -602,6 +607,7 @@ class Lane:
             explore_budget_s=self._explore_budget_s(),
             mix=self.telemetry.mix(self.name),
             slots={m: self.spec.slots.get(self.base_of(m), 1) for m in choices},
+            pending=dict(self._pending),
         )
 
     def _explore_budget_s(self) -> float:
@@ -698,6 +704,12 @@ class Lane:
 
     def _released(self, ticket: Ticket, upstream_failed: bool) -> None:
         self.in_flight -= 1
+        if ticket.pending is not None:
+            left = self._pending.get(ticket.pending, 0) - 1
+            if left > 0:
+                self._pending[ticket.pending] = left
+            else:
+                self._pending.pop(ticket.pending, None)
         held = self.clock() - (ticket.held_since if ticket.held_since is not None else self.clock())
         self.service_s = held if self.service_s is None else 0.8 * self.service_s + 0.2 * held
         process = ticket.choice.process if ticket.choice is not None else ticket.profile

@@ -132,6 +132,8 @@ class GroupState:
     explore_budget_s: float = 0.0  # seconds of reloads the lane may still spend exploring
     mix: Mapping[str, float] = field(default_factory=dict)  # class -> arrivals, decayed: the long-run mix
     slots: Mapping[str, int] = field(default_factory=dict)  # member -> requests it serves at once (absent: 1)
+    # (class, member) -> requests granted there and not yet done: samples on their way (exploring counts them)
+    pending: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,13 @@ def speed(cls: str, member: str, evidence: Mapping[str, ClassEvidence], config: 
     measured = _measured(ev, member, config)
     if measured is not None:
         return measured
+    base, depth = split_depth(member)
+    siblings = [v for m in members if m != member and split_depth(m)[0] == base and split_depth(m)[1] is not None
+                and (v := _measured(ev, m, config)) is not None] if depth is not None else []
+    if siblings:
+        # A depth not tried on this class where others of its member were: no faster than the slowest of them
+        # (how depth compares differs by class, so other classes say little; the climb tries the promising ones)
+        return min(siblings)
     if members.get(member, False) and (peer := _peer_speed(cls, member, evidence, members, config)) is not None:
         return peer
     plain = _plain_speed(cls, evidence, members, config)
@@ -289,14 +298,18 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
     ev = state.evidence.get(cls, ClassEvidence())
     beside = _depth_beside(state, config, cls, ev)
     if beside is not None:
-        where = "the depth serving" if beside == state.active else "the depth beside the fastest measured"
-        return Decision(beside, beside != state.active, f"explore: {cls} has {ev.n.get(beside, 0)} samples on "
-                        f"{beside}, {where}", seconds, explore=True)
+        name, explore = beside
+        if not explore:
+            return Decision(name, True, f"{name} is the fastest depth measured on {cls}; {state.active} is not "
+                            "measured there", seconds)
+        where = "the depth serving" if name == state.active else "the depth beside the fastest measured"
+        return Decision(name, name != state.active, f"explore: {cls} has {ev.n.get(name, 0)} samples on "
+                        f"{name}, {where}", seconds, explore=True)
     if not state.explore_due.get(cls):
         return None
     run = state.head_run[1] if state.head_run is not None and state.head_run[0] == cls else 0
     for member in state.members:
-        if ev.n.get(member, 0) >= config.min_samples:
+        if ev.n.get(member, 0) + state.pending.get((cls, member), 0) >= config.min_samples:
             continue
         loaded = member == state.active or member in state.loaded
         # A reload to find out is paid only for a member measured on nothing yet: what a member measured on some
@@ -308,6 +321,14 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
             e.n.get(member, 0) < config.min_samples for e in state.evidence.values())
         if loaded and not state.members.get(member, False) and not unknown:
             continue  # a plain member's speed hardly depends on the content: measured elsewhere is known here
+        if loaded and not state.members.get(member, False) and (_slower_class_elsewhere(state, config, cls) or any(
+                ev.acceptance_n.get(m, 0) >= config.min_samples and ev.acceptance.get(m, 0.0) >= GOOD_ACCEPTANCE
+                for m, is_spec in state.members.items() if is_spec)):
+            # ... so it is found out on the class where drafting gains least (that costs least to try), not where
+            # drafting accepts most of its drafts (it is not slower there than decoding without it)
+            continue
+        if _depth_family_measured(state, config, member, ev):
+            continue  # the depths of a member measured on this class are climbed from there (_depth_beside)
         for_run = unknown and run >= config.min_samples
         for_long_run = unknown and 2 * switch_cost(state, config, member) <= state.explore_budget_s
         if loaded or (for_run and _worth_finding_out(state, config, cls, member)) or (
@@ -325,24 +346,56 @@ def split_depth(name: str) -> tuple[str, int | None]:
     return name, None
 
 
-def _depth_beside(state: GroupState, config: PolicyConfig, cls: str, ev: ClassEvidence) -> str | None:
+def _depth_beside(state: GroupState, config: PolicyConfig, cls: str,
+                  ev: ClassEvidence) -> tuple[str, bool] | None:
     """Depths of the member serving, one engine's free choices: the depth beside the fastest one measured on
     `cls`, where it is not measured yet (a hill climb: speed rises with depth while drafts are accepted and falls
     once the rejected drafting costs more, so the best depth is found without trying every one on every class).
-    Costs no switch and at most `min_samples` requests per depth tried; not counted against `explore_share`."""
+    Costs no switch and at most `min_samples` requests per depth tried; not counted against `explore_share`.
+    (choice, True) to explore it; (the fastest measured, False) where the depth serving is not measured on `cls`
+    and there is nothing left to try; None: nothing to do here."""
     member, depth = split_depth(state.active or "")
     if depth is None:
         return None
     family = sorted((d, m) for m in state.members if (b := split_depth(m))[0] == member and (d := b[1]) is not None)
     names = [m for _, m in family]
     timed = {m: v for m in names if (v := _measured(ev, m, config)) is not None}
-    if not timed:  # a class new to these depths: measure the one serving first (no guess moves it away)
-        return state.active if state.active in state.members else None
-    best = names.index(max(timed, key=lambda m: timed[m]))
-    for i in (best - 1, best + 1):
+    coming = {m for m in names if m not in timed
+              and ev.n.get(m, 0) + state.pending.get((cls, m), 0) >= config.min_samples}
+    if coming:
+        return None  # a depth is being measured: wait for its samples
+    if not timed:  # a class new to these depths: measure the middle one first (no guess moves it away)
+        middle = names[len(names) // 2]
+        return (middle, True) if middle == state.active or switch_cost(state, config, middle) <= 0.0 else None
+    best_name = max(timed, key=lambda m: timed[m])
+    best = names.index(best_name)
+    # Deeper first where most drafts are accepted there, else shallower: the way speed is likely to rise.
+    deeper = acceptance_for(cls, ev, config, best_name) >= GOOD_ACCEPTANCE
+    for i in ((best + 1, best - 1) if deeper else (best - 1, best + 1)):
         if 0 <= i < len(names) and names[i] not in timed and switch_cost(state, config, names[i]) <= 0.0:
-            return names[i]
+            return names[i], True
+    if state.active not in timed and switch_cost(state, config, best_name) <= 0.0:
+        return best_name, False
     return None
+
+
+def _slower_class_elsewhere(state: GroupState, config: PolicyConfig, cls: str) -> bool:
+    """Is there a class in the recent mix whose fastest measured speed is below this one's?"""
+    def fastest(c: str) -> float | None:
+        e = state.evidence.get(c, ClassEvidence())
+        values = [v for m in state.members if (v := _measured(e, m, config)) is not None]
+        return max(values) if values else None
+
+    here = fastest(cls)
+    if here is None:
+        return False
+    return any(c != cls and (v := fastest(c)) is not None and v < here for c in {*state.mix, *state.recent})
+
+
+def _depth_family_measured(state: GroupState, config: PolicyConfig, member: str, ev: ClassEvidence) -> bool:
+    base, depth = split_depth(member)
+    return depth is not None and any(split_depth(m)[0] == base and _measured(ev, m, config) is not None
+                                     for m in state.members)
 
 
 def _worth_finding_out(state: GroupState, config: PolicyConfig, cls: str, member: str) -> bool:
