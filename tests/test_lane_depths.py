@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from llamactl.router.catalog import Catalog, LaneSpec
-from llamactl.router.choices import DEPTH_FIELD, Choice, choose, entry_depth, split_choice
+from llamactl.router.choices import DEPTH_FIELD, Choice, choose, entry_depth, middle_out, split_choice
 from llamactl.router.errors import BadRequest
 from llamactl.router.lane import Lane, LaneConfig
 from llamactl.router.policy import PolicyConfig
@@ -57,7 +57,8 @@ def measured(lane: Lane, clock: ManualClock, cls: str, choice: str, tok_s: float
 def test_choice_names_and_fields():
     assert split_choice("d1b@4") == ("d1b", 4) and split_choice("d1b") == ("d1b", None)
     assert split_choice("a@b") == ("a@b", None) and split_choice("d@04") == ("d@04", None)
-    assert entry_depth(DEPTHS, 16) == 16 and entry_depth(DEPTHS, 12) == 8  # not one of them: the middle one
+    assert entry_depth(DEPTHS) == 8 and entry_depth((2, 4, 8)) == 4  # the middle one: its neighbours come next
+    assert middle_out(DEPTHS) == [8, 16, 4, 2]  # the order ties are broken in
     choice = choose("d1b@4", "d1b", MEMBERS, {"d1b": 16}, "policy")  # type: ignore[arg-type]
     assert choice == Choice("d1b", "d1b", True, 4, "policy", "d1b@4") and choice.key == "d1b@4"
     assert choice.request_fields() == {DEPTH_FIELD: 4}
@@ -149,10 +150,10 @@ async def test_the_policy_sees_each_depth_as_a_choice_free_to_switch_to(lane, en
     clock.now += 5.0  # the load took 5 s: what a restart costs
     engines.finish("d1b")
     await forced
-    assert lane.serving == "d1b@16"  # its n_max, until the policy chooses another
+    assert lane.serving == "d1b@8"  # the middle depth, until the policy chooses another
     state = lane.policy_state()
-    assert set(state.members) == {"d1b@2", "d1b@4", "d1b@8", "d1b@16", "plain"}
-    assert state.switch_cost_s == {"d1b@2": 0.0, "d1b@4": 0.0, "d1b@8": 0.0, "plain": 0.0}
+    assert list(state.members) == ["d1b@8", "d1b@16", "d1b@4", "d1b@2", "plain"]
+    assert state.switch_cost_s == {"d1b@2": 0.0, "d1b@4": 0.0, "d1b@16": 0.0, "plain": 0.0}
     assert state.loaded == frozenset(state.members) and state.slots["d1b@4"] == 1
 
 
@@ -236,3 +237,46 @@ async def test_a_request_pinned_to_the_member_is_served_at_the_depth_serving_now
     await task
     assert (ticket.choice.option, ticket.choice.why, ticket.choice.request_fields()) == (
         "d1b@8", "pinned", {DEPTH_FIELD: 8})
+
+
+# ------------------------------------------------------------------ the policy's climb over depths (pure)
+
+def _state(evidence: dict, active: str = "d1b@8", pending: dict | None = None):
+    from llamactl.router.policy import ClassEvidence, GroupState
+
+    members = {"d1b@8": True, "d1b@16": True, "d1b@4": True, "d1b@2": True, "plain": False}
+    return GroupState(active=active, seconds_since_switch=100.0, switch_cost_s={m: 0.0 for m in members if m != active},
+                      queued={"code": 3}, evidence={"code": ClassEvidence(**evidence)}, members=members,
+                      head_class="code", explore_due={"code": False}, loaded=frozenset(members),
+                      pending=pending or {})
+
+
+def test_the_climb_tries_deeper_where_drafts_are_accepted_and_shallower_where_not():
+    from llamactl.router.policy import PolicyConfig, decide
+
+    config = PolicyConfig()
+    accepted = _state({"tok_s": {"d1b@8": 100.0}, "n": {"d1b@8": 2}, "acceptance": {"d1b@8": 0.7},
+                       "acceptance_n": {"d1b@8": 2}})
+    decision = decide(accepted, config)
+    assert (decision.target, decision.explore) == ("d1b@16", True)  # not counted against explore_share (due: False)
+    rejected = _state({"tok_s": {"d1b@8": 30.0}, "n": {"d1b@8": 2}, "acceptance": {"d1b@8": 0.2},
+                       "acceptance_n": {"d1b@8": 2}})
+    assert decide(rejected, config).target == "d1b@4"
+    in_flight = _state({"tok_s": {"d1b@8": 30.0}, "n": {"d1b@8": 2}, "acceptance": {"d1b@8": 0.2},
+                        "acceptance_n": {"d1b@8": 2}}, active="d1b@4", pending={("code", "d1b@4"): 2})
+    assert not decide(in_flight, config).explore  # its samples are on their way: not explored twice
+
+
+def test_the_climb_stops_where_both_sides_are_slower_and_untried_depths_count_as_the_slowest_tried():
+    from llamactl.router.policy import PolicyConfig, decide, speed
+
+    config = PolicyConfig()
+    done = _state({"tok_s": {"d1b@8": 100.0, "d1b@16": 104.0}, "n": {"d1b@8": 2, "d1b@16": 2},
+                   "acceptance": {"d1b@8": 0.7, "d1b@16": 0.5}, "acceptance_n": {"d1b@8": 2, "d1b@16": 2}},
+                  active="d1b@16")
+    decision = decide(done, config)
+    assert (decision.target, decision.explore) == ("d1b@16", False)  # d1b@4, d1b@2 are beyond a slower depth
+    assert speed("code", "d1b@2", done.evidence, config, done.members) == 100.0  # the slowest tried, not a hope
+    untried = _state({"tok_s": {"d1b@8": 100.0, "d1b@16": 104.0}, "n": {"d1b@8": 2, "d1b@16": 2}}, active="d1b@2")
+    decision = decide(untried, config)
+    assert (decision.target, decision.switch) == ("d1b@16", True)  # back to the fastest measured depth
