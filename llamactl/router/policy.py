@@ -40,7 +40,10 @@ requests go there, if that member is loaded (a switch is a drain) or its reload 
 `explore_share` of the work waiting: evidence for every member, and a reload only where finding out could change the choice (a drafter accepting `explore_acceptance_hope`
 more than its estimate, or the plain member `explore_optimism` times faster, would win the work queued), or for the long run: were it as fast as hoped, it would win the long-run mix by
 the hysteresis and repay the round trip over `explore_horizon_s`, within the lane's exploration budget (a
-member reloaded so serves a short trial of every class). Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
+member reloaded so serves a short trial of every class). Depths (choices MEMBER@DEPTH of one engine, free to switch between) are climbed instead: a class new to them
+measures the middle depth, then the neighbour of the fastest measured (deeper where it accepts most of its
+drafts, else shallower) until both sides are slower, outside `explore_share` (`_depth_beside`); an untried depth
+is taken as no faster than the slowest tried. Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
 model is fitted to llama-server's n-gram speculation on a CPU (reference: 79 vs 63 tok/s at acceptance
 0.65, 54 vs 68 tok/s at acceptance 0.10), break-even near acceptance 0.35.
 """
