@@ -51,7 +51,9 @@ def switch_request(payload: dict[str, Any], default_timeout_s: float) -> tuple[s
     group, member = payload.get("group"), payload.get("member")
     if not is_profile_name(group):
         raise ValueError(f"'group' must be a switch group name ({NAME_RULE}), got {shown(group)}")
-    if member != "auto" and not is_profile_name(member):
-        raise ValueError(f"'member' must be a profile name ({NAME_RULE}) or 'auto', got {shown(member)}")
+    base, _, depth = member.rpartition("@") if isinstance(member, str) and "@" in member else (member, "", "1")
+    if member != "auto" and not (is_profile_name(base) and depth.isdigit() and 0 < int(depth) <= 256):
+        raise ValueError(f"'member' must be a profile name ({NAME_RULE}), MEMBER@DEPTH (a depth 1..256 of its "
+                         f"[speculation] depths) or 'auto', got {shown(member)}")
     timeout_s = positive_seconds(payload.get("timeout_s", default_timeout_s), "timeout_s")
     return group, member, timeout_s  # type: ignore[return-value]

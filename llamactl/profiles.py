@@ -29,6 +29,7 @@ KVType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0",
 SpecType = Literal[
     "none", "draft", "mtp", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache"
 ]
+MAX_DEPTHS = 8  # per member: each depth is a choice (and a /metrics label value)
 QUANTISED_KV = {"q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q6_0", "q8_KV"}
 LayerCount = int | Literal["auto", "all"]
 
@@ -114,16 +115,44 @@ class Speculation(_Strict):
     n_max: int | None = Field(default=None, ge=1, le=256)
     n_min: int | None = Field(default=None, ge=0, le=256)
     p_min: float | None = Field(default=None, ge=0, le=1)
+    depths: list[int] | None = Field(
+        default=None, description="Draft depths the router may choose per request (a switch group member on an "
+        "engine that honours a per-request depth); n_max defaults to the largest")
 
     @field_validator("draft_model")
     @classmethod
     def _draft_ref(cls, value: str | None) -> str | None:
         return _checked_ref(value)
 
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("an empty list; list the draft depths the router may choose, e.g. [2, 4, 8, 16], "
+                             "or remove the key")
+        if len(value) > MAX_DEPTHS:
+            raise ValueError(f"{len(value)} depths; at most {MAX_DEPTHS} (each is a choice the router explores)")
+        if bad := [d for d in value if not 1 <= d <= 256]:
+            raise ValueError(f"depth {bad[0]} is out of range; each depth is 1..256 tokens drafted per step")
+        if len(set(value)) != len(value):
+            raise ValueError("a depth is listed twice; list each once")
+        return sorted(value)
+
     @model_validator(mode="after")
     def _consistent(self) -> "Speculation":
         if self.type == "draft" and not self.draft_model:
             raise ValueError("type = 'draft' needs draft_model = '/path/to/draft.gguf' (or use an ngram type)")
+        if self.depths is not None:
+            if self.type != "draft":
+                raise ValueError(f"speculation.depths needs type = 'draft' (a draft model), not '{self.type}': "
+                                 "only a draft model's depth is chosen per request; remove depths")
+            if self.n_max is None:
+                object.__setattr__(self, "n_max", max(self.depths))  # frozen: set once, while validating
+            elif max(self.depths) > self.n_max:
+                raise ValueError(f"speculation.depths lists {max(self.depths)}, above speculation.n_max "
+                                 f"({self.n_max}): the engine drafts at most n_max; raise n_max or drop the depth")
         if self.n_min is not None and self.n_max is not None and self.n_min > self.n_max:
             raise ValueError(f"n_min ({self.n_min}) is larger than n_max ({self.n_max})")
         return self

@@ -62,7 +62,8 @@ async def test_a_forced_plain_member_is_served_by_the_drafting_engine_with_draft
     status = lane.status()
     assert status["active"] == "spec" and status["process"] == "spec" and status["per_request"] == {"plain": "spec"}
     assert [s["seconds"] for s in status["recent_switches"]] == [0.0, 0.0]  # spec -> plain -> spec, in one engine
-    assert status["last_choice"] == {"member": "spec", "process": "spec", "drafting": True, "depth": 8, "why": "forced"}
+    assert status["last_choice"] == {"member": "spec", "process": "spec", "drafting": True, "depth": 8, "why": "forced",
+                                     "option": None}
     from llamactl.cli.serve import router_status_lines
     lines = router_status_lines({"lanes": [status]})
     assert "  per request: plain is served by spec's engine with drafting off (one process)" in lines

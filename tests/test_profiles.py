@@ -174,3 +174,35 @@ def test_bundled_profiles_are_valid(monkeypatch):
         names = sorted(p.stem for p in directory.glob("*.toml"))
         results = validate_profiles(s, names, check_files=False)
         assert len(results) >= 3 and all(problem is None for problem in results.values()), results
+
+
+def test_speculation_depths_default_n_max_and_bad_lists_are_explained(settings, write_profile, model_file):
+    def profile(name: str, speculation: str):
+        write_profile(name, f"""
+            model = "{model_file}"
+            [speculation]
+            {speculation}
+        """)
+        return name
+
+    good = load_profile(profile("good", f'type = "draft"\ndraft_model = "{model_file}"\ndepths = [8, 2, 16, 4]'),
+                        settings)
+    assert good.speculation.depths == [2, 4, 8, 16] and good.speculation.n_max == 16  # n_max: the largest
+    explicit = load_profile(profile("explicit", f'type = "draft"\ndraft_model = "{model_file}"\ndepths = [2, 4]\n'
+                                                "n_max = 6"), settings)
+    assert explicit.speculation.n_max == 6
+    cases = {
+        'type = "ngram-mod"\ndepths = [2, 4]': "speculation: speculation.depths needs type = 'draft'",
+        f'type = "draft"\ndraft_model = "{model_file}"\ndepths = [2, 32]\nn_max = 16':
+            "speculation.depths lists 32, above speculation.n_max (16)",
+        f'type = "draft"\ndraft_model = "{model_file}"\ndepths = [2, 2]': "speculation.depths: a depth is listed twice",
+        f'type = "draft"\ndraft_model = "{model_file}"\ndepths = [0, 4]': "speculation.depths: depth 0 is out of range",
+        f'type = "draft"\ndraft_model = "{model_file}"\ndepths = [1, 2, 3, 4, 5, 6, 7, 8, 9]':
+            "speculation.depths: 9 depths; at most 8",
+        f'type = "draft"\ndraft_model = "{model_file}"\ndepths = []': "speculation.depths: an empty list",
+    }
+    for i, (body, expected) in enumerate(cases.items()):
+        with pytest.raises(ProfileError) as err:
+            load_profile(profile(f"bad{i}", body), settings)
+        assert expected in str(err.value), str(err.value)
+        assert "bad" in str(err.value)  # the file is named

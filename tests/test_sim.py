@@ -410,3 +410,25 @@ def test_unseen_mixed_work_finds_the_plain_member_its_drafter_hides(seed):
     result = compare(unseen_scenario(seed, "mixed"))
     fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
     assert result["auto"]["tok_s"] >= 0.95 * fixed, result
+
+
+def test_a_member_with_depths_is_one_choice_per_depth_served_by_one_engine():
+    from llamactl.router.sim import Scenario, ScenarioError, compare, generate
+
+    data = {"slots": 1, "members": {"plain": {"spec": False, "load_s": 12, "shares": "d"},
+                                    "d": {"spec": True, "load_s": 13, "depths": [8, 2]}},
+            "classes": {"code": {"plain": 26, "d@2": 60, "d@8": 100, "acceptance": {"d@2": 0.9, "d@8": 0.7}},
+                        "creative": {"plain": 26, "d@2": 36, "d@8": 28, "acceptance": {"d@2": 0.3, "d@8": 0.1}}}}
+    data["requests"] = generate("phased", ["code", "creative"], n=120, phase=30, gap_s=3.0)
+    scenario = Scenario.from_json(data)
+    assert scenario.choices == ["plain", "d@2", "d@8"] and scenario.engine("d@2") == scenario.engine("plain") == "d"
+    result = compare(scenario)
+    assert set(result) == {"auto", "always-plain", "always-d@2", "always-d@8", "clairvoyant", "hindsight"}
+    assert result["auto"]["tok_s"] > max(result["always-d@2"]["tok_s"], result["always-d@8"]["tok_s"])
+    assert result["hindsight"]["switches"] == 3  # free switches between one engine's choices: every phase's best
+    assert set(result["auto"]["requests_per_member"]) <= {"plain", "d@2", "d@8"}
+    bad = {**data, "classes": {"code": {"plain": 26, "d": 90}, "creative": data["classes"]["creative"]}}
+    with pytest.raises(ScenarioError, match="no positive tok/s for d@2, d@8"):
+        Scenario.from_json(bad)
+    with pytest.raises(ScenarioError, match="depths"):
+        Scenario.from_json({**data, "members": {**data["members"], "plain": {"spec": False, "depths": [2]}}})

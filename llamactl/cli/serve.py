@@ -43,7 +43,8 @@ def serve_command(settings: Settings, host: str | None, port: int | None, profil
 @click.option("--timeout", "timeout_s", type=Seconds(), default=600.0, show_default=True)
 @click.pass_obj
 def switch_command(settings: Settings, group: str, member: str, url: str | None, timeout_s: float) -> None:
-    """Force MEMBER of switch GROUP to serve (MEMBER 'auto' hands it back to the policy)."""
+    """Force MEMBER of switch GROUP to serve (MEMBER 'auto' hands it back to the policy; MEMBER@DEPTH, one of
+    its [speculation] depths, forces that depth too, where its engine chooses depth per request)."""
     if url is None:
         client = daemon_client(settings)
         if client is not None:
@@ -147,11 +148,17 @@ def router_status_lines(status: dict) -> list[str]:
             lines.append(f"  switched {switch['from']} -> {switch['to']} in {switch['seconds']}s ({switch['trigger']})")
         for member, host in (lane.get("per_request") or {}).items():
             lines.append(f"  per request: {member} is served by {host}'s engine with drafting off (one process)")
+        for member, depths in (lane.get("depths") or {}).items():
+            lines.append(f"  per request: {member} drafts at depth {', '.join(map(str, depths))}, chosen per "
+                         "request in its one engine")
+        for member, why in (lane.get("depths_refused") or {}).items():
+            lines.append(f"  depths of {member} not chosen per request: {why}")
         choice = lane.get("last_choice")
         if lane["group"] and choice:
             drafting = f"drafting on (depth {choice['depth'] or 'default'})" if choice["drafting"] else "drafting off"
             where = f" in {choice['process']}'s engine" if choice["process"] != choice["member"] else ""
-            lines.append(f"  last request: {choice['member']}{where}, {drafting}, {choice['why']}")
+            lines.append(f"  last request: {choice.get('option') or choice['member']}{where}, {drafting}, "
+                         f"{choice['why']}")
         for member, why in (lane.get("passed_over") or {}).items():
             lines.append(f"  {member} passed over for {why['for_s']:.0f}s more: it failed to start: {why['reason']}")
         if lane.get("last_error"):

@@ -48,7 +48,7 @@ class DaemonControl:
     async def switch(self, group: str, member: str, timeout_s: float) -> Any:
         lane = self.router.lane(group)
         try:
-            await lane.force(None if member == "auto" else member, timeout_s=timeout_s)
+            await self.router.switch(lane, member, timeout_s)
         except TimeoutError:
             raise LlamactlError(f"'{member}' did not become ready in {timeout_s:g} s") from None
         return lane.status()

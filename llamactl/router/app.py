@@ -101,6 +101,7 @@ class Router:
         # Whether a drafting member's engine serves its plain twin per request: asked lazily (learn_per_request)
         self.per_request = PerRequestProbe(settings) if settings is not None else None
         self._per_request_asked: set[Lane] = set()
+        self._per_request_known: dict[Lane, asyncio.Event] = {}  # set once a lane's self-tests are answered
         for problem in self.catalog.problems:
             log.warning("%s", problem)
         self.backends = backends
@@ -311,25 +312,66 @@ class Router:
         if self.per_request is None or not lane.spec.is_group or lane in self._per_request_asked:
             return
         self._per_request_asked.add(lane)
+        known = self._per_request_known[lane] = asyncio.Event()
         if not self.per_request.allowed(lane.name):
             log.info("lane %s: served per process (LLAMACTL_ROUTER_PER_PROCESS_GROUPS)", lane.name)
+            self._refuse_depths(lane, {m: "its group is kept per process (LLAMACTL_ROUTER_PER_PROCESS_GROUPS)"
+                                       for m in lane.spec.choice_depths})
+            known.set()
             return
         candidates = host_candidates(lane.spec.members, self.catalog.profiles)
-        if candidates:
+        if candidates or lane.spec.choice_depths:
             self._spawn(self._learn_hosts(lane, candidates), name=f"per-request:{lane.name}")
+        else:
+            known.set()
+
+    async def switch(self, lane: Lane, member: str, timeout_s: float) -> None:
+        """`llamactl switch`: force `member` ('auto': back to the policy; MEMBER@DEPTH: that member at that depth,
+        where its engine honours a per-request depth), returning once it serves."""
+        self.learn_per_request(lane)
+        if member != "auto" and member not in lane.spec.members:
+            lane.check_choice(member)  # a bad name or depth is told at once
+            await self.per_request_known(lane, timeout_s)  # is it served per request?
+        await lane.force(None if member == "auto" else member, timeout_s=timeout_s)
+
+    async def per_request_known(self, lane: Lane, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) until `lane`'s self-tests are answered (a switch to MEMBER@DEPTH needs it)."""
+        self.learn_per_request(lane)
+        known = self._per_request_known.get(lane)
+        if known is not None:
+            async with asyncio.timeout(timeout_s):
+                await known.wait()
+
+    def _refuse_depths(self, lane: Lane, refused: dict[str, str]) -> None:
+        """Members whose depths are not chosen per request: said once (a log line and a problem), and the lane
+        told (a switch to MEMBER@DEPTH then says why)."""
+        for member, why in refused.items():
+            depths = ", ".join(map(str, lane.spec.choice_depths[member]))
+            n_max = lane.spec.depths.get(member)
+            problem = (f"profile '{member}' lists depths {depths}, but they are not chosen per request: {why}; "
+                       f"it drafts at its n_max ({n_max})")
+            log.warning("lane %s: %s", lane.name, problem)
+            self.catalog.problems.append(problem)
 
     async def _learn_hosts(self, lane: Lane, candidates: dict[str, list[str]]) -> None:
         assert self.per_request is not None
         profiles = dict(self.catalog.profiles)
         honours = {}
-        for member in sorted({s for found in candidates.values() for s in found}):
-            honours[member] = await asyncio.to_thread(self.per_request.verdict, profiles[member])
-        found = hosts(candidates, honours)
-        if found:
-            lane.set_hosts(found)
-        else:
-            log.info("lane %s: its members' engines do not honour a per-request draft depth: switched per process",
-                     lane.name)
+        try:
+            for member in sorted({s for found in candidates.values() for s in found} | set(lane.spec.choice_depths)):
+                honours[member] = await asyncio.to_thread(self.per_request.verdict, profiles[member])
+            found = hosts(candidates, honours)
+            depths = {m: ds for m, ds in lane.spec.choice_depths.items() if honours.get(m)}
+            refused = {m: "its engine does not honour a per-request draft depth (the engine self-test)"
+                       for m in lane.spec.choice_depths if not honours.get(m)}
+            self._refuse_depths(lane, refused)
+            if found or depths or refused:
+                lane.set_hosts(found, depths, refused)
+            if not found and candidates:
+                log.info("lane %s: its members' engines do not honour a per-request draft depth: switched per "
+                         "process", lane.name)
+        finally:
+            self._per_request_known[lane].set()
 
     def lane(self, name: str) -> Lane:
         try:
@@ -352,8 +394,9 @@ class Router:
         out = []
         for name, lane in self.lanes.items():
             for cls, ev in sorted(self.telemetry.evidence(name).items()):
-                spec = [m for m, role in lane.spec.members.items() if role == "spec" and m in ev.tok_s]
-                plain = [m for m, role in lane.spec.members.items() if role != "spec" and m in ev.tok_s]
+                roles = {**lane.spec.members, **lane.choices()}  # depth choices are measured on their own
+                spec = [m for m, role in roles.items() if role == "spec" and m in ev.tok_s]
+                plain = [m for m, role in roles.items() if role != "spec" and m in ev.tok_s]
                 speedup = (max(ev.tok_s[m] for m in spec) / ev.tok_s[plain[0]]
                            if spec and plain and ev.tok_s[plain[0]] else None)
                 out.append({"lane": name, "class": cls, "tok_s": {m: round(v, 2) for m, v in ev.tok_s.items()},
@@ -465,7 +508,7 @@ def request_event(sample: Sample) -> dict[str, Any]:
             "prompt_tokens": sample.prompt_tokens, "cached_tokens": sample.cache_n,
             "completion_tokens": sample.completion_tokens,
             "drafted": sample.draft_n, "accepted": sample.draft_accepted, "process": sample.process,
-            "drafting": sample.drafting, "depth": sample.depth, "why": sample.why}
+            "drafting": sample.drafting, "depth": sample.depth, "choice": sample.choice, "why": sample.why}
 
 
 def member_state(lane: Lane, profile: str) -> str:
@@ -573,8 +616,9 @@ class Relay:
             if ticket.choice is not None:
                 c = ticket.choice
                 sample.process, sample.drafting, sample.depth, sample.why = c.process, c.drafting, c.depth, c.why
+                sample.choice = c.option
                 fields = c.request_fields() if measured and not self.info.multipart else {}
-                if fields:  # a drafting engine serving a plain member: drafting off for this request
+                if fields:  # a drafting engine serving a plain member (drafting off), or a depth chosen per request
                     sent = with_fields(body, fields)
             try:
                 outcome = await self._forward(upstream, sent, headers, send, stream, sample, arrived, ticket)
@@ -623,6 +667,8 @@ class Relay:
             if sample.drafting is not None:
                 extra += [(b"x-llamactl-process", (sample.process or sample.profile).encode()),
                           (b"x-llamactl-drafting", b"on" if sample.drafting else b"off")]
+                if sample.depth is not None:
+                    extra.append((b"x-llamactl-depth", str(sample.depth).encode()))
             content_type = response.headers.get("content-type", "application/json")
             if response.status >= 400:
                 raw = await response.read()
@@ -724,8 +770,7 @@ def create_app(router: Router, *, middleware: Sequence[Middleware] = ()) -> Star
             return error_response(BadRequest(f"{e}; send {{\"group\": ..., \"member\": ...}}"))
         try:
             lane = router.lane(group)
-            router.learn_per_request(lane)
-            await lane.force(None if member == "auto" else member, timeout_s=timeout_s)
+            await router.switch(lane, member, timeout_s)
         except RouterError as e:
             return error_response(e)
         except LlamactlError as e:

@@ -30,6 +30,9 @@ class LaneSpec:
     slots: dict[str, int]  # profile name -> concurrent requests it serves
     is_group: bool
     depths: dict[str, int | None] = field(default_factory=dict)  # speculative member -> its n_max (None: default)
+    # drafting member -> the depths it may draft at per request (`[speculation] depths`), offered as choices
+    # MEMBER@DEPTH where its engine honours a per-request depth (the lane is told: Lane.set_hosts)
+    choice_depths: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def member(self, role: Role) -> str | None:
         return next((name for name, r in self.members.items() if r == role), None)
@@ -84,7 +87,10 @@ class Catalog:
                 singles += members
                 continue
             depths = {p.name: p.speculation.n_max for p in members if p.speculation.enabled}
-            catalog._add_lane(LaneSpec(group, roles, {p.name: slots_of(p) for p in members}, True, depths), members)
+            choice_depths = {p.name: tuple(p.speculation.depths) for p in members
+                             if p.speculation.uses_draft_model and p.speculation.depths}
+            catalog._add_lane(LaneSpec(group, roles, {p.name: slots_of(p) for p in members}, True, depths,
+                                       choice_depths), members)
         for profile in singles:
             role: Role = "spec" if profile.speculation.enabled else "plain"
             catalog._add_lane(LaneSpec(profile.name, {profile.name: role}, {profile.name: slots_of(profile)}, False),

@@ -33,7 +33,9 @@ from typing import Any
 from llamactl.router.policy import Decision, GroupState, PolicyConfig, Role, decide
 from llamactl.router.backends import Backends, Upstream, fetch_models, serving_now
 from llamactl.router.catalog import LaneSpec
-from llamactl.router.choices import Choice, choose, process_for
+from llamactl.router.choices import (
+    Choice, choose, depth_choice, depth_choices, entry_depth, middle_out, process_for, split_choice,
+)
 from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, QueueTimeout
 from llamactl.router.runs import Runs
 from llamactl.box.scheduler import BoxScheduler
@@ -78,6 +80,7 @@ class Ticket:
     held_since: float | None = None  # the lane's clock, for its service time
     released: bool = False
     evidence: bool = True  # generation the policy learns from; tokenize, embeddings etc. are not
+    pending: tuple[str, str] | None = None  # (class, choice) it is counted under as a sample on its way
 
     @property
     def waiting(self) -> bool:
@@ -92,6 +95,7 @@ class _Load:
     started: float
     switch_from: str | None = None  # the member it replaces, when it is a switch
     trigger: str = ""
+    member: str | None = None  # the choice it is loaded for (a depth choice of it: served at that depth)
 
 
 class Lane:
@@ -112,6 +116,11 @@ class Lane:
         # per request (a plain twin of a drafting process, drafting off: `hosts`).
         self.serving: str = self.active
         self.hosts: dict[str, str] = {}  # member -> the member whose engine serves it per request (self-tested)
+        # Drafting members whose engine honours a per-request depth (self-tested), and the depths they offer as
+        # choices MEMBER@DEPTH (served by the member's own engine); the members whose depths were refused, why.
+        self.live_depths: dict[str, tuple[int, ...]] = {}
+        self.depths_refused: dict[str, str] = {}
+        self._choice_hosts: dict[str, str] = {}  # MEMBER@DEPTH -> MEMBER, for live_depths
         self._why = "policy"  # the trigger behind `serving` (a bounded label)
         self.last_choice: Choice | None = None  # what the last request granted was given
         self.upstreams: dict[str, Upstream] = {}  # members that serve now
@@ -143,6 +152,7 @@ class Lane:
         self._explored: dict[str, int] = {}  # class -> of those, sent to an under-measured member
         self._exploring: tuple[str, str, int] | None = None  # (class, member, requests left) being explored
         self._explored_at: dict[tuple[str, str], float] = {}  # (class, member) -> when last explored
+        self._pending: dict[tuple[str, str], int] = {}  # (class, choice) -> evidence requests granted, not done
         # A member reloaded to be explored serves every class for a trial of this many more requests (besides
         # the explored class's), so one reload measures it on the whole mix before the policy judges it.
         self._trial_left = 0
@@ -200,7 +210,7 @@ class Lane:
 
     async def acquire(self, ticket: Ticket, *, front: bool = False) -> Upstream:
         """Wait in the queue for a slot; returns the upstream to send the request to."""
-        if ticket.pin is not None and ticket.pin not in self.spec.members:
+        if ticket.pin is not None and ticket.pin not in self.spec.members and ticket.pin not in self._choice_hosts:
             raise BadRequest(f"profile '{ticket.pin}' is not a member of '{self.name}'")
         if not front and len(self.queue) + self._queued_in_inbox >= self.config.max_queue:
             self.telemetry.rejected.labels(self.name, "queue_full").inc()
@@ -244,10 +254,48 @@ class Lane:
         """Force a member (None: back to automatic). Returns once it serves; raises if it fails to start.
         `transient`: only until it serves (serve_once), so requests pinned to another member wait meanwhile."""
         if member is not None and member not in self.spec.members:
-            raise BadRequest(f"'{member}' is not a member of '{self.name}'; members: {', '.join(self.spec.members)}")
+            self.check_choice(member)
         fut = self._ask(lambda f: self._force(member, f, transient))
         async with asyncio.timeout(timeout_s):
             await fut
+
+    def check_choice(self, name: str) -> None:
+        """`name` is no member: it must be one of a member's depth choices (MEMBER@DEPTH), else a BadRequest
+        saying what there is."""
+        member, depth = split_choice(name)
+        if depth is None or member not in self.spec.members:
+            choices = [*self.spec.members, *(depth_choice(m, d) for m, ds in self.spec.choice_depths.items()
+                                             for d in ds)]
+            raise BadRequest(f"'{name}' is not a member of '{self.name}'; members: {', '.join(choices)}")
+        depths = self.spec.choice_depths.get(member)
+        if not depths:
+            raise BadRequest(f"'{member}' has no depths to choose from; list them in its profile "
+                             f"([speculation] depths = [2, 4, 8, 16]) or switch to '{member}'")
+        if depth not in depths:
+            raise BadRequest(f"'{member}' has no depth {depth}; its depths: {', '.join(map(str, depths))}",
+                             extra={"depths": list(depths)})
+
+    def choices(self) -> dict[str, Role]:
+        """What the policy chooses between: the members, a member with live depths as one choice per depth."""
+        out: dict[str, Role] = {}
+        for member, role in self.spec.members.items():
+            depths = self.live_depths.get(member)
+            out.update({depth_choice(member, d): role for d in middle_out(depths)} if depths else {member: role})
+        return out
+
+    def base_of(self, name: str) -> str:
+        """The member a choice belongs to (a member is its own)."""
+        return self._choice_hosts.get(name, name)
+
+    def _as_choice(self, member: str) -> str:
+        """The choice `member` is served as: itself, or where it has live depths, the one of them serving now,
+        else its entry depth."""
+        depths = self.live_depths.get(member)
+        if not depths:
+            return member
+        if self.serving != member and self.base_of(self.serving) == member:
+            return self.serving
+        return depth_choice(member, entry_depth(depths, self.spec.depths.get(member)))
 
     async def serve_once(self, member: str, *, timeout_s: float) -> None:
         """Make `member` serve now (`llamactl up`, a preload, the page's load button) without keeping the lane
@@ -311,6 +359,8 @@ class Lane:
             "active": self.serving,
             "process": self.active,
             "per_request": dict(self.hosts),
+            "depths": {m: list(ds) for m, ds in self.live_depths.items()},
+            "depths_refused": dict(self.depths_refused),
             "last_choice": None if self.last_choice is None else dataclasses.asdict(self.last_choice),
             "loaded": sorted(self.upstreams),
             "loading": sorted(self._loads),
@@ -404,6 +454,7 @@ class Lane:
                 self.state = LaneState.READY if self.active in self.upstreams else LaneState.UNLOADED
             return
         member, trigger = target
+        member = self._as_choice(member)  # a member with live depths is served at one of them
         profile = self._process_of(member)  # the engine that serves it: its own, or a host's per request
         if profile == self.active and profile in self.upstreams:
             if member != self.serving:
@@ -416,7 +467,7 @@ class Lane:
         if profile != self.active and self.in_flight > 0 and self.active in self.upstreams:
             self.state = LaneState.DRAINING
             return
-        self._bring_up(profile, trigger)
+        self._bring_up(profile, trigger, member)
         if profile == self.active and profile in self.upstreams:  # both were loaded: a warm switch, served now
             if member != self.serving:
                 self._switch_within(member, trigger)
@@ -424,13 +475,35 @@ class Lane:
             self._dispatch()
 
     def _process_of(self, member: str) -> str:
+        if member in self._choice_hosts:
+            return self._choice_hosts[member]  # a depth choice: its member's own engine, always
         return process_for(member, self.hosts, set(self.upstreams))
 
-    def set_hosts(self, hosts: dict[str, str]) -> None:
-        """Members a speculative twin's engine serves per request (drafting off), from the engine self-test."""
-        self._post(lambda: self._set_hosts(hosts))
+    def set_hosts(self, hosts: dict[str, str], depths: dict[str, tuple[int, ...]] | None = None,
+                  refused: dict[str, str] | None = None) -> None:
+        """From the engine self-test: members a speculative twin's engine serves per request (drafting off);
+        drafting members whose depths are chosen per request (`depths`: member -> depths), and those whose
+        depths are not (`refused`: member -> why)."""
+        self._post(lambda: self._set_hosts(hosts, depths or {}, refused or {}))
 
-    def _set_hosts(self, hosts: dict[str, str]) -> None:
+    def set_depths(self, depths: dict[str, tuple[int, ...]], refused: dict[str, str] | None = None) -> None:
+        """Depth choices alone (the dispatcher need not run: the simulator sets them before it starts)."""
+        self._set_depths(depths, refused or {})
+
+    def _set_depths(self, depths: dict[str, tuple[int, ...]], refused: dict[str, str]) -> None:
+        self.live_depths = {m: tuple(ds) for m, ds in depths.items() if m in self.spec.choice_depths and ds}
+        self.depths_refused = {m: why for m, why in refused.items() if m in self.spec.members}
+        self._choice_hosts = depth_choices(self.live_depths)
+        if self.serving in self.live_depths:
+            self.serving = self._as_choice(self.serving)
+        if self.live_depths:
+            log.info("lane %s: draft depth chosen per request: %s", self.name,
+                     "; ".join(f"{m} at {', '.join(map(str, ds))}" for m, ds in self.live_depths.items()))
+            self._emit("depths", depths={m: list(ds) for m, ds in self.live_depths.items()})
+
+    def _set_hosts(self, hosts: dict[str, str], depths: dict[str, tuple[int, ...]] | None = None,
+                   refused: dict[str, str] | None = None) -> None:
+        self._set_depths(depths or {}, refused or {})
         self.hosts = {m: h for m, h in hosts.items() if m in self.spec.members and h in self.spec.members}
         for member, host in self.hosts.items():
             if member != self.active and (member in self.upstreams or member in self._loads) and (
@@ -447,6 +520,7 @@ class Lane:
         """The engine serving now serves `member` too, per request: a switch that costs nothing (no reload, no
         drain), recorded like one."""
         old, self.serving = self.serving, member
+        self._resolve_waiters(self.base_of(member), None)
         if self._exploring is not None and self._exploring[1] != member:
             self._exploring, self._trial_left = None, 0
         self.last_switch_at = self.clock()
@@ -479,10 +553,14 @@ class Lane:
                     self._trial_left -= 1
                 if self._exploring is None:
                     self._trial_left = 0
-            member = head.pin or serving
-            head.profile, head.role = member, self.role_of(member)
-            head.choice = self.last_choice = choose(member, self.active, self.spec.members, self.spec.depths,
-                                                    "pinned" if head.pin is not None else self._why)
+            member = serving if head.pin is None else self._as_choice(head.pin)
+            choice = choose(member, self.active, self.spec.members, self.spec.depths,
+                            "pinned" if head.pin is not None else self._why)
+            head.profile, head.role = choice.member, self.role_of(choice.member)
+            head.choice = self.last_choice = choice
+            if head.evidence:
+                head.pending = (head.cls, choice.key)
+                self._pending[head.pending] = self._pending.get(head.pending, 0) + 1
             head.granted_at, head.held_since = time.perf_counter(), self.clock()
             head.future.set_result(upstream)
         self.state = LaneState.READY
@@ -492,7 +570,8 @@ class Lane:
             self.queue.popleft()
         return self.queue[0] if self.queue else None
 
-    def policy_state(self) -> GroupState:
+    def policy_state(self, only: str | None = None) -> GroupState:
+        """The snapshot the policy decides on (`only`: among that member's depth choices alone)."""
         queued: dict[str, int] = {}
         for t in self.queue:
             if t.waiting and t.pin is None:
@@ -502,9 +581,14 @@ class Lane:
         # the serving engine serves per request, nothing
         drain_s = self.in_flight * (self.service_s or 0.0) / max(1, self.spec.slots.get(self.active, 1))
         running = set(self.upstreams)
-        costs = {m: 0.0 if loaded and process_for(m, self.hosts, running) == self.active else
-                 WARM_SWITCH_COST_S + drain_s if m in self.upstreams else self.switch_cost_s
-                 for m in self.spec.members if m != self.serving}
+        choices = self.choices()
+        process = {m: self._process_of(m) for m in choices}
+        costs = {m: 0.0 if loaded and process[m] == self.active else
+                 WARM_SWITCH_COST_S + drain_s if process[m] in running else self.switch_cost_s
+                 for m in choices if m != self.serving}
+        members = self._choosable()
+        if only is not None:
+            members = {m: v for m, v in members.items() if self.base_of(m) == only} or members
         head = self._head()
         return GroupState(
             active=self.serving if loaded else None,
@@ -513,16 +597,17 @@ class Lane:
             queued=queued,
             recent=self.telemetry.recent(self.name),
             evidence=self.telemetry.evidence(self.name),
-            members=self._choosable(),
+            members=members,
             head_class=head.cls if head is not None and head.pin is None else None,
             explore_due=self._explore_due(),
-            loaded=frozenset(m for m in self.spec.members if process_for(m, self.hosts, running) in running),
+            loaded=frozenset(m for m in choices if process[m] in running),
             head_run=self._head_run(),
             explored=frozenset(k for k, at in self._explored_at.items()
                                if self.clock() - at < self.config.policy.explore_memory_s),
             explore_budget_s=self._explore_budget_s(),
             mix=self.telemetry.mix(self.name),
-            slots=dict(self.spec.slots),
+            slots={m: self.spec.slots.get(self.base_of(m), 1) for m in choices},
+            pending=dict(self._pending),
         )
 
     def _explore_budget_s(self) -> float:
@@ -551,24 +636,36 @@ class Lane:
         return cls, self.runs.next_of(cls, n) if whole else n
 
     def _target(self) -> tuple[str, str] | None:
-        if self.forced is not None:
-            if not self._force_transient:
-                self._fail_pinned_elsewhere(self.forced)
-            return self.forced, "forced"
         head = self._head()
+        if self.forced is not None:
+            forced = self.forced
+            if not self._force_transient:
+                self._fail_pinned_elsewhere(forced)
+            if (forced in self.live_depths and head is not None and head.pin is None
+                    and self.base_of(self.serving) == forced and self.active in self.upstreams):
+                return self._policy_target(head, only=forced)[0], "forced"  # the member forced, its depth chosen
+            return forced, "forced"
         if head is None:
             return None
         if head.pin is not None:
             return head.pin, "pinned"
         if not self.spec.is_group:
             return self.active, "only"
+        return self._policy_target(head)
+
+    def _policy_target(self, head: Ticket, only: str | None = None) -> tuple[str, str]:
+        """The policy's choice for the head of the queue (`only`: among that member's depth choices)."""
         exploring = self._exploring
         if exploring is not None and (exploring[0] == head.cls or (
-                exploring[1] == self.serving and self._trial_left > 0)):
+                exploring[1] == self.serving and self._trial_left > 0)) and (
+                only is None or self.base_of(exploring[1]) == only):
             return exploring[1], "explore"
         if self.active in self._loads and self.active not in self.upstreams:
-            return self.active, "loading"  # decided already: let the load finish before deciding again
-        decision = decide(self.policy_state(), self.config.policy)
+            last = self.last_decision.target if self.last_decision is not None else self.active
+            # decided already: let the load finish before deciding again
+            return last if last in self._choice_hosts and self._process_of(last) == self.active else self.active, \
+                "loading"
+        decision = decide(self.policy_state(only), self.config.policy)
         if self.last_decision is None or decision.target != self.last_decision.target or decision.switch:
             log.info("lane %s: %s", self.name, decision.reason)
         self.last_decision, self.last_decision_at = decision, self.clock()
@@ -607,11 +704,19 @@ class Lane:
 
     def _released(self, ticket: Ticket, upstream_failed: bool) -> None:
         self.in_flight -= 1
+        if ticket.pending is not None:
+            left = self._pending.get(ticket.pending, 0) - 1
+            if left > 0:
+                self._pending[ticket.pending] = left
+            else:
+                self._pending.pop(ticket.pending, None)
         held = self.clock() - (ticket.held_since if ticket.held_since is not None else self.clock())
         self.service_s = held if self.service_s is None else 0.8 * self.service_s + 0.2 * held
-        if upstream_failed and ticket.profile:
-            # The engine refused the connection or broke it: ask the backends again before the next grant.
-            self.upstreams.pop(ticket.profile, None)
+        process = ticket.choice.process if ticket.choice is not None else ticket.profile
+        if upstream_failed and process:
+            # The engine refused the connection or broke it: ask the backends again before the next grant. The
+            # engine that served it, not the member: a plain member or a depth served per request is its host's.
+            self.upstreams.pop(process, None)
         if self.in_flight == 0:
             self.idle_since = self.clock()
 
@@ -625,8 +730,15 @@ class Lane:
                         f"the switch of '{self.name}' to '{m}' was called off: " + (
                             f"switched to '{member}' instead" if member else "handed back to the policy")))
             self._waiters = [(m, f) for m, f in self._waiters if not f.done()]
+        if member is not None and member not in self.spec.members and member not in self._choice_hosts:
+            base = split_choice(member)[0]
+            why = self.depths_refused.get(base) or "whether its engine honours a per-request depth is not known yet"
+            fut.set_exception(BadRequest(f"'{member}': {base} is not served at a depth per request: {why}",
+                                         hint=f"`llamactl switch {self.name} {base}` serves it at its n_max"))
+            return
         self.forced = member
-        if member is None or (self.serving == member and self.active in self.upstreams):
+        if member is None or ((self.serving == member or self.base_of(self.serving) == member)
+                              and self.active in self.upstreams):
             fut.set_result(None)
         else:
             self._waiters.append((member, fut))
@@ -691,40 +803,41 @@ class Lane:
         if not foreground:
             log.info("lane %s: %s loaded beside %s (both warm)", self.name, profile, self.active)
             return
-        self._served(profile, load.started, load.switch_from, load.trigger)
+        self._served(profile, load.started, load.switch_from, load.trigger, member=load.member)
 
     # ------------------------------------------------------------------ loading and stopping
-    def _bring_up(self, profile: str, trigger: str) -> None:
+    def _bring_up(self, profile: str, trigger: str, member: str | None = None) -> None:
         old = self.active if self.active in self.upstreams else None
         switching = old is not None and old != profile
         if self.active != profile and self.active in self._loads and not self.keep_both_warm:
             self._stop(self.active, "switch")  # chosen away from while it loaded: do not keep it
         self.active = profile
         if switching and profile in self.upstreams:  # both loaded: a switch is only a drain, done now
-            self._served(profile, self.clock(), old, trigger, warm=True)
+            self._served(profile, self.clock(), old, trigger, warm=True, member=member)
             return
         self.state = LaneState.SWITCHING if switching else LaneState.LOADING
         self._emit("loading", member=profile, previous=old, trigger=trigger,
                    reason=self.last_decision.reason if trigger in ("policy", "explore") and self.last_decision else trigger)
         if profile in self._loads:  # a background warm-up of it is under way: it becomes the foreground load
             load = self._loads[profile]
-            load.started, load.switch_from, load.trigger = self.clock(), old, trigger
+            load.started, load.switch_from, load.trigger, load.member = self.clock(), old, trigger, member
             return
         stop_first = old if switching and not self.keep_both_warm else None
         if stop_first is not None:
             self.upstreams.pop(stop_first, None)
             self.telemetry.unloads.labels(stop_first, "switch").inc()
         self._start_load(profile, switch_from=old, trigger=trigger, stop_first=stop_first,
-                         hard_fallback=old if switching and self.keep_both_warm else None)
+                         hard_fallback=old if switching and self.keep_both_warm else None, member=member)
 
     def _start_load(self, profile: str, *, switch_from: str | None = None, trigger: str = "",
-                    stop_first: str | None = None, hard_fallback: str | None = None) -> None:
+                    stop_first: str | None = None, hard_fallback: str | None = None,
+                    member: str | None = None) -> None:
         assert self._tasks is not None, "the dispatcher is not running"
         self.telemetry.loads.labels(profile).inc()
         background = profile != self.active
         task = self._tasks.create_task(self._load(profile, stop_first, hard_fallback, background),
                                        name=f"load:{profile}")
-        load = self._loads[profile] = _Load(task, self.clock(), switch_from, trigger)
+        load = self._loads[profile] = _Load(task, self.clock(), switch_from, trigger, member)
         task.add_done_callback(lambda _t: self._post(lambda: self._loaded(profile, load)))
 
     async def _load(self, profile: str, stop_first: str | None, hard_fallback: str | None,
@@ -841,15 +954,19 @@ class Lane:
             gathered = asyncio.gather(*pending)
             gathered.add_done_callback(lambda _g: None if fut.done() else fut.set_result(None))
 
-    def _served(self, profile: str, started: float, old: str | None, trigger: str, *, warm: bool = False) -> None:
-        """`profile` now serves as the active member: record the load or switch, wake its waiters."""
-        if self._exploring is not None and self._exploring[1] != profile:
+    def _served(self, profile: str, started: float, old: str | None, trigger: str, *, warm: bool = False,
+                member: str | None = None) -> None:
+        """`profile` now serves as the active member (as `member`, where that is one of its depth choices):
+        record the load or switch, wake its waiters."""
+        serving = member if member is not None and member != profile and self.base_of(member) == profile \
+            else self._as_choice(profile)
+        if self._exploring is not None and self.base_of(self._exploring[1]) != profile:
             self._exploring = None  # switched away from the member being explored: that exploration is over
             self._trial_left = 0
         if self._serving_since is None:
             self._serving_since = self.clock()
         elapsed = self.clock() - started
-        self.serving = profile
+        self.serving = serving
         self.state = LaneState.READY
         self.last_error = None
         self.last_switch_at = self.clock()
@@ -872,6 +989,7 @@ class Lane:
             if self.switch_cost_s is None and self.spec.is_group:
                 self.switch_cost_s = elapsed  # a first estimate: a switch costs about one load
         self._resolve_waiters(profile, None)
+        self._resolve_waiters(serving, None)
         if self.keep_both_warm:
             self._warm_others()
 
@@ -896,9 +1014,9 @@ class Lane:
     def _choosable(self) -> dict[str, bool]:
         """The members the policy may choose (member -> speculative): those not passed over, or every one
         where each is (the next request tries again)."""
-        members = {m: role == "spec" for m, role in self.spec.members.items()}
+        members = {m: role == "spec" for m, role in self.choices().items()}
         choosable = {m: spec for m, spec in members.items()
-                     if self._passed_over_until(m) is None or (m == self.active and m in self.upstreams)}
+                     if self._passed_over_until(b := self.base_of(m)) is None or (b == self.active and b in self.upstreams)}
         return choosable or members
 
     def _passed_over_until(self, member: str) -> float | None:
@@ -966,7 +1084,7 @@ class Lane:
     def _fail_pinned_elsewhere(self, forced: str) -> None:
         """Requests naming another member than the one `llamactl switch` forced would wait for nothing: say so."""
         for ticket in self.queue:
-            if ticket.waiting and ticket.pin not in (None, forced):
+            if ticket.waiting and ticket.pin is not None and self.base_of(ticket.pin) != self.base_of(forced):
                 ticket.future.set_exception(EngineUnavailable(
                     f"'{ticket.pin}' is not served now: '{self.name}' is switched to '{forced}' (llamactl switch)",
                     hint=f"`llamactl switch {self.name} auto` hands it back to the policy, or ask for '{self.name}'",
@@ -983,7 +1101,7 @@ class Lane:
         for member, fut in self._waiters:
             if fut.done():
                 continue
-            if member == profile:
+            if member == profile or (error is not None and self.base_of(member) == profile):
                 fut.set_exception(error) if error else fut.set_result(None)
             else:
                 keep.append((member, fut))
@@ -1001,7 +1119,7 @@ class Lane:
             return  # member gauges only change with the lane's state
         self._gauge_shape = shape
         for member in self.spec.members:
-            t.active_member.labels(self.name, member).set(1 if member == self.serving else 0)
+            t.active_member.labels(self.name, member).set(1 if member == self.base_of(self.serving) else 0)
             state = "ready" if member in self.upstreams else (
                 self.state.value if member == self.active and self.state in (
                     LaneState.LOADING, LaneState.SWITCHING, LaneState.FAILED) else "stopped")

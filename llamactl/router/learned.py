@@ -158,8 +158,15 @@ def _count(value: Any) -> int | None | bool:
 
 
 def served(router: Any) -> dict[str, dict[str, str]]:
-    """lane -> member -> fingerprint, for the router's lanes as they are now."""
-    return {name: {m: fingerprint(router.profiles[m]) for m in lane.spec.members if m in router.profiles}
+    """lane -> member -> fingerprint, for the router's lanes as they are now (a member's depth choices, MEMBER@DEPTH,
+    under its own profile's fingerprint: what they measured is kept too)."""
+    def choices(lane: Any) -> dict[str, str]:
+        every = {m: m for m in lane.spec.members}
+        every.update({f"{m}@{d}": m for m, depths in getattr(lane.spec, "choice_depths", {}).items()
+                      for d in depths})
+        return every
+
+    return {name: {c: fingerprint(router.profiles[m]) for c, m in choices(lane).items() if m in router.profiles}
             for name, lane in router.lanes.items()}
 
 

@@ -22,7 +22,8 @@ least `horizon` requests (all real work, nothing guessed), the narrower `run_hys
 reload's own cost is the barrier there.
 A cheap switch (both members loaded: a drain, at most `cheap_switch_s`) needs no amortising: the demand is
 the queue alone, with no horizon of guessed future work, and no dwell applies, so the first request of a
-new phase already goes to the member that suits it. Hysteresis still applies.
+new phase already goes to the member that suits it. Hysteresis still applies; for a switch that costs nothing
+at all (choices one engine serves per request) only the narrow `free_hysteresis`.
 
 Speeds come from measurements when a class has `min_samples` of them on that member (what a member measured
 stays known for a while after it stops serving: the telemetry's memory); a drafter not measured on a class
@@ -44,7 +45,10 @@ what exploring cost, plus the same share of the work already queued). A plain me
 every class (its speed hardly depends on the content), and, never measured, as fast as its drafters' own
 speed-against-acceptance line says at the model's break-even (`fit_min_spread`): the model's figure for it is
 the drafters' figure divided by the model's speed-up, which is far off for a drafter that gains or loses more
-steeply than the model. Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
+steeply than the model. Depths (choices MEMBER@DEPTH of one engine, free to switch between) are climbed instead: a class new to them
+measures the middle depth, then the neighbour of the fastest measured (deeper where it accepts most of its
+drafts, else shallower) until both sides are slower, outside `explore_share` (`_depth_beside`); an untried depth
+is taken as no faster than the slowest tried. Evidence ages out of the telemetry's rolling window, so a changed workload is noticed. The default
 model is fitted to llama-server's n-gram speculation on a CPU (reference: 79 vs 63 tok/s at acceptance
 0.65, 54 vs 68 tok/s at acceptance 0.10), break-even near acceptance 0.35.
 """
@@ -74,6 +78,9 @@ class PolicyConfig:
     min_samples: int = 2
     hysteresis: float = 0.12
     run_hysteresis: float = 0.05  # for a run of one class at the queue's head, whose round trip is paid too
+    # for a switch that costs nothing at all (choices one engine serves per request: a depth, drafting off): a
+    # flap costs nothing either, so only a gain beyond measurement noise is asked for
+    free_hysteresis: float = 0.03
     min_dwell_s: float = 10.0
     horizon: float = 4.0  # requests of demand to plan for; the recent mix fills what the queue lacks
     cheap_switch_s: float = 0.5  # a switch this cheap (both members warm) plans on the queue alone, no dwell
@@ -140,6 +147,8 @@ class GroupState:
     explore_budget_s: float = 0.0  # seconds of reloads the lane may still spend exploring
     mix: Mapping[str, float] = field(default_factory=dict)  # class -> arrivals, decayed: the long-run mix
     slots: Mapping[str, int] = field(default_factory=dict)  # member -> requests it serves at once (absent: 1)
+    # (class, member) -> requests granted there and not yet done: samples on their way (exploring counts them)
+    pending: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -198,6 +207,13 @@ def speed(cls: str, member: str, evidence: Mapping[str, ClassEvidence], config: 
     measured = _measured(ev, member, config)
     if measured is not None:
         return measured
+    base, depth = split_depth(member)
+    siblings = [v for m in members if m != member and split_depth(m)[0] == base and split_depth(m)[1] is not None
+                and (v := _measured(ev, m, config)) is not None] if depth is not None else []
+    if siblings:
+        # A depth not tried on this class where others of its member were: no faster than the slowest of them
+        # (how depth compares differs by class, so other classes say little; the climb tries the promising ones)
+        return min(siblings)
     if members.get(member, False) and (peer := _peer_speed(cls, member, evidence, members, config)) is not None:
         return peer
     plain = _plain_speed(cls, evidence, members, config)
@@ -292,12 +308,23 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
     `explore_optimism` times faster than estimated for this class (a drafter: `explore_acceptance_hope` more
     acceptance), the policy would switch to it for the run of this class at the queue's head."""
     cls = state.head_class
-    if cls is None or not state.explore_due.get(cls) or config.explore_share <= 0 or state.active is None:
+    if cls is None or config.explore_share <= 0 or state.active is None:
         return None
     ev = state.evidence.get(cls, ClassEvidence())
+    beside = _depth_beside(state, config, cls, ev)
+    if beside is not None:
+        name, explore = beside
+        if not explore:
+            return Decision(name, True, f"{name} is the fastest depth measured on {cls}; {state.active} is not "
+                            "measured there", seconds)
+        where = "the depth serving" if name == state.active else "the depth beside the fastest measured"
+        return Decision(name, name != state.active, f"explore: {cls} has {ev.n.get(name, 0)} samples on "
+                        f"{name}, {where}", seconds, explore=True)
+    if not state.explore_due.get(cls):
+        return None
     run = state.head_run[1] if state.head_run is not None and state.head_run[0] == cls else 0
     for member in state.members:
-        if ev.n.get(member, 0) >= config.min_samples:
+        if ev.n.get(member, 0) + state.pending.get((cls, member), 0) >= config.min_samples:
             continue
         loaded = member == state.active or member in state.loaded
         # A reload to find out is paid only for a member measured on nothing yet: what a member measured on some
@@ -309,6 +336,14 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
             e.n.get(member, 0) < config.min_samples for e in state.evidence.values())
         if loaded and not state.members.get(member, False) and not unknown:
             continue  # a plain member's speed hardly depends on the content: measured elsewhere is known here
+        if loaded and not state.members.get(member, False) and (_slower_class_elsewhere(state, config, cls) or any(
+                ev.acceptance_n.get(m, 0) >= config.min_samples and ev.acceptance.get(m, 0.0) >= GOOD_ACCEPTANCE
+                for m, is_spec in state.members.items() if is_spec)):
+            # ... so it is found out on the class where drafting gains least (that costs least to try), not where
+            # drafting accepts most of its drafts (it is not slower there than decoding without it)
+            continue
+        if _depth_family_measured(state, config, member, ev):
+            continue  # the depths of a member measured on this class are climbed from there (_depth_beside)
         for_run = unknown and run >= config.min_samples
         budget = _explore_budget_s(state, config)
         for_long_run = unknown and 2 * switch_cost(state, config, member) <= budget
@@ -331,6 +366,66 @@ def _explore_budget_s(state: GroupState, config: PolicyConfig) -> float:
     queued = {c: float(n) for c, n in state.queued.items() if n > 0}
     waiting = _work_seconds(state, config, queued, state.active) if queued and state.active else 0.0
     return state.explore_budget_s + config.explore_share * waiting
+
+
+def split_depth(name: str) -> tuple[str, int | None]:
+    """A depth choice's name, MEMBER@DEPTH, as (MEMBER, DEPTH); any other name as (name, None)."""
+    member, sep, depth = name.rpartition("@")
+    if sep and member and depth.isdigit() and not depth.startswith("0"):
+        return member, int(depth)
+    return name, None
+
+
+def _depth_beside(state: GroupState, config: PolicyConfig, cls: str,
+                  ev: ClassEvidence) -> tuple[str, bool] | None:
+    """Depths of the member serving, one engine's free choices: the depth beside the fastest one measured on
+    `cls`, where it is not measured yet (a hill climb: speed rises with depth while drafts are accepted and falls
+    once the rejected drafting costs more, so the best depth is found without trying every one on every class).
+    Costs no switch and at most `min_samples` requests per depth tried; not counted against `explore_share`.
+    (choice, True) to explore it; (the fastest measured, False) where the depth serving is not measured on `cls`
+    and there is nothing left to try; None: nothing to do here."""
+    member, depth = split_depth(state.active or "")
+    if depth is None:
+        return None
+    family = sorted((d, m) for m in state.members if (b := split_depth(m))[0] == member and (d := b[1]) is not None)
+    names = [m for _, m in family]
+    timed = {m: v for m in names if (v := _measured(ev, m, config)) is not None}
+    coming = {m for m in names if m not in timed
+              and ev.n.get(m, 0) + state.pending.get((cls, m), 0) >= config.min_samples}
+    if coming:
+        return None  # a depth is being measured: wait for its samples
+    if not timed:  # a class new to these depths: measure the middle one first (no guess moves it away)
+        middle = names[len(names) // 2]
+        return (middle, True) if middle == state.active or switch_cost(state, config, middle) <= 0.0 else None
+    best_name = max(timed, key=lambda m: timed[m])
+    best = names.index(best_name)
+    # Deeper first where most drafts are accepted there, else shallower: the way speed is likely to rise.
+    deeper = acceptance_for(cls, ev, config, best_name) >= GOOD_ACCEPTANCE
+    for i in ((best + 1, best - 1) if deeper else (best - 1, best + 1)):
+        if 0 <= i < len(names) and names[i] not in timed and switch_cost(state, config, names[i]) <= 0.0:
+            return names[i], True
+    if state.active not in timed and switch_cost(state, config, best_name) <= 0.0:
+        return best_name, False
+    return None
+
+
+def _slower_class_elsewhere(state: GroupState, config: PolicyConfig, cls: str) -> bool:
+    """Is there a class in the recent mix whose fastest measured speed is below this one's?"""
+    def fastest(c: str) -> float | None:
+        e = state.evidence.get(c, ClassEvidence())
+        values = [v for m in state.members if (v := _measured(e, m, config)) is not None]
+        return max(values) if values else None
+
+    here = fastest(cls)
+    if here is None:
+        return False
+    return any(c != cls and (v := fastest(c)) is not None and v < here for c in {*state.mix, *state.recent})
+
+
+def _depth_family_measured(state: GroupState, config: PolicyConfig, member: str, ev: ClassEvidence) -> bool:
+    base, depth = split_depth(member)
+    return depth is not None and any(split_depth(m)[0] == base and _measured(ev, m, config) is not None
+                                     for m in state.members)
 
 
 def _worth_finding_out(state: GroupState, config: PolicyConfig, cls: str, member: str) -> bool:
@@ -478,7 +573,9 @@ def _judge(state: GroupState, config: PolicyConfig, seconds: Mapping[str, float]
     # The lower band where the switch's own cost is the barrier to flapping: a round trip paid for a run, or
     # a reload judged on a queue long enough to be all real work (no guessed horizon).
     real_queue = sum(state.queued.values()) >= config.horizon and cost > config.cheap_switch_s
-    hysteresis = config.run_hysteresis if round_trip or real_queue else config.hysteresis
+    measured = _unmeasured(state, config, current) == 0 and _unmeasured(state, config, best) == 0
+    hysteresis = config.free_hysteresis if cost <= 0.0 and measured else (
+        config.run_hysteresis if round_trip or real_queue else config.hysteresis)
     if work[best] > (1 - hysteresis) * work[current]:
         return Decision(current, False, f"gain under hysteresis {hysteresis:.0%}; {detail}", seconds)
     if saving <= config.cost_factor * cost:

@@ -4,11 +4,13 @@ front of simulated engines (each member decodes each class at a given tok/s and 
 The scenario format (docs/switching-sim.md documents it; keep it stable):
     {"slots": 1, "fit_together": false,
      "members": {"plain": {"spec": false, "load_s": 12}, "d1b": {"spec": true, "load_s": 13}},
-     (a member with "shares": "d1b" is served per request by d1b's engine, drafting off: a switch costs 0)
+     (a member with "shares": "d1b" is served per request by d1b's engine, drafting off: a switch costs 0;
+      a speculative member with "depths": [2, 4, 8] offers one choice per depth, "d1b@2" ..., served by its one
+      engine: "classes" then give each choice's tok/s and acceptance instead of the member's)
      "classes": {"code": {"plain": 26, "d1b": 154, "acceptance": {"d1b": 0.85}}, ...},
      "requests": [{"t": 0.0, "class": "code", "tokens": 300}, ...]}
 
-Policies compared: `auto` (the real policy), `always-<member>` (a lane of that member alone),
+Policies compared: `auto` (the real policy), `always-<choice>` (a lane of that member alone, at that depth),
 `clairvoyant` (every request pinned to its fastest member, every member loaded, loads free: the upper
 bound) and `hindsight` (the best any policy serving in arrival order could do knowing every speed and every
 future request, paying the real switch costs: what is reachable where switches are reloads). Time is
@@ -28,6 +30,7 @@ from typing import Any
 from llamactl.router.policy import PolicyConfig
 from llamactl.router.backends import Upstream
 from llamactl.router.catalog import LaneSpec
+from llamactl.router.choices import depth_choice, split_choice
 from llamactl.router import learned
 from llamactl.router.lane import Lane, LaneConfig, Ticket
 from llamactl.router.telemetry import Sample, Telemetry
@@ -49,7 +52,8 @@ class Scenario:
     def from_json(cls, data: Mapping[str, Any], where: str = "scenario") -> "Scenario":
         try:
             members = {str(m): {"spec": bool(v.get("spec", False)), "load_s": float(v.get("load_s", 0.0)),
-                                **({"shares": str(v["shares"])} if v.get("shares") is not None else {})}
+                                **({"shares": str(v["shares"])} if v.get("shares") is not None else {}),
+                                **({"depths": sorted(int(d) for d in v["depths"])} if v.get("depths") else {})}
                        for m, v in dict(data["members"]).items()}
             classes = {str(c): dict(v) for c, v in dict(data["classes"]).items()}
             requests = sorted(({"t": float(r["t"]), "class": str(r["class"]), "tokens": int(r["tokens"])}
@@ -60,8 +64,16 @@ class Scenario:
             raise ScenarioError(f"{where}: {type(e).__name__}: {e} (see docs/switching-sim.md for the format)") from None
         if not members or sum(1 for m in members.values() if not m["spec"]) > 1:
             raise ScenarioError(f"{where}: members: one plain member at most, and at least one member")
+        for m, v in members.items():
+            depths = v.get("depths", [])
+            if depths and (not v["spec"] or len(set(depths)) != len(depths) or len(depths) > 8
+                           or not all(1 <= d <= 256 for d in depths)):
+                raise ScenarioError(f"{where}: members.{m}.depths: a speculative member's depths, each 1..256, "
+                                    "unique, at most 8")
+        choices = [depth_choice(m, d) for m, v in members.items() for d in v.get("depths", [])] + [
+            m for m, v in members.items() if not v.get("depths")]
         for c, speeds in classes.items():
-            missing = [m for m in members if not isinstance(speeds.get(m), (int, float)) or speeds[m] <= 0]
+            missing = [m for m in choices if not isinstance(speeds.get(m), (int, float)) or speeds[m] <= 0]
             if missing:
                 raise ScenarioError(f"{where}: classes.{c}: no positive tok/s for {', '.join(missing)}")
         unknown = sorted({r["class"] for r in requests} - set(classes))
@@ -76,6 +88,26 @@ class Scenario:
                                     f"engine; {host!r} is not one")
         return cls(slots, fit, members, classes, requests)
 
+    @property
+    def choices(self) -> list[str]:
+        """What can serve a request: each member, a member with depths as one choice per depth (MEMBER@DEPTH)."""
+        out: list[str] = []
+        for m, v in self.members.items():
+            out += [depth_choice(m, d) for d in v["depths"]] if v.get("depths") else [m]
+        return out
+
+    def base(self, choice: str) -> str:
+        """The member a choice is of (a member is its own)."""
+        return choice if choice in self.members else split_choice(choice)[0]
+
+    def engine(self, choice: str) -> str:
+        """The member whose engine serves `choice`: a depth's member, a sharing member's host, else itself."""
+        member = self.base(choice)
+        return self.members[member].get("shares", member)
+
+    def is_spec(self, choice: str) -> bool:
+        return self.members[self.base(choice)]["spec"]
+
     def tok_s(self, cls: str, member: str) -> float:
         return float(self.classes[cls][member])
 
@@ -84,7 +116,7 @@ class Scenario:
         return float(value) if value is not None else None
 
     def best_member(self, cls: str) -> str:
-        return max(self.members, key=lambda m: self.tok_s(cls, m))
+        return max(self.choices, key=lambda m: self.tok_s(cls, m))
 
 
 # ------------------------------------------------------------------------------------------ virtual time
@@ -197,20 +229,27 @@ def learn(scenario: Scenario, policy: PolicyConfig | None = None) -> dict[str, A
 
 
 def _lanes(scenario: Scenario) -> dict[str, dict[str, str]]:
-    return {"sim": {m: "sim" for m in scenario.members}}  # one lane; its members' profiles never change
+    # one lane; its members' profiles never change
+    return {"sim": {m: "sim" for m in [*scenario.members, *scenario.choices]}}
 
 
 async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _VirtualClock,
                learnt: Mapping[str, Any] | None = None, keep: dict[str, Any] | None = None) -> Outcome:
+    depths = {m: tuple(v["depths"]) for m, v in scenario.members.items() if v.get("depths")}
     if mode == "auto" or mode == "clairvoyant":
         members = list(scenario.members)
-    elif mode.startswith("always-") and mode[len("always-"):] in scenario.members:
-        members = [mode[len("always-"):]]
+    elif mode.startswith("always-") and mode[len("always-"):] in scenario.choices:
+        fixed = mode[len("always-"):]
+        member, depth = split_choice(fixed) if fixed not in scenario.members else (fixed, None)
+        members = [member]
+        depths = {member: (depth,)} if depth is not None else {}
     else:
-        raise ScenarioError(f"unknown mode {mode!r}: auto, clairvoyant or always-<member>")
+        raise ScenarioError(f"unknown mode {mode!r}: auto, clairvoyant or always-<choice>")
     clairvoyant = mode == "clairvoyant"
+    depths = {m: ds for m, ds in depths.items() if m in members}
     spec = LaneSpec("sim", {m: "spec" if scenario.members[m]["spec"] else "plain" for m in members},
-                    {m: scenario.slots for m in members}, len(members) > 1)
+                    {m: scenario.slots for m in members}, len(members) > 1,
+                    {m: max(ds) for m, ds in depths.items()}, depths)
     config = LaneConfig(max_queue=10**9, queue_timeout_s=10**6, policy=policy,
                         keep_both_warm=scenario.fit_together or clairvoyant)
     telemetry = Telemetry(clock=clock)
@@ -218,6 +257,7 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
     lane = Lane(spec, engines, telemetry, config, clock=clock)
     lane.hosts = {m: v["shares"] for m, v in scenario.members.items()
                   if "shares" in v and m in members and v["shares"] in members}
+    lane.set_depths(depths)
     switches: list[dict[str, Any]] = []
     if keep is not None:
         def on_event(what: str, data: dict[str, Any]) -> None:
@@ -239,15 +279,17 @@ async def _run(scenario: Scenario, mode: str, policy: PolicyConfig, clock: _Virt
             outcome.first_arrival = clock.now
         ticket = Ticket(cls=cls, pin=scenario.best_member(cls) if clairvoyant else None)
         await lane.acquire(ticket)
-        member = ticket.profile
-        assert member is not None
+        assert ticket.profile is not None
+        option = ticket.choice.option if ticket.choice is not None else None
+        member = option or ticket.profile  # the choice served: its speed, its evidence
         tok_s = scenario.tok_s(cls, member)
         await asyncio.sleep(tokens / tok_s)
         acceptance = scenario.acceptance(cls, member)
-        drafted = tokens if scenario.members[member]["spec"] and acceptance is not None else None
-        telemetry.record(Sample(lane="sim", profile=member, role=ticket.role or "plain", cls=cls, endpoint="sim",
-                                status=200, gen_tok_s=tok_s, completion_tokens=tokens, draft_n=drafted,
-                                draft_accepted=round(drafted * acceptance) if drafted else None, at=clock.now))
+        drafted = tokens if scenario.is_spec(member) and acceptance is not None else None
+        telemetry.record(Sample(lane="sim", profile=ticket.profile, role=ticket.role or "plain", cls=cls,
+                                endpoint="sim", status=200, gen_tok_s=tok_s, completion_tokens=tokens, draft_n=drafted,
+                                draft_accepted=round(drafted * acceptance) if drafted else None, choice=option,
+                                at=clock.now))
         lane.release(ticket)
         outcome.tokens += tokens
         outcome.waited_s += clock.now - request["t"]
@@ -283,7 +325,7 @@ def hindsight(scenario: Scenario) -> Outcome | None:
     earliest finish of the first i requests ending on member m); None for more slots, where it is not."""
     if scenario.slots != 1 or not scenario.requests:
         return None
-    members = list(scenario.members)
+    members = scenario.choices
     # member serving the last request -> (earliest finish, switches so far, requests per member)
     best: dict[str | None, tuple[float, int, dict[str, int]]] = {None: (float("-inf"), 0, {})}
     for request in scenario.requests:
@@ -294,10 +336,9 @@ def hindsight(scenario: Scenario) -> Outcome | None:
             options = []
             for previous, (finish, switches, per) in best.items():
                 switching = previous is not None and previous != member
-                shared = switching and (scenario.members[member].get("shares") == previous
-                                        or scenario.members[previous].get("shares") == member)
+                shared = switching and scenario.engine(member) == scenario.engine(previous)
                 cost = 0.0 if previous == member or (switching and (scenario.fit_together or shared)) \
-                    else scenario.members[member]["load_s"]
+                    else scenario.members[scenario.base(member)]["load_s"]
                 start = max(arrival, (finish if previous is not None else arrival) + cost)
                 options.append((start + service, switches + switching, per))
             finish, switches, per = min(options, key=lambda o: (o[0], o[1]))
@@ -313,7 +354,7 @@ def compare(scenario: Scenario, policy: PolicyConfig | None = None,
     """auto, every always-<member>, clairvoyant and (one slot) hindsight: {mode: {"tok_s", "switches", ...}}.
     With `before` (earlier traffic of the same kind), also `auto-restarted`: auto after a restart that kept
     what it learnt serving `before`."""
-    modes = ["auto", *(f"always-{m}" for m in scenario.members), "clairvoyant"]
+    modes = ["auto", *(f"always-{m}" for m in scenario.choices), "clairvoyant"]
     result = {mode: run(scenario, mode, policy).to_json() for mode in modes}
     if before is not None:
         result["auto-restarted"] = run(scenario, "auto", policy, learnt=learn(before, policy)).to_json()

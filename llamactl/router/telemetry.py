@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llamactl.engines.logs import Acceptance, parse_acceptance
+from llamactl.router.choices import split_choice
 from llamactl.router.policy import ClassEvidence, Role
 
 
@@ -50,8 +51,14 @@ class Sample:
     drafting: bool | None = None
     depth: int | None = None
     why: str | None = None
+    choice: str | None = None  # the depth choice it was given (MEMBER@DEPTH): its evidence is that choice's
     at: float = field(default_factory=time.monotonic)
     _timed: frozenset[str] = field(default=frozenset(), repr=False)  # counts that came from the timings
+
+    @property
+    def member_key(self) -> str:
+        """Whose evidence it is: the depth choice it was given, else its member."""
+        return self.choice or self.profile
 
     @property
     def acceptance(self) -> float | None:
@@ -314,7 +321,7 @@ class Telemetry:
         # evidence ages out where it is renewed, not merely because another member serves now.
         self.memory_n, self.memory_s = memory_n, memory_s
         self.clock = clock
-        self.windows: dict[tuple[str, str, str], Window] = {}  # (lane, class, member profile)
+        self.windows: dict[tuple[str, str, str], Window] = {}  # (lane, class, member profile or depth choice)
         self.arrivals: dict[str, deque[tuple[float, str]]] = {}
         self.mix_half_life_s = mix_half_life_s
         self._mix: dict[str, tuple[float, dict[str, float]]] = {}  # lane -> (when, class -> decayed arrivals)
@@ -400,7 +407,7 @@ class Telemetry:
     def add_evidence(self, sample: Sample) -> None:
         """Add a sample to its window: evidence for the policy (alone, not counted in the metrics: one measured
         before a restart, `learned.restore`). Its `at` is on this telemetry's clock."""
-        self.windows.setdefault((sample.lane, sample.cls, sample.profile),
+        self.windows.setdefault((sample.lane, sample.cls, sample.member_key),
                                 Window(self.window_n, self.window_s, self.memory_n, self.memory_s)).add(sample)
 
     def restore_mix(self, lane: str, counts: Mapping[str, float]) -> None:
@@ -412,7 +419,7 @@ class Telemetry:
 
     def forget(self, profile: str) -> None:
         """Drop what `profile` measured (its configuration changed: the figures were for another one)."""
-        for key in [k for k in self.windows if k[2] == profile]:
+        for key in [k for k in self.windows if split_choice(k[2])[0] == profile]:  # its depth choices too
             del self.windows[key]
 
     def remembered_samples(self, lane: str | None = None):

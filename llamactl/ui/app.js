@@ -260,6 +260,10 @@ function renderLane(lane) {
       el("div", {class: "error"}, `${m} passed over for ${Math.round(p.for_s)}s more: it failed to start: ${p.reason}`)),
     Object.keys(lane.per_request || {}).length ? el("div", {class: "per-request"}, "served per request, one engine: " +
       Object.entries(lane.per_request).map(([m, h]) => `${m} by ${h}'s (drafting off)`).join(", ")) : null,
+    ...Object.entries(lane.depths || {}).map(([m, ds]) =>
+      el("div", {class: "per-request depths"}, `${m}: draft depth chosen per request among ${ds.join(", ")}`)),
+    ...Object.entries(lane.depths_refused || {}).map(([m, why]) =>
+      el("div", {class: "muted"}, `${m}: depths not chosen per request: ${why}`)),
     lane.last_error ? el("div", {class: "error"}, lane.last_error) : null,
     switches.length ? el("div", {class: "timeline"}, el("div", {}, "switches:"), ...switches) : null);
 }
