@@ -15,6 +15,7 @@ from llamactl.router.errors import EngineUnavailable
 from llamactl.router.lane import Lane, LaneConfig, LaneState, Ticket
 from llamactl.router.policy import PolicyConfig
 from llamactl.router.telemetry import Telemetry
+from llamactl.rpc.errors import WorkerUnreachable
 from tests.test_lane import ManualClock, RecordingEngines, settle
 
 
@@ -27,12 +28,16 @@ class Sizes:
         self.needs = needs
         self.elsewhere = elsewhere or {}  # profile -> its other placements (a one-card model on another card)
         self.sized: list[str] = []
+        self.workers_down: dict[str, str] = {}  # profile -> the worker its planning finds down
 
     def capacity(self) -> Capacity:
         return Capacity(self.cap, dict(self.cap))
 
     def size(self, profile: str, free: Mapping[str, int], empty: Mapping[str, int]) -> Sizing:
         self.sized.append(profile)
+        if profile in self.workers_down:  # planning asks the profile's RPC workers, and one does not answer
+            raise WorkerUnreachable(f"worker '{self.workers_down[profile]}' is unreachable",
+                                    worker=self.workers_down[profile])
         need = self.needs[profile]
         if any(need.get(d, 0) > empty.get(d, 0) for d in need):
             return Sizing(alone=need, never="does not fit even on an empty box")
@@ -48,8 +53,15 @@ async def inline(fn, *args):
 class SupervisedEngines(RecordingEngines):
     """Engines that can say what serves already (an engine restarts itself after a crash, as the daemon's do)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[tuple[str, str]] = []  # (profile, message) of each worker_down
+
     def serving(self, profile: str) -> bool:
         return profile in self.running
+
+    def worker_down(self, profile: str, error: Exception) -> None:
+        self.told.append((profile, str(getattr(error, "message", error))))
 
 
 class Box:
@@ -319,3 +331,17 @@ async def test_a_one_card_model_goes_on_the_card_whose_engine_is_idle_not_where_
     await chat_task
     assert box.scheduler.ledger.holdings["chat"].mib == {"CUDA1": 7168}
     coder.release(busy)
+
+
+@box_test(**TWO_ON_ONE)
+async def test_a_worker_the_box_finds_down_is_told_to_the_engines_before_the_request_hears_it(box):
+    a = box.lane("a")
+    box.sizes.workers_down["a"] = "gpu-box"
+    told_when_failed: list[list] = []
+    _, task = ask(a)
+    task.add_done_callback(lambda _t: told_when_failed.append(list(box.engines.told)))
+    await settle()
+    with pytest.raises(EngineUnavailable, match="worker 'gpu-box' is unreachable"):
+        await task
+    assert told_when_failed == [[("a", "worker 'gpu-box' is unreachable")]]  # the engine knew first
+    assert ("load", "a") not in box.engines.calls and box.scheduler.ledger.free() == {"CPU": 520}

@@ -263,6 +263,17 @@ class Engine:
                     delay)
         self._start_monitor()  # keep trying even with nobody asking
 
+    def worker_down(self, error: WorkerError) -> None:
+        """Someone else found one of this engine's RPC workers down (the box, planning a start): where the engine
+        is dead or already backing off, it waits for that worker as if its own monitor or start had found it, so
+        `status` and the restarts say the same as the failed request. A live engine is left alone: a worker
+        serves one client at a time, and a busy one does not answer a probe."""
+        if self.state is EngineState.BACKOFF:
+            self.waiting_for = error
+        elif self.state is EngineState.READY and self.record is not None and process_matches(self.record) is None:
+            self.waiting_for = error
+            self._lost(self.record, f"{error.message}; so {self._death_reason(self.record)}")
+
     async def _spawn(self, profile: Profile, cancel: threading.Event) -> ServerRecord:
         """The plan-then-start of `llamactl up`, in the spawner thread. Cancelling this coroutine asks the
         thread to stop the engine it is starting, and waits until it has (so nothing is left running)."""

@@ -19,6 +19,7 @@ from llamactl.errors import ProfileNotFound, StartCancelled
 from llamactl.names import closest_names
 from llamactl.profiles import Profile
 from llamactl.router import Upstream
+from llamactl.rpc.errors import WorkerError
 from llamactl.settings import Settings
 from llamactl.supervisor import ServerRecord, Supervisor
 
@@ -95,6 +96,11 @@ class Engines:
 
     async def fetch_models(self, profile_name: str) -> None:
         await self.engine(profile_name).fetch_models()
+
+    def worker_down(self, profile_name: str, error: Exception) -> None:
+        engine = self.engines.get(profile_name)
+        if engine is not None and isinstance(error, WorkerError):
+            engine.worker_down(error)
 
     async def stop(self, profile_name: str) -> None:
         engine = self.engines.get(profile_name)

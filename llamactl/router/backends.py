@@ -34,6 +34,15 @@ def serving_now(backends: Backends, profile_name: str) -> bool:
     return bool(serving(profile_name)) if serving is not None else False
 
 
+def worker_down(backends: Backends, profile_name: str, error: Exception) -> None:
+    """Tell the backends that planning `profile_name` found one of its RPC workers down (the box asks the workers
+    before the engine is started, and may find out before the engine's monitor does). Backends without the step
+    (`worker_down` absent) learn it from their own start."""
+    down = getattr(backends, "worker_down", None)
+    if down is not None:
+        down(profile_name, error)
+
+
 async def fetch_models(backends: Backends, profile_name: str) -> None:
     """Have the profile's model files fetched (models from the Hub) before the lane makes room for it, so a
     download neither holds box memory nor counts against the load timeout. Backends without the step

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamactl.router.policy import Decision, GroupState, PolicyConfig, Role, decide
-from llamactl.router.backends import Backends, Upstream, fetch_models, serving_now
+from llamactl.router.backends import Backends, Upstream, fetch_models, serving_now, worker_down
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.choices import (
     Choice, choose, depth_choice, depth_choices, entry_depth, middle_out, process_for, split_choice,
@@ -40,6 +40,7 @@ from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, Que
 from llamactl.router.runs import Runs
 from llamactl.box.scheduler import BoxScheduler
 from llamactl.router.telemetry import Telemetry
+from llamactl.rpc.errors import WorkerError
 
 log = logging.getLogger("llamactl.router")
 WARM_SWITCH_COST_S = 0.1
@@ -879,7 +880,11 @@ class Lane:
             if serving_now(self.backends, profile):
                 self.box.serving(self.name, profile)
             else:
-                await self.box.admit(self.name, profile, may_evict=may_evict)
+                try:
+                    await self.box.admit(self.name, profile, may_evict=may_evict)
+                except WorkerError as e:  # before the request hears it: the engine owns "waiting for worker"
+                    worker_down(self.backends, profile, e)
+                    raise
         try:
             upstream = await self.backends.ensure_ready(profile)
         except BaseException:
