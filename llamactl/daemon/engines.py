@@ -97,9 +97,9 @@ class Engines:
     async def fetch_models(self, profile_name: str) -> None:
         await self.engine(profile_name).fetch_models()
 
-    def worker_down(self, profile_name: str, error: Exception) -> None:
+    def worker_down(self, profile_name: str, error: WorkerError) -> None:
         engine = self.engines.get(profile_name)
-        if engine is not None and isinstance(error, WorkerError):
+        if engine is not None:
             engine.worker_down(error)
 
     async def stop(self, profile_name: str) -> None:
