@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamactl.router.policy import ClassEvidence, Decision, GroupState, PolicyConfig, Role, decide
+from llamactl.router.policy import ClassEvidence, Decision, GroupState, PolicyConfig, Role, decide, samples_needed
 from llamactl.router.backends import Backends, Upstream, fetch_models, serving_now, worker_down
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.choices import (
@@ -680,7 +680,7 @@ class Lane:
             free = self._process_of(decision.target) == self.active != decision.target
             have = 0 if not free else state.evidence.get(head.cls, ClassEvidence()).n.get(decision.target, 0) + \
                 self._pending.get((head.cls, decision.target), 0)
-            self._exploring = (head.cls, decision.target, max(1, self.config.policy.min_samples - have))
+            self._exploring = (head.cls, decision.target, max(1, samples_needed(self.config.policy, decision.target) - have))
             self._trial_left = 2 * self.config.policy.min_samples * max(1, len(self._granted)) if reload else 0
             self._explored_at[(head.cls, decision.target)] = self.clock()
         return decision.target, "explore" if decision.explore else "policy"
