@@ -432,3 +432,20 @@ def test_a_member_with_depths_is_one_choice_per_depth_served_by_one_engine():
         Scenario.from_json(bad)
     with pytest.raises(ScenarioError, match="depths"):
         Scenario.from_json({**data, "members": {**data["members"], "plain": {"spec": False, "depths": [2]}}})
+
+
+def test_exploring_a_depth_on_one_class_leaves_the_other_classes_at_their_own():
+    """Depths per request, a deep queue of interleaved classes: a depth tried on one class is no reload, so it
+    serves no trial of every class (the other classes' requests keep their own depth), and a depth explored is
+    asked for only the samples it still misses. Before: code at depth 2 three times, creative at 16 twice, chat
+    at 8 six times."""
+    from llamactl.router.sim import run
+
+    data = json.loads((REPO / "docs/sim/27b-drafter-depths-per-request.json").read_text())
+    data["requests"] = generate("mixed", list(data["classes"]), n=200, gap_s=data["gap_s"], seed=1)
+    outcome = run(Scenario.from_json(data), "auto")
+    min_samples = PolicyConfig().min_samples
+    for cls, served in outcome.per_class.items():
+        chosen = max(served, key=lambda m: served[m])
+        assert chosen == Scenario.from_json(data).best_member(cls), (cls, served)
+        assert all(n <= min_samples for m, n in served.items() if m != chosen), (cls, served)

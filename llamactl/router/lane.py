@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamactl.router.policy import Decision, GroupState, PolicyConfig, Role, decide
+from llamactl.router.policy import ClassEvidence, Decision, GroupState, PolicyConfig, Role, decide, samples_needed
 from llamactl.router.backends import Backends, Upstream, fetch_models, serving_now, worker_down
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.choices import (
@@ -666,13 +666,21 @@ class Lane:
             # decided already: let the load finish before deciding again
             return last if last in self._choice_hosts and self._process_of(last) == self.active else self.active, \
                 "loading"
-        decision = decide(self.policy_state(only), self.config.policy)
+        state = self.policy_state(only)
+        decision = decide(state, self.config.policy)
         if self.last_decision is None or decision.target != self.last_decision.target or decision.switch:
             log.info("lane %s: %s", self.name, decision.reason)
         self.last_decision, self.last_decision_at = decision, self.clock()
         if decision.explore:
-            self._exploring = (head.cls, decision.target, self.config.policy.min_samples)
-            reload = decision.target not in self.upstreams
+            # a reload serves a short trial of every class; a depth or drafting-off choice of the engine serving
+            # is no reload (its choices are per request: other classes keep their own)
+            reload = self._process_of(decision.target) not in self.upstreams
+            # a free choice (the engine serving serves it per request) is asked again for each request, so its
+            # decision may come with samples measured or on their way already: only the missing ones are asked for
+            free = self._process_of(decision.target) == self.active != decision.target
+            have = 0 if not free else state.evidence.get(head.cls, ClassEvidence()).n.get(decision.target, 0) + \
+                self._pending.get((head.cls, decision.target), 0)
+            self._exploring = (head.cls, decision.target, max(1, samples_needed(self.config.policy, decision.target) - have))
             self._trial_left = 2 * self.config.policy.min_samples * max(1, len(self._granted)) if reload else 0
             self._explored_at[(head.cls, decision.target)] = self.clock()
         return decision.target, "explore" if decision.explore else "policy"

@@ -81,6 +81,10 @@ class PolicyConfig:
     # for a switch that costs nothing at all (choices one engine serves per request: a depth, drafting off): a
     # flap costs nothing either, so only a gain beyond measurement noise is asked for
     free_hysteresis: float = 0.03
+    # Samples a depth choice (MEMBER@DEPTH) needs on a class: trying one costs a fraction of a request, and every
+    # later request served there adds a sample to its rolling mean, so one directs the climb; a second costs as
+    # much as the first where the depth is a poor one (at a low acceptance, a deep draft runs under plain)
+    depth_min_samples: int = 1
     min_dwell_s: float = 10.0
     horizon: float = 4.0  # requests of demand to plan for; the recent mix fills what the queue lacks
     cheap_switch_s: float = 0.5  # a switch this cheap (both members warm) plans on the queue alone, no dwell
@@ -160,16 +164,21 @@ class Decision:
     explore: bool = False
 
 
+def samples_needed(config: PolicyConfig, member: str) -> int:
+    """Samples on a class before `member`'s figure for it counts as measured."""
+    return config.depth_min_samples if split_depth(member)[1] is not None else config.min_samples
+
+
 def _measured(ev: ClassEvidence, member: str, config: PolicyConfig) -> float | None:
     value = ev.tok_s.get(member)
-    return value if value and ev.n.get(member, 0) >= config.min_samples else None
+    return value if value and ev.n.get(member, 0) >= samples_needed(config, member) else None
 
 
 def acceptance_for(cls: str, ev: ClassEvidence, config: PolicyConfig, member: str | None = None) -> float:
     """Acceptance of class `cls` on a speculative member: measured there, else the class's prior."""
     members = [member] if member is not None else list(ev.acceptance)
     for m in members:
-        if m in ev.acceptance and ev.acceptance_n.get(m, 0) >= config.min_samples:
+        if m in ev.acceptance and ev.acceptance_n.get(m, 0) >= samples_needed(config, m):
             return ev.acceptance[m]
     return config.prior_acceptance.get(cls, config.unknown_class_acceptance)
 
@@ -344,6 +353,8 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
             continue
         if _depth_family_measured(state, config, member, ev):
             continue  # the depths of a member measured on this class are climbed from there (_depth_beside)
+        if loaded and not state.members.get(member, False) and _plain_predicted_slower(state, config, ev):
+            continue  # the depth model already says what drafting off runs: slower than a depth measured here
         for_run = unknown and run >= config.min_samples
         budget = _explore_budget_s(state, config)
         for_long_run = unknown and 2 * switch_cost(state, config, member) <= budget
@@ -391,7 +402,7 @@ def _depth_beside(state: GroupState, config: PolicyConfig, cls: str,
     names = [m for _, m in family]
     timed = {m: v for m in names if (v := _measured(ev, m, config)) is not None}
     coming = {m for m in names if m not in timed
-              and ev.n.get(m, 0) + state.pending.get((cls, m), 0) >= config.min_samples}
+              and ev.n.get(m, 0) + state.pending.get((cls, m), 0) >= samples_needed(config, m)}
     if coming:
         return None  # a depth is being measured: wait for its samples
     if not timed:  # a class new to these depths: measure the middle one first (no guess moves it away)
@@ -399,14 +410,101 @@ def _depth_beside(state: GroupState, config: PolicyConfig, cls: str,
         return (middle, True) if middle == state.active or switch_cost(state, config, middle) <= 0.0 else None
     best_name = max(timed, key=lambda m: timed[m])
     best = names.index(best_name)
-    # Deeper first where most drafts are accepted there, else shallower: the way speed is likely to rise.
-    deeper = acceptance_for(cls, ev, config, best_name) >= GOOD_ACCEPTANCE
-    for i in ((best + 1, best - 1) if deeper else (best - 1, best + 1)):
-        if 0 <= i < len(names) and names[i] not in timed and switch_cost(state, config, names[i]) <= 0.0:
-            return names[i], True
+    untried = [m for m in names if m not in timed and switch_cost(state, config, m) <= 0.0]
+    predicted = {m: v for m in untried if (v := _depth_predicted(state, config, cls, ev, m)) is not None}
+    if untried and len(predicted) == len(untried):
+        # The depth model (fitted to every depth measured, on every class) tells where the class's speed peaks:
+        # try the depth it predicts fastest, unless it predicts every untried one slower than the best measured
+        # beyond measurement noise (trying a poor depth costs as much as a poor depth serves).
+        hope = max(predicted, key=lambda m: predicted[m])
+        if predicted[hope] >= (1 - config.free_hysteresis) * timed[best_name]:
+            return hope, True
+    else:
+        # Deeper first where most drafts are accepted there, else shallower: the way speed is likely to rise.
+        deeper = acceptance_for(cls, ev, config, best_name) >= GOOD_ACCEPTANCE
+        for i in ((best + 1, best - 1) if deeper else (best - 1, best + 1)):
+            if 0 <= i < len(names) and names[i] not in timed and switch_cost(state, config, names[i]) <= 0.0:
+                return names[i], True
     if state.active not in timed and switch_cost(state, config, best_name) <= 0.0:
         return best_name, False
     return None
+
+
+def _per_token_acceptance(rate: float, depth: int) -> float:
+    """The chance a drafted token is accepted, given the share of a depth-`depth` draft accepted (accepted /
+    drafted): drafts are accepted up to the first miss, so with a chance `a` per token (a - a^(k+1)) / ((1 - a) k)
+    of a k-token draft is accepted. Solved by bisection (the share rises with `a`)."""
+    low, high = 0.0, 0.9999
+    for _ in range(40):
+        mid = (low + high) / 2
+        if (mid - mid ** (depth + 1)) / ((1 - mid) * depth) < rate:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def _tokens_per_step(a: float, depth: int) -> float:
+    """Tokens one verification of a depth-`depth` draft yields: the accepted prefix and the target's own token."""
+    return (1 - a ** (depth + 1)) / (1 - a)
+
+
+def _depth_model(state: GroupState, config: PolicyConfig, member: str) -> tuple[float, float] | None:
+    """The speed model of `member`'s depths, fitted to what they measured: a depth-k draft runs
+    plain x tokens_per_step / (1 + cost x k), `plain` the engine's speed without drafting and `cost` a drafted
+    token's share of a step (the draft's and the verification's growth); both are the engine's, not the
+    content's, so every (class, depth) measured, and a plain member measured, is a point of one fit (least
+    squares, linear in the two). None: fewer than two points, or a fit that makes no sense."""
+    rows = []
+    for ev in state.evidence.values():
+        for m, is_spec in state.members.items():
+            base, depth = split_depth(m)
+            v = _measured(ev, m, config)
+            if v is None:
+                continue
+            if not is_spec:
+                rows.append((1.0, 0.0, v))  # drafting off: one token a step at the plain speed
+            elif base == member and depth is not None and m in ev.acceptance:
+                a = _per_token_acceptance(ev.acceptance[m], depth)
+                rows.append((_tokens_per_step(a, depth), -depth * v, v))  # v = plain E - cost k v
+    if len(rows) < 2:
+        return None
+    sxx = sum(x * x for x, _, _ in rows)
+    sxy = sum(x * y for x, y, _ in rows)
+    syy = sum(y * y for _, y, _ in rows)
+    det = sxx * syy - sxy * sxy
+    if abs(det) < 1e-9 * max(1.0, sxx * syy):
+        return None
+    bx = sum(x * v for x, _, v in rows)
+    by = sum(y * v for _, y, v in rows)
+    plain, cost = (bx * syy - by * sxy) / det, (sxx * by - sxy * bx) / det
+    return (plain, cost) if plain > 0 and cost >= 0 else None
+
+
+def _depth_predicted(state: GroupState, config: PolicyConfig, cls: str, ev: ClassEvidence,
+                     name: str) -> float | None:
+    """The speed the depth model predicts for depth choice `name` on `cls`, from the class's acceptance measured at
+    another depth of its member; None without a model or a measured acceptance."""
+    member, depth = split_depth(name)
+    model = _depth_model(state, config, member) if depth is not None else None
+    measured = [(m, d) for m in state.members if (b := split_depth(m))[0] == member and (d := b[1]) is not None
+                and m in ev.acceptance and ev.acceptance_n.get(m, 0) >= samples_needed(config, m)]
+    if model is None or not measured or depth is None:
+        return None
+    m, d = max(measured, key=lambda md: ev.acceptance_n.get(md[0], 0))
+    a = _per_token_acceptance(ev.acceptance[m], d)
+    plain, cost = model
+    return plain * _tokens_per_step(a, depth) / (1 + cost * depth)
+
+
+def _plain_predicted_slower(state: GroupState, config: PolicyConfig, ev: ClassEvidence) -> bool:
+    """Does a depth model (`_depth_model`: its speed without drafting, the engine's, whatever the content) put the
+    plain speed beyond measurement noise under a depth measured on this class?"""
+    models = {base: model for m in state.members if (base := split_depth(m))[1] is not None
+              and (model := _depth_model(state, config, base[0])) is not None}
+    best = max((v for m in state.members if split_depth(m)[1] is not None
+                and (v := _measured(ev, m, config)) is not None), default=None)
+    return best is not None and any(plain < (1 - config.free_hysteresis) * best for plain, _ in models.values())
 
 
 def _slower_class_elsewhere(state: GroupState, config: PolicyConfig, cls: str) -> bool:
@@ -558,7 +656,8 @@ def _unmeasured(state: GroupState, config: PolicyConfig, member: str, cls: str |
     too few samples on. A figure measured beats one estimated (from peers or priors): exploring is done on
     purpose, within its budget, not by the order of the members' names."""
     classes = [cls] if cls is not None else [c for c, n in state.queued.items() if n > 0]
-    return sum(state.evidence.get(c, ClassEvidence()).n.get(member, 0) < config.min_samples for c in classes)
+    return sum(state.evidence.get(c, ClassEvidence()).n.get(member, 0) < samples_needed(config, member)
+               for c in classes)
 
 
 def _judge(state: GroupState, config: PolicyConfig, seconds: Mapping[str, float], current: str, best: str,
