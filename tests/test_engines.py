@@ -66,6 +66,10 @@ IK_LEGACY_HELP = """
 --draft-p-min P
 --spec-type Name [none | ngram - cache | ngram - simple | ngram - map - k | ngram - map - k4v | ngram - mod]
 -mtp, --multi-token-prediction
+-t,    --threads N
+-tb,   --threads-batch N
+-td,   --threads-draft N
+-draft, --draft-params
 --metrics
 """
 IK_HEAD_HELP = IK_LEGACY_HELP.replace("--draft-max, --draft, --draft-n N\n", "").replace(
@@ -149,6 +153,30 @@ def test_ik_legacy_uses_draft_max_and_no_spec_type_for_draft():
     assert flag_value(argv, "-md") == "/m/draft.gguf" and flag_value(argv, "--draft-max") == "8"
     assert "--spec-type" not in argv
     assert flag_value(argv, "-ngl") == str(ik.ALL_LAYERS)
+
+
+def test_ik_draft_model_gets_the_profiles_threads_through_draft_params():
+    """ik's server gives the draft model every physical core whatever -t or -td say; --draft-params reaches it."""
+    draft = {"type": "draft", "draft_model": "/m/draft.gguf", "n_max": 8}
+    argv = ik.build_argv(profile(engine="ik_llama.cpp", speculation=draft, threads=2, threads_batch=4),
+                         caps(IK_LEGACY_HELP), inputs(draft=True))
+    assert flag_value(argv, "-draft") == "-t 2 -tb 4" and "-td" not in argv
+    assert flag_value(argv, "-t") == "2"
+    argv = ik.build_argv(profile(engine="ik_llama.cpp", speculation=draft, threads=3), caps(IK_HEAD_HELP),
+                         inputs(draft=True))
+    assert flag_value(argv, "-draft") == "-t 3"
+    unset = ik.build_argv(profile(engine="ik_llama.cpp", speculation=draft), caps(IK_LEGACY_HELP), inputs(draft=True))
+    assert "-draft" not in unset and "--draft-params" not in unset  # the engine's own default, as the target's
+    own = ik.build_argv(profile(engine="ik_llama.cpp", speculation=draft, threads=2,
+                                extra_args=["--draft-params", "-t 1 -c 512"]), caps(IK_LEGACY_HELP), inputs(draft=True))
+    assert own.count("--draft-params") == 1 and "-draft" not in own  # the profile's own draft command line wins
+    older = IK_LEGACY_HELP.replace("-draft, --draft-params\n", "")
+    argv = ik.build_argv(profile(engine="ik_llama.cpp", speculation=draft, threads=2), caps(older),
+                         inputs(draft=True))
+    assert flag_value(argv, "-td") == "2"
+    ngram = ik.build_argv(profile(engine="ik_llama.cpp", speculation={"type": "ngram-mod"}, threads=2),
+                          caps(IK_LEGACY_HELP), inputs())
+    assert "-draft" not in ngram  # no draft model, no draft threads
 
 
 def test_ik_legacy_ngram_spec_type():

@@ -193,8 +193,11 @@ def check_extra_args(b: ArgvBuilder) -> None:
     problem = owned_flag_problem(args)
     if problem:
         raise ProfileError(f"{b.profile.source or b.profile.name}: {problem}")
+    # a negative number, or a value holding spaces (a command line of its own, e.g. ik's --draft-params), is a
+    # value, not a flag
     unknown = [a.split("=", 1)[0] for a in args
-               if a.startswith("-") and not a.lstrip("-")[:1].isdigit() and a.split("=", 1)[0] not in b.caps.flags]
+               if a.startswith("-") and not a.lstrip("-")[:1].isdigit() and " " not in a.split("=", 1)[0]
+               and a.split("=", 1)[0] not in b.caps.flags]
     if unknown and (b.caps.verifier is None or not b.caps.verifier(tuple(args))):
         b.refuse(f"extra_args ({' '.join(unknown)})", tuple(unknown))
     b.argv.extend(args)

@@ -65,6 +65,26 @@ def _draft_placement(b: ArgvBuilder, profile: Profile, inputs: LaunchInputs) -> 
         b.add("speculation.draft_cache_type_k", ("-ctkd", "--cache-type-k-draft"), spec.draft_cache_type_k)
     if spec.draft_cache_type_v:
         b.add("speculation.draft_cache_type_v", ("-ctvd", "--cache-type-v-draft"), spec.draft_cache_type_v)
+    _draft_threads(b, profile)
+
+
+DRAFT_PARAMS = ("-draft", "--draft-params")
+
+
+def _draft_threads(b: ArgvBuilder, profile: Profile) -> None:
+    """The profile's threads for the draft model too. ik's server builds the draft's context from fresh defaults
+    (every physical core) and reads -td/-tbd nowhere: only --draft-params, parsed as the draft's own command
+    line, reaches it. Without this, a profile held to a few cores drafts on all of them, beside engines it was
+    meant to share the box with. A profile that sets --draft-params in extra_args keeps its own."""
+    threads = [(flag, n) for flag, n in (("-t", profile.threads), ("-tb", profile.threads_batch)) if n is not None]
+    if not threads or any(a.split("=", 1)[0] in DRAFT_PARAMS for a in profile.extra_args):
+        return
+    if b.caps.first(*DRAFT_PARAMS) is not None:
+        b.add("threads (for the draft model)", DRAFT_PARAMS, " ".join(f"{flag} {n}" for flag, n in threads))
+    elif b.caps.accepts("-td"):
+        for flag, n in threads:
+            b.add("threads (for the draft model)", ("-td", "--threads-draft") if flag == "-t" else
+                  ("-tbd", "--threads-batch-draft"), n)
 
 
 def _legacy_speculation(b: ArgvBuilder, profile: Profile, inputs: LaunchInputs) -> None:
