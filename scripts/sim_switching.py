@@ -130,14 +130,20 @@ def unseen(count: int, seed: int, n: int, phase: int, why: bool = False) -> tupl
     rows, worst = [], []
     for s in range(seed, seed + count):
         for workload in WORKLOADS:
-            result = compare(unseen_scenario(s, workload, n=n, phase=phase))
+            scenario = unseen_scenario(s, workload, n=n, phase=phase)
+            result = compare(scenario)
             fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
             auto, bound = result["auto"]["tok_s"], result["hindsight"]["tok_s"]
             ratio, reachable = auto / fixed, _share(auto, fixed, bound)
             worst.append((ratio, s, workload))
+            # what one visit to the slowest-loading member and back costs, as a share of the best fixed run: an
+            # exploration that finds nothing better costs about that much by itself
+            loads = sorted((m["load_s"] for m in scenario.members.values()), reverse=True)
+            trip = (loads[0] + loads[1]) / (sum(r["tokens"] for r in scenario.requests) / fixed)
             rows.append(f"seed {s:>4} {workload:<8} auto {auto:7.2f} ({result['auto']['switches']:>3} switches)  "
                         f"best fixed {fixed:7.2f}  hindsight {bound:7.2f}  auto / best fixed {ratio:.3f}  "
-                        f"of hindsight's gain {_pct(reachable):>5}" + ("  BELOW" if ratio < 1 - TOLERANCE else ""))
+                        f"of hindsight's gain {_pct(reachable):>5}  round trip {trip:5.1%}"
+                        + ("  BELOW" if ratio < 1 - TOLERANCE else ""))
             if why and ratio < 1 - TOLERANCE:
                 rows += switches(unseen_scenario(s, workload, n=n, phase=phase))
     worst.sort()
