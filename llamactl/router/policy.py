@@ -411,7 +411,7 @@ def _depth_beside(state: GroupState, config: PolicyConfig, cls: str,
     best_name = max(timed, key=lambda m: timed[m])
     best = names.index(best_name)
     untried = [m for m in names if m not in timed and switch_cost(state, config, m) <= 0.0]
-    predicted = {m: v for m in untried if (v := _depth_predicted(state, config, cls, ev, m)) is not None}
+    predicted = _depth_predictions(state, config, ev, member, untried)
     if untried and len(predicted) == len(untried):
         # The depth model (fitted to every depth measured, on every class) tells where the class's speed peaks:
         # try the depth it predicts fastest, unless it predicts every untried one slower than the best measured
@@ -481,30 +481,32 @@ def _depth_model(state: GroupState, config: PolicyConfig, member: str) -> tuple[
     return (plain, cost) if plain > 0 and cost >= 0 else None
 
 
-def _depth_predicted(state: GroupState, config: PolicyConfig, cls: str, ev: ClassEvidence,
-                     name: str) -> float | None:
-    """The speed the depth model predicts for depth choice `name` on `cls`, from the class's acceptance measured at
-    another depth of its member; None without a model or a measured acceptance."""
-    member, depth = split_depth(name)
-    model = _depth_model(state, config, member) if depth is not None else None
+def _depth_predictions(state: GroupState, config: PolicyConfig, ev: ClassEvidence, member: str,
+                       names: list[str]) -> dict[str, float]:
+    """The speeds the depth model of `member` predicts on this class for its depth choices `names`, from the
+    class's acceptance measured at another of its depths; empty without a model or a measured acceptance."""
+    model = _depth_model(state, config, member)
     measured = [(m, d) for m in state.members if (b := split_depth(m))[0] == member and (d := b[1]) is not None
                 and m in ev.acceptance and ev.acceptance_n.get(m, 0) >= samples_needed(config, m)]
-    if model is None or not measured or depth is None:
-        return None
+    if model is None or not measured:
+        return {}
     m, d = max(measured, key=lambda md: ev.acceptance_n.get(md[0], 0))
     a = _per_token_acceptance(ev.acceptance[m], d)
     plain, cost = model
-    return plain * _tokens_per_step(a, depth) / (1 + cost * depth)
+    return {name: plain * _tokens_per_step(a, depth) / (1 + cost * depth)
+            for name in names if (depth := split_depth(name)[1]) is not None}
 
 
 def _plain_predicted_slower(state: GroupState, config: PolicyConfig, ev: ClassEvidence) -> bool:
     """Does a depth model (`_depth_model`: its speed without drafting, the engine's, whatever the content) put the
     plain speed beyond measurement noise under a depth measured on this class?"""
-    models = {base: model for m in state.members if (base := split_depth(m))[1] is not None
-              and (model := _depth_model(state, config, base[0])) is not None}
     best = max((v for m in state.members if split_depth(m)[1] is not None
                 and (v := _measured(ev, m, config)) is not None), default=None)
-    return best is not None and any(plain < (1 - config.free_hysteresis) * best for plain, _ in models.values())
+    if best is None:
+        return False
+    bases = {base for base, depth in map(split_depth, state.members) if depth is not None}
+    return any(model[0] < (1 - config.free_hysteresis) * best
+               for base in bases if (model := _depth_model(state, config, base)) is not None)
 
 
 def _slower_class_elsewhere(state: GroupState, config: PolicyConfig, cls: str) -> bool:
