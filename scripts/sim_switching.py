@@ -145,7 +145,7 @@ def unseen(count: int, seed: int, n: int, phase: int, why: bool = False) -> tupl
                         f"of hindsight's gain {_pct(reachable):>5}  round trip {trip:5.1%}"
                         + ("  BELOW" if ratio < 1 - TOLERANCE else ""))
             if why and ratio < 1 - TOLERANCE:
-                rows += switches(unseen_scenario(s, workload, n=n, phase=phase))
+                rows += switches(scenario)
     worst.sort()
     below = [w for w in worst if w[0] < 1 - TOLERANCE]
     rows += ["", f"{len(worst)} runs ({count} scenarios, seeds {seed}-{seed + count - 1}, x {len(WORKLOADS)} "
