@@ -195,9 +195,9 @@ def check_extra_args(b: ArgvBuilder) -> None:
         raise ProfileError(f"{b.profile.source or b.profile.name}: {problem}")
     # a negative number, or a value holding spaces (a command line of its own, e.g. ik's --draft-params), is a
     # value, not a flag
-    unknown = [a.split("=", 1)[0] for a in args
-               if a.startswith("-") and not a.lstrip("-")[:1].isdigit() and " " not in a.split("=", 1)[0]
-               and a.split("=", 1)[0] not in b.caps.flags]
+    flags = [flag for a in args if (flag := a.split("=", 1)[0]).startswith("-")
+             and not flag.lstrip("-")[:1].isdigit() and " " not in flag]
+    unknown = [flag for flag in flags if flag not in b.caps.flags]
     if unknown and (b.caps.verifier is None or not b.caps.verifier(tuple(args))):
         b.refuse(f"extra_args ({' '.join(unknown)})", tuple(unknown))
     b.argv.extend(args)

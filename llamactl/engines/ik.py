@@ -69,6 +69,7 @@ def _draft_placement(b: ArgvBuilder, profile: Profile, inputs: LaunchInputs) -> 
 
 
 DRAFT_PARAMS = ("-draft", "--draft-params")
+DRAFT_THREAD_FLAGS = {"-t": ("-td", "--threads-draft"), "-tb": ("-tbd", "--threads-batch-draft")}
 
 
 def _draft_threads(b: ArgvBuilder, profile: Profile) -> None:
@@ -83,8 +84,7 @@ def _draft_threads(b: ArgvBuilder, profile: Profile) -> None:
         b.add("threads (for the draft model)", DRAFT_PARAMS, " ".join(f"{flag} {n}" for flag, n in threads))
     elif b.caps.accepts("-td"):
         for flag, n in threads:
-            b.add("threads (for the draft model)", ("-td", "--threads-draft") if flag == "-t" else
-                  ("-tbd", "--threads-batch-draft"), n)
+            b.add("threads (for the draft model)", DRAFT_THREAD_FLAGS[flag], n)
 
 
 def _legacy_speculation(b: ArgvBuilder, profile: Profile, inputs: LaunchInputs) -> None:
