@@ -8,8 +8,9 @@
         every scenario in the folder under every workload, as Markdown tables, with the targets checked.
     .venv/bin/python scripts/sim_switching.py --unseen N [--seed S] [--why]
         N random per-process groups (llamactl/router/unseen.py: seeds S..S+N-1) under every workload: auto / best
-        fixed and the share of hindsight's gain captured, the worst cases; exit 1 if any is under 0.98x. With
-        --why, every switch auto made in each run under 0.98x: when, after how many requests, and the reason.
+        fixed and the share of hindsight's gain captured, what finding out costs (one load of every member over the
+        best fixed run), the worst cases; exit 1 if any is under 0.98x. With --why, every switch auto made in each
+        run under 0.98x: when, after how many requests, and the reason.
 
 Prints total tok/s and switches for auto, each always-<member>, clairvoyant (every request on its fastest
 member, switches free: the upper bound) and, with one slot, hindsight (every future request known, switches
@@ -123,33 +124,48 @@ def switches(scenario: Scenario) -> list[str]:
             for s in kept["switches"]]
 
 
+def finding_out(scenario: Scenario, fixed_tok_s: float) -> float:
+    """One load of every member over the best fixed member's makespan: what finding out about every member costs
+    at least (the way there and back included), so what no policy that does not know the members' speeds can be
+    sure to save (docs/switching-sim.md, "What no policy can promise")."""
+    return sum(m["load_s"] for m in scenario.members.values()) / (sum(r["tokens"] for r in scenario.requests)
+                                                                   / fixed_tok_s)
+
+
 def unseen(count: int, seed: int, n: int, phase: int, why: bool = False) -> tuple[str, bool]:
     """Scenarios seed .. seed + count - 1 of llamactl/router/unseen.py under every workload: auto / best fixed and
     the share of hindsight's gain captured, each, then the worst; ok when auto >= 1 - TOLERANCE everywhere.
-    `why`: under each run below it, auto's switches and their reasons."""
-    rows, worst = [], []
+    Each row also says what finding out costs (`finding_out`) and, where auto is under 1 - TOLERANCE less that
+    too, BEYOND; the summary adds auto over a member picked blind (the fixed members' mean makespan).
+    `why`: under each run below 1 - TOLERANCE, auto's switches and their reasons."""
+    rows, worst, ratios, blind, beyond = [], [], [], [], 0
     for s in range(seed, seed + count):
         for workload in WORKLOADS:
             scenario = unseen_scenario(s, workload, n=n, phase=phase)
             result = compare(scenario)
-            fixed = max(v["tok_s"] for k, v in result.items() if k.startswith("always-"))
+            fixed_runs = [v["tok_s"] for k, v in result.items() if k.startswith("always-")]
+            fixed = max(fixed_runs)
             auto, bound = result["auto"]["tok_s"], result["hindsight"]["tok_s"]
             ratio, reachable = auto / fixed, _share(auto, fixed, bound)
             worst.append((ratio, s, workload))
-            # what one visit to the slowest-loading member and back costs, as a share of the best fixed run: an
-            # exploration that finds nothing better costs about that much by itself
-            loads = sorted((m["load_s"] for m in scenario.members.values()), reverse=True)
-            trip = (loads[0] + loads[1]) / (sum(r["tokens"] for r in scenario.requests) / fixed)
+            ratios.append(ratio)
+            blind.append(auto * sum(1 / v for v in fixed_runs) / len(fixed_runs))
+            share = finding_out(scenario, fixed)
+            below, past = ratio < 1 - TOLERANCE, ratio < 1 - TOLERANCE - share
+            beyond += past
             rows.append(f"seed {s:>4} {workload:<8} auto {auto:7.2f} ({result['auto']['switches']:>3} switches)  "
                         f"best fixed {fixed:7.2f}  hindsight {bound:7.2f}  auto / best fixed {ratio:.3f}  "
-                        f"of hindsight's gain {_pct(reachable):>5}  round trip {trip:5.1%}"
-                        + ("  BELOW" if ratio < 1 - TOLERANCE else ""))
-            if why and ratio < 1 - TOLERANCE:
+                        f"of hindsight's gain {_pct(reachable):>5}  finding out {share:5.1%}"
+                        + ("  BELOW" if below else "") + ("  BEYOND" if past else ""))
+            if why and below:
                 rows += switches(scenario)
     worst.sort()
     below = [w for w in worst if w[0] < 1 - TOLERANCE]
     rows += ["", f"{len(worst)} runs ({count} scenarios, seeds {seed}-{seed + count - 1}, x {len(WORKLOADS)} "
-                 f"workloads): {len(below)} under {1 - TOLERANCE:.2f}x the best fixed member; the worst:"]
+                 f"workloads): {len(below)} under {1 - TOLERANCE:.2f}x the best fixed member, {beyond} under it "
+                 f"less what finding out costs (BEYOND); auto / best fixed: mean {sum(ratios) / len(ratios):.3f}; "
+                 f"auto / a member picked blind: mean {sum(blind) / len(blind):.3f}, lowest {min(blind):.3f}; "
+                 "the worst:"]
     rows += [f"  {r:.3f}  seed {s} {w}" for r, s, w in worst[:5]]
     return "\n".join(rows), not below
 
