@@ -179,6 +179,24 @@ def test_a_member_measured_on_nothing_is_explored_once_for_the_long_run_within_t
     assert not decide(GroupState(**base, explore_budget_s=1000), PolicyConfig(explore_horizon_s=0)).explore
 
 
+def test_a_drafter_measured_elsewhere_is_found_out_for_a_long_run_of_a_class_it_was_never_explored_on():
+    """d8b measured on code only (0.9 of d1b there), d1b serving a run of 60 chat requests: d8b's chat figure is
+    only d1b's times 0.9, and drafters cross from one class to the next. Were it 1.2x that, it would repay the
+    90 s round trip on this run, so it is found out for it; not again once explored on chat, and not for a run
+    too short to repay the round trip."""
+    ev = _measured_on_d1b()
+    ev["code"] = ClassEvidence(tok_s={"d1b": 23.1, "d8b": 20.8, "plain": 11.0}, n={"d1b": 3, "d8b": 3, "plain": 3},
+                               mean_tokens=300)
+    base = dict(active="d1b", seconds_since_switch=1000, switch_cost_s={"plain": 45, "d8b": 45},
+                queued={"chat": 60}, evidence=ev, members=THREE, head_class="chat",
+                explore_due={"chat": True}, head_run=("chat", 60), mix={"chat": 9})
+    decision = decide(GroupState(**base), PolicyConfig())
+    assert decision.explore and decision.switch and decision.target == "d8b", decision
+    assert not decide(GroupState(**base, explored=frozenset({("chat", "d8b")})), PolicyConfig()).explore
+    short = {**base, "queued": {"chat": 10}, "head_run": ("chat", 10)}
+    assert not decide(GroupState(**short), PolicyConfig()).explore
+
+
 def test_a_run_of_one_class_counts_the_arrivals_so_far_when_requests_come_one_at_a_time():
     """Requests one at a time (the queue never holds two): a phase of creative work after code still moves
     to the plain member, because a run that has lasted n arrivals is expected to last about n more. Counting

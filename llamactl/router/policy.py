@@ -34,7 +34,8 @@ speed-up model speedup(a) = intercept + slope * a.
 The run at the head of the queue counts, where the whole queue is one class, the arrivals of that class still
 expected in its run (the lane's `Runs`: from the runs seen before; with requests one at a time the queue
 never shows a run).
-Exploration: a reload to find out is paid only for a member measured on nothing yet; when a class is due one (the lane keeps its share of that class's requests at most
+Exploration: a reload to find out is paid only for a member measured on nothing yet, or for a run of a class a
+drafter was never explored on (a drafter's figure on one class says little of it on another); when a class is due one (the lane keeps its share of that class's requests at most
 `explore_share`) and has a member with fewer than `min_samples` measurements, its next `min_samples`
 requests go there, if that member is loaded (a switch is a drain) or its reload costs at most
 `explore_share` of the work waiting: evidence for every member, and a reload only where finding out could change the choice (a drafter accepting `explore_acceptance_hope`
@@ -336,11 +337,11 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         if ev.n.get(member, 0) + state.pending.get((cls, member), 0) >= config.min_samples:
             continue
         loaded = member == state.active or member in state.loaded
-        # A reload to find out is paid only for a member measured on nothing yet: what a member measured on some
-        # classes says how it compares on the others (the plain member's speed hardly depends on the content,
-        # and a drafter slower than its peers on one kind of work tends to be slower on the rest: _peer_speed).
-        # For the run at the head, only when its next `min_samples` requests are of this class (the samples come
-        # in one visit, not one per reload).
+        # A reload to find out for the long run is paid only for a member measured on nothing yet: what a member
+        # measured on some classes says how it compares on the others (the plain member's speed hardly depends on
+        # the content, and a drafter slower than its peers on one kind of work tends to be slower on the rest:
+        # _peer_speed). For the run at the head, only when its next `min_samples` requests are of this class (the
+        # samples come in one visit, not one per reload).
         unknown = all(m != member for _, m in state.explored) and all(
             e.n.get(member, 0) < config.min_samples for e in state.evidence.values())
         if loaded and not state.members.get(member, False) and not unknown:
@@ -355,7 +356,12 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
             continue  # the depths of a member measured on this class are climbed from there (_depth_beside)
         if loaded and not state.members.get(member, False) and _plain_predicted_slower(state, config, ev):
             continue  # the depth model already says what drafting off runs: slower than a depth measured here
-        for_run = unknown and run >= config.min_samples
+        # A drafter measured on other classes, never explored on this one: what it measured there says little of
+        # it here (acceptance is the content's: two drafters cross from one class to the next), so a run of this
+        # class at the head that would repay the round trip, were it as hoped, is worth finding out for, once
+        # per explore_memory_s.
+        fresh_here = state.members.get(member, False) and (cls, member) not in state.explored
+        for_run = (unknown or fresh_here) and run >= config.min_samples
         budget = _explore_budget_s(state, config)
         for_long_run = unknown and 2 * switch_cost(state, config, member) <= budget
         if loaded or (for_run and _worth_finding_out(state, config, cls, member)) or (
