@@ -25,8 +25,10 @@ MTP_BENCH_SHAPE = {"n_embd": 256, "n_head": 4, "head_dim": 64, "n_ff": 512, "n_f
 def write_glm4moe_mtp(path: Path, *, n_trunk: int = N_TRUNK, n_nextn: int = 1, n_embd: int = 64, n_head: int = 2,
                       n_head_kv: int = 1, head_dim: int = 32, n_ff: int = 128, n_ff_exp: int = 32,
                       n_expert: int = 4, n_expert_used: int = 2, n_vocab: int = 320, ctx_train: int = 4096,
-                      seed: int = 25) -> Path:
-    """`n_nextn = 0` writes the same trunk without the NextN block (a model without MTP heads)."""
+                      seed: int = 25, heads: bool = True) -> Path:
+    """`n_nextn = 0` writes the same trunk without the NextN block (a model without MTP heads); `heads=False`
+    declares the NextN block and writes it as a plain decoder block, without its nextn.* tensors (a file
+    converted trunk-only whose metadata still counts the head)."""
     m = _Model(path, "glm4moe", "synthetic glm4moe" + (" with a NextN block" if n_nextn else ""))
     n_layer = n_trunk + n_nextn
     m.kv("context_length", ctx_train)
@@ -75,7 +77,7 @@ def write_glm4moe_mtp(path: Path, *, n_trunk: int = N_TRUNK, n_nextn: int = 1, n
             m.t(f"blk.{i}.ffn_gate_shexp.weight", n_embd, n_ff_exp)
             m.t(f"blk.{i}.ffn_up_shexp.weight", n_embd, n_ff_exp)
             m.t(f"blk.{i}.ffn_down_shexp.weight", n_ff_exp, n_embd)
-        if i >= n_trunk:
+        if i >= n_trunk and heads:
             m.t(f"blk.{i}.nextn.eh_proj.weight", 2 * n_embd, n_embd)
             m.t(f"blk.{i}.nextn.enorm.weight", n_embd)
             m.t(f"blk.{i}.nextn.hnorm.weight", n_embd)

@@ -82,6 +82,24 @@ def test_mtp_on_a_model_without_nextn_layers_is_a_plan_problem_that_says_what_to
     assert [s.change for s in plan.suggestions if s.fits] == ["no MTP (speculation.type = 'none')"]
 
 
+def test_mtp_on_a_file_that_declares_a_nextn_layer_without_its_head_is_a_plan_problem(tmp_path: Path,
+                                                                                        glm: Path) -> None:
+    """nextn_predict_layers = 1 and a last block with a decoder layer's tensors, but none of the head's (no
+    blk.2.nextn.*): converted trunk-only while the metadata still counts the head (published DeepSeek V4 files
+    were so). The pinned mainline aborts on it with MTP on (GGML_ASSERT "MTP block missing nextn.eh_proj") and
+    serves it without; so the plan refuses MTP with what to do, and without MTP plans the file as before."""
+    headless = write_glm4moe_mtp(tmp_path / "glm4moe-headless.gguf", heads=False, **MTP_BENCH_SHAPE)
+    spec = load_spec(headless)
+    assert spec.n_nextn == 1 and spec.nextn_head_tensors == 0 and load_spec(glm).nextn_head_tensors == 4
+    plan = plan_profile(profile(headless, type="mtp"), spec, CPU_BOX)
+    assert not plan.fits
+    [problem] = plan.problems
+    assert "declares 1 NextN/MTP layer (glm4moe.nextn_predict_layers = 1: block 2)" in problem
+    assert "holds no tensor of one (blk.N.nextn.*, mtp.*)" in problem and "speculation.type = 'draft'" in problem
+    assert [s.change for s in plan.suggestions if s.fits] == ["no MTP (speculation.type = 'none')"]
+    assert plan_profile(profile(headless), spec, CPU_BOX).fits
+
+
 def test_on_gpus_the_mtp_context_goes_where_the_nextn_and_output_layers_are_and_a_shortfall_is_told(glm) -> None:
     spec = load_spec(glm)
     box = GpuInventory(gpus=(Gpu(index=0, name="card 0", total_mib=2048, free_mib=2000),

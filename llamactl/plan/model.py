@@ -55,6 +55,9 @@ class ModelSpec:
     n_expert: int = 0
     n_expert_used: int = 0
     n_nextn: int = 0  # the last n_nextn blocks are NextN / MTP heads (`nextn_predict_layers`)
+    # tensors of a NextN / MTP head in the file (blk.N.nextn.*, mtp.*): a file may declare a head it does not
+    # ship (converted trunk-only, or metadata that counts it anyway); None: not read from a file
+    nextn_head_tensors: int | None = None
 
     @property
     def total_weight_bytes(self) -> int:
@@ -215,4 +218,5 @@ def spec_from_gguf(g: GGUFFile) -> ModelSpec:
         n_expert=n_expert,
         n_expert_used=n_expert_used,
         n_nextn=min(int(g.get("nextn_predict_layers", 0) or 0), n_layer),
+        nextn_head_tensors=sum(1 for t in g.tensors if ".nextn." in t.name or t.name.startswith("mtp.")),
     )

@@ -30,7 +30,18 @@ def nextn_layers(spec: ModelSpec) -> range:
 
 def problem(profile: Profile, spec: ModelSpec) -> str | None:
     """Why MTP cannot run on this model, or None."""
-    if not is_on(profile) or spec.n_nextn > 0:
+    if not is_on(profile):
+        return None
+    if spec.n_nextn > 0 and spec.nextn_head_tensors == 0:
+        layers = nextn_layers(spec)
+        blocks = f"block {layers[0]}" if len(layers) == 1 else f"blocks {layers[0]}-{layers[-1]}"
+        return (f"speculation.type = 'mtp': {spec.name or 'the model'} ({spec.architecture}) declares "
+                f"{spec.n_nextn} NextN/MTP layer{'s' if spec.n_nextn > 1 else ''} "
+                f"({spec.architecture}.nextn_predict_layers = {spec.n_nextn}: {blocks}) but the file holds no "
+                "tensor of one (blk.N.nextn.*, mtp.*): it was converted without its MTP head (a trunk-only "
+                "file), so the engine has nothing to draft with; use a GGUF that keeps the MTP head, or set "
+                "speculation.type = 'draft' with a draft_model, an ngram type, or 'none'")
+    if spec.n_nextn > 0:
         return None
     return (f"speculation.type = 'mtp': {spec.name or 'the model'} ({spec.architecture}) has no NextN/MTP layers "
             f"({spec.architecture}.nextn_predict_layers is 0 or missing), so there is nothing to draft with; use a "
