@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -80,9 +81,14 @@ class ModelInfo:
         return self.sliding_window > 0
 
 
+# llama.cpp's names for the parts of a split GGUF (llama_split_path): PREFIX-00001-of-00003.gguf, ...
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
 @dataclass(frozen=True)
 class GGUFFile:
-    """Everything llamactl knows about a GGUF without reading its weights."""
+    """Everything llamactl knows about a GGUF without reading its weights. For a split GGUF read whole
+    (`read_model`), the tensors of every part, their sizes summed, and each part's own header in `parts`."""
 
     path: Path
     version: int
@@ -92,6 +98,13 @@ class GGUFFile:
     data_offset: int
     file_size_bytes: int
     tensor_index: dict[str, TensorInfo] = field(default_factory=dict, repr=False, compare=False)
+    parts: tuple["GGUFFile", ...] = ()  # a split GGUF's parts, the first first; () for one file
+
+    @property
+    def split_count(self) -> int:
+        """How many files the model is split into (1: not split), as this file's header says."""
+        value = self.metadata.get("split.count")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
     @property
     def architecture(self) -> str:
@@ -119,7 +132,8 @@ class GGUFFile:
 
     @property
     def data_end(self) -> int:
-        """Where the last tensor's data ends: a file shorter than this is truncated."""
+        """Where the last tensor's data ends: a file shorter than this is truncated (of one file: each part of a
+        split model read whole says its own, in `parts`)."""
         return self.data_offset + max((t.offset + t.n_bytes for t in self.tensors), default=0)
 
     @property
@@ -327,6 +341,60 @@ def _parse(path: Path, f: BinaryIO, size: int) -> GGUFFile:
     )
 
 
+def split_part_paths(path: Path, first: GGUFFile) -> tuple[Path, ...]:
+    """Every file of the model whose first file is `path` (its header: `first`), as llama.cpp finds them from
+    the first part's name; (path,) for a model in one file. A ProfileError for a part other than the first, or
+    a first part not named as the engine looks for the others."""
+    count = first.split_count
+    if count == 1:
+        return (path,)
+    number = first.metadata.get("split.no")
+    named = _SPLIT_NAME.match(path.name)
+    if isinstance(number, int) and number != 0:
+        first_name = f"{named['prefix']}-00001-of-{count:05d}.gguf" if named else "its first part"
+        raise ProfileError(f"{path}: part {number + 1} of {count} of a split GGUF; the engine loads a split model "
+                           "from its first part", hint=f"point `model` at {first_name}")
+    if named is None or int(named["count"]) != count or int(named["no"]) != 1:
+        raise ProfileError(f"{path}: the first of {count} parts of a split GGUF, not named as the engine finds the "
+                           f"others (NAME-00001-of-{count:05d}.gguf, NAME-00002-of-{count:05d}.gguf, ...)",
+                           hint="keep the parts' names as they were published")
+    return tuple(path.with_name(f"{named['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1))
+
+
+def read_model(path: Path) -> GGUFFile:
+    """The model that `path` starts: its header, or for the first part of a split GGUF every part's tensors
+    (what the engine loads from that path). A ProfileError names a part that is missing, unreadable or of
+    another split."""
+    path = Path(path)
+    first = read_gguf(path)
+    paths = split_part_paths(path, first)
+    if len(paths) == 1:
+        return first
+    parts = [first]
+    for i, part_path in enumerate(paths[1:], start=2):
+        if not part_path.exists():
+            raise ProfileError(f"{path}: part {i} of {len(paths)} of this split GGUF is missing: looked at "
+                               f"{part_path}", hint="download every part of the model (llamactl pull of the "
+                               "first part fetches them all)")
+        part = read_gguf(part_path)
+        if part.split_count != len(paths) or part.metadata.get("split.no") != i - 1:
+            raise ProfileError(f"{part_path}: not part {i} of {len(paths)} of {path.name}'s split (its header says "
+                               f"part {_part_number(part)} of {part.split_count})",
+                               hint="download the model's parts again, all from one release")
+        parts.append(part)
+    tensors = tuple(t for part in parts for t in part.tensors)
+    return GGUFFile(path=path, version=first.version, metadata=first.metadata, tensors=tensors,
+                    alignment=first.alignment, data_offset=first.data_offset,
+                    file_size_bytes=sum(part.file_size_bytes for part in parts),
+                    tensor_index={t.name: t for t in tensors}, parts=tuple(parts))
+
+
+def _part_number(part: GGUFFile) -> str:
+    number = part.metadata.get("split.no")
+    return str(number + 1) if isinstance(number, int) else "?"
+
+
 def read_model_info(path: Path) -> ModelInfo:
-    """Read the few metadata keys llamactl needs. Raises ProfileError if the file is not a GGUF."""
-    return read_gguf(Path(path)).model_info()
+    """Read the few metadata keys llamactl needs (of the whole model, every part of a split GGUF). Raises
+    ProfileError if the file is not a GGUF."""
+    return read_model(Path(path)).model_info()

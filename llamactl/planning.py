@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from llamactl.errors import LlamactlError
-from llamactl.gguf import read_gguf
+from llamactl.gguf import read_model
 from llamactl.gpus import GpuInventory, GpuProbe, probe_gpus
 from llamactl.models import ensure_model
 from llamactl.plan import DEFAULT_MARGIN_MIB, ModelSpec, Plan, plan_profile, spec_from_gguf
@@ -17,7 +17,7 @@ from llamactl.units import mib_ceil
 
 
 def load_spec(path: Path) -> ModelSpec:
-    return spec_from_gguf(read_gguf(path))
+    return spec_from_gguf(read_model(path))
 
 
 def plan_for_launch(profile: Profile, settings: Settings, gpus_file: Path | None = None, *,

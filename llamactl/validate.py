@@ -71,8 +71,9 @@ def _checked_model(value: str, key: str, where: str, settings: Settings) -> Path
 
 
 def check_gguf_file(path: Path, key: str, where: str) -> None:
-    """A regular, readable, complete GGUF file; the error names the key and what is wrong with the file."""
-    from llamactl.gguf import read_gguf
+    """A regular, readable, complete GGUF file (every part of a split one); the error names the key and what is
+    wrong with the file."""
+    from llamactl.gguf import read_model
 
     hint = "fix the path (relative paths are relative to the profile file)"
     if not path.exists():
@@ -82,13 +83,14 @@ def check_gguf_file(path: Path, key: str, where: str) -> None:
     if not path.is_file():
         raise ProfileError(f"{where}: {key}: {path} is not a regular file (a device or a pipe)", hint=hint)
     try:
-        gguf = read_gguf(path)
+        gguf = read_model(path)
     except ProfileError as e:
         raise ProfileError(f"{where}: {key}: {e.message}", hint=e.hint) from None
-    if gguf.file_size_bytes < gguf.data_end:
-        raise ProfileError(
-            f"{where}: {key}: {path} is truncated: its tensors need {gguf.data_end} bytes, the file has "
-            f"{gguf.file_size_bytes}", hint="the download or copy was cut off; fetch the model again")
+    for part in gguf.parts or (gguf,):
+        if part.file_size_bytes < part.data_end:
+            raise ProfileError(
+                f"{where}: {key}: {part.path} is truncated: its tensors need {part.data_end} bytes, the file has "
+                f"{part.file_size_bytes}", hint="the download or copy was cut off; fetch the model again")
 
 
 def group_warnings(profiles: dict[str, Profile]) -> dict[str, str]:

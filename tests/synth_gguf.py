@@ -67,8 +67,10 @@ def _ascii_vocab(w: GGUFWriter, n_vocab: int) -> None:
 
 
 class _Model:
-    def __init__(self, path: Path, arch: str, name: str, wtype: Any = F16) -> None:
-        self.w = GGUFWriter(str(path), arch)
+    def __init__(self, path: Path, arch: str, name: str, wtype: Any = F16, split_max_tensors: int = 0) -> None:
+        """`split_max_tensors`: a split GGUF of parts of at most that many tensors, named as llama.cpp's
+        gguf-split names them (NAME-00001-of-0000N.gguf, ...; `path` itself is then not written)."""
+        self.w = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
         self.arch = arch
         self.w.add_name(name)
         self.wtype = wtype
@@ -124,9 +126,10 @@ class _Model:
 
 def write_llama(path: Path, *, n_layer: int = 4, n_embd: int = 256, n_head: int = 8,
                 n_head_kv: int | list[int] = 2, n_ff: int = 512, n_vocab: int = 4096, ctx_train: int = 524288,
-                tied: bool = False, wtype: Any = F16, fim: bool = False) -> Path:
-    """`fim`: FIM prefix / suffix / middle tokens in the vocabulary, so llama-server serves /infill."""
-    m = _Model(path, "llama", "synthetic llama GQA", wtype)
+                tied: bool = False, wtype: Any = F16, fim: bool = False, split_max_tensors: int = 0) -> Path:
+    """`fim`: FIM prefix / suffix / middle tokens in the vocabulary, so llama-server serves /infill.
+    `split_max_tensors`: written as a split GGUF (_Model); the first part's path is returned."""
+    m = _Model(path, "llama", "synthetic llama GQA", wtype, split_max_tensors)
     head = n_embd // n_head
     m.kv("context_length", ctx_train)
     m.kv("embedding_length", n_embd)
@@ -151,6 +154,8 @@ def write_llama(path: Path, *, n_layer: int = 4, n_embd: int = 256, n_head: int 
         m.t(f"blk.{i}.ffn_norm.weight", n_embd)
         m.swiglu_ffn(i, n_embd, n_ff)
     m.write(n_vocab, fim)
+    if split_max_tensors:
+        return next(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))
     return path
 
 

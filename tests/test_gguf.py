@@ -83,3 +83,46 @@ def test_not_a_gguf_is_a_profile_error(tmp_path: Path, content: bytes) -> None:
 def test_missing_file_is_a_profile_error(tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match="cannot read"):
         read_model_info(tmp_path / "missing.gguf")
+
+
+def test_a_split_gguf_is_read_whole_from_its_first_part(tmp_path: Path) -> None:
+    """Published models past 50 GB come split (NAME-00001-of-00004.gguf, ...): the engine loads every part from
+    the first, and so must the plan. Read from the first part alone, three of four layers weighed nothing."""
+    from llamactl.gguf import read_model
+    from llamactl.planning import load_spec
+
+    whole = load_spec(write_llama(tmp_path / "whole.gguf"))
+    first = write_llama(tmp_path / "split.gguf", split_max_tensors=12)
+    assert first.name == "split-00001-of-00004.gguf"
+    split = load_spec(first)
+    assert split.layer_bytes == whole.layer_bytes and all(split.layer_bytes)
+    assert split.tensor_bytes == whole.tensor_bytes and split.output_bytes == whole.output_bytes
+    model = read_model(first)
+    assert len(model.parts) == 4 and model.file_size_bytes == sum(
+        p.stat().st_size for p in tmp_path.glob("split-0000?-of-00004.gguf"))
+    assert read_model_info(first).file_size_bytes == model.file_size_bytes
+    assert read_model(tmp_path / "whole.gguf").parts == ()
+
+
+def test_a_split_gguf_named_by_another_part_or_missing_one_is_a_profile_error_naming_it(tmp_path: Path) -> None:
+    from llamactl.gguf import read_model
+    from llamactl.validate import check_gguf_file
+
+    first = write_llama(tmp_path / "m.gguf", split_max_tensors=12)
+    with pytest.raises(ProfileError) as e:
+        read_model(tmp_path / "m-00002-of-00004.gguf")
+    assert "part 2 of 4 of a split GGUF" in e.value.message and "m-00001-of-00004.gguf" in (e.value.hint or "")
+    renamed = first.rename(tmp_path / "m-first.gguf")
+    with pytest.raises(ProfileError, match="not named as the engine finds the others"):
+        read_model(renamed)
+    renamed.rename(first)
+    third = tmp_path / "m-00003-of-00004.gguf"
+    data = third.read_bytes()
+    third.write_bytes(data[: len(data) - 100])  # cut off: the part's tensors run past its end
+    with pytest.raises(ProfileError, match="m-00003-of-00004.gguf is truncated") as e:
+        check_gguf_file(first, "model", "profile 'x'")
+    assert e.value.message.startswith("profile 'x': model: ")
+    third.unlink()
+    with pytest.raises(ProfileError) as e:
+        check_gguf_file(first, "model", "profile 'x'")
+    assert "part 3 of 4 of this split GGUF is missing" in e.value.message and "llamactl pull" in (e.value.hint or "")
