@@ -334,7 +334,7 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         return None
     run = state.head_run[1] if state.head_run is not None and state.head_run[0] == cls else 0
     for member in state.members:
-        if ev.n.get(member, 0) + state.pending.get((cls, member), 0) >= config.min_samples:
+        if ev.n.get(member, 0) + state.pending.get((cls, member), 0) >= samples_needed(config, member):
             continue
         loaded = member == state.active or member in state.loaded
         # A reload to find out for the long run is paid only for a member measured on nothing yet: what a member
@@ -343,11 +343,11 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         # _peer_speed). For the run at the head, only when its next `min_samples` requests are of this class (the
         # samples come in one visit, not one per reload).
         unknown = all(m != member for _, m in state.explored) and all(
-            e.n.get(member, 0) < config.min_samples for e in state.evidence.values())
+            e.n.get(member, 0) < samples_needed(config, member) for e in state.evidence.values())
         if loaded and not state.members.get(member, False) and not unknown:
             continue  # a plain member's speed hardly depends on the content: measured elsewhere is known here
         if loaded and not state.members.get(member, False) and (_slower_class_elsewhere(state, config, cls) or any(
-                ev.acceptance_n.get(m, 0) >= config.min_samples and ev.acceptance.get(m, 0.0) >= GOOD_ACCEPTANCE
+                ev.acceptance_n.get(m, 0) >= samples_needed(config, m) and ev.acceptance.get(m, 0.0) >= GOOD_ACCEPTANCE
                 for m, is_spec in state.members.items() if is_spec)):
             # ... so it is found out on the class where drafting gains least (that costs least to try), not where
             # drafting accepts most of its drafts (it is not slower there than decoding without it)
@@ -585,7 +585,7 @@ def _hopeful_speed(state: GroupState, config: PolicyConfig, cls: str, member: st
             hopeful = max(hopeful, fitted)
         # Speculation that accepts most of its drafts is not slower than decoding without it: the plain
         # member is no hope for a class a speculative member serves well.
-        good = [v for m, v in ev.tok_s.items() if state.members.get(m) and ev.n.get(m, 0) >= config.min_samples
+        good = [v for m, v in ev.tok_s.items() if state.members.get(m) and ev.n.get(m, 0) >= samples_needed(config, m)
                 and acceptance_for(cls, ev, config, m) >= GOOD_ACCEPTANCE]
         if good:
             hopeful = min(hopeful, max(good))
@@ -613,7 +613,7 @@ def _plain_from_drafters_fit(evidence: Mapping[str, ClassEvidence], members: Map
             continue
         points = [(ev.acceptance[m], v) for ev in evidence.values()
                   if (v := _measured(ev, m, config)) is not None and m in ev.acceptance
-                  and ev.acceptance_n.get(m, 0) >= config.min_samples]
+                  and ev.acceptance_n.get(m, 0) >= samples_needed(config, m)]
         if len(points) < 2:
             continue
         xs = [a for a, _ in points]
