@@ -62,3 +62,45 @@ def test_pull_then_up_with_hf_target_and_drafter_and_again_without_the_hub(gemma
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     up_and_down()
     assert len(gemma_hub.downloads()) == 1
+
+
+def test_a_split_model_from_the_hub_is_pulled_planned_and_served_whole(tmp_path, monkeypatch, home, write_profile):
+    """A model published in four parts (NAME-00001-of-00004.gguf, ...), named by its first part: `pull` fetches
+    every part, `plan` weighs every part's tensors (the first part alone holds one layer of four), and the
+    real engine serves it from the first part's path."""
+    from tests.synth_gguf import write_llama
+
+    for key in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(ENGINE_ENV["llama.cpp"], str(require_engine("llama.cpp")))
+    whole = write_llama(tmp_path / "whole.gguf")
+    (tmp_path / "parts").mkdir()
+    first = write_llama(tmp_path / "parts" / "m.gguf", split_max_tensors=12)
+    parts = sorted((tmp_path / "parts").glob("m-0000?-of-00004.gguf"))
+    assert first == parts[0] and len(parts) == 4
+    standin = HubStandin().start()
+    try:
+        standin.repos["acme/split-GGUF"] = StandinRepo({f"F16/{p.name}": p for p in parts})
+        monkeypatch.setenv("HF_ENDPOINT", standin.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        body = """
+            ctx_size = 512
+            gpus = []
+            threads = 2
+            parallel = 1
+            load_timeout_s = 120
+        """
+        write_profile("split", 'model = "hf:acme/split-GGUF/F16/m-00001-of-00004.gguf"' + body)
+        write_profile("whole", f'model = "{whole}"' + body)
+        llamactl("pull", "split")
+        assert sorted(r.path.rsplit("/", 1)[1] for r in standin.downloads()) == [p.name for p in parts]
+        split_plan, whole_plan = (json.loads(llamactl("plan", name, "--json").stdout) for name in ("split", "whole"))
+        assert split_plan["devices"][-1]["weights_mib"] == whole_plan["devices"][-1]["weights_mib"] > 0
+        llamactl("up", "split")
+        try:
+            [row] = json.loads(llamactl("status", "--json").stdout)["servers"]
+            assert row["state"] == "ready" and row["model"].endswith("m-00001-of-00004.gguf")
+        finally:
+            llamactl("down", "split")
+    finally:
+        standin.stop()
