@@ -58,6 +58,31 @@ OWNED_FLAGS: dict[str, str] = {
     **dict.fromkeys(("-ub", "--ubatch-size"), "use the `ubatch_size` key (the plan sizes compute buffers from it)"),
     **dict.fromkeys(("-cram", "--cache-ram"), "use the `cache_ram_mib` key (the plan counts the prompt cache's RAM)"),
     "--slot-save-path": f"{_MANAGED} (its prompt cache on disk; [cache] persist turns it on or off)",
+    **dict.fromkeys(("-fa", "--flash-attn"), "use the `flash_attn` key (the plan sizes compute and a quantised V "
+                                             "cache with it)"),
+    **dict.fromkeys(("-t", "--threads", "-tb", "--threads-batch"),
+                    "use the `threads` / `threads_batch` keys (a draft model runs on them too)"),
+    **dict.fromkeys(("-dev", "--device"), "use the `gpus` key (the engine sees those GPUs only, and the plan "
+                                          "places on them)"),
+    "--rpc": "use the `rpc` key (the plan counts the workers' devices)",
+    **dict.fromkeys(("--embedding", "--embeddings"), "use the `embeddings` key (the router serves its routes)"),
+    **dict.fromkeys(("--rerank", "--reranking"), "use the `reranking` key (the router serves its routes)"),
+    "--pooling": "use the `pooling` key",
+    **dict.fromkeys(("--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
+                     "--yarn-ext-factor", "--yarn-attn-factor", "--yarn-beta-slow", "--yarn-beta-fast"),
+                    "use the [rope] keys (the context check reads them)"),
+    **dict.fromkeys(("--spec-type", "-mtp", "--multi-token-prediction", "--spec-draft-model", "--draft-max",
+                     "--draft", "--draft-min", "--draft-n-min", "--draft-p-min", "--spec-draft-n-max",
+                     "--spec-draft-n-min", "--spec-draft-p-min", "--spec-ngram-mod-n-max", "--spec-ngram-mod-n-min"),
+                    "use the [speculation] keys (the plan sizes the draft's context, the router measures it)"),
+    **dict.fromkeys(("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", "--spec-draft-ngl"),
+                    "use the `speculation.draft_n_gpu_layers` key (the plan places the draft model)"),
+    **dict.fromkeys(("-devd", "--device-draft", "--spec-draft-device"),
+                    "use the `speculation.draft_gpus` key (the plan places the draft model)"),
+    **dict.fromkeys(("-ctkd", "--cache-type-k-draft", "--spec-draft-type-k", "-ctvd", "--cache-type-v-draft",
+                     "--spec-draft-type-v"),
+                    "use the `speculation.draft_cache_type_k` / `draft_cache_type_v` keys (the plan sizes the "
+                    "draft's KV cache)"),
 }
 
 

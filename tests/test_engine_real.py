@@ -127,7 +127,7 @@ def test_truncated_model_is_reported_as_unreadable(engine, write_profile, gemma_
 
 def test_bad_flag_value_is_reported_as_bad_flag(write_profile, gemma_path, monkeypatch, home):
     monkeypatch.setenv("LLAMACTL_LLAMA_SERVER", str(require_engine("llama.cpp")))
-    name = gemma_profile(write_profile, "llama.cpp", gemma_path, "badflag", 'extra_args = ["--spec-type", "bogus"]')
+    name = gemma_profile(write_profile, "llama.cpp", gemma_path, "badflag", 'extra_args = ["--numa", "bogus"]')
     done = llamactl("up", name, check=False)
     assert done.returncode == 4 and "bad flag" in done.stderr, done.stderr
     assert json.loads(llamactl("status", "--json").stdout)["servers"] == []

@@ -17,6 +17,7 @@ from llamactl.profiles import Profile
 
 # Help excerpts in each fork's own format (mainline 0.3.36 vendored tree; ik April 2026 / HEAD).
 MAINLINE_HELP = """
+-lv,   --verbosity, --log-verbosity N
 -m,    --model FNAME
 -a,    --alias STRING
 --host HOST
@@ -179,6 +180,22 @@ def test_ik_draft_model_gets_the_profiles_threads_through_draft_params():
     assert "-draft" not in ngram  # no draft model, no draft threads
 
 
+def test_a_flag_the_argv_has_from_a_profile_key_is_refused_in_extra_args_whatever_it_is():
+    """The engine takes the last of two spellings of one flag: extra_args's, which the plan and the key do not
+    know. Beyond the flags refused when the profile loads, any flag the builder set from a key is refused when
+    the argv is built (here -td, which an ik build without --draft-params gets from `threads`); without that key
+    set, the flag passes (the engine's default is all it replaces)."""
+    draft = {"type": "draft", "draft_model": "/m/draft.gguf", "n_max": 8}
+    older = IK_LEGACY_HELP.replace("-draft, --draft-params\n", "")
+    with pytest.raises(ProfileError, match=r"extra_args sets -td, which llamactl sets already from threads") as e:
+        ik.build_argv(profile(engine="ik_llama.cpp", speculation=draft, threads=2, extra_args=["-td", "1"]),
+                      caps(older), inputs(draft=True))
+    assert "threads" in (e.value.hint or "")
+    argv = ik.build_argv(profile(engine="ik_llama.cpp", speculation=draft, extra_args=["-td", "1"]), caps(older),
+                         inputs(draft=True))
+    assert flag_value(argv, "-td") == "1"
+
+
 def test_ik_legacy_ngram_spec_type():
     argv = ik.build_argv(profile(engine="ik_llama.cpp", speculation={"type": "ngram-mod"}), caps(IK_LEGACY_HELP),
                          inputs())
@@ -210,8 +227,8 @@ def test_unsupported_flag_is_refused_with_flag_binary_and_version():
 
 
 def test_extra_args_are_checked_against_the_binary():
-    argv = mainline.build_argv(profile(extra_args=["-t", "3"]), caps(MAINLINE_HELP), inputs())
-    assert argv[-2:] == ["-t", "3"]
+    argv = mainline.build_argv(profile(extra_args=["-lv", "3"]), caps(MAINLINE_HELP), inputs())
+    assert argv[-2:] == ["-lv", "3"]
     with pytest.raises(UnsupportedFlag, match="--mlock"):
         mainline.build_argv(profile(extra_args=["--mlock"]), caps(MAINLINE_HELP), inputs())
 
@@ -293,6 +310,9 @@ def test_undocumented_flags_are_tried_against_the_binary():
     (["-np", "8"], "parallel"), (["-ctk", "f32"], "cache_type_k"), (["-ub", "4096"], "ubatch_size"),
     (["--api-prefix", "/x"], "http://127.0.0.1:PORT/"), (["--port", "1"], "free port"),
     (["--reuse-port"], "free port"), (["--api-key", "k"], "per-start key"), (["-md", "/d.gguf"], "draft_model"),
+    (["-fa", "off"], "flash_attn"), (["-t", "16"], "threads"), (["--device", "CUDA1"], "gpus"),
+    (["--spec-type", "draft-mtp"], "[speculation]"), (["-ctkd", "q4_0"], "draft_cache_type_k"),
+    (["-ngld", "0"], "draft_n_gpu_layers"), (["--rope-freq-base=1e6"], "[rope]"), (["--pooling", "cls"], "pooling"),
 ])
 def test_extra_args_that_change_the_plan_or_the_protocol_are_refused_with_the_key(args, key):
     """Whatever llamactl plans with or relies on comes from profile keys: in extra_args it is refused, when

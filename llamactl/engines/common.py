@@ -44,8 +44,10 @@ class ArgvBuilder:
         self.profile = profile
         self.caps = caps
         self.argv: list[str] = []
+        self.set_by_key: dict[str, str] = {}  # every spelling of a flag added -> the profile key it came from
 
     def add(self, key: str, spellings: tuple[str, ...], *values: object) -> None:
+        self.set_by_key.update(dict.fromkeys(spellings, key))
         spelling = self.caps.first(*spellings, values=values)
         if spelling is None:
             self.refuse(key, spellings)
@@ -193,6 +195,13 @@ def check_extra_args(b: ArgvBuilder) -> None:
     problem = owned_flag_problem(args)
     if problem:
         raise ProfileError(f"{b.profile.source or b.profile.name}: {problem}")
+    # any other flag this argv already has from a profile key: the engine would take the last one, extra_args's,
+    # and run on a value the plan and the key do not know
+    for arg in args:
+        if (flag := arg.split("=", 1)[0]) in b.set_by_key:
+            key = b.set_by_key[flag]
+            raise ProfileError(f"{b.profile.source or b.profile.name}: extra_args sets {flag}, which llamactl sets "
+                               f"already from {key}; remove it from extra_args", hint=f"set it with {key}")
     # a negative number, or a value holding spaces (a command line of its own, e.g. ik's --draft-params), is a
     # value, not a flag
     flags = [flag for a in args if (flag := a.split("=", 1)[0]).startswith("-")
