@@ -121,3 +121,18 @@ def test_the_plan_says_whether_the_prompt_cache_persists_and_counts_swa_full(hom
     assert plans["swa-persist"]["devices"][0]["kv_mib"] > 3 * plans["swa-default"]["devices"][0]["kv_mib"]
     text = run("plan", "swa-persist", "--gpus", cpu).output
     assert "prompt cache on disk: on ([cache] persist = true" in text and "KV planned with --swa-full" in text
+
+
+def test_extra_args_that_move_or_add_memory_the_plan_does_not_count_are_noted(home, write_profile, tmp_path) -> None:
+    """extra_args passes what the plan does not model; the few flags that move the KV cache or tensors, or load a
+    projector or adapters, make the plan wrong by their size, and the plan says which."""
+    model = write_llama(tmp_path / "small.gguf")
+    write_profile("vision", f'model = "{model}"\nctx_size = 8192\n'
+                            'extra_args = ["--mmproj", "/m/mmproj.gguf", "-nkvo", "-ot", "exps=CPU", "-lv", "3"]\n')
+    data = json.loads(run("plan", "vision", "--json", "--gpus", str(FAKES / "gpus_1x24.json")).output)
+    noted = [n for n in data["notes"] if n.startswith("extra_args ")]
+    assert [n.split()[1] for n in noted] == ["-nkvo", "-ot", "--mmproj"], noted
+    assert all(n.endswith("the plan is off by that much") for n in noted)
+    write_profile("plain", f'model = "{model}"\nctx_size = 8192\nextra_args = ["-lv", "3"]\n')
+    plain = json.loads(run("plan", "plain", "--json", "--gpus", str(FAKES / "gpus_1x24.json")).output)
+    assert not [n for n in plain["notes"] if n.startswith("extra_args ")]

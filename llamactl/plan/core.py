@@ -15,7 +15,7 @@ from typing import Any
 
 from llamactl.engines import facts as engine_facts
 from llamactl.gpus import GpuInventory
-from llamactl.plan import mtp
+from llamactl.plan import mtp, unplanned
 from llamactl.plan.estimate import ContextParams
 from llamactl.plan.model import ModelSpec
 from llamactl.plan.placement import (
@@ -381,6 +381,7 @@ def _place(profile: Profile, target: ModelSpec, draft: ModelSpec | None, invento
     mspec = mtp.context_spec(target) if mtp.is_on(profile) and target.n_nextn else None
     if why := mtp.ignored_keys(profile):
         notes.append(why)
+    notes.extend(unplanned.notes(profile))
     target = mtp.target_view(target, profile)
     ctx = resolve_ctx(profile, target)
     dctx = resolve_ctx(profile, draft, draft=True, target_swa=target.has_swa) if draft is not None else None
