@@ -132,6 +132,10 @@ def test_extra_args_that_move_or_add_memory_the_plan_does_not_count_are_noted(ho
     data = json.loads(run("plan", "vision", "--json", "--gpus", str(FAKES / "gpus_1x24.json")).output)
     noted = [n for n in data["notes"] if n.startswith("extra_args ")]
     assert [n.split()[1] for n in noted] == ["-nkvo", "-ot", "--mmproj"], noted
+    write_profile("ikdraft", f'engine = "ik_llama.cpp"\nmodel = "{model}"\nctx_size = 8192\n'
+                             'extra_args = ["--draft-params", "-ngl 0 -c 512"]\n')
+    ik = json.loads(run("plan", "ikdraft", "--json", "--gpus", str(FAKES / "gpus_1x24.json")).output)
+    assert any(n.startswith("extra_args --draft-params is the draft model's own command line") for n in ik["notes"])
     assert all(n.endswith("the plan is off by that much") for n in noted)
     write_profile("plain", f'model = "{model}"\nctx_size = 8192\nextra_args = ["-lv", "3"]\n')
     plain = json.loads(run("plan", "plain", "--json", "--gpus", str(FAKES / "gpus_1x24.json")).output)

@@ -23,6 +23,8 @@ UNPLANNED_MEMORY_FLAGS: tuple[tuple[tuple[str, ...], str], ...] = (
      "loads adapter weights: not counted"),
     (("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"),
      "sets how many context checkpoints each slot keeps in RAM: the plan counts none"),
+    (("-draft", "--draft-params"),
+     "is the draft model's own command line (ik): what it sets of -c, -ngl, -ctk/-ctv or -dev is not in the plan"),
 )
 
 
