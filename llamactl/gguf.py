@@ -159,9 +159,10 @@ def _int_or_zero(value: Any) -> int:
 
 
 class _Reader:
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, size: int) -> None:
         self.f = f
         self.pos = 0
+        self.size = size  # the file's: no string of a sound header is longer, so none is read (or buffered) past it
 
     def read(self, n: int) -> bytes:
         data = self.f.read(n)
@@ -180,7 +181,7 @@ class _Reader:
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        if n > 1 << 30:
+        if n > min(1 << 30, self.size):
             raise ValueError(f"string of {n} bytes at byte {self.pos}: corrupt header")
         return self.read(n).decode("utf-8", errors="replace")
 
@@ -208,7 +209,10 @@ class _Reader:
             buf, i, remaining = b"", 0, count
             while remaining:
                 if i + 8 <= len(buf):
-                    end = i + 8 + unpack_len(buf, i)[0]
+                    n = unpack_len(buf, i)[0]
+                    if n > self.size:
+                        raise ValueError(f"string of {n} bytes in an array near byte {self.pos + i}: corrupt header")
+                    end = i + 8 + n
                     if end <= len(buf):
                         i = end
                         remaining -= 1
@@ -300,7 +304,7 @@ def _read_cached(path: Path, mtime_ns: int, size: int, inode: int) -> GGUFFile:
 
 
 def _parse(path: Path, f: BinaryIO, size: int) -> GGUFFile:
-    r = _Reader(f)
+    r = _Reader(f, size)
     magic = r.read(4)
     if magic != GGUF_MAGIC:
         raise ValueError(f"bad magic {magic!r} (expected b'GGUF')")

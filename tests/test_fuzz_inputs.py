@@ -226,3 +226,50 @@ def test_control_protocol(control_daemon, request):
     assert isinstance(answer["ok"], bool)
     if not answer["ok"]:
         assert answer["error"]["message"] and answer["error"]["type"]
+
+
+@pytest.fixture(scope="module")
+def model_headers(tmp_path_factory) -> list[tuple[Path, bytes, int]]:
+    """A small model in one file and the first part of one split in three: (path, bytes, header length)."""
+    from llamactl.gguf import read_gguf
+    from tests.synth_gguf import write_llama
+
+    folder = tmp_path_factory.mktemp("models")
+    small = dict(n_layer=2, n_embd=64, n_head=2, n_head_kv=1, n_ff=64, n_vocab=300)
+    one = write_llama(folder / "one.gguf", **small)
+    first = write_llama(folder / "split.gguf", split_max_tensors=8, **small)
+    return [(p, p.read_bytes(), read_gguf(p).data_offset) for p in (one, first)]
+
+
+@fuzz(300)
+@given(which=st.integers(0, 1), edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+                                              min_size=1, max_size=8),
+       big=st.none() | st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([2**31, 2**40, 2**63 + 5])),
+       cut=st.none() | st.floats(0, 1))
+def test_model_files(model_headers, tmp_path_factory, which, edits, big, cut):
+    """A damaged header (bytes changed, the file cut short): the plan's reader gives a ProfileError naming the
+    file, or a model; never a traceback, or memory for a length or a block count the file cannot hold."""
+    from llamactl.gguf import clear_header_cache, read_model
+    from llamactl.plan.model import spec_from_gguf
+
+    path, data, header = model_headers[which]
+    damaged = bytearray(data)
+    for where, value in edits:
+        damaged[int(where * header)] = value
+    if big is not None:  # a length, a count or a block count far past what the file holds, anywhere
+        at = int(big[0] * (header - 8))
+        damaged[at:at + 8] = big[1].to_bytes(8, "little")
+    if cut is not None:
+        damaged = damaged[:int(cut * len(damaged))]
+    folder = tmp_path_factory.mktemp("damaged")
+    for part in path.parent.glob(path.name.replace("00001", "0000?")):  # the split's other parts, as they were
+        (folder / part.name).write_bytes(part.read_bytes())
+    copy = folder / path.name
+    copy.write_bytes(bytes(damaged))
+    clear_header_cache()
+    try:
+        spec = spec_from_gguf(read_model(copy))
+    except ProfileError as e:
+        assert str(folder) in e.message, e.message
+    else:
+        assert spec.n_layer <= 512

@@ -126,3 +126,33 @@ def test_a_split_gguf_named_by_another_part_or_missing_one_is_a_profile_error_na
     with pytest.raises(ProfileError) as e:
         check_gguf_file(first, "model", "profile 'x'")
     assert "part 3 of 4 of this split GGUF is missing" in e.value.message and "llamactl pull" in (e.value.hint or "")
+
+
+def _patch_after(data: bytes, key: str, skip: int, value: bytes) -> bytes:
+    """`data` with `value` written `skip` bytes after metadata key `key`'s name."""
+    at = data.index(key.encode()) + len(key) + skip
+    return data[:at] + value + data[at + len(value):]
+
+
+def test_a_block_count_no_engine_loads_is_a_profile_error_not_memory_for_it(tmp_path: Path) -> None:
+    """block_count = 2^31 (a damaged header): the plan built per-layer lists of that length (gigabytes); the
+    engines load at most 512 blocks (LLAMA_MAX_LAYERS), so it is a ProfileError naming the file."""
+    from llamactl.planning import load_spec
+
+    data = write_llama(tmp_path / "m.gguf", n_layer=2).read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_patch_after(data, "llama.block_count", 4, (2**31).to_bytes(4, "little")))
+    with pytest.raises(ProfileError, match=r"bad.gguf: llama.block_count = 2147483648: the engines load at most 512"):
+        load_spec(bad)
+
+
+def test_a_string_longer_than_the_file_in_a_skipped_array_is_a_profile_error(tmp_path: Path) -> None:
+    """A vocabulary past MAX_ARRAY_ITEMS is skipped string by string; a damaged length (2^40) was read in one
+    piece (a MemoryError, or an OverflowError past 2^63)."""
+    data = write_llama(tmp_path / "m.gguf", n_vocab=MAX_ARRAY_ITEMS + 100).read_bytes()
+    for length in (2**40, 2**63 + 5):
+        bad = tmp_path / "bad.gguf"
+        # after the key: value type (4 bytes), item type (4), count (8), then the first string's length (8)
+        bad.write_bytes(_patch_after(data, "tokenizer.ggml.tokens", 16, length.to_bytes(8, "little")))
+        with pytest.raises(ProfileError, match="not a readable GGUF model file: string of"):
+            read_gguf(bad)

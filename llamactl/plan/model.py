@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llamactl.errors import ProfileError
 from llamactl.gguf import GGUFFile
 
 RECURRENT_ARCHS = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"}
@@ -20,6 +21,7 @@ HYBRID_BY_KV0 = {"jamba", "granitehybrid", "nemotron_h", "nemotron_h_moe", "bail
 HYBRID_ALL = {"falcon-h1"}
 # ggml-cpu repacks these weight types into interleaved copies (CPU_REPACK buffer) on AVX2 / NEON.
 CPU_REPACK_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS in both pinned engines: a larger block_count fails their load (GGML_ASSERT)
 # Default sliding-window patterns (layer il is SWA iff il % p < p - 1).
 DEFAULT_SWA_PATTERN = {"gemma3": 6, "gemma2": 2, "gpt-oss": 2, "cohere2": 4, "gemma3n": 5}
 
@@ -81,12 +83,28 @@ def _per_layer(value: Any, n: int, default: int) -> tuple[int, ...]:
 
 
 def spec_from_gguf(g: GGUFFile) -> ModelSpec:
+    """The model as the plan sees it. A ProfileError naming the file where its header holds what no engine
+    loads, or values of the wrong kind (a damaged file)."""
+    try:
+        spec = _spec_from_gguf(g)
+    except (ValueError, TypeError, ArithmeticError, IndexError, KeyError, AttributeError) as e:
+        raise ProfileError(f"{g.path}: its header holds values the plan cannot read ({type(e).__name__}: "
+                           f"{str(e)[:200]})", hint="the file is damaged, or not a model llama.cpp loads; fetch "
+                           "it again") from None
+    return spec
+
+
+def _spec_from_gguf(g: GGUFFile) -> ModelSpec:
     arch = g.architecture
     n_layer = int(g.get("block_count", 0) or 0)
     if n_layer <= 0:
         # No block count: count the blk.N tensors.
         layers = {t.layer for t in g.tensors if t.layer is not None}
         n_layer = max(layers) + 1 if layers else 0
+    if n_layer > MAX_LAYERS:
+        raise ProfileError(f"{g.path}: {arch}.block_count = {n_layer}: the engines load at most {MAX_LAYERS} "
+                           "blocks (LLAMA_MAX_LAYERS)", hint="the file is damaged, or not a model llama.cpp "
+                           "loads; fetch it again")
     n_embd = int(g.get("embedding_length", 0) or 0)
     head_count = g.get("attention.head_count", 0)
     n_head = _per_layer(head_count, n_layer, 0)
