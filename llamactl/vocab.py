@@ -9,6 +9,7 @@ within SPEC_VOCAB_MAX_SIZE_DIFFERENCE, and the same token texts from id SPEC_VOC
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ def read_vocabulary(path: Path) -> Vocabulary:
 
 def _read_tokens(path: Path) -> tuple[bytes, ...]:
     with path.open("rb") as f:
-        r = HeaderReader(f)
+        r = HeaderReader(f, os.fstat(f.fileno()).st_size)
         if r.read(4) != GGUF_MAGIC:
             return ()
         r.unpack("<I")
