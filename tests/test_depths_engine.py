@@ -4,6 +4,8 @@ per request: at depth 2 it never drafts more than 2 tokens per verification step
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -71,6 +73,14 @@ def test_a_member_with_depths_drafts_at_the_depth_chosen_per_request(monkeypatch
         assert chosen == {"2": 2.0, "8": 1.0}, chosen
         rolling = [line for line in metrics.splitlines() if line.startswith("llamactl_rolling_tokens_per_second{")]
         assert any('profile="ik-spec@2"' in line for line in rolling)  # evidence per (depth choice, class)
+        # A client naming MEMBER@DEPTH gets that depth, whatever the group serves at (forced at 2 here)
+        r = httpx.post(f"{server.url}/completion", timeout=300, headers={"x-llamactl-class": "code"}, json={
+            "model": "ik-spec@8", "prompt": CODE, "n_predict": 8, "temperature": 0, "cache_prompt": False})
+        assert r.status_code == 200, r.text
+        assert (r.headers["x-llamactl-drafting"], r.headers["x-llamactl-depth"]) == ("on", "8")
+        props = httpx.get(f"{server.url}/props", params={"model": "ik-spec@8"}, timeout=30)  # the member's engine
+        assert props.status_code == 200 and "ik-spec" in json.dumps(props.json()), props.text
+        assert supervisor.running("ik-spec").pid == engine.pid
     finally:
         server.stop()
     assert supervisor.running("ik-spec") is None

@@ -239,6 +239,47 @@ async def test_a_request_pinned_to_the_member_is_served_at_the_depth_serving_now
         "d1b@8", "pinned", {DEPTH_FIELD: 8})
 
 
+def test_a_client_names_member_at_depth_to_pin_that_depth_and_nothing_else_resolves_so(tmp_path):
+    """`model: "d1b@4"` pins d1b drafting at depth 4; a depth the member does not offer, a member without
+    depths, or a lane of one stay unknown models. Not listed among the names (one per depth would crowd a
+    model picker)."""
+    from llamactl.profiles import Profile
+    from llamactl.router.errors import ModelNotFound
+
+    draft = {"type": "draft", "draft_model": str(tmp_path / "d.gguf"), "depths": [4, 2]}
+    profiles = [Profile(name="d1b", model="m", group="g", speculation=draft), Profile(name="plain", model="m", group="g"),
+                Profile(name="solo", model="m", speculation=draft)]
+    catalog = Catalog.from_profiles(profiles)
+    route = catalog.resolve("d1b@4")
+    assert (route.lane, route.pin) == ("g", "d1b@4")
+    for name in ("d1b@8", "plain@2", "solo@4", "g@4", "d1b@04"):
+        with pytest.raises(ModelNotFound):
+            catalog.resolve(name)
+    assert "d1b@4" not in catalog.valid_names()
+
+
+@depth_lane
+async def test_a_request_pinned_to_member_at_depth_is_served_at_that_depth(lane, engines, clock):
+    ticket, task = request(lane, "code", "d1b@4")
+    await settle()
+    engines.finish("d1b")
+    await task
+    assert (ticket.choice.option, ticket.choice.why, ticket.choice.request_fields()) == (
+        "d1b@4", "pinned", {DEPTH_FIELD: 4})
+
+
+async def _pinned_to_a_depth_not_served_per_request(lane, engines, clock):
+    ticket, task = request(lane, "code", "d1b@4")
+    with pytest.raises(BadRequest, match=r"'d1b@4': d1b does not draft at a depth chosen per request "
+                                         r"\(speculative.n_max ignored\)") as e:
+        await task
+    assert "name 'd1b'" in (e.value.hint or "") and engines.calls == []
+
+
+test_a_depth_pinned_where_the_engine_ignores_depths_per_request_says_why = depth_lane(
+    _pinned_to_a_depth_not_served_per_request, depths={}, refused={"d1b": "speculative.n_max ignored"})
+
+
 # ------------------------------------------------------------------ the policy's climb over depths (pure)
 
 def _state(evidence: dict, active: str = "d1b@8", pending: dict | None = None):

@@ -2,7 +2,9 @@
 
 A lane is what owns a queue. A switch group `g` (profiles with group = "g") is one lane with at most one
 plain member and any number of speculative ones (drafters, depths, n-gram kinds, MTP); a profile without a group is a lane of its own. A request may
-name the group, any profile or alias: naming a member of a group pins the request to that member.
+name the group, any profile or alias: naming a member of a group pins the request to that member, and naming
+MEMBER@DEPTH (a depth in the member's `[speculation] depths`) pins it to that member drafting at that depth (not
+listed among the names: one per depth would crowd a client's model picker).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fnmatch import fnmatchcase
 
 from llamactl.engines import facts as engine_facts
 from llamactl.names import shown
+from llamactl.router.choices import split_choice
 from llamactl.router.policy import Role
 from llamactl.profiles import Profile
 from llamactl.router.errors import BadRequest, ModelNotFound
@@ -41,8 +44,13 @@ class LaneSpec:
 @dataclass(frozen=True)
 class Route:
     lane: str
-    pin: str | None  # a specific member profile, or None: the lane decides
+    pin: str | None  # a specific member profile (or MEMBER@DEPTH, one of its depths), or None: the lane decides
     alias: str | None  # the profile alias named, used as a traffic class hint
+
+    @property
+    def profile(self) -> str | None:
+        """The member profile pinned (a pinned depth's member), or None."""
+        return split_choice(self.pin)[0] if self.pin is not None else None
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,14 @@ class Catalog:
                 alias = profile.alias if profile.alias and name == profile.alias else None
                 self.names.setdefault(name, Route(spec.name, pin, alias))
 
+    def _depth_route(self, model: str) -> Route | None:
+        """MEMBER@DEPTH, a depth the group member drafts at per request: pinned to that choice."""
+        member, depth = split_choice(model)
+        route = self.names.get(member) if depth is not None else None
+        if route is None or route.pin != member or depth not in self.lanes[route.lane].choice_depths.get(member, ()):
+            return None
+        return Route(route.lane, model, None)
+
     def valid_names(self) -> list[str]:
         return sorted(self.names)
 
@@ -149,7 +165,7 @@ class Catalog:
         if not isinstance(model, str):
             raise BadRequest(f"'model' must be a string, got {type(model).__name__}",
                              extra={"valid_models": self.valid_names()})
-        route = self.names.get(model)
+        route = self.names.get(model) or self._depth_route(model)
         if route is None:
             target = self.mapped(model)
             if target is not None:

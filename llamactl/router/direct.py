@@ -148,7 +148,7 @@ class EngineGet:
         except RouterError as e:
             await send_error(send, e)
             return
-        profile = route.pin or self.router.lanes[route.lane].active
+        profile = route.profile or self.router.lanes[route.lane].active
         target = self.path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
         await _relay(self.router, profile, "GET", target, scope, receive, send)
 

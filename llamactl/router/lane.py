@@ -212,6 +212,11 @@ class Lane:
     async def acquire(self, ticket: Ticket, *, front: bool = False) -> Upstream:
         """Wait in the queue for a slot; returns the upstream to send the request to."""
         if ticket.pin is not None and ticket.pin not in self.spec.members and ticket.pin not in self._choice_hosts:
+            member, depth = split_choice(ticket.pin)
+            if depth is not None and member in self.spec.choice_depths:
+                why = self.depths_refused.get(member) or "its engine's self-test has not said so yet"
+                raise BadRequest(f"'{ticket.pin}': {member} does not draft at a depth chosen per request ({why})",
+                                 hint=f"name '{member}' (its own depth), or the group '{self.name}'")
             raise BadRequest(f"profile '{ticket.pin}' is not a member of '{self.name}'")
         if not front and len(self.queue) + self._queued_in_inbox >= self.config.max_queue:
             self.telemetry.rejected.labels(self.name, "queue_full").inc()
