@@ -179,6 +179,25 @@ def test_a_member_measured_on_nothing_is_explored_once_for_the_long_run_within_t
     assert not decide(GroupState(**base, explore_budget_s=1000), PolicyConfig(explore_horizon_s=0)).explore
 
 
+def test_finding_out_from_a_member_left_anyway_costs_the_budget_one_load_not_a_round_trip():
+    """d1b serving, the plain member measured faster on the whole mix (the policy would leave d1b for it), d8b never
+    measured: going to d8b first costs one 45 s load more than going to plain (the way back is paid either way),
+    so a budget of 50 s pays for it. With d1b the best measured member, the same budget does not: there finding
+    out is a 90 s round trip (seed 16 mixed, unseen: 0.920 -> 0.968 the best fixed member)."""
+    ev = _measured_on_d1b()
+    for c in ev:  # plain 14 tok/s everywhere: 10% faster than d1b on this chat-heavy mix
+        ev[c] = replace(ev[c], tok_s={**ev[c].tok_s, "plain": 14.0}, n={**ev[c].n, "plain": 3})
+    base = dict(active="d1b", seconds_since_switch=1000, switch_cost_s={"plain": 45, "d8b": 45},
+                queued={"chat": 1}, evidence=ev, members=THREE, head_class="chat",
+                explore_due={"chat": True}, head_run=("chat", 1), mix={"code": 1, "chat": 9, "creative": 1})
+    decision = decide(GroupState(**base, explore_budget_s=50), PolicyConfig())
+    assert decision.explore and decision.target == "d8b", decision
+    assert "one 45s load (d1b is left anyway)" in decision.reason
+    slow_plain = {c: replace(e, tok_s={**e.tok_s, "plain": 5.0}) for c, e in ev.items()}
+    kept = decide(GroupState(**{**base, "evidence": slow_plain}, explore_budget_s=50), PolicyConfig())
+    assert not kept.explore, kept
+
+
 def test_a_drafter_measured_elsewhere_is_found_out_for_a_long_run_of_a_class_it_was_never_explored_on():
     """d8b measured on code only (0.9 of d1b there), d1b serving a run of 60 chat requests: d8b's chat figure is
     only d1b's times 0.9, and drafters cross from one class to the next. Were it 1.2x that, it would repay the

@@ -363,17 +363,32 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         fresh_here = state.members.get(member, False) and (cls, member) not in state.explored
         for_run = (unknown or fresh_here) and run >= config.min_samples
         budget = _explore_budget_s(state, config)
-        for_long_run = unknown and 2 * switch_cost(state, config, member) <= budget
+        # what finding out costs the budget: a round trip, or one load where the member serving is left anyway
+        leaving = _leaving(state, config, member)
+        trip = (1 if leaving else 2) * switch_cost(state, config, member)
+        for_long_run = unknown and trip <= budget
         if loaded or (for_run and _worth_finding_out(state, config, cls, member)) or (
                 for_long_run and _pays_in_the_long_run(state, config, cls, member)):
             why = "" if loaded or (for_run and _worth_finding_out(state, config, cls, member)) else (
                 f"; for the long run: hoped {_hopeful_speed(state, config, cls, member):.1f} tok/s on {cls}"
-                f"{'' if state.members.get(member, False) else ' and every class'}, a "
-                f"{2 * switch_cost(state, config, member):.0f}s round trip within a budget of {budget:.0f}s")
+                f"{'' if state.members.get(member, False) else ' and every class'}, "
+                + (f"one {trip:.0f}s load ({state.active} is left anyway)" if leaving else f"a {trip:.0f}s round trip")
+                + f" within a budget of {budget:.0f}s")
             return Decision(member, member != state.active,
                             f"explore: {cls} has {ev.n.get(member, 0)} samples on {member}{why}", seconds,
                             explore=True)
     return None
+
+
+def _leaving(state: GroupState, config: PolicyConfig, explored: str) -> bool:
+    """Would the policy leave the member serving for a measured other one on the long-run mix? Then finding out
+    about `explored` from here costs one load (the way back is paid either way)."""
+    mix = {c: n for c, n in state.mix.items() if n > 0}
+    if not mix or state.active is None or state.active == explored:
+        return False
+    now = {m: _work_seconds(state, config, mix, m) for m in state.members if m != explored}
+    others = [v for m, v in now.items() if m != state.active and _unmeasured(state, config, m) == 0]
+    return bool(others) and min(others) < (1 - config.run_hysteresis) * now[state.active]
 
 
 def _explore_budget_s(state: GroupState, config: PolicyConfig) -> float:
