@@ -523,3 +523,24 @@ def test_no_policy_can_promise_the_best_fixed_member_on_groups_it_knows_nothing_
         assert slow_ratio <= 1 - 30 / makespan
     else:  # it stayed: the fast twin lost the drafter's gain
         assert fast_ratio <= 1 / 1.6 + 0.01
+
+
+def test_a_fault_in_the_policy_keeps_the_lane_serving_on_its_member(monkeypatch, caplog):
+    """decide() raising (a bug in the pure policy) used to end the lane's dispatcher: every request waiting, and
+    every later one, failed with "shut down". Now the decision is to stay, the fault logged with its traceback."""
+    import llamactl.router.lane as lane_module
+
+    real, calls = lane_module.decide, []
+
+    def faulty(state, config):
+        calls.append(state.active)
+        if len(calls) > 3:
+            raise ZeroDivisionError("a policy bug")
+        return real(state, config)
+
+    monkeypatch.setattr(lane_module, "decide", faulty)
+    s = scenario(generate("phased", ["code", "creative"], n=40, phase=10, gap_s=1.0))
+    with caplog.at_level("ERROR", logger="llamactl.router"):
+        outcome = run(s, "auto")
+    assert sum(outcome.per_member.values()) == 40  # every request served
+    assert any("the switching policy failed" in r.getMessage() and r.exc_info for r in caplog.records)

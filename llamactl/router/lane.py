@@ -672,7 +672,12 @@ class Lane:
             return last if last in self._choice_hosts and self._process_of(last) == self.active else self.active, \
                 "loading"
         state = self.policy_state(only)
-        decision = decide(state, self.config.policy)
+        try:
+            decision = decide(state, self.config.policy)
+        except Exception as e:  # a fault in the policy must not end the dispatcher (every request would fail)
+            stay = state.active or next(iter(state.members))
+            log.exception("lane %s: the switching policy failed; serving on %s", self.name, stay)
+            decision = Decision(stay, False, f"the switching policy failed ({type(e).__name__}); stays on {stay}", {})
         if self.last_decision is None or decision.target != self.last_decision.target or decision.switch:
             log.info("lane %s: %s", self.name, decision.reason)
         self.last_decision, self.last_decision_at = decision, self.clock()
