@@ -40,7 +40,8 @@ drafter was never explored on (a drafter's figure on one class says little of it
 requests go there, if that member is loaded (a switch is a drain) or its reload costs at most
 `explore_share` of the work waiting: evidence for every member, and a reload only where finding out could change the choice (a drafter accepting `explore_acceptance_hope`
 more than its estimate, or the plain member `explore_optimism` times faster, would win the work queued), or for the long run: were it as fast as hoped, it would win the long-run mix by
-the hysteresis and repay the round trip over `explore_horizon_s`, within the lane's exploration budget (a
+the hysteresis and repay the round trip over `explore_horizon_s`, within the lane's exploration budget (one
+load, not a round trip, where the member serving would be left for a measured one anyway; a
 member reloaded so serves a short trial of every class; the budget is `explore_share` of the time served, less
 what exploring cost, plus the same share of the work already queued). A plain member hoped faster is hoped so on
 every class (its speed hardly depends on the content), and, never measured, as fast as its drafters' own
@@ -364,7 +365,7 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         for_run = (unknown or fresh_here) and run >= config.min_samples
         budget = _explore_budget_s(state, config)
         # what finding out costs the budget: a round trip, or one load where the member serving is left anyway
-        leaving = _leaving(state, config, member)
+        leaving = unknown and _leaving(state, config, member)
         trip = (1 if leaving else 2) * switch_cost(state, config, member)
         for_long_run = unknown and trip <= budget
         if loaded or (for_run and _worth_finding_out(state, config, cls, member)) or (
