@@ -125,7 +125,7 @@ class GGUFFile:
     @cached_property
     def n_vocab(self) -> int:
         tokens = self.metadata.get("tokenizer.ggml.tokens")
-        if tokens is not None:
+        if isinstance(tokens, (list, ArrayLength)):  # anything else is a damaged header: the embedding says
             return len(tokens)
         embd = self.tensor("token_embd.weight")
         return embd.shape[1] if embd and len(embd.shape) > 1 else 0
@@ -146,8 +146,8 @@ class GGUFFile:
             path=self.path,
             architecture=arch,
             name=self.name,
-            context_length=self.metadata.get(f"{arch}.context_length"),
-            block_count=self.metadata.get(f"{arch}.block_count"),
+            context_length=_int_or_zero(self.metadata.get(f"{arch}.context_length")) or None,
+            block_count=_int_or_zero(self.metadata.get(f"{arch}.block_count")) or None,
             file_size_bytes=self.file_size_bytes,
             sliding_window=_int_or_zero(self.metadata.get(f"{arch}.attention.sliding_window")),
             n_vocab=self.n_vocab or None,
@@ -279,6 +279,9 @@ def read_gguf(path: Path) -> GGUFFile:
     except OSError as e:
         raise ProfileError(f"{path}: cannot read model file: {e.strerror}",
                            hint="check the path, or re-download the model") from e
+    except RecursionError:  # arrays nested past Python's stack (no engine reads arrays of arrays)
+        raise ProfileError(f"{path}: not a readable GGUF model file: metadata arrays nested too deep",
+                           hint="check the path, or re-download the model") from None
     except (ValueError, struct.error, UnicodeDecodeError) as e:
         raise ProfileError(f"{path}: not a readable GGUF model file: {e}",
                            hint="check the path, or re-download the model") from e
@@ -399,6 +402,6 @@ def _part_number(part: GGUFFile) -> str:
 
 
 def read_model_info(path: Path) -> ModelInfo:
-    """Read the few metadata keys llamactl needs (of the whole model, every part of a split GGUF). Raises
-    ProfileError if the file is not a GGUF."""
-    return read_model(Path(path)).model_info()
+    """Read the few metadata keys llamactl needs (a split GGUF's first part holds them all; its file size is that
+    part's). Raises ProfileError if the file is not a GGUF."""
+    return read_gguf(Path(path)).model_info()

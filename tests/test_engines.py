@@ -190,7 +190,10 @@ def test_a_flag_the_argv_has_from_a_profile_key_is_refused_in_extra_args_whateve
     with pytest.raises(ProfileError, match=r"extra_args sets -td, which llamactl sets already from threads") as e:
         ik.build_argv(profile(engine="ik_llama.cpp", speculation=draft, threads=2, extra_args=["-td", "1"]),
                       caps(older), inputs(draft=True))
-    assert "threads" in (e.value.hint or "")
+    assert e.value.hint == "set it with threads"
+    with pytest.raises(ProfileError, match=r"extra_args sets --threads-draft, which llamactl sets already"):
+        ik.build_argv(profile(engine="ik_llama.cpp", speculation=draft, threads=2,  # the binary's alias of -td
+                              extra_args=["--threads-draft", "1"]), caps(older), inputs(draft=True))
     argv = ik.build_argv(profile(engine="ik_llama.cpp", speculation=draft, extra_args=["-td", "1"]), caps(older),
                          inputs(draft=True))
     assert flag_value(argv, "-td") == "1"
@@ -313,6 +316,7 @@ def test_undocumented_flags_are_tried_against_the_binary():
     (["-fa", "off"], "flash_attn"), (["-t", "16"], "threads"), (["--device", "CUDA1"], "gpus"),
     (["--spec-type", "draft-mtp"], "[speculation]"), (["-ctkd", "q4_0"], "draft_cache_type_k"),
     (["-ngld", "0"], "draft_n_gpu_layers"), (["--rope-freq-base=1e6"], "[rope]"), (["--pooling", "cls"], "pooling"),
+    (["--draft-n", "32"], "[speculation]"), (["-no-mtp"], "[speculation]"),
 ])
 def test_extra_args_that_change_the_plan_or_the_protocol_are_refused_with_the_key(args, key):
     """Whatever llamactl plans with or relies on comes from profile keys: in extra_args it is refused, when

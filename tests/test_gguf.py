@@ -100,7 +100,7 @@ def test_a_split_gguf_is_read_whole_from_its_first_part(tmp_path: Path) -> None:
     model = read_model(first)
     assert len(model.parts) == 4 and model.file_size_bytes == sum(
         p.stat().st_size for p in tmp_path.glob("split-0000?-of-00004.gguf"))
-    assert read_model_info(first).file_size_bytes == model.file_size_bytes
+    assert read_model_info(first).block_count == 4  # the metadata, all in the first part
     assert read_model(tmp_path / "whole.gguf").parts == ()
 
 
@@ -156,3 +156,44 @@ def test_a_string_longer_than_the_file_in_a_skipped_array_is_a_profile_error(tmp
         bad.write_bytes(_patch_after(data, "tokenizer.ggml.tokens", 16, length.to_bytes(8, "little")))
         with pytest.raises(ProfileError, match="not a readable GGUF model file: string of"):
             read_gguf(bad)
+
+
+def test_metadata_of_the_wrong_kind_or_nested_too_deep_is_no_traceback(tmp_path: Path) -> None:
+    """A vocabulary stored as a number, a context length as text: the model's facts fall back (the embedding's
+    rows, no context length) instead of a TypeError wherever they are read. Arrays of arrays 3000 deep (no
+    engine reads those): a ProfileError, not a RecursionError."""
+    import struct
+
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "odd.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_uint32("tokenizer.ggml.tokens", 5)
+    w.add_string("llama.context_length", "lots")
+    w.add_tensor("token_embd.weight", np.zeros((300, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info = read_model_info(path)
+    assert info.n_vocab == 300 and info.context_length is None
+
+    deep = tmp_path / "deep.gguf"
+    key = b"x"
+    body = struct.pack("<4sIQQ", b"GGUF", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)
+    body += struct.pack("<IQ", 9, 1) * 3000 + struct.pack("<IQ", 4, 0)
+    deep.write_bytes(body)
+    with pytest.raises(ProfileError, match="metadata arrays nested too deep"):
+        read_gguf(deep)
+
+
+def test_the_prompt_cache_keys_a_split_model_on_every_part(tmp_path: Path) -> None:
+    """A saved slot is only valid for the model it was computed on: for a split GGUF that is every part (one part
+    fetched again changes the model), so the key's files are all of them; a single file is itself."""
+    from llamactl.daemon.prompt_cache import _model_files
+
+    first = write_llama(tmp_path / "s.gguf", split_max_tensors=12)
+    assert _model_files(str(first)) == tuple(str(tmp_path / f"s-0000{i}-of-00004.gguf") for i in range(1, 5))
+    one = write_llama(tmp_path / "one.gguf")
+    assert _model_files(str(one)) == (str(one),)

@@ -10,7 +10,7 @@ import pytest
 
 from llamactl.router.catalog import Catalog, LaneSpec
 from llamactl.router.choices import DEPTH_FIELD, Choice, choose, entry_depth, middle_out, split_choice
-from llamactl.router.errors import BadRequest
+from llamactl.router.errors import BadRequest, EngineUnavailable
 from llamactl.router.lane import Lane, LaneConfig
 from llamactl.router.policy import PolicyConfig
 from llamactl.router.telemetry import Sample, Telemetry
@@ -278,6 +278,21 @@ async def _pinned_to_a_depth_not_served_per_request(lane, engines, clock):
 
 test_a_depth_pinned_where_the_engine_ignores_depths_per_request_says_why = depth_lane(
     _pinned_to_a_depth_not_served_per_request, depths={}, refused={"d1b": "speculative.n_max ignored"})
+
+
+@depth_lane
+async def test_a_request_pinned_to_a_depth_fails_with_its_member(lane, engines, clock):
+    """d1b cannot start: a request pinned to d1b@4 gets the reason, as one pinned to d1b does (it matched the
+    member's name exactly, so it was kept queued for a member that never came, and d1b was reloaded for it)."""
+    by_depth, depth_task = request(lane, "code", "d1b@4")
+    by_member, member_task = request(lane, "code", "d1b")
+    await settle()
+    engines.fail("d1b", RuntimeError("draft model not found"))
+    await settle()
+    for task in (depth_task, member_task):
+        with pytest.raises(EngineUnavailable, match="draft model not found"):
+            await task
+    assert engines.calls.count(("load", "d1b")) == 1
 
 
 # ------------------------------------------------------------------ the policy's climb over depths (pure)

@@ -113,8 +113,9 @@ class PromptCache:
 
     @staticmethod
     def _key(profile: Profile, record: ServerRecord, slots: list[SlotState]) -> str:
-        st = os.stat(record.model)
-        model = ModelIdentity(path=os.path.realpath(record.model), size=st.st_size, mtime_ns=st.st_mtime_ns)
+        stats = [os.stat(part) for part in _model_files(record.model)]  # a split model: every part it loads
+        model = ModelIdentity(path=os.path.realpath(record.model), size=sum(st.st_size for st in stats),
+                              mtime_ns=max(st.st_mtime_ns for st in stats))
         layout = layout_of(profile, engine_version=record.version, n_ctx_slot=slots[0].n_ctx, n_slots=len(slots),
                            unified_kv=unified_kv(profile), swa_full="--swa-full" in record.cmdline)
         return cache_key(model, layout)
@@ -351,3 +352,15 @@ class PromptCacheCollector:
         yield stored
         yield budget
         yield from families.values()
+
+
+def _model_files(model: str) -> tuple[str, ...]:
+    """The files the engine loads for `model`: every part of a split GGUF (a part re-downloaded changes what a
+    saved slot was computed on), else the file itself."""
+    from llamactl.errors import ProfileError
+    from llamactl.gguf import read_gguf, split_part_paths
+
+    try:
+        return tuple(str(p) for p in split_part_paths(Path(model), read_gguf(Path(model))))
+    except ProfileError:
+        return (model,)

@@ -49,6 +49,21 @@ class Capabilities:
             return documented
         return next((s for s in spellings if self.accepts(s, values)), None)
 
+    def aliases(self, flag: str) -> frozenset[str]:
+        """Every spelling of `flag` its usage line in --help lists ("-n, --draft-max, --draft, --draft-n N"), `flag`
+        among them; just `flag` where no usage line starts with it."""
+        for line in self.help_text.splitlines():
+            spellings = []
+            for token in line.split():
+                if not token.startswith("-"):
+                    break
+                spellings.append(token.rstrip(","))
+                if not token.endswith(","):
+                    break
+            if flag in spellings:
+                return frozenset(spellings)
+        return frozenset((flag,))
+
     def help_for(self, flag: str) -> str:
         """The help lines that mention `flag` (its usage line and description)."""
         lines = self.help_text.splitlines()

@@ -47,10 +47,11 @@ class ArgvBuilder:
         self.set_by_key: dict[str, str] = {}  # every spelling of a flag added -> the profile key it came from
 
     def add(self, key: str, spellings: tuple[str, ...], *values: object) -> None:
-        self.set_by_key.update(dict.fromkeys(spellings, key))
         spelling = self.caps.first(*spellings, values=values)
         if spelling is None:
             self.refuse(key, spellings)
+        # every name this flag goes by, ours and the binary's own aliases (extra_args may not set it again)
+        self.set_by_key.update(dict.fromkeys((*spellings, *self.caps.aliases(spelling)), key))
         self.argv.append(spelling)
         self.argv.extend(str(v) for v in values)
 
@@ -201,7 +202,8 @@ def check_extra_args(b: ArgvBuilder) -> None:
         if (flag := arg.split("=", 1)[0]) in b.set_by_key:
             key = b.set_by_key[flag]
             raise ProfileError(f"{b.profile.source or b.profile.name}: extra_args sets {flag}, which llamactl sets "
-                               f"already from {key}; remove it from extra_args", hint=f"set it with {key}")
+                               f"already from {key}; remove it from extra_args",
+                               hint=f"set it with {key.split(' (')[0]}")
     # a negative number, or a value holding spaces (a command line of its own, e.g. ik's --draft-params), is a
     # value, not a flag
     flags = [flag for a in args if (flag := a.split("=", 1)[0]).startswith("-")

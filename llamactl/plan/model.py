@@ -97,14 +97,16 @@ def spec_from_gguf(g: GGUFFile) -> ModelSpec:
 def _spec_from_gguf(g: GGUFFile) -> ModelSpec:
     arch = g.architecture
     n_layer = int(g.get("block_count", 0) or 0)
+    counted = f"{arch}.block_count = {n_layer}"
     if n_layer <= 0:
         # No block count: count the blk.N tensors.
         layers = {t.layer for t in g.tensors if t.layer is not None}
         n_layer = max(layers) + 1 if layers else 0
+        counted = f"its tensors name {n_layer} blocks (blk.N)"
     if n_layer > MAX_LAYERS:
-        raise ProfileError(f"{g.path}: {arch}.block_count = {n_layer}: the engines load at most {MAX_LAYERS} "
-                           "blocks (LLAMA_MAX_LAYERS)", hint="the file is damaged, or not a model llama.cpp "
-                           "loads; fetch it again")
+        raise ProfileError(f"{g.path}: {counted}: the engines load at most {MAX_LAYERS} blocks "
+                           "(LLAMA_MAX_LAYERS)", hint="the file is damaged, or not a model llama.cpp loads; fetch it "
+                           "again")
     n_embd = int(g.get("embedding_length", 0) or 0)
     head_count = g.get("attention.head_count", 0)
     n_head = _per_layer(head_count, n_layer, 0)

@@ -12,10 +12,12 @@ from llamactl.profiles import Profile
 
 UNPLANNED_MEMORY_FLAGS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("-nkvo", "--no-kv-offload"), "keeps the KV cache in RAM: the plan counts it on the GPUs"),
-    (("-ot", "--override-tensor", "-otd", "--override-tensor-draft"),
+    (("-ot", "--override-tensor", "-otd", "--override-tensor-draft", "--spec-draft-override-tensor"),
      "moves tensors between devices: the plan places whole layers"),
-    (("-cmoed", "--cpu-moe-draft", "-ncmoed", "--n-cpu-moe-draft"),
+    (("-cmoed", "--cpu-moe-draft", "-ncmoed", "--n-cpu-moe-draft", "--spec-draft-cpu-moe", "--spec-draft-n-cpu-moe",
+      "--spec-draft-ncmoe"),
      "keeps the draft model's experts in RAM: the plan places the draft by layer"),
+    (("-cd", "--ctx-size-draft"), "sets the draft model's context (ik): the plan gives it the target's"),
     (("-mm", "--mmproj", "-mmu", "--mmproj-url"),
      "loads a multimodal projector (its weights and its image encoder's compute, on the first GPU unless "
      "--no-mmproj-offload): not counted"),

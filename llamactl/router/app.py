@@ -334,6 +334,16 @@ class Router:
             await self.per_request_known(lane, timeout_s)  # is it served per request?
         await lane.force(None if member == "auto" else member, timeout_s=timeout_s)
 
+    async def depth_known(self, lane: Lane) -> None:
+        """Before a request naming MEMBER@DEPTH is queued: wait for the lane's self-tests (the first request after
+        a start may come before their verdict), at most the queue's timeout; then a 503 saying to retry."""
+        try:
+            await self.per_request_known(lane, lane.config.queue_timeout_s)
+        except TimeoutError:
+            raise EngineUnavailable(f"'{lane.name}': its engine self-test has not said yet whether depths are "
+                                    "chosen per request", hint="retry in a few seconds",
+                                    headers={"Retry-After": "5"}) from None
+
     async def per_request_known(self, lane: Lane, timeout_s: float) -> None:
         """Wait (at most `timeout_s`) until `lane`'s self-tests are answered (a switch to MEMBER@DEPTH needs it)."""
         self.learn_per_request(lane)
@@ -587,6 +597,8 @@ class Relay:
             router.learn_per_request(lane)
             await router.check_route(lane, route.pin, self.info)
             router.check_shape(lane, route.pin, self.info, payload)
+            if route.pin is not None and route.pin != route.profile:
+                await router.depth_known(lane)  # MEMBER@DEPTH: is the depth chosen per request there?
         except RouterError as e:
             await self._error(send, e)
             return

@@ -676,8 +676,10 @@ class Lane:
             decision = decide(state, self.config.policy)
         except Exception as e:  # a fault in the policy must not end the dispatcher (every request would fail)
             stay = state.active or next(iter(state.members))
-            log.exception("lane %s: the switching policy failed; serving on %s", self.name, stay)
-            decision = Decision(stay, False, f"the switching policy failed ({type(e).__name__}); stays on {stay}", {})
+            what = "stays on" if state.active else "loads"
+            log.exception("lane %s: the switching policy failed; it %s %s", self.name, what, stay)
+            decision = Decision(stay, state.active is None,
+                                f"the switching policy failed ({type(e).__name__}); {what} {stay}", {})
         if self.last_decision is None or decision.target != self.last_decision.target or decision.switch:
             log.info("lane %s: %s", self.name, decision.reason)
         self.last_decision, self.last_decision_at = decision, self.clock()
@@ -1097,7 +1099,8 @@ class Lane:
             ticket = self.queue.popleft()
             if not ticket.waiting:
                 continue
-            if ticket.pin not in (None, profile) or (pinned_only and ticket.pin is None):
+            pinned = split_choice(ticket.pin)[0] if ticket.pin is not None else None  # a depth pins its member
+            if pinned not in (None, profile) or (pinned_only and ticket.pin is None):
                 keep.append(ticket)
             else:
                 ticket.future.set_exception(failure)
@@ -1115,7 +1118,7 @@ class Lane:
 
     def _fail_pinned(self, profile: str, failure: Exception) -> None:
         for ticket in self.queue:
-            if ticket.waiting and ticket.pin == profile:
+            if ticket.waiting and ticket.pin is not None and split_choice(ticket.pin)[0] == profile:
                 ticket.future.set_exception(failure)
         self._resolve_waiters(profile, failure)
 

@@ -382,8 +382,9 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
 
 
 def _leaving(state: GroupState, config: PolicyConfig, explored: str) -> bool:
-    """Would the policy leave the member serving for a measured other one on the long-run mix? Then finding out
-    about `explored` from here costs one load (the way back is paid either way)."""
+    """Is another member, measured on every class queued, expected faster than the one serving on the long-run
+    mix by the run hysteresis (the policy would leave for it)? Then finding out about `explored` from here costs
+    one load (the way back is paid either way)."""
     mix = {c: n for c, n in state.mix.items() if n > 0}
     if not mix or state.active is None or state.active == explored:
         return False
