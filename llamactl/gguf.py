@@ -81,8 +81,8 @@ class ModelInfo:
         return self.sliding_window > 0
 
 
-# llama.cpp's names for the parts of a split GGUF (llama_split_path): PREFIX-00001-of-00003.gguf, ...
-_SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+# llama.cpp's names for the parts of a split GGUF (llama_split_path): STEM-00001-of-00003.gguf, ...
+SPLIT_PART_NAME = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -356,16 +356,16 @@ def split_part_paths(path: Path, first: GGUFFile) -> tuple[Path, ...]:
     if count == 1:
         return (path,)
     number = first.metadata.get("split.no")
-    named = _SPLIT_NAME.match(path.name)
+    named = SPLIT_PART_NAME.match(path.name)
     if isinstance(number, int) and number != 0:
-        first_name = f"{named['prefix']}-00001-of-{count:05d}.gguf" if named else "its first part"
+        first_name = f"{named['stem']}-00001-of-{count:05d}.gguf" if named else "its first part"
         raise ProfileError(f"{path}: part {number + 1} of {count} of a split GGUF; the engine loads a split model "
                            "from its first part", hint=f"point `model` at {first_name}")
-    if named is None or int(named["count"]) != count or int(named["no"]) != 1:
+    if named is None or int(named["total"]) != count or int(named["part"]) != 1:
         raise ProfileError(f"{path}: the first of {count} parts of a split GGUF, not named as the engine finds the "
                            f"others (NAME-00001-of-{count:05d}.gguf, NAME-00002-of-{count:05d}.gguf, ...)",
                            hint="keep the parts' names as they were published")
-    return tuple(path.with_name(f"{named['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1))
+    return tuple(path.with_name(f"{named['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1))
 
 
 def read_model(path: Path) -> GGUFFile:

@@ -8,9 +8,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from llamactl.errors import ProfileError
+from llamactl.gguf import SPLIT_PART_NAME
 from llamactl.hf.refs import HfRef
 
-_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
+_SPLIT = re.compile(SPLIT_PART_NAME.pattern, re.IGNORECASE)  # a repo's listing: any case of .gguf
 # A projector or an imatrix file is never the model a quant tag means.
 _NOT_A_MODEL = re.compile(r"(^|[/._-])(mmproj|imatrix)", re.IGNORECASE)
 MAX_LISTED = 12
