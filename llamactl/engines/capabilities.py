@@ -8,6 +8,7 @@ import re
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from llamactl.errors import EngineNotFound
@@ -52,6 +53,12 @@ class Capabilities:
     def aliases(self, flag: str) -> frozenset[str]:
         """Every spelling of `flag` its usage line in --help lists ("-n, --draft-max, --draft, --draft-n N"), `flag`
         among them; just `flag` where no usage line starts with it."""
+        return self._usage_spellings.get(flag, frozenset((flag,)))
+
+    @cached_property
+    def _usage_spellings(self) -> dict[str, frozenset[str]]:
+        """Each flag -> the spellings of the first --help usage line that lists it (read once per binary)."""
+        out: dict[str, frozenset[str]] = {}
         for line in self.help_text.splitlines():
             spellings = []
             for token in line.split():
@@ -60,9 +67,10 @@ class Capabilities:
                 spellings.append(token.rstrip(","))
                 if not token.endswith(","):
                     break
-            if flag in spellings:
-                return frozenset(spellings)
-        return frozenset((flag,))
+            group = frozenset(spellings)
+            for spelling in spellings:
+                out.setdefault(spelling, group)
+        return out
 
     def help_for(self, flag: str) -> str:
         """The help lines that mention `flag` (its usage line and description)."""
