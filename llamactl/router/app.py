@@ -39,7 +39,7 @@ from llamactl.box.scheduler import BoxCollector, BoxScheduler
 from llamactl.router.backends import Backends, Upstream
 from llamactl.router.body_fields import with_fields
 from llamactl.router.catalog import Catalog, Routing
-from llamactl.router.choices import host_candidates, hosts, split_choice
+from llamactl.router.choices import host_candidates, hosts
 from llamactl.router.per_request import PerRequestProbe
 from llamactl.router.config_from_settings import EngineFacts, EngineFactsProbe, routing_from_settings
 from llamactl.router.direct import EngineGet, Passthrough, redirect_to_slash
@@ -426,8 +426,9 @@ class Router:
         return self.engine_facts.cached(p) or await asyncio.to_thread(self.engine_facts.facts, p)
 
     async def check_route(self, lane: Lane, pin: str | None, info: RouteInfo) -> None:
-        """Refuse, before queueing or loading anything, a route no member that could serve it offers."""
-        members = [split_choice(pin)[0]] if pin else list(lane.spec.members)  # a pinned depth: its member's
+        """Refuse, before queueing or loading anything, a route no member that could serve it offers (`pin`: the
+        member profile pinned)."""
+        members = [pin] if pin else list(lane.spec.members)
         profiles = [self.catalog.profiles[m] for m in members]
         for kind, key, flags in (("embed", "embeddings", ("--embedding", "--embeddings")),
                                  ("rerank", "reranking", ("--rerank", "--reranking"))):
@@ -442,7 +443,7 @@ class Router:
     def check_shape(self, lane: Lane, pin: str | None, info: RouteInfo, payload: dict[str, Any]) -> None:
         """Refuse, before queueing, a body whose fields the route cannot take (shapes.py), token ids included:
         below the smallest vocabulary of the members that could serve it (their facts are known by now)."""
-        members = [split_choice(pin)[0]] if pin else list(lane.spec.members)
+        members = [pin] if pin else list(lane.spec.members)
         known = [f.n_vocab for m in members if (f := self._facts_now(m)) is not None and f.n_vocab]
         try:
             check_shape(info.path, payload, min(known) if known else None)
@@ -595,8 +596,8 @@ class Relay:
             route = router.catalog.resolve(model, self.path)
             lane = router.lanes[route.lane]
             router.learn_per_request(lane)
-            await router.check_route(lane, route.pin, self.info)
-            router.check_shape(lane, route.pin, self.info, payload)
+            await router.check_route(lane, route.profile, self.info)
+            router.check_shape(lane, route.profile, self.info, payload)
             if route.pin is not None and route.pin != route.profile:
                 await router.depth_known(lane)  # MEMBER@DEPTH: is the depth chosen per request there?
         except RouterError as e:

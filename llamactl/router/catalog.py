@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 
 from llamactl.engines import facts as engine_facts
 from llamactl.names import shown
-from llamactl.router.choices import split_choice
+from llamactl.router.choices import member_of, split_choice
 from llamactl.router.policy import Role
 from llamactl.profiles import Profile
 from llamactl.router.errors import BadRequest, ModelNotFound
@@ -50,7 +50,7 @@ class Route:
     @property
     def profile(self) -> str | None:
         """The member profile pinned (a pinned depth's member), or None."""
-        return split_choice(self.pin)[0] if self.pin is not None else None
+        return member_of(self.pin)
 
 
 @dataclass(frozen=True)

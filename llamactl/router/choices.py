@@ -63,6 +63,11 @@ def split_choice(name: str) -> tuple[str, int | None]:
     return split_depth(name)
 
 
+def member_of(pin: str | None) -> str | None:
+    """The member profile a pin names: a depth choice's member, a member itself; None for no pin."""
+    return split_choice(pin)[0] if pin is not None else None
+
+
 def depth_choices(depths: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
     """MEMBER@DEPTH -> MEMBER, for every member whose depths are chosen per request."""
     return {depth_choice(member, d): member for member, ds in depths.items() for d in ds}

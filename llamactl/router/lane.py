@@ -34,7 +34,7 @@ from llamactl.router.policy import ClassEvidence, Decision, GroupState, PolicyCo
 from llamactl.router.backends import Backends, Upstream, fetch_models, serving_now, worker_down
 from llamactl.router.catalog import LaneSpec
 from llamactl.router.choices import (
-    Choice, choose, depth_choice, depth_choices, entry_depth, middle_out, process_for, split_choice,
+    Choice, choose, depth_choice, depth_choices, entry_depth, member_of, middle_out, process_for, split_choice,
 )
 from llamactl.router.errors import BadRequest, EngineUnavailable, QueueFull, QueueTimeout
 from llamactl.router.runs import Runs
@@ -1099,8 +1099,7 @@ class Lane:
             ticket = self.queue.popleft()
             if not ticket.waiting:
                 continue
-            pinned = split_choice(ticket.pin)[0] if ticket.pin is not None else None  # a depth pins its member
-            if pinned not in (None, profile) or (pinned_only and ticket.pin is None):
+            if member_of(ticket.pin) not in (None, profile) or (pinned_only and ticket.pin is None):
                 keep.append(ticket)
             else:
                 ticket.future.set_exception(failure)
@@ -1118,7 +1117,7 @@ class Lane:
 
     def _fail_pinned(self, profile: str, failure: Exception) -> None:
         for ticket in self.queue:
-            if ticket.waiting and ticket.pin is not None and split_choice(ticket.pin)[0] == profile:
+            if ticket.waiting and member_of(ticket.pin) == profile:
                 ticket.future.set_exception(failure)
         self._resolve_waiters(profile, failure)
 
