@@ -368,9 +368,9 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         leaving = unknown and _leaving(state, config, member)
         trip = (1 if leaving else 2) * switch_cost(state, config, member)
         for_long_run = unknown and trip <= budget
-        if loaded or (for_run and _worth_finding_out(state, config, cls, member)) or (
-                for_long_run and _pays_in_the_long_run(state, config, cls, member)):
-            why = "" if loaded or (for_run and _worth_finding_out(state, config, cls, member)) else (
+        for_this_run = not loaded and for_run and _worth_finding_out(state, config, cls, member)
+        if loaded or for_this_run or (for_long_run and _pays_in_the_long_run(state, config, cls, member)):
+            why = "" if loaded or for_this_run else (
                 f"; for the long run: hoped {_hopeful_speed(state, config, cls, member):.1f} tok/s on {cls}"
                 f"{'' if state.members.get(member, False) else ' and every class'}, "
                 + (f"one {trip:.0f}s load ({state.active} is left anyway)" if leaving else f"a {trip:.0f}s round trip")
