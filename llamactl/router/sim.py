@@ -11,8 +11,8 @@ The scenario format (docs/switching-sim.md documents it; keep it stable):
      "requests": [{"t": 0.0, "class": "code", "tokens": 300}, ...]}
 
 Policies compared: `auto` (the real policy), `always-<choice>` (a lane of that member alone, at that depth),
-`clairvoyant` (every request pinned to its fastest member, every member loaded, loads free: the upper
-bound) and `hindsight` (the best any policy serving in arrival order could do knowing every speed and every
+`clairvoyant` (every request pinned to its fastest member, every member loaded, every load but the
+first free: the upper bound) and `hindsight` (the best any policy serving in arrival order could do knowing every speed and every
 future request, paying the real switch costs: what is reachable where switches are reloads). Time is
 virtual: an event loop whose clock jumps to the next timer instead of sleeping, so an hour of traffic runs in
 a second or two.
@@ -157,7 +157,9 @@ class _VirtualLoop(asyncio.SelectorEventLoop):
 
 
 class SimulatedEngines:
-    """The router's Backends: a member loads in its load_s; without fit_together the lane stops one first."""
+    """The router's Backends: a member loads in its load_s; without fit_together the lane stops one first.
+    `free_loads`: every load after the run's first costs nothing (the first is paid whatever the mode: no
+    request is served before some engine has loaded)."""
 
     def __init__(self, scenario: Scenario, *, free_loads: bool = False) -> None:
         self.scenario = scenario
@@ -170,7 +172,7 @@ class SimulatedEngines:
             if not self.scenario.fit_together and not self.free_loads and self.loaded - {profile}:
                 raise RuntimeError(f"out of memory: {profile} beside {', '.join(sorted(self.loaded))}")
             self.loads += 1
-            if not self.free_loads:
+            if not self.free_loads or self.loads == 1:
                 await asyncio.sleep(self.scenario.members[profile]["load_s"])
             self.loaded.add(profile)
         return Upstream(f"sim://{profile}")
