@@ -360,3 +360,39 @@ async def test_when_every_member_fails_to_start_the_queue_fails_and_the_next_req
     assert len(engines.calls) == loads + 1 and engines.calls[-1][0] == "load"  # not stuck: tried again
     engines.finish(engines.calls[-1][1])
     await second
+
+
+@lane_test({"solo": "plain"})
+async def test_a_turn_that_raises_answers_the_waiting_and_the_dispatcher_goes_on(lane, engines, clock):
+    """A bug in one turn of the dispatcher used to end it, and with it the router's task group: the whole daemon.
+    Now what waited is answered 503 naming the error, at once (not at its queue timeout), the fault is logged with
+    its traceback once a minute at most, and the next request is served."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("llamactl.router").addHandler(handler)
+    real = lane._decide
+    lane._decide = lambda: (_ for _ in ()).throw(KeyError("a dispatcher bug"))
+    try:
+        _, first = request(lane)
+        await settle()
+        with pytest.raises(EngineUnavailable, match="failed to dispatch this request .KeyError: 'a dispatcher bug'"):
+            await first
+        for _ in range(3):  # the same fault on every turn: one traceback, the repeats counted
+            _, again = request(lane)
+            await settle()
+            with pytest.raises(EngineUnavailable):
+                await again
+    finally:
+        lane._decide = real
+        logging.getLogger("llamactl.router").removeHandler(handler)
+    faults = [r for r in records if "the dispatcher failed" in r.getMessage()]
+    assert len(faults) == 1 and faults[0].exc_info is not None
+    assert "dispatcher: KeyError" in lane.last_error and lane._faults_unlogged >= 3
+    _, served = request(lane)
+    await settle()
+    engines.finish("solo")
+    await settle()
+    assert served.done() and served.exception() is None  # the dispatcher is still there

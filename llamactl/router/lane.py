@@ -135,6 +135,7 @@ class Lane:
         self.load_s: dict[str, float] = {}
         self.switches: deque[dict[str, Any]] = deque(maxlen=20)
         self.last_error: str | None = None
+        self._fault_logged_at, self._faults_unlogged = -math.inf, 0  # _log_fault's rate limit
         self.idle_since = clock()
         self.service_s: float | None = None  # EWMA of a request's time holding a slot
         self._inbox: deque[Callable[[], None]] = deque()
@@ -398,8 +399,12 @@ class Lane:
             try:
                 while True:
                     self._wake.clear()
-                    self.step()
-                    timeout = self._idle_timeout()
+                    try:
+                        self.step()
+                        timeout = self._idle_timeout()
+                    except Exception as e:  # a bug in one turn must not end the dispatcher (nor the router)
+                        self._turn_failed(e)
+                        timeout = None
                     try:
                         async with asyncio.timeout(timeout):
                             await self._wake.wait()
@@ -408,6 +413,36 @@ class Lane:
             finally:
                 self._tasks = None
                 self._end()
+
+    def _turn_failed(self, error: Exception) -> None:
+        """A turn raised: what it was doing is not to be trusted, so the requests waiting are answered now (503,
+        the error named) rather than left to their timeouts; the lane goes on with the next event."""
+        what = f"{type(error).__name__}: {str(error)[:200]}"
+        self._log_fault(f"lane %s: the dispatcher failed ({what}); the requests waiting are answered 503 and "
+                        "it goes on", self.name)
+        self.last_error = f"dispatcher: {what}"
+        failure = EngineUnavailable(f"'{self.name}': the router failed to dispatch this request ({what}); the "
+                                    "router's log has the traceback. Retry; if it repeats, report it")
+        for ticket in [*self._arriving, *self.queue]:
+            if ticket.waiting:
+                ticket.future.set_exception(failure)
+        self._arriving.clear()
+        self.queue.clear()
+        for fut in list(self._asks):
+            if not fut.done():
+                fut.set_exception(failure)
+        self._asks.clear()
+
+    def _log_fault(self, message: str, *args: object) -> None:
+        """A fault with its traceback, at most once a minute per lane (a fault that repeats on every turn would
+        flood the log); the repeats in between are counted in the next one."""
+        now = time.monotonic()
+        if now - self._fault_logged_at < 60.0:
+            self._faults_unlogged += 1
+            return
+        repeats = f" ({self._faults_unlogged} more faults since the last logged)" if self._faults_unlogged else ""
+        log.exception(message + repeats, *args)
+        self._fault_logged_at, self._faults_unlogged = now, 0
 
     def _end(self) -> None:
         """The dispatcher stopped: answer every question and request still waiting (nothing will later)."""
@@ -677,7 +712,7 @@ class Lane:
         except Exception as e:  # a fault in the policy must not end the dispatcher (every request would fail)
             stay = state.active or next(iter(state.members))
             what = "stays on" if state.active else "loads"
-            log.exception("lane %s: the switching policy failed; it %s %s", self.name, what, stay)
+            self._log_fault("lane %s: the switching policy failed; it %s %s", self.name, what, stay)
             decision = Decision(stay, state.active is None,
                                 f"the switching policy failed ({type(e).__name__}); {what} {stay}", {})
         if self.last_decision is None or decision.target != self.last_decision.target or decision.switch:
