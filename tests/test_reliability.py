@@ -1,5 +1,6 @@
 """Reliability of the router in front of fake backends: 200 concurrent streaming clients (nothing lost,
-memory bounded), and fuzzing of the profile loader and of the router's request parsing (hypothesis).
+memory bounded), fuzzing of the profile loader and of the router's request parsing (hypothesis), and a fault in
+one of the router's own tasks.
 Bounded in time and count; loopback only. Figures: docs/reliability.md."""
 
 from __future__ import annotations
@@ -162,3 +163,28 @@ def test_malformed_huge_and_mistyped_requests(fuzz_router):
     assert r.status_code == 401 and _openai_error(r)["code"] == "invalid_api_key"
     hi = [{"role": "user", "content": "hi"}]
     assert fuzz_router.post("/v1/chat/completions", json={"model": "solo", "messages": hi}).status_code == 200
+
+
+def test_a_telemetry_task_that_raises_does_not_end_the_router(caplog):
+    """The router's own tasks (reading acceptance from a log, scraping /metrics, learning per-request hosts)
+    run in its task group: one that raised used to end the group, every lane's dispatcher with it."""
+    profiles = [profile("solo")]
+    backends = fake_backends(profiles)
+
+    async def main() -> None:
+        router = Router(profiles, backends, RouterConfig())
+        async with router.running():
+            async def broken() -> None:
+                raise ValueError("a telemetry bug")
+
+            router._spawn(broken(), name="scrape:solo")
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert all(not task.done() for task in router._dispatchers.values()) and router._dispatchers
+
+    try:
+        with caplog.at_level("ERROR", logger="llamactl.router"):
+            asyncio.run(main())
+    finally:
+        backends.close()
+    assert any("scrape:solo failed" in r.getMessage() and r.exc_info for r in caplog.records)

@@ -226,11 +226,19 @@ class Router:
         return len(self._streams)
 
     def _spawn(self, coro, name: str) -> None:
-        """A telemetry task of the router's own (cancelled at shutdown)."""
+        """A telemetry task of the router's own (cancelled at shutdown). Whatever it raises is logged, never
+        raised into the router's task group: one that raised would end every lane with it."""
         if self._tasks is None:
             coro.close()
             return
-        task = self._tasks.create_task(coro, name=name)
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:  # noqa: BLE001 - telemetry must never take the router down
+                log.exception("router: %s failed; serving goes on", name)
+
+        task = self._tasks.create_task(guarded(), name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
