@@ -47,6 +47,7 @@ from llamactl.supervisor.recovery import (
 from llamactl.supervisor.state import process_matches
 
 log = logging.getLogger("llamactl.daemon")
+FAULT_PAUSE_S = 30.0  # a watching loop that raised runs again after this (not at once: a fault that repeats)
 
 
 def retrieved(future: asyncio.Future) -> None:
@@ -358,13 +359,16 @@ class Engine:
         if self.settings.relay_child_logs:
             if self._relay is not None:
                 self._relay.cancel()
-            self._relay = self.tasks.create_task(relay_log(self.name, Path(self.record.log_path), from_end),
-                                                 name=f"relay:{self.name}")
+            path = Path(self.record.log_path)
+            self._relay = self.tasks.create_task(
+                self._keep_running("log relay", lambda: relay_log(self.name, path, from_end)),
+                name=f"relay:{self.name}")
 
     def _start_monitor(self) -> None:
         """The monitor task, unless one runs (it probes a running engine and restarts one in backoff)."""
         if self.tasks is not None and (self._monitor is None or self._monitor.done()):
-            self._monitor = self.tasks.create_task(self._monitor_loop(), name=f"monitor:{self.name}")
+            self._monitor = self.tasks.create_task(self._keep_running("monitor", self._monitor_loop),
+                                                   name=f"monitor:{self.name}")
 
     def _stop_watching(self) -> None:
         current = asyncio.current_task()
@@ -372,6 +376,24 @@ class Engine:
             if task is not None and task is not current:
                 task.cancel()
         self._monitor = self._relay = None
+
+    async def _keep_running(self, what: str, loop: Callable[[], Any]) -> None:
+        """Run a watching loop (the monitor, the log relay) until it returns. Whatever it raises is logged (the
+        traceback once, then a line a time) and it runs again after FAULT_PAUSE_S: raised, it would end the
+        daemon's task group, every engine and the router with it."""
+        faults = 0
+        while True:
+            try:
+                await loop()
+                return
+            except Exception as e:  # noqa: BLE001
+                faults += 1
+                if faults == 1:
+                    log.exception("%s: the %s failed; it runs again in %.0f s", self.name, what, FAULT_PAUSE_S)
+                else:
+                    log.warning("%s: the %s failed again (%d times): %s: %s", self.name, what, faults,
+                                type(e).__name__, e)
+            await asyncio.sleep(FAULT_PAUSE_S)
 
     async def _monitor_loop(self) -> None:
         """Check /health every health_interval_s; a death or a hang is stopped, counted and restarted."""
