@@ -23,6 +23,13 @@ class LlamactlError(Exception):
         return self.message
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of what an error says (a status line's worth); its type's name where it says nothing
+    (asyncio's TimeoutError, an error raised with an empty message)."""
+    text = error.message if isinstance(error, LlamactlError) else str(error)
+    return next((line for line in text.splitlines() if line.strip()), type(error).__name__)
+
+
 class ConfigError(LlamactlError):
     """A settings file or environment variable is invalid."""
 

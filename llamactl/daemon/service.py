@@ -43,7 +43,7 @@ from llamactl.daemon.engine import EngineEvents
 from llamactl.daemon.engines import Engines
 from llamactl.daemon.handler import DaemonControl
 from llamactl.daemon.wiring import build_router, choose_profiles, lane_of, load_profiles, plan_warm_lanes
-from llamactl.errors import ConfigError, LlamactlError
+from llamactl.errors import ConfigError, LlamactlError, first_line
 from llamactl.profiles import Profile, load_all
 from llamactl.router import Router, create_app, learned
 from llamactl.settings import Settings
@@ -118,7 +118,7 @@ class LaneEvents(EngineEvents):
         if self.router is not None:
             with contextlib.suppress(LlamactlError):
                 lane_of(self.router, name).mark_failed(name, error)
-        self.notifier.status(f"{name} failed: {error.message.splitlines()[0]}")
+        self.notifier.status(f"{name} failed: {first_line(error)}")
 
     def state(self, name: str, state: str, reason: str | None) -> None:
         if self.router is not None:
@@ -263,15 +263,22 @@ class Service:
     async def _preload(self, router: Router) -> None:
         """Load the --preload profiles, then tell systemd READY (a failure is reported, not fatal)."""
         for name in self.preload:
+            timeout_s = self.profiles[name].load_timeout_s + 60
             self.notifier.status(f"loading {name}")
-            self.notifier.extend_timeout(self.profiles[name].load_timeout_s + 60)  # systemd's start timeout
+            self.notifier.extend_timeout(timeout_s)  # systemd's start timeout
             log.info("preloading %s", name)
-            lane = lane_of(router, name)
             try:
-                await lane.serve_once(name, timeout_s=self.profiles[name].load_timeout_s + 60)
-            except (LlamactlError, TimeoutError) as e:
-                log.error("preloading %s failed: %s", name, e)
-                self.notifier.status(f"{name} failed to load: {str(e).splitlines()[0]}")
+                await lane_of(router, name).serve_once(name, timeout_s=timeout_s)
+                continue
+            except TimeoutError:
+                why = f"not serving after {timeout_s:.0f} s"
+            except LlamactlError as e:
+                why = first_line(e)
+            except Exception as e:  # noqa: BLE001 - raised here, it would end the daemon's task group (the daemon)
+                log.exception("preloading %s failed", name)
+                why = f"{type(e).__name__}: {e}"
+            log.error("preloading %s failed: %s", name, why)
+            self.notifier.status(f"{name} failed to load: {why}"[:200])
         self.notifier.ready(f"serving {len(self.profiles)} profiles")
 
     async def _wait_for_signals(self, preloading: asyncio.Task[None]) -> None:
