@@ -1,6 +1,6 @@
-"""Status lines of failures. A preload that fails in any way is reported and the daemon goes on to READY: the preload runs in the daemon's
-task group, where an exception would end the daemon. A load past its timeout raised a bare TimeoutError, whose
-empty message the status line indexed: an IndexError, and the daemon stopped."""
+"""Status lines of failures. A preload that fails in any way is reported and the daemon goes on to READY: the
+preload runs in the daemon's task group, where an exception would end the daemon. A load past its timeout raised
+a bare TimeoutError, whose empty message the status line indexed: an IndexError, and the daemon stopped."""
 
 from __future__ import annotations
 
