@@ -190,6 +190,32 @@ def test_a_member_measured_on_nothing_is_explored_once_for_the_long_run_within_t
     assert not decide(GroupState(**base, explore_budget_s=1000), PolicyConfig(explore_horizon_s=0)).explore
 
 
+def test_a_drafter_measured_on_nothing_is_hoped_faster_on_every_class_of_the_mix_not_the_head_one_alone():
+    """The 27B card: plain measured at 26 tok/s on every class, the 1.7B drafter never loaded, a stationary mix
+    with a creative request at the head. Hoped better only on creative (where drafting gains least), the drafter
+    could never win the mix, so it was never loaded; the published drafter runs code at 5.9x. Measured on
+    nothing, it may beat the priors on every class: it is found out, within the budget."""
+    members = {"plain": False, "d": True}
+    ev = {c: ClassEvidence(tok_s={"plain": 26.0}, n={"plain": 5}, mean_tokens=300) for c in ("code", "chat", "creative")}
+    base = dict(active="plain", seconds_since_switch=1000, switch_cost_s={"plain": 12, "d": 13}, queued={"creative": 1},
+                evidence=ev, members=members, head_class="creative", explore_due={"creative": True},
+                head_run=("creative", 1), mix={"code": 3, "chat": 3, "creative": 3})
+    decision = decide(GroupState(**base, explore_budget_s=100), PolicyConfig())
+    assert decision.explore and decision.target == "d" and "and every class" in decision.reason, decision
+    assert not decide(GroupState(**base, explore_budget_s=10), PolicyConfig()).explore  # the budget still holds
+
+
+def test_a_strong_drafter_is_found_on_mixed_work_that_starts_with_creative_requests():
+    """docs/sim/27b-drafter-24gb.json, mixed work, seed 6: the first request is creative, so plain loads first;
+    the drafter (1.34x plain on this mix) was then never loaded: 0.749x the best fixed member."""
+    from scripts.sim_switching import scenario_from
+
+    s = scenario_from(REPO / "docs" / "sim" / "27b-drafter-24gb.json", "mixed", 400, 100, 6)
+    assert s.requests[0]["class"] == "creative"
+    auto, drafter = run(s, "auto"), run(s, "always-d1.7b")
+    assert auto.tok_s >= 0.97 * drafter.tok_s and auto.per_member.get("d1.7b", 0) > 300
+
+
 def test_finding_out_from_a_member_left_anyway_costs_the_budget_one_load_not_a_round_trip():
     """d1b serving, the plain member measured faster on the whole mix (the policy would leave d1b for it), d8b never
     measured: going to d8b first costs one 45 s load more than going to plain (the way back is paid either way),
