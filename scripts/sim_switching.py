@@ -6,6 +6,9 @@
         them (the file's "gap_s" spaces them); --write OUT.json saves the scenario with its requests.
     .venv/bin/python scripts/sim_switching.py --table docs/sim --out docs/switching-sim.md
         every scenario in the folder under every workload, as Markdown tables, with the targets checked.
+    .venv/bin/python scripts/sim_switching.py --table docs/sim --seeds 10 [--seed S]
+        no tables: the targets checked over seeds S .. S+9 (one seed's table hides what another shows), every
+        cell missed and what the cells come to.
     .venv/bin/python scripts/sim_switching.py --unseen N [--seed S] [--why]
         N random per-process groups (llamactl/router/unseen.py: seeds S..S+N-1) under every workload: auto / best
         fixed and the share of hindsight's gain captured, what finding out costs (one load of every member over the
@@ -13,7 +16,7 @@
         run under 0.98x: when, after how many requests, and the reason.
 
 Prints total tok/s and switches for auto, each always-<member>, clairvoyant (every request on its fastest
-member, switches free: the upper bound) and, with one slot, hindsight (every future request known, switches
+member, every load after the first free: the upper bound) and, with one slot, hindsight (every future request known, switches
 at their real cost: the best reachable in arrival order). The format is documented in docs/switching-sim.md.
 """
 
@@ -116,6 +119,46 @@ def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
     return "\n".join(lines), all_ok
 
 
+def _sweep_seed(folder: Path, n: int, phase: int, seed: int) -> list[tuple[int, str, str, bool, float, float | None, str]]:
+    """Every scenario of `folder` under every workload at one seed: (seed, scenario, workload, per request,
+    auto / best fixed, share of the clairvoyant's gain, verdict)."""
+    cells = []
+    for path in sorted(folder.glob("*.json")):
+        for workload in WORKLOADS:
+            scenario = scenario_from(path, workload, n, phase, seed)
+            shared = per_request(scenario)
+            ratio, capture, _, said = verdict(compare(scenario), workload, shared)
+            cells.append((seed, path.stem, workload, shared, ratio, capture, said))
+    return cells
+
+
+def sweep(folder: Path, n: int, phase: int, seed: int, count: int) -> tuple[str, bool]:
+    """The table's verdicts over seeds seed .. seed + count - 1 (one seed's table hides what another seed shows:
+    a strong drafter never tried at seed 6), each seed in its own process: every cell missed, then per process
+    and per request what the cells come to. No restarted runs (they double the time)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor() as pool:
+        cells = [c for seed_cells in pool.map(_sweep_seed, *zip(*[(folder, n, phase, s) for s in
+                                                                     range(seed, seed + count)])) for c in seed_cells]
+    lines = [f"seed {s:>3} {name:<32} {w:<8} auto / best fixed {r:.3f}  of the clairvoyant's gain {_pct(c):>5}  MISSED"
+             for s, name, w, _, r, c, said in cells if said == "MISSED"]
+    process = [r for _, _, _, shared, r, _, _ in cells if not shared]
+    mixed = [r for _, _, w, shared, r, _, _ in cells if not shared and w == "mixed"]
+    worst = min((r, s, name, w) for s, name, w, shared, r, _, _ in cells if not shared)
+    lines += ["", f"seeds {seed}-{seed + count - 1}: {sum(1 for c in cells if c[6] == 'MISSED')} of {len(cells)} "
+                  f"cells missed. Per process ({len(process)} cells): {sum(r < 1 - TOLERANCE for r in process)} under "
+                  f"{1 - TOLERANCE:.2f}x the best fixed member, mean {sum(process) / len(process):.3f} (mixed work "
+                  f"{sum(mixed) / len(mixed):.3f}), worst {worst[0]:.3f} ({worst[2]} {worst[3]}, seed {worst[1]})."]
+    shared = [(r, c, w) for _, _, w, sh, r, c, _ in cells if sh]
+    if shared:
+        captures = [c for _, c, w in shared if c is not None and w in ("phased", "mixed")]
+        lines.append(f"Per request ({len(shared)} cells): auto / best fixed at least {min(r for r, _, _ in shared):.3f}"
+                     + (f", of the clairvoyant's gain on phased and mixed work at least {min(captures):.0%}."
+                        if captures else "."))
+    return "\n".join(lines), not any(c[6] == "MISSED" for c in cells)
+
+
 def switches(scenario: Scenario) -> list[str]:
     """Auto's switches on `scenario`, one line each: virtual time, requests served so far, from -> to, the reason."""
     kept: dict = {}
@@ -181,12 +224,18 @@ def main() -> int:
     ap.add_argument("--unseen", type=int, metavar="N",
                     help="N random per-process groups (llamactl/router/unseen.py), seeds --seed.., every workload")
     ap.add_argument("--why", action="store_true", help="with --unseen: auto's switches in each run under 0.98x")
+    ap.add_argument("--seeds", type=int, metavar="N",
+                    help="with --table: no table, the verdicts over seeds --seed .. --seed + N - 1, and what they come to")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--write", type=Path, help="save the scenario with its requests")
     args = ap.parse_args()
     try:
         if args.unseen:
             text, ok = unseen(args.unseen, args.seed, args.n, args.phase, args.why)
+            print(text)
+            return 0 if ok else 1
+        if args.table and args.seeds:
+            text, ok = sweep(args.table, args.n, args.phase, args.seed, args.seeds)
             print(text)
             return 0 if ok else 1
         if args.table:

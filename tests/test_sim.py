@@ -82,6 +82,21 @@ def test_hindsight_sits_between_the_best_fixed_member_and_clairvoyant():
     assert result["auto"]["tok_s"] <= result["hindsight"]["tok_s"] + 1e-6
 
 
+def test_the_script_sweeps_the_tables_verdicts_over_seeds(tmp_path):
+    """`--table FOLDER --seeds N`: the verdicts of every seed, a line per missed cell and what they come to; exit 1
+    where a cell missed, 0 where none did."""
+    folder = tmp_path / "sim"
+    folder.mkdir()
+    (folder / "warm.json").write_text(json.dumps({**WARM, "classes": {"code": WARM["classes"]["code"],
+                                                                      "creative": WARM["classes"]["creative"]}}))
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "sim_switching.py"), "--table", str(folder),
+                          "--seeds", "2", "--seed", "3", "--n", "60", "--phase", "20"],
+                         capture_output=True, text=True, timeout=300)
+    assert "seeds 3-4: " in out.stdout and "of 6 cells missed" in out.stdout, out.stdout + out.stderr
+    assert ("MISSED" in out.stdout) == (out.returncode == 1) and out.returncode in (0, 1)
+    assert "Per process (6 cells)" in out.stdout
+
+
 def test_the_bounds_pay_the_first_load_as_every_mode_does():
     """No request is served before some engine has loaded: the clairvoyant's loads are free after the first, not
     the first (a bound that skips it is out of reach by the load itself, whatever a policy decides)."""
