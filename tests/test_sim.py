@@ -220,6 +220,43 @@ def test_a_drafter_measured_on_nothing_is_hoped_faster_on_every_class_of_the_mix
     assert not decide(GroupState(**base, explore_budget_s=10), PolicyConfig()).explore  # the budget still holds
 
 
+def test_a_reload_to_find_out_for_the_long_run_does_not_wait_for_the_class_share_once_the_member_serving_is_measured():
+    """The class share of exploring requests (a tenth) made the head class wait for ten requests of its own before
+    a reload to find out about a member measured on nothing: 20-25 requests of mixed work on the 27B card's plain
+    member at 0.74x. The lane's budget of reload seconds bounds that reload; the share gates trying a member on a
+    class. Not before the member serving is measured on every class of the mix: left sooner, it is judged on the
+    priors where it was not (a drafter left after one code request, at 5.9x, was never tried again)."""
+    members = {"plain": False, "d": True}
+    ev = {c: ClassEvidence(tok_s={"plain": 26.0}, n={"plain": 3}, mean_tokens=300) for c in ("code", "chat", "creative")}
+    base = dict(active="plain", seconds_since_switch=1000, switch_cost_s={"plain": 12, "d": 13}, queued={"chat": 1},
+                evidence=ev, members=members, head_class="chat", explore_due={"chat": False}, head_run=("chat", 1),
+                mix={"code": 3, "chat": 3, "creative": 3}, explore_budget_s=100)
+    decision = decide(GroupState(**base), PolicyConfig())
+    assert decision.explore and decision.target == "d", decision
+    thin = {**ev, "creative": ClassEvidence(tok_s={"plain": 26.0}, n={"plain": 1}, mean_tokens=300)}
+    assert not decide(GroupState(**{**base, "evidence": thin}), PolicyConfig()).explore
+    assert not decide(GroupState(**base, explored=frozenset({("code", "d")})), PolicyConfig()).explore  # known
+
+
+def test_a_reload_away_from_a_member_not_measured_on_the_work_queued_must_save_twice_its_cost():
+    """mtp3 reloaded to find out, measured on code only, ten creative requests queued: its creative figure is
+    the priors', and the reload back to plain saving 16 s against a 15.5 s switch was paid on it (mtp-depths
+    mixed, seed 6: never tried again, 0.916x). On figures measured, a saving over the cost pays the switch."""
+    members = {"plain": False, "mtp3": True}
+    ev = {"code": ClassEvidence(tok_s={"mtp3": 40.5, "plain": 30.0}, n={"mtp3": 2, "plain": 5},
+                                acceptance={"mtp3": 0.8}, acceptance_n={"mtp3": 2}, mean_tokens=300),
+          "creative": ClassEvidence(tok_s={"plain": 30.0}, n={"plain": 5}, mean_tokens=300)}
+    base = dict(active="mtp3", seconds_since_switch=1000, switch_cost_s={"plain": 15.5, "mtp3": 16},
+                queued={"creative": 10, "code": 1}, evidence=ev, members=members, head_class="creative",
+                head_run=("creative", 1))
+    stay = decide(GroupState(**base), PolicyConfig())
+    assert not stay.switch and "does not pay the switch" in stay.reason, stay
+    measured = {**ev, "creative": ClassEvidence(tok_s={"plain": 30.0, "mtp3": 25.0}, n={"plain": 5, "mtp3": 2},
+                                                acceptance={"mtp3": 0.1}, acceptance_n={"mtp3": 2}, mean_tokens=300)}
+    leave = decide(GroupState(**{**base, "evidence": measured}), PolicyConfig())
+    assert leave.switch and leave.target == "plain", leave
+
+
 def test_a_strong_drafter_is_found_on_mixed_work_that_starts_with_creative_requests():
     """docs/sim/27b-drafter-24gb.json, mixed work, seed 6: the first request is creative, so plain loads first;
     the drafter (1.34x plain on this mix) was then never loaded: 0.749x the best fixed member."""

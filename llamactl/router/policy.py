@@ -15,7 +15,8 @@ queued, the rest of the horizon filled in the proportions of the recent arrivals
 the queue is nearly always empty, and the recent mix is the best guess of what comes next; with a queued
 burst the queue itself is the truth).
 A switch happens when the fastest other member saves more than the cost of switching to it (a drain when
-it is loaded, its measured restart time otherwise) times `cost_factor`, AND is at least `hysteresis` faster
+it is loaded, its measured restart time otherwise) times `cost_factor` (twice that for a paid switch away from a
+member not measured on all the work queued: where the evidence is thin, stay), AND is at least `hysteresis` faster
 on that work, AND the current member has served for `min_dwell_s`. A mixed queue whose classes balance out
 never clears the hysteresis band, so it does not flap. Where the switch is a reload and the queue holds at
 least `horizon` requests (all real work, nothing guessed), the narrower `run_hysteresis` applies: the
@@ -40,7 +41,8 @@ drafter was never explored on (a drafter's figure on one class says little of it
 requests go there, if that member is loaded (a switch is a drain) or its reload costs at most
 `explore_share` of the work waiting: evidence for every member, and a reload only where finding out could change the choice (a drafter accepting `explore_acceptance_hope`
 more than its estimate, or the plain member `explore_optimism` times faster, would win the work queued), or for the long run: were it as fast as hoped, it would win the long-run mix by
-the hysteresis and repay the round trip over `explore_horizon_s`, within the lane's exploration budget (one
+the hysteresis and repay the round trip over `explore_horizon_s`, within the lane's exploration budget, not
+waiting for the class's share once the member serving is measured on the whole mix (one
 load, not a round trip, where the member serving would be left for a measured one anyway; a
 member reloaded so serves a short trial of every class; the budget is `explore_share` of the time served, less
 what exploring cost, plus the same share of the work already queued). A member measured on nothing is hoped faster
@@ -333,8 +335,13 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         where = "the depth serving" if name == state.active else "the depth beside the fastest measured"
         return Decision(name, name != state.active, f"explore: {cls} has {ev.n.get(name, 0)} samples on "
                         f"{name}, {where}", seconds, explore=True)
-    if not state.explore_due.get(cls):
-        return None
+    # The class's share of exploring requests (explore_share) gates trying a member on that class, not a reload to
+    # find out about a member measured on nothing for the long run, which the lane's budget of reload seconds bounds
+    # (waiting for a tenth of the class's requests kept the 27B card on plain for 20-25 requests of mixed work), once
+    # the member serving is measured on every class of the mix (left sooner, it is judged on the priors where it was
+    # not measured: a drafter left after one code request, at 5.9x, was never tried again).
+    due = bool(state.explore_due.get(cls))
+    serving_measured = all(_unmeasured(state, config, state.active, c) == 0 for c, n in state.mix.items() if n > 0)
     run = state.head_run[1] if state.head_run is not None and state.head_run[0] == cls else 0
     for member in state.members:
         if ev.n.get(member, 0) + state.pending.get((cls, member), 0) >= samples_needed(config, member):
@@ -347,6 +354,8 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         # samples come in one visit, not one per reload).
         unknown = all(m != member for _, m in state.explored) and all(
             e.n.get(member, 0) < samples_needed(config, member) for e in state.evidence.values())
+        if not due and (loaded or not unknown or not serving_measured):
+            continue
         if loaded and not state.members.get(member, False) and not unknown:
             continue  # a plain member's speed hardly depends on the content: measured elsewhere is known here
         if loaded and not state.members.get(member, False) and (_slower_class_elsewhere(state, config, cls) or any(
@@ -370,7 +379,7 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         leaving = unknown and _leaving(state, config, member)
         trip = (1 if leaving else 2) * switch_cost(state, config, member)
         for_long_run = unknown and trip <= budget
-        for_this_run = not loaded and for_run and _worth_finding_out(state, config, cls, member)
+        for_this_run = due and not loaded and for_run and _worth_finding_out(state, config, cls, member)
         if loaded or for_this_run or (for_long_run and _pays_in_the_long_run(state, config, cls, member)):
             why = "" if loaded or for_this_run else (
                 f"; for the long run: hoped {_hopeful_speed(state, config, cls, member):.1f} tok/s on {cls}"
@@ -704,8 +713,13 @@ def _judge(state: GroupState, config: PolicyConfig, seconds: Mapping[str, float]
         config.run_hysteresis if round_trip or real_queue else config.hysteresis)
     if work[best] > (1 - hysteresis) * work[current]:
         return Decision(current, False, f"gain under hysteresis {hysteresis:.0%}; {detail}", seconds)
-    if saving <= config.cost_factor * cost:
-        return Decision(current, False, f"gain {saving:.1f}s does not pay the switch; {detail}", seconds)
+    # Where the evidence is thin, stay: a paid switch away from a member not measured on all the work queued (its
+    # figures there are its peers' or the priors') must save twice its cost. Left on a short queue its estimate
+    # happened to lose, a member reloaded to find out was judged for good on one class.
+    thin = cost > config.cheap_switch_s and _unmeasured(state, config, current) > 0
+    if saving <= config.cost_factor * cost * (2.0 if thin else 1.0):
+        twice = f" twice ({current} is not measured on all of the work queued)" if thin else ""
+        return Decision(current, False, f"gain {saving:.1f}s does not pay the switch{twice}; {detail}", seconds)
     if state.seconds_since_switch < config.min_dwell_s and cost > config.cheap_switch_s:
         return Decision(
             current, False,
