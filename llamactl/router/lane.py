@@ -418,8 +418,8 @@ class Lane:
         """A turn raised: what it was doing is not to be trusted, so the requests waiting are answered now (503,
         the error named) rather than left to their timeouts; the lane goes on with the next event."""
         what = f"{type(error).__name__}: {str(error)[:200]}"
-        self._log_fault(f"lane %s: the dispatcher failed ({what}); the requests waiting are answered 503 and "
-                        "it goes on", self.name)
+        self._log_fault("lane %s: the dispatcher failed (%s); the requests waiting are answered 503 and it goes on",
+                        self.name, what)
         self.last_error = f"dispatcher: {what}"
         failure = EngineUnavailable(f"'{self.name}': the router failed to dispatch this request ({what}); the "
                                     "router's log has the traceback. Retry; if it repeats, report it")
