@@ -194,3 +194,17 @@ def test_a_deep_queue_goes_to_a_four_slot_plain_member_over_a_faster_one_slot_dr
     one = decide(queue(1))
     assert not one.switch and one.target == "spec", one.reason
     assert one.seconds["plain"] == pytest.approx(256 / 30)  # a queue of one runs on one slot
+
+
+def test_drafting_off_on_a_depth_engine_is_derived_through_the_depth_shape_not_the_speed_up_model():
+    """The 27B card's drafter at depth 8 runs chat at 52.4 tok/s with 30% of its drafts accepted; without drafting
+    the engine runs 26. The speed-up model (fitted to n-gram drafting on a CPU) put drafting off at 52.4 / 0.96 =
+    54 tok/s, so a class new to the depths went to drafting off at half its best depth's speed until the depth model
+    had two points. Through the depth's own shape (tokens per verification at that acceptance, a drafted token
+    costing depth_cost_prior of a step): near the real 26."""
+    members = {"plain": False, "d@2": True, "d@4": True, "d@8": True, "d@16": True}
+    ev = {"chat": ClassEvidence(tok_s={"d@8": 52.4}, n={"d@8": 1}, acceptance={"d@8": 0.3}, acceptance_n={"d@8": 1},
+                                mean_tokens=300)}
+    derived = speed("creative", "plain", ev, PolicyConfig(), members)
+    assert 0.75 * 26 < derived < 1.25 * 26, derived
+    assert 52.4 / PolicyConfig().speedup(0.3) > 50  # what the speed-up model says

@@ -29,7 +29,8 @@ at all (choices one engine serves per request) only the narrow `free_hysteresis`
 Speeds come from measurements when a class has `min_samples` of them on that member (what a member measured
 stays known for a while after it stops serving: the telemetry's memory); a drafter not measured on a class
 is taken to be what the other drafters measured on it, scaled by how it compared with them elsewhere;
-otherwise the speed comes from the plain speed of the class (measured on the plain member, or derived from a measured speculative one) and
+otherwise the speed comes from the plain speed of the class (measured on the plain member, or derived from a measured speculative one:
+a depth choice through its depth's shape, `_undrafted`) and
 the class's acceptance rate on the member (measured there, or a prior per class) through a linear
 speed-up model speedup(a) = intercept + slope * a.
 The run at the head of the queue counts, where the whole queue is one class, the arrivals of that class still
@@ -123,6 +124,10 @@ class PolicyConfig:
     # 0.2: a fifth of the acceptance range; narrower, the line's slope is mostly noise (0.1-0.3 gave the same
     # unseen results, seeds 0-19).
     fit_min_spread: float = 0.2
+    # A drafted token's share of a verification step, assumed where drafting off is derived from a depth choice
+    # before the depth model (`_depth_model`) has the two points that measure it: 0.05, under the 27B card's 0.085
+    # (a drafted token costing less makes drafting off come out slower, so the depths are tried, not skipped).
+    depth_cost_prior: float = 0.05
 
     def speedup(self, acceptance: float) -> float:
         return max(0.05, self.speedup_intercept + self.speedup_slope * acceptance)
@@ -203,10 +208,21 @@ def _plain_speed(cls: str, evidence: Mapping[str, ClassEvidence], members: Mappi
     others = [v for other in evidence.values() for m in plain if (v := _measured(other, m, config)) is not None]
     if others:
         return sum(others) / len(others)
-    derived = [v / config.speedup(acceptance_for(c, e, config, m))
+    derived = [_undrafted(v, c, e, m, config)
                for c, e in evidence.items() for m, is_spec in members.items()
                if is_spec and (v := _measured(e, m, config)) is not None]
     return min(derived) if derived else None
+
+
+def _undrafted(tok_s: float, cls: str, ev: ClassEvidence, member: str, config: PolicyConfig) -> float:
+    """The speed without drafting that a speculative member's measured speed implies: through the depth model's
+    shape for a depth choice with its acceptance measured (tokens a verification yields at that depth, a drafted
+    token costing `depth_cost_prior` of a step), else through the speed-up model."""
+    depth = split_depth(member)[1]
+    if depth is not None and member in ev.acceptance and ev.acceptance_n.get(member, 0) >= samples_needed(config, member):
+        a = _per_token_acceptance(ev.acceptance[member], depth)
+        return tok_s * (1 + config.depth_cost_prior * depth) / _tokens_per_step(a, depth)
+    return tok_s / config.speedup(acceptance_for(cls, ev, config, member))
 
 
 def _base_speed(evidence: Mapping[str, ClassEvidence], members: Mapping[str, bool], config: PolicyConfig) -> float:
