@@ -219,7 +219,8 @@ def _undrafted(tok_s: float, cls: str, ev: ClassEvidence, member: str, config: P
     shape for a depth choice with its acceptance measured (tokens a verification yields at that depth, a drafted
     token costing `depth_cost_prior` of a step), else through the speed-up model."""
     depth = split_depth(member)[1]
-    if depth is not None and member in ev.acceptance and ev.acceptance_n.get(member, 0) >= samples_needed(config, member):
+    measured = member in ev.acceptance and ev.acceptance_n.get(member, 0) >= samples_needed(config, member)
+    if depth is not None and measured:
         a = _per_token_acceptance(ev.acceptance[member], depth)
         return tok_s * (1 + config.depth_cost_prior * depth) / _tokens_per_step(a, depth)
     return tok_s / config.speedup(acceptance_for(cls, ev, config, member))
