@@ -421,17 +421,18 @@ class Lane:
         self._log_fault("lane %s: the dispatcher failed (%s); the requests waiting are answered 503 and it goes on",
                         self.name, what)
         self.last_error = f"dispatcher: {what}"
-        failure = EngineUnavailable(f"'{self.name}': the router failed to dispatch this request ({what}); the "
-                                    "router's log has the traceback. Retry; if it repeats, report it")
-        for ticket in [*self._arriving, *self.queue]:
-            if ticket.waiting:
-                ticket.future.set_exception(failure)
+        self._answer_waiting(EngineUnavailable(
+            f"'{self.name}': the router failed to dispatch this request ({what}); the router's log has the "
+            "traceback. Retry; if it repeats, report it"))
+
+    def _answer_waiting(self, error: Exception) -> None:
+        """Fail every question posted and every request arriving or queued, and empty those."""
+        for fut in [*self._asks, *(t.future for t in (*self._arriving, *self.queue))]:
+            if not fut.done():
+                fut.set_exception(error)
+        self._asks.clear()
         self._arriving.clear()
         self.queue.clear()
-        for fut in list(self._asks):
-            if not fut.done():
-                fut.set_exception(failure)
-        self._asks.clear()
 
     def _log_fault(self, message: str, *args: object) -> None:
         """A fault with its traceback, at most once a minute per lane (a fault that repeats on every turn would
@@ -449,13 +450,10 @@ class Lane:
         self._ended = True
         self._inbox.clear()
         error = self._ended_error()
-        for fut in [*self._asks, *(t.future for t in (*self._arriving, *self.queue)),
-                    *(f for _, f in self._waiters)]:
+        self._answer_waiting(error)
+        for _, fut in self._waiters:
             if not fut.done():
                 fut.set_exception(error)
-        self._asks.clear()
-        self._arriving.clear()
-        self.queue.clear()
         self._waiters = []
         for fut in self._drain_waiters:
             if not fut.done():
