@@ -360,6 +360,7 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
     due = bool(state.explore_due.get(cls))
     serving_measured = all(_unmeasured(state, config, state.active, c) == 0 for c, n in state.mix.items() if n > 0)
     run = state.head_run[1] if state.head_run is not None and state.head_run[0] == cls else 0
+    budget = _explore_budget_s(state, config)
     for member in state.members:
         if ev.n.get(member, 0) + state.pending.get((cls, member), 0) >= samples_needed(config, member):
             continue
@@ -391,7 +392,6 @@ def _exploration(state: GroupState, config: PolicyConfig, seconds: Mapping[str, 
         # per explore_memory_s.
         fresh_here = state.members.get(member, False) and (cls, member) not in state.explored
         for_run = (unknown or fresh_here) and run >= config.min_samples
-        budget = _explore_budget_s(state, config)
         # what finding out costs the budget: a round trip, or one load where the member serving is left anyway
         leaving = unknown and _leaving(state, config, member)
         trip = (1 if leaving else 2) * switch_cost(state, config, member)
