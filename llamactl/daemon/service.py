@@ -267,6 +267,7 @@ class Service:
             self.notifier.status(f"loading {name}")
             self.notifier.extend_timeout(timeout_s)  # systemd's start timeout
             log.info("preloading %s", name)
+            unexpected: Exception | None = None  # logged with its traceback
             try:
                 await lane_of(router, name).serve_once(name, timeout_s=timeout_s)
                 continue
@@ -275,9 +276,8 @@ class Service:
             except LlamactlError as e:
                 why = first_line(e)
             except Exception as e:  # noqa: BLE001 - raised here, it would end the daemon's task group (the daemon)
-                log.exception("preloading %s failed", name)
-                why = f"{type(e).__name__}: {e}"
-            log.error("preloading %s failed: %s", name, why)
+                why, unexpected = f"{type(e).__name__}: {e}", e
+            log.error("preloading %s failed: %s", name, why, exc_info=unexpected)
             self.notifier.status(f"{name} failed to load: {why}"[:200])
         self.notifier.ready(f"serving {len(self.profiles)} profiles")
 
