@@ -27,6 +27,7 @@ import json
 import platform
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -119,16 +120,27 @@ def table(folder: Path, n: int, phase: int, seed: int) -> tuple[str, bool]:
     return "\n".join(lines), all_ok
 
 
-def _sweep_seed(folder: Path, n: int, phase: int, seed: int) -> list[tuple[int, str, str, bool, float, float | None, str]]:
-    """Every scenario of `folder` under every workload at one seed: (seed, scenario, workload, per request,
-    auto / best fixed, share of the clairvoyant's gain, verdict)."""
+class Cell(NamedTuple):
+    """One scenario under one workload at one seed, as the sweep judges it."""
+
+    seed: int
+    scenario: str
+    workload: str
+    per_request: bool
+    ratio: float  # auto / best fixed
+    capture: float | None  # share of the clairvoyant's gain
+    missed: bool
+
+
+def _sweep_seed(folder: Path, n: int, phase: int, seed: int) -> list[Cell]:
+    """Every scenario of `folder` under every workload at one seed."""
     cells = []
     for path in sorted(folder.glob("*.json")):
         for workload in WORKLOADS:
             scenario = scenario_from(path, workload, n, phase, seed)
             shared = per_request(scenario)
             ratio, capture, _, said = verdict(compare(scenario), workload, shared)
-            cells.append((seed, path.stem, workload, shared, ratio, capture, said))
+            cells.append(Cell(seed, path.stem, workload, shared, ratio, capture, said == "MISSED"))
     return cells
 
 
@@ -141,22 +153,24 @@ def sweep(folder: Path, n: int, phase: int, seed: int, count: int) -> tuple[str,
     with ProcessPoolExecutor() as pool:
         cells = [c for seed_cells in pool.map(_sweep_seed, *zip(*[(folder, n, phase, s) for s in
                                                                      range(seed, seed + count)])) for c in seed_cells]
-    lines = [f"seed {s:>3} {name:<32} {w:<8} auto / best fixed {r:.3f}  of the clairvoyant's gain {_pct(c):>5}  MISSED"
-             for s, name, w, _, r, c, said in cells if said == "MISSED"]
-    process = [r for _, _, _, shared, r, _, _ in cells if not shared]
-    mixed = [r for _, _, w, shared, r, _, _ in cells if not shared and w == "mixed"]
-    worst = min((r, s, name, w) for s, name, w, shared, r, _, _ in cells if not shared)
-    lines += ["", f"seeds {seed}-{seed + count - 1}: {sum(1 for c in cells if c[6] == 'MISSED')} of {len(cells)} "
-                  f"cells missed. Per process ({len(process)} cells): {sum(r < 1 - TOLERANCE for r in process)} under "
-                  f"{1 - TOLERANCE:.2f}x the best fixed member, mean {sum(process) / len(process):.3f} (mixed work "
-                  f"{sum(mixed) / len(mixed):.3f}), worst {worst[0]:.3f} ({worst[2]} {worst[3]}, seed {worst[1]})."]
-    shared = [(r, c, w) for _, _, w, sh, r, c, _ in cells if sh]
+    lines = [f"seed {c.seed:>3} {c.scenario:<32} {c.workload:<8} auto / best fixed {c.ratio:.3f}  of the "
+             f"clairvoyant's gain {_pct(c.capture):>5}  MISSED" for c in cells if c.missed]
+    process = [c for c in cells if not c.per_request]
+    ratios = [c.ratio for c in process]
+    mixed = [c.ratio for c in process if c.workload == "mixed"]
+    worst = min(process, key=lambda c: (c.ratio, c.seed, c.scenario, c.workload))
+    lines += ["", f"seeds {seed}-{seed + count - 1}: {sum(c.missed for c in cells)} of {len(cells)} "
+                  f"cells missed. Per process ({len(process)} cells): {sum(r < 1 - TOLERANCE for r in ratios)} under "
+                  f"{1 - TOLERANCE:.2f}x the best fixed member, mean {sum(ratios) / len(ratios):.3f} (mixed work "
+                  f"{sum(mixed) / len(mixed):.3f}), worst {worst.ratio:.3f} ({worst.scenario} {worst.workload}, "
+                  f"seed {worst.seed})."]
+    shared = [c for c in cells if c.per_request]
     if shared:
-        captures = [c for _, c, w in shared if c is not None and w in ("phased", "mixed")]
-        lines.append(f"Per request ({len(shared)} cells): auto / best fixed at least {min(r for r, _, _ in shared):.3f}"
+        captures = [c.capture for c in shared if c.capture is not None and c.workload in ("phased", "mixed")]
+        lines.append(f"Per request ({len(shared)} cells): auto / best fixed at least {min(c.ratio for c in shared):.3f}"
                      + (f", of the clairvoyant's gain on phased and mixed work at least {min(captures):.0%}."
                         if captures else "."))
-    return "\n".join(lines), not any(c[6] == "MISSED" for c in cells)
+    return "\n".join(lines), not any(c.missed for c in cells)
 
 
 def switches(scenario: Scenario) -> list[str]:
