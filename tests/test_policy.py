@@ -177,6 +177,25 @@ def test_a_tie_goes_to_the_member_measured_not_to_the_first_name():
     assert decide(first, PolicyConfig()).target == "auto-mod"
 
 
+def test_with_nothing_measured_the_first_load_is_a_drafter_even_where_the_priors_favour_plain():
+    """The first load costs the same whichever member it is, and a drafter loaded first measures itself and,
+    through its speed against acceptance, the plain member; plain loaded first teaches nothing of any drafter.
+    So where nothing is measured, a creative request at the head (the priors: drafting 0.79x plain there) still
+    loads the drafter. Once anything is measured (a restart's learning), the expected seconds decide again; a
+    group with no drafter loads its fastest."""
+    members = {"plain": False, "d1b": True, "d8b": True}
+    cold = GroupState(active=None, seconds_since_switch=0, switch_cost_s=40, queued={"creative": 1},
+                      recent={"creative": 1}, members=members)
+    first = decide(cold, PolicyConfig())
+    assert first.switch and first.target == "d1b", first.reason
+    assert first.seconds["plain"] < first.seconds["d1b"] == first.seconds["d8b"]  # the priors say plain
+    learned = {"creative": ClassEvidence(tok_s={"plain": 10.0}, n={"plain": 5}, mean_tokens=256)}
+    warm = decide(GroupState(**{**cold.__dict__, "evidence": learned}), PolicyConfig())
+    assert warm.target == "plain", warm.reason
+    plain_only = decide(GroupState(**{**cold.__dict__, "members": {"a": False, "b": False}}), PolicyConfig())
+    assert plain_only.target == "a", plain_only.reason
+
+
 def test_a_deep_queue_goes_to_a_four_slot_plain_member_over_a_faster_one_slot_drafter():
     """The drafter decodes code twice as fast per request (60 vs 30 tok/s) but serves one at a time (ik drafts
     with -np 1); the plain member serves four at once. Twelve queued: 12 x 256 / 60 = 51 s on the drafter,

@@ -26,6 +26,9 @@ the queue alone, with no horizon of guessed future work, and no dwell applies, s
 new phase already goes to the member that suits it. Hysteresis still applies; for a switch that costs nothing
 at all (choices one engine serves per request) only the narrow `free_hysteresis`.
 
+With nothing loaded, the first load goes where the demand is expected fastest, except that where nothing is
+measured yet it goes to a drafter (`_first_drafter`: it measures itself and, through its speed against
+acceptance, the plain member; plain loaded first teaches nothing of any drafter).
 Speeds come from measurements when a class has `min_samples` of them on that member (what a member measured
 stays known for a while after it stops serving: the telemetry's memory); a drafter not measured on a class
 is taken to be what the other drafters measured on it, scaled by how it compared with them elsewhere;
@@ -686,6 +689,11 @@ def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision
             seconds = {m: _work_seconds(state, config, state.mix, m) for m in members}
             what = "the long-run mix [" + ", ".join(f"{c}={n:.1f}" for c, n in sorted(state.mix.items())) + "]"
         target = min(members, key=lambda m: (seconds[m], _unmeasured(state, config, m), members.index(m)))
+        drafter = _first_drafter(state, seconds, target)
+        if drafter is not None:
+            return Decision(drafter, True, f"nothing loaded, nothing measured: {drafter} first ({what} is "
+                            f"expected faster on {target}), to measure its drafts and what decoding without "
+                            "them runs", seconds)
         return Decision(target, True, f"nothing loaded; {what} is expected faster on {target}", seconds)
     current = state.active
     if not any(state.queued.values()):
@@ -702,6 +710,21 @@ def decide(state: GroupState, config: PolicyConfig = PolicyConfig()) -> Decision
     best = min(others, key=lambda m: (seconds[m] + config.cost_factor * switch_cost(state, config, m),
                                       _unmeasured(state, config, m), members.index(m)))
     return _judge(state, config, seconds, current, best, seconds, f"queue [{mix}]")
+
+
+def _first_drafter(state: GroupState, seconds: Mapping[str, float], target: str) -> str | None:
+    """The drafter to load first in place of a plain `target`, where nothing is measured yet (no restart's
+    learning either). The first load costs the same whichever member it is, so it is the one visit that costs
+    nothing extra, and the members do not teach alike: a drafter loaded first measures its own speed and
+    acceptance on each class it serves, and through its speed against acceptance what the plain member runs
+    (`_plain_from_drafters_fit`); the plain member loaded first teaches nothing of any drafter, whose gain is
+    what is uncertain (the priors put the 27B card's drafter at 1.26x on code; it runs 5.9x), and finding that
+    out later is a round trip that waits for the exploration budget. The priors' verdict on the first
+    request's class alone is no reason to give that up: on mixed work it is a coin toss of the first class."""
+    if state.members.get(target, False) or any(n > 0 for ev in state.evidence.values() for n in ev.n.values()):
+        return None
+    drafters = [m for m, is_spec in state.members.items() if is_spec]
+    return min(drafters, key=lambda m: (seconds[m], drafters.index(m))) if drafters else None
 
 
 def _unmeasured(state: GroupState, config: PolicyConfig, member: str, cls: str | None = None) -> int:
